@@ -1,0 +1,354 @@
+//! Request and response types of the controller's HTTP/JSON API, shared by the controller, the
+//! gateway and `sqlrs`.
+//!
+//! Every route is under `/v1` and, except `GET /v1/health`, needs `Authorization: Bearer
+//! <token>` with the API token from `<home>/api.token`.
+//!
+//! | route | body | answer |
+//! |---|---|---|
+//! | `GET /v1/health` | | [`Health`] |
+//! | `GET /v1/status` | | [`Status`] |
+//! | `POST /v1/prepare` | [`PrepareRequest`] | NDJSON stream of [`PrepareEvent`] |
+//! | `GET /v1/states` | | `Vec<`[`StateInfo`]`>` |
+//! | `DELETE /v1/states/{id-or-prefix}` | | [`Removed`] |
+//! | `GET /v1/instances` | | `Vec<`[`InstanceInfo`]`>` |
+//! | `POST /v1/instances` | [`CreateInstance`] | [`InstanceInfo`] |
+//! | `GET /v1/instances/{id-or-prefix}` | | [`InstanceInfo`] |
+//! | `DELETE /v1/instances/{id-or-prefix}` | | [`Removed`] |
+//! | `POST /v1/resolve` | [`ResolveRequest`] | [`ResolveResponse`] |
+//! | `POST /v1/shutdown` | | `{}` |
+//!
+//! Errors answer with a 4xx or 5xx status and an [`ApiError`] body.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+#![deny(clippy::todo, clippy::dbg_macro)]
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+pub use taidon_core::CloneStrategy;
+use taidon_core::{InstanceId, StateId, Step};
+
+/// The API version prefix.
+pub const PREFIX: &str = "/v1";
+
+/// What kind of failure an [`ApiError`] is; the CLI picks its exit code from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request itself is wrong: bad arguments, unreadable input, unknown kind (exit 2).
+    BadInput,
+    /// No state or instance matches the id (exit 2).
+    NotFound,
+    /// An id prefix matches more than one thing (exit 2).
+    Ambiguous,
+    /// A prepare step failed: SQL error in the user's script (exit 1).
+    StepFailed,
+    /// The PostgreSQL binaries are missing or unusable (exit 1).
+    Engine,
+    /// The API token is missing or wrong (exit 1).
+    Unauthorized,
+    /// Anything else inside Taidon (exit 1).
+    Internal,
+}
+
+impl ErrorKind {
+    /// The exit code `sqlrs` uses for this kind.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ErrorKind::BadInput | ErrorKind::NotFound | ErrorKind::Ambiguous => 2,
+            _ => 1,
+        }
+    }
+
+    /// The HTTP status for this kind.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::BadInput | ErrorKind::Ambiguous => 400,
+            ErrorKind::Unauthorized => 401,
+            ErrorKind::NotFound => 404,
+            ErrorKind::StepFailed => 422,
+            ErrorKind::Engine | ErrorKind::Internal => 500,
+        }
+    }
+}
+
+/// An error as the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    /// One line for the user: what failed, where (file, step), and why.
+    pub message: String,
+    /// Further lines (psql's own output, for a failed step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            detail: None,
+        }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub ok: bool,
+    pub pid: u32,
+    pub version: String,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub version: String,
+    pub home: PathBuf,
+    pub api_url: String,
+    /// `host:port` of the gateway.
+    pub gateway: String,
+    /// "PostgreSQL 15.18".
+    pub engine_version: String,
+    pub engine_bin_dir: PathBuf,
+    pub clone_strategy: CloneStrategy,
+    pub store_path: PathBuf,
+    pub store_bytes: u64,
+    pub states: u64,
+    pub instances_running: u64,
+    /// The user PostgreSQL servers run as.
+    pub server_user: String,
+}
+
+/// Where a state is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum StateStatus {
+    Hot,
+    Warm,
+    Cold,
+    Building,
+    Starting,
+    Failed,
+}
+
+impl std::fmt::Display for StateStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StateStatus::Hot => "HOT",
+            StateStatus::Warm => "WARM",
+            StateStatus::Cold => "COLD",
+            StateStatus::Building => "BUILDING",
+            StateStatus::Starting => "STARTING",
+            StateStatus::Failed => "FAILED",
+        })
+    }
+}
+
+/// One state, as `GET /v1/states` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateInfo {
+    pub state_id: StateId,
+    /// `None` for a base state.
+    pub parent: Option<StateId>,
+    /// The step's label (file or command), or the engine for a base.
+    pub label: String,
+    pub status: StateStatus,
+    pub size_bytes: u64,
+    pub build_cost_ms: u64,
+    pub restore_cost_ms: u64,
+    pub created_ms: u64,
+    pub last_access_ms: u64,
+    pub access_count: u64,
+    pub instances: u64,
+}
+
+/// One instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub instance_id: InstanceId,
+    pub state_id: StateId,
+    /// `running`, `stopped` or `failed`.
+    pub status: String,
+    /// The gateway DSN, with a token as the password.
+    pub dsn: String,
+    pub created_ms: u64,
+    /// How long cloning the snapshot took.
+    pub clone_ms: u64,
+    /// How long starting the server took, until it accepted connections.
+    pub start_ms: u64,
+}
+
+/// `POST /v1/prepare`: build (or find) the state of `steps` and, if asked, start an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareRequest {
+    pub steps: Vec<Step>,
+    /// The directory relative file paths in `steps` are read from, and psql runs in (so `\i`
+    /// resolves as it would for the user).
+    pub cwd: PathBuf,
+    pub create_instance: bool,
+}
+
+/// One line of the `POST /v1/prepare` NDJSON stream. The stream ends with `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum PrepareEvent {
+    /// The chain: which steps are already cached.
+    Plan {
+        total: usize,
+        cached: usize,
+        state_id: StateId,
+    },
+    /// The base state is being created with initdb.
+    Initdb {
+        state_id: StateId,
+    },
+    /// Another prepare is building this state; this one waits for it.
+    Waiting {
+        index: usize,
+        state_id: StateId,
+    },
+    /// Step `index` (1-based) of `total` started.
+    StepStarted {
+        index: usize,
+        total: usize,
+        label: String,
+        state_id: StateId,
+    },
+    /// Step `index` finished and its snapshot is published.
+    StepDone {
+        index: usize,
+        total: usize,
+        state_id: StateId,
+        elapsed_ms: u64,
+    },
+    /// An instance is being cloned and started.
+    InstanceStarting {
+        state_id: StateId,
+    },
+    Done {
+        state_id: StateId,
+        /// Whether every step was already cached.
+        cache_hit: bool,
+        instance: Option<InstanceInfo>,
+    },
+    Failed {
+        error: ApiError,
+    },
+}
+
+/// `POST /v1/instances`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateInstance {
+    /// A state id or a prefix of one.
+    pub state: String,
+}
+
+/// What a `DELETE` removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    pub states: Vec<StateId>,
+    pub instances: Vec<InstanceId>,
+}
+
+/// `POST /v1/resolve`: where the gateway finds an instance a verified token names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolveRequest {
+    pub state_id: StateId,
+    pub instance_id: InstanceId,
+}
+
+/// The answer to a resolve.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ResolveResponse {
+    /// The instance runs; connect to it with these credentials.
+    Ready(Target),
+    /// No such instance, or it is not running.
+    Missing,
+}
+
+impl std::fmt::Debug for ResolveResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResolveResponse::Ready(t) => f.debug_tuple("Ready").field(t).finish(),
+            ResolveResponse::Missing => f.write_str("Missing"),
+        }
+    }
+}
+
+/// A running server and the credentials the gateway uses for it. Never shown to a client.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `<home>/daemon.json`: how a client finds the running daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    pub pid: u32,
+    /// `http://127.0.0.1:PORT`.
+    pub api_url: String,
+    /// `host:port` of the gateway.
+    pub gateway: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_tagged_ndjson_lines() {
+        let e = PrepareEvent::StepStarted {
+            index: 1,
+            total: 2,
+            label: "schema.sql".into(),
+            state_id: StateId::from_bytes([0; 32]),
+        };
+        let line = serde_json::to_string(&e).unwrap();
+        assert!(
+            line.starts_with(r#"{"event":"step_started","index":1"#),
+            "{line}"
+        );
+        assert_eq!(serde_json::from_str::<PrepareEvent>(&line).unwrap(), e);
+    }
+
+    #[test]
+    fn target_debug_hides_the_password() {
+        let t = Target {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            user: "postgres".into(),
+            password: "s3cret".into(),
+        };
+        assert!(!format!("{:?}", ResolveResponse::Ready(t)).contains("s3cret"));
+    }
+
+    #[test]
+    fn exit_codes_follow_kind() {
+        assert_eq!(ErrorKind::BadInput.exit_code(), 2);
+        assert_eq!(ErrorKind::Ambiguous.exit_code(), 2);
+        assert_eq!(ErrorKind::StepFailed.exit_code(), 1);
+    }
+}

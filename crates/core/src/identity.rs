@@ -1,0 +1,232 @@
+//! The canonical encoding behind state ids.
+//!
+//! A state id is `sha256(record)` in lowercase hex, where `record` is:
+//!
+//! ```text
+//! record := "taidon.state.v1" LF field*
+//! field  := key ":" len ":" value LF        ; len: byte length of value, decimal
+//! ```
+//!
+//! The fields of a **base** state, in this order:
+//! `kind=base`, `engine.name=postgresql`, `engine.major`, `engine.minor`, `initdb.encoding`,
+//! `initdb.locale`, `initdb.data_checksums` (`on`/`off`).
+//!
+//! The fields of a **step** state, in this order: `parent` (the parent's 64-hex id),
+//! `kind` (`psql.file` or `psql.command`), `param.single_transaction` (`on`/`off`), one
+//! `param.var.NAME` per psql variable in byte order of NAME, and then `input.sha256` (the
+//! SHA-256 of the file's content, lowercase hex) for a file or `input.sql` (the text) for a
+//! command.
+//!
+//! Paths, modification times, the machine and the checkout never enter the record, so equal
+//! inputs give equal ids anywhere. The length prefix makes the encoding injective: no value can
+//! forge a field boundary. Changing any of this changes every id; bump `v1` when you do.
+
+use sha2::{Digest, Sha256};
+
+use crate::engine::EngineFingerprint;
+use crate::id::StateId;
+use crate::plan::{PsqlInput, Step};
+
+const MAGIC: &str = "taidon.state.v1";
+
+/// Builds one canonical record.
+struct Record(Vec<u8>);
+
+impl Record {
+    fn new() -> Self {
+        let mut buf = Vec::with_capacity(256);
+        buf.extend_from_slice(MAGIC.as_bytes());
+        buf.push(b'\n');
+        Self(buf)
+    }
+
+    fn field(mut self, key: &str, value: &str) -> Self {
+        self.0.extend_from_slice(key.as_bytes());
+        self.0.push(b':');
+        self.0.extend_from_slice(value.len().to_string().as_bytes());
+        self.0.push(b':');
+        self.0.extend_from_slice(value.as_bytes());
+        self.0.push(b'\n');
+        self
+    }
+
+    fn id(self) -> StateId {
+        StateId::from_bytes(Sha256::digest(&self.0).into())
+    }
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// The id of the base state an engine starts from.
+pub fn base_state_id(engine: &EngineFingerprint) -> StateId {
+    Record::new()
+        .field("kind", "base")
+        .field("engine.name", "postgresql")
+        .field("engine.major", &engine.major.to_string())
+        .field("engine.minor", &engine.minor.to_string())
+        .field("initdb.encoding", &engine.initdb.encoding)
+        .field("initdb.locale", &engine.initdb.locale)
+        .field(
+            "initdb.data_checksums",
+            on_off(engine.initdb.data_checksums),
+        )
+        .id()
+}
+
+/// The id of the state that `step` makes from `parent`.
+pub fn step_state_id(parent: &StateId, step: &Step) -> StateId {
+    match step {
+        Step::Psql(psql) => {
+            let kind = match psql.input {
+                PsqlInput::File { .. } => "psql.file",
+                PsqlInput::Command { .. } => "psql.command",
+            };
+            let mut rec = Record::new()
+                .field("parent", &parent.to_string())
+                .field("kind", kind)
+                .field("param.single_transaction", on_off(psql.single_transaction));
+            // BTreeMap iterates in byte order of the names.
+            for (name, value) in &psql.variables {
+                rec = rec.field(&format!("param.var.{name}"), value);
+            }
+            match &psql.input {
+                PsqlInput::File { sha256, .. } => rec.field("input.sha256", sha256),
+                PsqlInput::Command { sql } => rec.field("input.sql", sql),
+            }
+            .id()
+        }
+    }
+}
+
+/// The SHA-256 of an input file's content, lowercase hex, as `input.sha256` wants it.
+pub fn content_sha256(content: &[u8]) -> String {
+    hex::encode(Sha256::digest(content))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::engine::InitdbOptions;
+    use crate::plan::PsqlStep;
+
+    fn pg15() -> EngineFingerprint {
+        EngineFingerprint {
+            major: 15,
+            minor: 18,
+            initdb: InitdbOptions::default(),
+        }
+    }
+
+    fn file(path: &str, content: &str) -> Step {
+        Step::Psql(PsqlStep {
+            input: PsqlInput::File {
+                path: path.into(),
+                sha256: content_sha256(content.as_bytes()),
+            },
+            variables: BTreeMap::new(),
+            single_transaction: false,
+        })
+    }
+
+    // Golden ids, computed apart from this code with `printf '<record>' | sha256sum` over the
+    // documented bytes: they pin the encoding. If one changes, every stored state's id changed with
+    // it; that needs a new version tag, not a new golden value.
+    #[test]
+    fn golden_base_id() {
+        assert_eq!(
+            base_state_id(&pg15()).to_string(),
+            "d34bc1219bdc1a98e3802dc5e57c5c6c07c0b51146b427f76386f2636e39c710"
+        );
+    }
+
+    #[test]
+    fn golden_step_ids() {
+        let base = base_state_id(&pg15());
+        let schema = step_state_id(&base, &file("schema.sql", "create table t(x int);\n"));
+        assert_eq!(
+            schema.to_string(),
+            "59b264f10939952da87f6074afe2a6108f1b1dd9d481e0f8573b767e4f066043"
+        );
+        let cmd = Step::Psql(PsqlStep {
+            input: PsqlInput::Command {
+                sql: "insert into t values (1)".into(),
+            },
+            variables: BTreeMap::from([("a".into(), "1".into())]),
+            single_transaction: true,
+        });
+        assert_eq!(
+            step_state_id(&schema, &cmd).to_string(),
+            "f6ea1e4396cdb73dfede87566d1ab92f7f3fed69c86cab0f4535cb674514e79d"
+        );
+    }
+
+    #[test]
+    fn the_record_is_the_documented_bytes() {
+        let rec = Record::new().field("kind", "base").field("k", "a:b\n");
+        assert_eq!(rec.0, b"taidon.state.v1\nkind:4:base\nk:4:a:b\n\n");
+    }
+
+    #[test]
+    fn path_is_not_identity_but_content_is() {
+        let base = base_state_id(&pg15());
+        let a = step_state_id(&base, &file("a/schema.sql", "create table t();"));
+        let b = step_state_id(&base, &file("/elsewhere/x.sql", "create table t();"));
+        let c = step_state_id(&base, &file("a/schema.sql", "create table u();"));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn every_engine_field_and_parameter_changes_the_id() {
+        let base = base_state_id(&pg15());
+        let mut e = pg15();
+        e.minor = 19;
+        assert_ne!(base_state_id(&e), base);
+        let mut e = pg15();
+        e.initdb.locale = "en_US.UTF-8".into();
+        assert_ne!(base_state_id(&e), base);
+        let mut e = pg15();
+        e.initdb.data_checksums = true;
+        assert_ne!(base_state_id(&e), base);
+
+        let plain = file("s.sql", "select 1");
+        let Step::Psql(mut one_tx) = plain.clone();
+        one_tx.single_transaction = true;
+        let Step::Psql(mut with_var) = plain.clone();
+        with_var.variables.insert("v".into(), "1".into());
+        let ids = [
+            step_state_id(&base, &plain),
+            step_state_id(&base, &Step::Psql(one_tx)),
+            step_state_id(&base, &Step::Psql(with_var)),
+            step_state_id(&step_state_id(&base, &plain), &plain),
+        ];
+        for i in 0..ids.len() {
+            for j in i + 1..ids.len() {
+                assert_ne!(ids[i], ids[j], "{i} vs {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_file_and_a_command_with_the_same_text_differ() {
+        let base = base_state_id(&pg15());
+        let sql = "select 1";
+        let as_cmd = Step::Psql(PsqlStep {
+            input: PsqlInput::Command { sql: sql.into() },
+            variables: BTreeMap::new(),
+            single_transaction: false,
+        });
+        assert_ne!(
+            step_state_id(&base, &as_cmd),
+            step_state_id(&base, &file("x.sql", sql))
+        );
+    }
+}

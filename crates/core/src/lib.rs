@@ -1,0 +1,19 @@
+//! Taidon's domain: state identity, prepare plans, token claims and id prefixes.
+//!
+//! Nothing in this crate does I/O: every function is a pure computation over its arguments, so
+//! the same inputs give the same answers on any machine.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+#![deny(clippy::todo, clippy::dbg_macro)]
+
+pub mod engine;
+pub mod id;
+pub mod identity;
+pub mod plan;
+pub mod prefix;
+pub mod store;
+pub mod token;
+
+pub use engine::{EngineFingerprint, InitdbOptions};
+pub use id::{InstanceId, ParseIdError, StateId};
+pub use plan::{PsqlInput, PsqlStep, Step};
+pub use store::CloneStrategy;
