@@ -1,1 +1,21 @@
-//! placeholder
+//! The local runtime: find the PostgreSQL engine, create data directories with initdb, run
+//! `postgres` servers as direct children, apply psql steps, set role passwords, and clean up
+//! servers that a crashed daemon left behind.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+#![deny(clippy::todo, clippy::dbg_macro)]
+
+mod engine;
+mod error;
+mod orphan;
+mod psql;
+mod run_as;
+mod runtime;
+mod server;
+
+pub use engine::Engine;
+pub use error::{EngineError, RuntimeError};
+pub use orphan::kill_orphan;
+pub use psql::{run_psql_step, StepError, StepOutput};
+pub use run_as::RunAs;
+pub use runtime::{BoxFuture, Instance, LocalRuntime, Runtime};
+pub use server::{free_port, Server, ServerConfig};

@@ -1,0 +1,373 @@
+//! `postgres` servers run as direct children of this process.
+
+use std::io::{self, Read, Seek, SeekFrom};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::process::Child;
+use tokio_postgres::NoTls;
+
+use crate::engine::{remove_pg_env, Engine};
+use crate::error::RuntimeError;
+use crate::run_as::{create_private_dir, RunAs};
+
+/// How long a server may take to accept connections, and to stop before it is forced.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait after SIGQUIT (immediate shutdown) before SIGKILL.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_millis(20);
+/// How often a start is retried when another process took the chosen port first.
+const PORT_ATTEMPTS: usize = 5;
+const LOG_TAIL_LINES: usize = 20;
+
+/// How to run one server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// Where the unix socket goes; created 0700 for the server user.
+    pub socket_dir: PathBuf,
+    /// Also listen on 127.0.0.1 (SCRAM only, see pg_hba.conf); else the socket only.
+    pub tcp: bool,
+    /// The port (for TCP and the socket's name); a free one is chosen when `None`.
+    pub port: Option<u16>,
+    /// The server's stdout and stderr are appended here.
+    pub log_file: PathBuf,
+}
+
+/// A running `postgres`, a direct child of this process.
+#[derive(Debug)]
+pub struct Server {
+    pub pid: u32,
+    pub port: u16,
+    pub socket_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub tcp: bool,
+    pub log_file: PathBuf,
+    child: Child,
+    /// Set once the child has been reaped, so Drop does not signal a reused pid.
+    reaped: bool,
+}
+
+/// A free TCP port on 127.0.0.1, as the kernel picks it.
+pub fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+}
+
+impl Engine {
+    /// Start a server on `cfg.data_dir` as `run_as` and wait until it accepts connections.
+    pub async fn start(
+        &self,
+        cfg: ServerConfig,
+        run_as: Option<&RunAs>,
+    ) -> Result<Server, RuntimeError> {
+        create_private_dir(&cfg.socket_dir, run_as)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let port = match cfg.port {
+                Some(p) => p,
+                None => free_port()
+                    .map_err(RuntimeError::io("cannot pick a port for", &cfg.data_dir))?,
+            };
+            match self.start_on(&cfg, port, run_as).await {
+                Err(StartFailure::PortTaken(e))
+                    if cfg.port.is_none() && attempt < PORT_ATTEMPTS =>
+                {
+                    tracing::debug!(port, "port taken before postgres bound it, retrying: {e}");
+                }
+                Err(StartFailure::PortTaken(e) | StartFailure::Other(e)) => return Err(e),
+                Ok(server) => return Ok(server),
+            }
+        }
+    }
+
+    async fn start_on(
+        &self,
+        cfg: &ServerConfig,
+        port: u16,
+        run_as: Option<&RunAs>,
+    ) -> Result<Server, StartFailure> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&cfg.log_file)
+            .map_err(|e| StartFailure::Other(RuntimeError::io("cannot open", &cfg.log_file)(e)))?;
+        let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let log_err = log
+            .try_clone()
+            .map_err(|e| StartFailure::Other(RuntimeError::io("cannot open", &cfg.log_file)(e)))?;
+
+        let program = self.binary("postgres");
+        let mut cmd = tokio::process::Command::new(&program);
+        let listen = if cfg.tcp { "127.0.0.1" } else { "" };
+        cmd.arg("-D")
+            .arg(&cfg.data_dir)
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-k")
+            .arg(&cfg.socket_dir)
+            .arg("-c")
+            .arg(format!("listen_addresses={listen}"))
+            // Durability is not needed here: a snapshot is fsynced when it is published, and an
+            // instance is disposable, so a crash loses nothing that must survive it.
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            .args(["-c", "full_page_writes=off"])
+            .args([
+                "-c",
+                "unix_socket_permissions=0700",
+                "-c",
+                "logging_collector=off",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            // Dropping a Server sends SIGQUIT itself: SIGKILL would leave the backends running.
+            .kill_on_drop(false);
+        if let Some(parent) = cfg.data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            cmd.current_dir(parent);
+        }
+        remove_pg_env(&mut cmd);
+        if let Some(r) = run_as {
+            // std drops the supplementary groups itself (setgroups) when root sets a uid.
+            cmd.uid(r.uid).gid(r.gid);
+        }
+        let child = cmd.spawn().map_err(|source| {
+            StartFailure::Other(RuntimeError::Spawn {
+                program: program.clone(),
+                source,
+            })
+        })?;
+        let mut server = Server {
+            pid: child.id().unwrap_or(0),
+            port,
+            socket_dir: cfg.socket_dir.clone(),
+            data_dir: cfg.data_dir.clone(),
+            tcp: cfg.tcp,
+            log_file: cfg.log_file.clone(),
+            child,
+            reaped: false,
+        };
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if server.connect_local().await.is_ok() {
+                return Ok(server);
+            }
+            if let Some(status) = server.try_exited() {
+                let log = read_from(&cfg.log_file, log_start);
+                let err = RuntimeError::Start {
+                    data_dir: cfg.data_dir.clone(),
+                    reason: format!("postgres exited ({status})"),
+                    log_tail: tail(&log, LOG_TAIL_LINES),
+                };
+                return Err(if log.contains("could not bind") {
+                    StartFailure::PortTaken(err)
+                } else {
+                    StartFailure::Other(err)
+                });
+            }
+            if Instant::now() >= deadline {
+                let log_tail = tail(&read_from(&cfg.log_file, log_start), LOG_TAIL_LINES);
+                // Best effort: the timeout is the error worth reporting, not a failed stop.
+                if let Err(e) = server.stop_inner().await {
+                    tracing::warn!("stopping a server that did not start: {e}");
+                }
+                return Err(StartFailure::Other(RuntimeError::Start {
+                    data_dir: cfg.data_dir.clone(),
+                    reason: format!("no connection accepted within {START_TIMEOUT:?}"),
+                    log_tail,
+                }));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+enum StartFailure {
+    /// Another process bound the port between our pick and the server's bind.
+    PortTaken(RuntimeError),
+    Other(RuntimeError),
+}
+
+impl Server {
+    /// Stop with a fast shutdown (a clean checkpoint); after 60 s, SIGQUIT, then SIGKILL.
+    pub async fn stop(mut self) -> Result<(), RuntimeError> {
+        self.stop_inner().await
+    }
+
+    async fn stop_inner(&mut self) -> Result<(), RuntimeError> {
+        if let Some(status) = self.try_exited() {
+            return Err(self.stop_error(format!("it had already exited ({status})")));
+        }
+        self.signal(libc::SIGINT)?;
+        if let Some(status) = self.wait_for(STOP_TIMEOUT).await? {
+            return if status.success() {
+                Ok(())
+            } else {
+                Err(self.stop_error(format!("it exited with {status}")))
+            };
+        }
+        tracing::warn!(
+            pid = self.pid,
+            "postgres ignored a fast shutdown; sending SIGQUIT"
+        );
+        self.signal(libc::SIGQUIT)?;
+        if self.wait_for(QUIT_TIMEOUT).await?.is_some() {
+            return Err(self.stop_error(format!(
+                "no fast shutdown within {STOP_TIMEOUT:?}; stopped with SIGQUIT"
+            )));
+        }
+        self.signal(libc::SIGKILL)?;
+        self.wait_for(QUIT_TIMEOUT).await?;
+        Err(self.stop_error(format!(
+            "no shutdown within {STOP_TIMEOUT:?}, even after SIGQUIT; killed"
+        )))
+    }
+
+    fn stop_error(&self, reason: String) -> RuntimeError {
+        RuntimeError::Stop {
+            pid: self.pid,
+            data_dir: self.data_dir.clone(),
+            reason,
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) -> Result<(), RuntimeError> {
+        // SAFETY: kill has no memory preconditions. The child is not reaped yet (callers check),
+        // so the pid cannot have been reused.
+        if unsafe { libc::kill(self.pid as libc::pid_t, sig) } != 0 {
+            return Err(RuntimeError::Signal {
+                pid: self.pid,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reap the child within `limit`; `None` if it is still running.
+    async fn wait_for(&mut self, limit: Duration) -> Result<Option<ExitStatus>, RuntimeError> {
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Err(_) => Ok(None),
+            Ok(Ok(status)) => {
+                self.reaped = true;
+                Ok(Some(status))
+            }
+            Ok(Err(e)) => Err(RuntimeError::io(
+                "cannot wait for postgres of",
+                &self.data_dir,
+            )(e)),
+        }
+    }
+
+    /// Set `role`'s password, sending only its SCRAM verifier: the plain password never reaches
+    /// the server or its log.
+    pub async fn set_password(&self, role: &str, password: &str) -> Result<(), RuntimeError> {
+        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        let sql = format!(
+            "ALTER ROLE {} PASSWORD {}",
+            quote_ident(role),
+            quote_literal(&verifier)
+        );
+        let client = self.connect_local().await?;
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|source| RuntimeError::SetPassword {
+                role: role.to_owned(),
+                source,
+            })
+    }
+
+    /// A superuser session over the unix socket; its connection runs on a spawned task.
+    pub async fn connect_local(&self) -> Result<tokio_postgres::Client, RuntimeError> {
+        let (client, connection) = tokio_postgres::Config::new()
+            .host_path(&self.socket_dir)
+            .port(self.port)
+            .user("postgres")
+            .dbname("postgres")
+            .application_name("taidon-runtime")
+            .connect_timeout(Duration::from_secs(10))
+            .connect(NoTls)
+            .await
+            .map_err(|source| RuntimeError::Connect {
+                socket_dir: self.socket_dir.clone(),
+                source,
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("local postgres connection ended: {e}");
+            }
+        });
+        Ok(client)
+    }
+
+    /// The exit status if the server has exited (and is now reaped), else `None`.
+    pub fn try_exited(&mut self) -> Option<ExitStatus> {
+        if self.reaped {
+            return None;
+        }
+        let status = self.child.try_wait().ok().flatten();
+        if status.is_some() {
+            self.reaped = true;
+        }
+        status
+    }
+}
+
+impl Drop for Server {
+    /// A server dropped without `stop` gets an immediate shutdown rather than running on
+    /// unowned; SIGQUIT (unlike SIGKILL) also ends its backends.
+    fn drop(&mut self) {
+        if !self.reaped && self.child.try_wait().ok().flatten().is_none() {
+            tracing::warn!(pid = self.pid, data_dir = ?self.data_dir, "server dropped while running; sending SIGQUIT");
+            // SAFETY: kill has no memory preconditions; the child is unreaped, so the pid is ours.
+            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGQUIT) };
+        }
+    }
+}
+
+/// `"name"` with embedded quotes doubled.
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `'text'` with embedded quotes doubled (standard_conforming_strings is on).
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// The log written since `offset`, lossily decoded; empty when unreadable.
+fn read_from(path: &Path, offset: u64) -> String {
+    let mut buf = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        if f.seek(SeekFrom::Start(offset)).is_ok() {
+            let _ = f.read_to_end(&mut buf);
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_doubles_quotes() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn tail_keeps_last_lines() {
+        assert_eq!(tail("a\nb\nc\n", 2), "b\nc");
+        assert_eq!(tail("a", 5), "a");
+    }
+}
