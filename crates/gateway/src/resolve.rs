@@ -1,0 +1,105 @@
+//! Where a verified token's instance runs: asked of the controller.
+
+use futures_util::future::BoxFuture;
+use taidon_api::{ApiError, ResolveRequest, ResolveResponse};
+
+/// Why the controller could not say where an instance is.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("controller at {url} is unreachable")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("controller answered {status}: {message}")]
+    Status { status: u16, message: String },
+    #[error("cannot decode the controller's answer")]
+    Decode(#[source] reqwest::Error),
+}
+
+impl ResolveError {
+    /// Whether trying again later may succeed (the client is told 57P03 rather than XX000).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ResolveError::Unreachable { .. } => true,
+            ResolveError::Status { status, .. } => *status == 503,
+            ResolveError::Decode(_) => false,
+        }
+    }
+}
+
+/// Finds the running instance a token names.
+pub trait Resolver: Send + Sync {
+    /// Where `req`'s instance runs, or `Missing`.
+    fn resolve(&self, req: ResolveRequest) -> BoxFuture<'_, Result<ResolveResponse, ResolveError>>;
+}
+
+/// A [`Resolver`] that asks the controller's `POST /v1/resolve`.
+#[derive(Clone)]
+pub struct HttpResolver {
+    client: reqwest::Client,
+    url: String,
+    api_token: String,
+}
+
+impl std::fmt::Debug for HttpResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpResolver")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpResolver {
+    /// A resolver for the controller at `base_url` (`http://127.0.0.1:PORT`) with its API token.
+    pub fn new(base_url: &str, api_token: impl Into<String>) -> Self {
+        Self {
+            client: reqwest::Client::new(),
+            url: format!(
+                "{}{}/resolve",
+                base_url.trim_end_matches('/'),
+                taidon_api::PREFIX
+            ),
+            api_token: api_token.into(),
+        }
+    }
+
+    async fn post(&self, req: ResolveRequest) -> Result<ResolveResponse, ResolveError> {
+        let resp = self
+            .client
+            .post(&self.url)
+            .bearer_auth(&self.api_token)
+            .json(&req)
+            .send()
+            .await
+            .map_err(|source| ResolveError::Unreachable {
+                url: self.url.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            // The body is an ApiError when the controller wrote it; anything else is kept short.
+            let text = resp.text().await.unwrap_or_default();
+            let message = serde_json_message(&text);
+            return Err(ResolveError::Status {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        resp.json().await.map_err(ResolveError::Decode)
+    }
+}
+
+fn serde_json_message(text: &str) -> String {
+    match serde_json::from_str::<ApiError>(text) {
+        Ok(e) => e.message,
+        Err(_) => text.chars().take(200).collect(),
+    }
+}
+
+impl Resolver for HttpResolver {
+    fn resolve(&self, req: ResolveRequest) -> BoxFuture<'_, Result<ResolveResponse, ResolveError>> {
+        Box::pin(self.post(req))
+    }
+}
