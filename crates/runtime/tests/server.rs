@@ -1,0 +1,252 @@
+//! Engine discovery, initdb, and server lifecycle against the real PostgreSQL here.
+
+mod common;
+
+use std::path::Path;
+
+use common::Fixture;
+use taidon_core::InitdbOptions;
+use taidon_runtime::{free_port, Engine, EngineError, LocalRuntime, Runtime, ServerConfig};
+
+#[test]
+fn discover_finds_postgres_15_and_its_fingerprint() {
+    let engine = Engine::discover(None, InitdbOptions::default()).unwrap();
+    assert_eq!(engine.fingerprint.major, 15, "{engine:?}");
+    assert!(engine.fingerprint.minor > 0, "{engine:?}");
+    assert_eq!(engine.fingerprint.initdb, InitdbOptions::default());
+    assert!(engine.version_line.contains("(PostgreSQL) 15."), "{engine:?}");
+    assert!(engine.bin_dir.join("initdb").is_file());
+    assert!(engine.bin_dir.join("postgres").is_file());
+    assert!(engine.psql().ends_with("psql"));
+
+    // An explicit directory is used as given.
+    let again = Engine::discover(Some(&engine.bin_dir), InitdbOptions::default()).unwrap();
+    assert_eq!(again, engine);
+}
+
+#[test]
+fn discover_with_a_bogus_dir_says_how_to_install() {
+    let err = Engine::discover(Some(Path::new("/nonexistent/pg/bin")), InitdbOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, EngineError::NotFound { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.starts_with("PostgreSQL server binaries not found"), "{msg}");
+    assert!(msg.contains("/nonexistent/pg/bin"), "{msg}");
+    assert!(msg.contains("apt-get install -y postgresql"), "{msg}");
+    assert!(msg.contains("TAIDON_PG_BIN"), "{msg}");
+}
+
+#[tokio::test]
+async fn initdb_writes_scram_only_tcp_hba_and_is_owned_by_the_server_user() {
+    let fx = Fixture::new();
+    fx.engine
+        .initdb(&fx.data_dir(), fx.run_as.as_ref())
+        .await
+        .unwrap();
+    let hba = std::fs::read_to_string(fx.data_dir().join("pg_hba.conf")).unwrap();
+    assert_eq!(
+        hba,
+        "local all all trust\n\
+         host all all 127.0.0.1/32 scram-sha-256\n\
+         host all all ::1/128 scram-sha-256\n"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(fx.data_dir()).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o700);
+    if let Some(r) = &fx.run_as {
+        assert_eq!(meta.uid(), r.uid);
+        assert_eq!(std::fs::metadata(fx.data_dir().join("pg_hba.conf")).unwrap().uid(), r.uid);
+    }
+    // A second initdb on a non-empty dir fails and says why.
+    let err = fx
+        .engine
+        .initdb(&fx.data_dir(), fx.run_as.as_ref())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("exists but is not empty"), "{err}");
+}
+
+#[tokio::test]
+async fn start_connect_stop_is_clean_and_restart_keeps_data() {
+    let fx = Fixture::new();
+    let server = fx.started(false).await;
+    assert!(Path::new(&format!("/proc/{}", server.pid)).exists());
+    let client = server.connect_local().await.unwrap();
+    client
+        .batch_execute("create table kept(x int); insert into kept values (42)")
+        .await
+        .unwrap();
+    let who: String = client.query_one("select current_user", &[]).await.unwrap().get(0);
+    assert_eq!(who, "postgres");
+    drop(client);
+    let pid = server.pid;
+    server.stop().await.unwrap();
+    assert!(!fx.data_dir().join("postmaster.pid").exists());
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    assert!(fx.log().contains("database system is shut down"), "{}", fx.log());
+
+    let server = fx.start(false).await;
+    let client = server.connect_local().await.unwrap();
+    let x: i32 = client.query_one("select x from kept", &[]).await.unwrap().get(0);
+    assert_eq!(x, 42);
+    // A clean stop means no crash recovery on the next start.
+    assert!(!fx.log().contains("not properly shut down"), "{}", fx.log());
+    drop(client);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn start_on_a_taken_port_fails_with_the_log() {
+    let fx = Fixture::new();
+    fx.engine
+        .initdb(&fx.data_dir(), fx.run_as.as_ref())
+        .await
+        .unwrap();
+    let taken = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cfg = ServerConfig {
+        port: Some(port),
+        ..fx.config(true)
+    };
+    let err = fx
+        .engine
+        .start(cfg, fx.run_as.as_ref())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("could not bind"), "{err}");
+
+    // Without a fixed port the runtime picks one that is free.
+    let server = fx.start(true).await;
+    assert_ne!(server.port, port);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn start_of_a_missing_data_dir_reports_the_log_tail() {
+    let fx = Fixture::new();
+    let err = fx
+        .engine
+        .start(fx.config(false), fx.run_as.as_ref())
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("did not start"), "{msg}");
+    assert!(msg.contains("data"), "{msg}");
+    assert!(msg.contains("postgres exited"), "{msg}");
+    // The server's own complaint is in the error, not just in the log file.
+    assert!(msg.contains("FATAL") || msg.contains("could not"), "{msg}");
+}
+
+fn tcp_config(port: u16, user: &str, password: Option<&str>) -> tokio_postgres::Config {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1").port(port).user(user).dbname("postgres");
+    if let Some(p) = password {
+        cfg.password(p);
+    }
+    cfg
+}
+
+#[tokio::test]
+async fn tcp_needs_scram_and_the_plain_password_is_never_sent() {
+    let fx = Fixture::new();
+    let server = fx.started(true).await;
+    let secret = "s3cret-Pa55-that-must-not-leak";
+    server.set_password("postgres", secret).await.unwrap();
+
+    let (client, conn) = tcp_config(server.port, "postgres", Some(secret))
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let stored: String = client
+        .query_one(
+            "select rolpassword from pg_authid where rolname = 'postgres'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(stored.starts_with("SCRAM-SHA-256$4096:"), "{stored}");
+    let method: String = client
+        .query_one("show password_encryption", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(method, "scram-sha-256");
+    drop(client);
+
+    let wrong = tcp_config(server.port, "postgres", Some("wrong"))
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("login must fail");
+    assert_eq!(
+        wrong.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+        "{wrong:?}"
+    );
+
+    // Trust is not accepted over TCP: with no password, the server demands one.
+    let none = tcp_config(server.port, "postgres", None)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("login must fail");
+    assert!(format!("{none:?}").contains("password missing"), "{none:?}");
+    let psql = std::process::Command::new(fx.engine.psql())
+        .args(["-X", "-w", "-h", "127.0.0.1", "-p"])
+        .arg(server.port.to_string())
+        .args(["-U", "postgres", "-d", "postgres", "-c", "select 1"])
+        .env_remove("PGPASSWORD")
+        .env("PGPASSFILE", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(!psql.status.success());
+    let stderr = String::from_utf8_lossy(&psql.stderr);
+    assert!(stderr.contains("no password supplied"), "{stderr}");
+
+    server.stop().await.unwrap();
+    assert!(!fx.log().contains(secret), "the log holds the password");
+}
+
+#[tokio::test]
+async fn a_socket_only_server_does_not_listen_on_tcp() {
+    let fx = Fixture::new();
+    let server = fx.started(false).await;
+    let err = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn local_runtime_starts_and_stops_an_instance_through_the_trait() {
+    let fx = Fixture::new();
+    fx.engine
+        .initdb(&fx.data_dir(), fx.run_as.as_ref())
+        .await
+        .unwrap();
+    let runtime: Box<dyn Runtime> = Box::new(LocalRuntime {
+        engine: fx.engine.clone(),
+        run_as: fx.run_as.clone(),
+    });
+    let mut instance = runtime.start_instance(fx.config(true)).await.unwrap();
+    assert!(instance.try_exited().is_none());
+    instance.set_password("postgres", "pw").await.unwrap();
+    let (client, conn) = tcp_config(instance.port(), "postgres", Some("pw"))
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let one: i32 = client.query_one("select 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    drop(client);
+    instance.stop().await.unwrap();
+    assert!(!fx.data_dir().join("postmaster.pid").exists());
+}
+
+#[test]
+fn free_port_is_bindable() {
+    let port = free_port().unwrap();
+    assert_ne!(port, 0);
+    std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+}
