@@ -11,6 +11,8 @@ mod codec;
 mod error;
 mod flow;
 mod resolve;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::sync::Arc;
