@@ -236,6 +236,13 @@ impl Server {
     }
 
     fn signal(&self, sig: libc::c_int) -> Result<(), RuntimeError> {
+        // kill(0, ..) would signal our whole process group.
+        if self.pid == 0 {
+            return Err(RuntimeError::Signal {
+                pid: 0,
+                source: io::Error::from_raw_os_error(libc::ESRCH),
+            });
+        }
         // SAFETY: kill has no memory preconditions. The child is not reaped yet (callers check),
         // so the pid cannot have been reused.
         if unsafe { libc::kill(self.pid as libc::pid_t, sig) } != 0 {
@@ -321,7 +328,7 @@ impl Drop for Server {
     /// A server dropped without `stop` gets an immediate shutdown rather than running on
     /// unowned; SIGQUIT (unlike SIGKILL) also ends its backends.
     fn drop(&mut self) {
-        if !self.reaped && self.child.try_wait().ok().flatten().is_none() {
+        if self.pid != 0 && !self.reaped && self.child.try_wait().ok().flatten().is_none() {
             tracing::warn!(pid = self.pid, data_dir = ?self.data_dir, "server dropped while running; sending SIGQUIT");
             // SAFETY: kill has no memory preconditions; the child is unreaped, so the pid is ours.
             unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGQUIT) };

@@ -14,7 +14,10 @@ fn discover_finds_postgres_15_and_its_fingerprint() {
     assert_eq!(engine.fingerprint.major, 15, "{engine:?}");
     assert!(engine.fingerprint.minor > 0, "{engine:?}");
     assert_eq!(engine.fingerprint.initdb, InitdbOptions::default());
-    assert!(engine.version_line.contains("(PostgreSQL) 15."), "{engine:?}");
+    assert!(
+        engine.version_line.contains("(PostgreSQL) 15."),
+        "{engine:?}"
+    );
     assert!(engine.bin_dir.join("initdb").is_file());
     assert!(engine.bin_dir.join("postgres").is_file());
     assert!(engine.psql().ends_with("psql"));
@@ -26,11 +29,17 @@ fn discover_finds_postgres_15_and_its_fingerprint() {
 
 #[test]
 fn discover_with_a_bogus_dir_says_how_to_install() {
-    let err = Engine::discover(Some(Path::new("/nonexistent/pg/bin")), InitdbOptions::default())
-        .unwrap_err();
+    let err = Engine::discover(
+        Some(Path::new("/nonexistent/pg/bin")),
+        InitdbOptions::default(),
+    )
+    .unwrap_err();
     assert!(matches!(err, EngineError::NotFound { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.starts_with("PostgreSQL server binaries not found"), "{msg}");
+    assert!(
+        msg.starts_with("PostgreSQL server binaries not found"),
+        "{msg}"
+    );
     assert!(msg.contains("/nonexistent/pg/bin"), "{msg}");
     assert!(msg.contains("apt-get install -y postgresql"), "{msg}");
     assert!(msg.contains("TAIDON_PG_BIN"), "{msg}");
@@ -38,7 +47,7 @@ fn discover_with_a_bogus_dir_says_how_to_install() {
 
 #[tokio::test]
 async fn initdb_writes_scram_only_tcp_hba_and_is_owned_by_the_server_user() {
-    let fx = Fixture::new();
+    let fx = Fixture::setup();
     fx.engine
         .initdb(&fx.data_dir(), fx.run_as.as_ref())
         .await
@@ -55,7 +64,12 @@ async fn initdb_writes_scram_only_tcp_hba_and_is_owned_by_the_server_user() {
     assert_eq!(meta.mode() & 0o777, 0o700);
     if let Some(r) = &fx.run_as {
         assert_eq!(meta.uid(), r.uid);
-        assert_eq!(std::fs::metadata(fx.data_dir().join("pg_hba.conf")).unwrap().uid(), r.uid);
+        assert_eq!(
+            std::fs::metadata(fx.data_dir().join("pg_hba.conf"))
+                .unwrap()
+                .uid(),
+            r.uid
+        );
     }
     // A second initdb on a non-empty dir fails and says why.
     let err = fx
@@ -68,7 +82,7 @@ async fn initdb_writes_scram_only_tcp_hba_and_is_owned_by_the_server_user() {
 
 #[tokio::test]
 async fn start_connect_stop_is_clean_and_restart_keeps_data() {
-    let fx = Fixture::new();
+    let fx = Fixture::setup();
     let server = fx.started(false).await;
     assert!(Path::new(&format!("/proc/{}", server.pid)).exists());
     let client = server.connect_local().await.unwrap();
@@ -76,18 +90,30 @@ async fn start_connect_stop_is_clean_and_restart_keeps_data() {
         .batch_execute("create table kept(x int); insert into kept values (42)")
         .await
         .unwrap();
-    let who: String = client.query_one("select current_user", &[]).await.unwrap().get(0);
+    let who: String = client
+        .query_one("select current_user", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(who, "postgres");
     drop(client);
     let pid = server.pid;
     server.stop().await.unwrap();
     assert!(!fx.data_dir().join("postmaster.pid").exists());
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
-    assert!(fx.log().contains("database system is shut down"), "{}", fx.log());
+    assert!(
+        fx.log().contains("database system is shut down"),
+        "{}",
+        fx.log()
+    );
 
     let server = fx.start(false).await;
     let client = server.connect_local().await.unwrap();
-    let x: i32 = client.query_one("select x from kept", &[]).await.unwrap().get(0);
+    let x: i32 = client
+        .query_one("select x from kept", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(x, 42);
     // A clean stop means no crash recovery on the next start.
     assert!(!fx.log().contains("not properly shut down"), "{}", fx.log());
@@ -97,7 +123,7 @@ async fn start_connect_stop_is_clean_and_restart_keeps_data() {
 
 #[tokio::test]
 async fn start_on_a_taken_port_fails_with_the_log() {
-    let fx = Fixture::new();
+    let fx = Fixture::setup();
     fx.engine
         .initdb(&fx.data_dir(), fx.run_as.as_ref())
         .await
@@ -108,11 +134,7 @@ async fn start_on_a_taken_port_fails_with_the_log() {
         port: Some(port),
         ..fx.config(true)
     };
-    let err = fx
-        .engine
-        .start(cfg, fx.run_as.as_ref())
-        .await
-        .unwrap_err();
+    let err = fx.engine.start(cfg, fx.run_as.as_ref()).await.unwrap_err();
     assert!(err.to_string().contains("could not bind"), "{err}");
 
     // Without a fixed port the runtime picks one that is free.
@@ -123,7 +145,7 @@ async fn start_on_a_taken_port_fails_with_the_log() {
 
 #[tokio::test]
 async fn start_of_a_missing_data_dir_reports_the_log_tail() {
-    let fx = Fixture::new();
+    let fx = Fixture::setup();
     let err = fx
         .engine
         .start(fx.config(false), fx.run_as.as_ref())
@@ -139,7 +161,10 @@ async fn start_of_a_missing_data_dir_reports_the_log_tail() {
 
 fn tcp_config(port: u16, user: &str, password: Option<&str>) -> tokio_postgres::Config {
     let mut cfg = tokio_postgres::Config::new();
-    cfg.host("127.0.0.1").port(port).user(user).dbname("postgres");
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .dbname("postgres");
     if let Some(p) = password {
         cfg.password(p);
     }
@@ -148,7 +173,7 @@ fn tcp_config(port: u16, user: &str, password: Option<&str>) -> tokio_postgres::
 
 #[tokio::test]
 async fn tcp_needs_scram_and_the_plain_password_is_never_sent() {
-    let fx = Fixture::new();
+    let fx = Fixture::setup();
     let server = fx.started(true).await;
     let secret = "s3cret-Pa55-that-must-not-leak";
     server.set_password("postgres", secret).await.unwrap();
@@ -211,7 +236,7 @@ async fn tcp_needs_scram_and_the_plain_password_is_never_sent() {
 
 #[tokio::test]
 async fn a_socket_only_server_does_not_listen_on_tcp() {
-    let fx = Fixture::new();
+    let fx = Fixture::setup();
     let server = fx.started(false).await;
     let err = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
@@ -220,7 +245,7 @@ async fn a_socket_only_server_does_not_listen_on_tcp() {
 
 #[tokio::test]
 async fn local_runtime_starts_and_stops_an_instance_through_the_trait() {
-    let fx = Fixture::new();
+    let fx = Fixture::setup();
     fx.engine
         .initdb(&fx.data_dir(), fx.run_as.as_ref())
         .await
@@ -249,4 +274,46 @@ fn free_port_is_bindable() {
     let port = free_port().unwrap();
     assert_ne!(port, 0);
     std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+}
+
+#[test]
+fn run_as_is_the_postgres_user_when_root() {
+    let run_as = taidon_runtime::RunAs::for_this_process().unwrap();
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        let r = run_as.expect("root must run servers as another user");
+        assert_eq!(r.user, "postgres");
+        assert_ne!(r.uid, 0);
+    } else {
+        assert_eq!(run_as, None);
+    }
+    let err = taidon_runtime::RunAs::lookup("no-such-user-taidon").unwrap_err();
+    assert!(err.to_string().contains("no-such-user-taidon"), "{err}");
+}
+
+#[tokio::test]
+async fn a_dropped_server_is_shut_down_not_left_running() {
+    let fx = Fixture::setup();
+    let server = fx.started(false).await;
+    let pid = server.pid;
+    drop(server);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        if stat.is_empty() || state == Some("Z") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "postgres {pid} still runs"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(fx.log().contains("immediate shutdown"), "{}", fx.log());
 }

@@ -1,4 +1,6 @@
 //! Shared setup for the runtime tests: a temp dir the server user can traverse and an engine.
+// Each test binary uses a part of these helpers.
+#![allow(dead_code)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -14,7 +16,7 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    pub fn new() -> Fixture {
+    pub fn setup() -> Fixture {
         let dir = tempfile::Builder::new().prefix("rt").tempdir().unwrap();
         // The server runs as `postgres` when we are root: it must be able to enter the dir.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
@@ -55,7 +57,11 @@ impl Fixture {
     }
 
     pub async fn start(&self, tcp: bool) -> Server {
-        match self.engine.start(self.config(tcp), self.run_as.as_ref()).await {
+        match self
+            .engine
+            .start(self.config(tcp), self.run_as.as_ref())
+            .await
+        {
             Ok(s) => s,
             Err(e) => panic!("start failed: {e}\nlog:\n{}", self.log()),
         }
