@@ -1,1 +1,136 @@
-//! placeholder
+//! The snapshot store: one immutable PostgreSQL data directory per state, published atomically
+//! under a root, and cloned by the fastest means the file system offers (btrfs snapshots,
+//! reflinks, or plain copies).
+//!
+//! All I/O here is blocking `std::fs`; async callers run it on a blocking thread.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+#![deny(clippy::todo, clippy::dbg_macro)]
+
+mod clone;
+mod digest;
+mod error;
+mod local;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+#[cfg(test)]
+mod tests;
+
+use std::ffi::CString;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use taidon_core::{CloneStrategy, EngineFingerprint, StateId};
+
+pub use clone::{clone_tree, detect_strategy, remove_tree};
+pub use digest::{tree_digest, TreeDigest};
+pub use error::StoreError;
+pub use local::{Build, LocalStore};
+
+/// Who owns data directories: the `postgres` user when the process runs as root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Owner {
+    /// The uid and primary gid of the named user.
+    pub fn of_user(name: &str) -> Result<Owner, StoreError> {
+        let unknown = || StoreError::UnknownUser(name.to_owned());
+        let c_name = CString::new(name).map_err(|_| unknown())?;
+        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        // SAFETY: all-zero is a valid `passwd` (null pointers and zero ids).
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call and `buf` outlives it.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                c_name.as_ptr(),
+                &mut pwd,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        if rc != 0 || result.is_null() {
+            return Err(unknown());
+        }
+        Ok(Owner {
+            uid: pwd.pw_uid,
+            gid: pwd.pw_gid,
+        })
+    }
+
+    /// `postgres` when this process is root (PostgreSQL refuses to run as root), else nobody.
+    pub fn for_this_process() -> Result<Option<Owner>, StoreError> {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            Owner::of_user("postgres").map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// What the store records about a published snapshot, in `<root>/<state_id>/manifest.json`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    pub state_id: StateId,
+    pub parent: Option<StateId>,
+    pub engine: EngineFingerprint,
+    /// Sum of the lengths of the regular files in the data directory.
+    pub size_bytes: u64,
+    /// `sha256:<hex>` of the data directory, as [`tree_digest`] computes it.
+    pub checksum: String,
+    /// Publication time, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// How long the state took to build, so eviction can weigh what a rebuild costs.
+    pub build_cost_ms: u64,
+}
+
+/// What the caller knows about a build when it publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishMeta {
+    pub parent: Option<StateId>,
+    pub engine: EngineFingerprint,
+    pub build_cost_ms: u64,
+}
+
+/// What a clone did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloneStats {
+    /// The strategy actually used (a reflink clone that had to fall back reports `Copy`).
+    pub strategy: CloneStrategy,
+    /// Bytes of regular files cloned; 0 for a btrfs snapshot, which touches no files.
+    pub bytes: u64,
+    /// Regular files cloned; 0 for a btrfs snapshot.
+    pub files: u64,
+}
+
+/// A place that keeps one immutable data directory per state.
+pub trait SnapshotStore: Send + Sync {
+    /// How this store clones snapshots.
+    fn strategy(&self) -> CloneStrategy;
+    /// The directory the store lives in.
+    fn root(&self) -> &Path;
+    /// Whether a snapshot of `id` is published.
+    fn contains(&self, id: &StateId) -> bool;
+    /// The manifest of `id`, if published.
+    fn manifest(&self, id: &StateId) -> Result<Option<Manifest>, StoreError>;
+    /// The manifests of all published snapshots, ordered by state id.
+    fn list(&self) -> Result<Vec<Manifest>, StoreError>;
+    /// A private work area for building `id`: its `data_dir()` is a clone of `parent`'s data,
+    /// or (no parent) an empty directory of mode 0700 owned by the owner, where the caller runs
+    /// initdb.
+    fn begin(&self, id: &StateId, parent: Option<&StateId>) -> Result<Build, StoreError>;
+    /// Makes a build durable and visible under its id; if a racing build of the same id won,
+    /// discards this one and returns the winner's manifest.
+    fn publish(&self, build: Build, meta: PublishMeta) -> Result<Manifest, StoreError>;
+    /// Clones `id`'s data directory to `dest` (which must not exist), owned by the owner, mode
+    /// 0700.
+    fn clone_to(&self, id: &StateId, dest: &Path) -> Result<CloneStats, StoreError>;
+    /// Deletes the snapshot of `id`; false when there was none.
+    fn remove(&self, id: &StateId) -> Result<bool, StoreError>;
+    /// Logical bytes of all published snapshots (shared extents count once per snapshot).
+    fn usage_bytes(&self) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,366 @@
+//! The snapshot store in a local directory.
+//!
+//! Layout under the root:
+//!
+//! ```text
+//! <state_id>/manifest.json           published snapshot: written last, read first
+//! <state_id>/data/                   its PostgreSQL data directory (a subvolume on btrfs)
+//! .building-<state_id>-<rand>/data   a build in progress
+//! .trash-<rand>/                     a snapshot being deleted
+//! ```
+//!
+//! A directory appears under its id only by one rename of a complete, synced build, and leaves
+//! by one rename to `.trash-*`, so readers never see half a snapshot.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use taidon_core::{CloneStrategy, StateId};
+
+use crate::clone::{chown_to, clone_tree, create_base_dir, detect_strategy, remove_tree};
+use crate::digest::tree_digest;
+use crate::error::{IoContext, StoreError};
+use crate::{CloneStats, Manifest, Owner, PublishMeta, SnapshotStore};
+
+const MANIFEST: &str = "manifest.json";
+const MANIFEST_TMP: &str = "manifest.json.tmp";
+const DATA: &str = "data";
+const BUILDING: &str = ".building-";
+const TRASH: &str = ".trash-";
+const PROBE: &str = ".probe-";
+
+/// Snapshots in a local directory, cloned by btrfs snapshot, reflink or copy.
+#[derive(Debug)]
+pub struct LocalStore {
+    root: PathBuf,
+    owner: Option<Owner>,
+    strategy: CloneStrategy,
+}
+
+/// A build in progress: a private directory that becomes a snapshot when published, and is
+/// deleted when dropped unpublished.
+#[derive(Debug)]
+pub struct Build {
+    id: StateId,
+    parent: Option<StateId>,
+    dir: PathBuf,
+    data: PathBuf,
+    /// Published or already discarded: Drop has nothing left to do.
+    finished: bool,
+}
+
+impl Build {
+    /// The state being built.
+    pub fn id(&self) -> &StateId {
+        &self.id
+    }
+
+    /// The state this build was cloned from.
+    pub fn parent(&self) -> Option<&StateId> {
+        self.parent.as_ref()
+    }
+
+    /// The build's private directory (`<root>/.building-<id>-<rand>`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The data directory being built (`dir()/data`).
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    fn discard(&mut self) {
+        self.finished = true;
+        if let Err(e) = remove_tree(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot discard a build");
+        }
+    }
+}
+
+impl Drop for Build {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.discard();
+        }
+    }
+}
+
+impl LocalStore {
+    /// Opens (creating it if needed) the store at `root` and detects its clone strategy; data
+    /// directories will belong to `owner` when given.
+    pub fn open(root: PathBuf, owner: Option<Owner>) -> Result<Self, StoreError> {
+        fs::create_dir_all(&root).ctx("create store root", &root)?;
+        if owner.is_some() {
+            // The owner runs servers in build directories under the root: it must traverse it.
+            let mode = fs::metadata(&root).ctx("read", &root)?.permissions().mode();
+            if mode & 0o011 != 0o011 {
+                fs::set_permissions(&root, fs::Permissions::from_mode((mode | 0o011) & 0o7777))
+                    .ctx("chmod", &root)?;
+            }
+        }
+        let strategy = detect_strategy(&root);
+        tracing::info!(root = %root.display(), %strategy, "snapshot store opened");
+        Ok(Self {
+            root,
+            owner,
+            strategy,
+        })
+    }
+
+    /// The same store with another clone strategy, such as `Copy` to measure what CoW saves.
+    /// Choosing `Btrfs` off btrfs makes base builds fail.
+    pub fn with_strategy(mut self, strategy: CloneStrategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// Who owns the data directories.
+    pub fn owner(&self) -> Option<Owner> {
+        self.owner
+    }
+
+    /// The data directories of builds left by a crash (call before starting builds: builds in
+    /// progress look the same).
+    pub fn leftover_builds(&self) -> Vec<PathBuf> {
+        self.dot_entries()
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(BUILDING))
+            .map(|(_, path)| path.join(DATA))
+            .collect()
+    }
+
+    /// Deletes leftover builds, trash and probe files; returns how many entries went.
+    pub fn discard_leftovers(&self) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for (name, path) in self.dot_entries() {
+            if name.starts_with(BUILDING) || name.starts_with(TRASH) || name.starts_with(PROBE) {
+                remove_tree(&path)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Whether `id`'s data directory still has the checksum its manifest records.
+    pub fn verify(&self, id: &StateId) -> Result<bool, StoreError> {
+        let manifest = self.manifest(id)?.ok_or(StoreError::UnknownState(*id))?;
+        let digest = tree_digest(&self.data_dir(id))?;
+        Ok(digest.checksum == manifest.checksum && digest.size_bytes == manifest.size_bytes)
+    }
+
+    /// `<root>/<id>/data`: where the published data directory of `id` lives.
+    pub fn data_dir(&self, id: &StateId) -> PathBuf {
+        self.snapshot_dir(id).join(DATA)
+    }
+
+    fn snapshot_dir(&self, id: &StateId) -> PathBuf {
+        self.root.join(id.to_string())
+    }
+
+    fn unique(&self, prefix: &str) -> PathBuf {
+        self.root
+            .join(format!("{prefix}{:016x}", rand::random::<u64>()))
+    }
+
+    fn dot_entries(&self) -> Vec<(String, PathBuf)> {
+        let entries = match fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(root = %self.root.display(), error = %e, "cannot list the store");
+                return Vec::new();
+            }
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.starts_with('.').then(|| (name, e.path()))
+            })
+            .collect()
+    }
+}
+
+impl SnapshotStore for LocalStore {
+    fn strategy(&self) -> CloneStrategy {
+        self.strategy
+    }
+
+    fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn contains(&self, id: &StateId) -> bool {
+        self.snapshot_dir(id).join(MANIFEST).is_file()
+    }
+
+    fn manifest(&self, id: &StateId) -> Result<Option<Manifest>, StoreError> {
+        let path = self.snapshot_dir(id).join(MANIFEST);
+        let text = match fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).ctx("read", &path),
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|source| StoreError::Manifest { path, source })
+    }
+
+    fn list(&self) -> Result<Vec<Manifest>, StoreError> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.root).ctx("list", &self.root)? {
+            let entry = entry.ctx("list", &self.root)?;
+            let Some(id) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            // One unreadable snapshot must not hide all the others.
+            match self.manifest(&id) {
+                Ok(Some(m)) => out.push(m),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%id, error = %e, "skipping a snapshot"),
+            }
+        }
+        out.sort_by(|a, b| a.state_id.cmp(&b.state_id));
+        Ok(out)
+    }
+
+    fn begin(&self, id: &StateId, parent: Option<&StateId>) -> Result<Build, StoreError> {
+        if let Some(p) = parent {
+            if !self.contains(p) {
+                return Err(StoreError::UnknownState(*p));
+            }
+        }
+        let dir = self.unique(&format!("{BUILDING}{id}-"));
+        fs::create_dir(&dir).ctx("create build directory", &dir)?;
+        // Only the data directory is private; the owner must be able to reach it.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o711)).ctx("chmod", &dir)?;
+        let build = Build {
+            id: *id,
+            parent: parent.copied(),
+            data: dir.join(DATA),
+            dir,
+            finished: false,
+        };
+        match parent {
+            Some(p) => {
+                clone_tree(&self.data_dir(p), &build.data, self.strategy, self.owner)?;
+            }
+            None => create_base_dir(&build.data, self.strategy, self.owner)?,
+        }
+        Ok(build)
+    }
+
+    fn publish(&self, mut build: Build, meta: PublishMeta) -> Result<Manifest, StoreError> {
+        if let Some(existing) = self.manifest(&build.id)? {
+            return Ok(existing);
+        }
+        if !build.data.is_dir() {
+            return Err(StoreError::EmptyBuild(build.dir.clone()));
+        }
+        let digest = tree_digest(&build.data)?;
+        // One syncfs instead of an fsync per file: the data is durable before the manifest is.
+        syncfs(&self.root)?;
+        let manifest = Manifest {
+            state_id: build.id,
+            parent: meta.parent,
+            engine: meta.engine,
+            size_bytes: digest.size_bytes,
+            checksum: digest.checksum,
+            created_ms: now_ms(),
+            build_cost_ms: meta.build_cost_ms,
+        };
+        write_manifest(&build.dir, &manifest)?;
+        let target = self.snapshot_dir(&build.id);
+        // A published snapshot is never an empty directory, so rename cannot replace one: it
+        // fails with ENOTEMPTY (or EEXIST) when a racing build got there first.
+        match fs::rename(&build.dir, &target) {
+            Ok(()) => {
+                build.finished = true;
+                fsync_dir(&self.root)?;
+                tracing::info!(id = %build.id, size = manifest.size_bytes, "snapshot published");
+                Ok(manifest)
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
+                build.discard();
+                self.manifest(&build.id)?
+                    .ok_or(StoreError::UnknownState(build.id))
+            }
+            Err(e) => Err(e).ctx("publish", &target),
+        }
+    }
+
+    fn clone_to(&self, id: &StateId, dest: &Path) -> Result<CloneStats, StoreError> {
+        if !self.contains(id) {
+            return Err(StoreError::UnknownState(*id));
+        }
+        let stats = clone_tree(&self.data_dir(id), dest, self.strategy, self.owner)?;
+        fs::set_permissions(dest, fs::Permissions::from_mode(0o700)).ctx("chmod", dest)?;
+        chown_to(dest, self.owner)?;
+        Ok(stats)
+    }
+
+    fn remove(&self, id: &StateId) -> Result<bool, StoreError> {
+        let dir = self.snapshot_dir(id);
+        let trash = self.unique(TRASH);
+        match fs::rename(&dir, &trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e).ctx("move to trash", &dir),
+        }
+        // The rename is the removal; make it durable before the slow part.
+        fsync_dir(&self.root)?;
+        remove_tree(&trash)?;
+        tracing::info!(%id, "snapshot removed");
+        Ok(true)
+    }
+
+    fn usage_bytes(&self) -> Result<u64, StoreError> {
+        Ok(self.list()?.iter().map(|m| m.size_bytes).sum())
+    }
+}
+
+/// Writes `dir/manifest.json` under a temporary name, fsyncs it, renames it, fsyncs `dir`.
+fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), StoreError> {
+    let tmp = dir.join(MANIFEST_TMP);
+    let path = dir.join(MANIFEST);
+    let json = serde_json::to_vec_pretty(manifest).map_err(|source| StoreError::Manifest {
+        path: path.clone(),
+        source,
+    })?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .ctx("create", &tmp)?;
+    file.write_all(&json).ctx("write", &tmp)?;
+    file.sync_all().ctx("fsync", &tmp)?;
+    fs::rename(&tmp, &path).ctx("rename into place", &path)?;
+    fsync_dir(dir)
+}
+
+fn syncfs(path: &Path) -> Result<(), StoreError> {
+    let dir = File::open(path).ctx("open", path)?;
+    // SAFETY: the descriptor is open for the duration of the call.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error()).ctx("syncfs", path);
+    }
+    Ok(())
+}
+
+fn fsync_dir(path: &Path) -> Result<(), StoreError> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .ctx("fsync directory", path)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
