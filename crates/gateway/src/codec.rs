@@ -24,7 +24,10 @@ const REQUEST_CODE_MAJOR: u32 = 1234;
 pub(crate) enum StartupPacket {
     SslRequest,
     GssEncRequest,
-    CancelRequest { process_id: i32, secret_key: i32 },
+    CancelRequest {
+        process_id: i32,
+        secret_key: i32,
+    },
     Startup(StartupParams),
     /// A StartupMessage of a protocol version other than 3.0.
     UnsupportedVersion(u32),

@@ -114,9 +114,10 @@ impl GatewayError {
             | GatewayError::ClientProtocol(_)
             | GatewayError::Timeout(Step::Startup)
             | GatewayError::BackendRejected { .. } => return None,
-            GatewayError::UnexpectedMessage { .. } => {
-                ("08P01", "unexpected message during authentication".to_owned())
-            }
+            GatewayError::UnexpectedMessage { .. } => (
+                "08P01",
+                "unexpected message during authentication".to_owned(),
+            ),
             GatewayError::UnsupportedProtocol { major, minor } => (
                 "08P01",
                 format!("unsupported frontend protocol {major}.{minor}: server supports 3.0"),
@@ -135,9 +136,10 @@ impl GatewayError {
                 format!("password authentication failed for user \"{user}\""),
             ),
             GatewayError::Missing { .. } => ("3D000", "database state is not available".to_owned()),
-            GatewayError::Resolve(e) if !e.is_transient() => {
-                ("XX000", "internal error while locating the database".to_owned())
-            }
+            GatewayError::Resolve(e) if !e.is_transient() => (
+                "XX000",
+                "internal error while locating the database".to_owned(),
+            ),
             GatewayError::Resolve(_)
             | GatewayError::Timeout(Step::Resolve | Step::Connect)
             | GatewayError::BackendConnect { .. } => (

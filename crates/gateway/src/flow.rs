@@ -40,7 +40,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 return Ok(msg);
             }
             self.buf.reserve(4096);
-            if self.io.read_buf(&mut self.buf).await.map_err(ReadError::Io)? == 0 {
+            if self
+                .io
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(ReadError::Io)?
+                == 0
+            {
                 return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
             }
         }
@@ -77,10 +83,7 @@ impl ReadError {
 /// What the first step found.
 pub(crate) enum Startup {
     /// A client that wants to log in as `user`.
-    Login {
-        user: String,
-        params: StartupParams,
-    },
+    Login { user: String, params: StartupParams },
     /// A CancelRequest: not routed yet, the connection just ends.
     Cancel,
 }

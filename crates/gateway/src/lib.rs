@@ -99,11 +99,7 @@ impl Gateway {
 
     /// Accepts connections on `listener`, each in its own task, until `shutdown` resolves; then
     /// stops accepting and closes the connections still open.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()>,
-    ) {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut conns = JoinSet::new();
         loop {

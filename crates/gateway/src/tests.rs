@@ -145,7 +145,10 @@ async fn unsupported_protocol_gets_08p01() {
     assert_eq!(msgs.len(), 1);
     let (severity, code, message) = fatal(&msgs);
     assert_eq!((severity.as_str(), code.as_str()), ("FATAL", "08P01"));
-    assert!(message.contains("unsupported frontend protocol 2.0"), "{message}");
+    assert!(
+        message.contains("unsupported frontend protocol 2.0"),
+        "{message}"
+    );
     assert!(matches!(
         task.await.unwrap(),
         Err(GatewayError::UnsupportedProtocol { major: 2, minor: 0 })
@@ -159,7 +162,10 @@ async fn missing_user_gets_08p01() {
     send_startup(&mut client, &[("database", "postgres")]).await;
     let msgs = read_to_close(&mut client).await;
     assert_eq!(fatal(&msgs).1, "08P01");
-    assert!(matches!(task.await.unwrap(), Err(GatewayError::MissingUser)));
+    assert!(matches!(
+        task.await.unwrap(),
+        Err(GatewayError::MissingUser)
+    ));
 }
 
 #[tokio::test]
@@ -235,7 +241,10 @@ async fn ssl_and_gss_requests_are_refused_then_startup_is_read() {
             "database state is not available".to_owned()
         )
     );
-    assert!(matches!(task.await.unwrap(), Err(GatewayError::Missing { .. })));
+    assert!(matches!(
+        task.await.unwrap(),
+        Err(GatewayError::Missing { .. })
+    ));
     let asked = resolver.asked.lock().unwrap();
     assert_eq!(
         *asked,

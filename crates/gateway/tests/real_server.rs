@@ -1,0 +1,487 @@
+//! The gateway between real clients (tokio-postgres, psql) and real PostgreSQL servers started
+//! with taidon-runtime. One initdb per test binary; each test runs its own copy of that cluster.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use rand::distributions::{Alphanumeric, DistString};
+use taidon_api::{ResolveRequest, ResolveResponse, Target};
+use taidon_core::token::{Scope, TokenKey};
+use taidon_core::{InstanceId, StateId};
+use taidon_gateway::{Clock, Gateway, GatewayConfig, GatewayError, ResolveError, Resolver, Step};
+use taidon_runtime::{Engine, RunAs, Server, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+const NOW: u64 = 1_800_000_000;
+const TTL: u64 = 600;
+
+struct FixedClock(u64);
+
+impl Clock for FixedClock {
+    fn now_s(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A fake resolver with one fixed answer for every instance.
+struct FakeResolver(ResolveResponse);
+
+impl Resolver for FakeResolver {
+    fn resolve(&self, _: ResolveRequest) -> BoxFuture<'_, Result<ResolveResponse, ResolveError>> {
+        let answer = self.0.clone();
+        Box::pin(async move { Ok(answer) })
+    }
+}
+
+fn key() -> TokenKey {
+    TokenKey::hs256(b"gateway test secret, long enough", "install-gw")
+}
+
+fn token() -> String {
+    let k = key();
+    k.sign(&k.claims(
+        StateId::from_bytes([3; 32]),
+        InstanceId::from_bytes([4; 8]),
+        Scope::Rw,
+        NOW,
+        TTL,
+    ))
+    .unwrap()
+}
+
+fn gateway_with(answer: ResolveResponse, now: u64, timeout: Duration) -> Arc<Gateway> {
+    Arc::new(
+        Gateway::new(
+            GatewayConfig {
+                handshake_timeout: timeout,
+            },
+            key(),
+            Arc::new(FakeResolver(answer)),
+        )
+        .with_clock(Arc::new(FixedClock(now))),
+    )
+}
+
+fn gateway(answer: ResolveResponse) -> Arc<Gateway> {
+    gateway_with(answer, NOW + 1, Duration::from_secs(10))
+}
+
+fn engine() -> Engine {
+    Engine::discover(None, Default::default()).expect("a PostgreSQL engine")
+}
+
+fn run_as() -> Option<RunAs> {
+    RunAs::for_this_process().unwrap()
+}
+
+fn traversable(dir: &Path) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+}
+
+/// The cluster every test copies: made once per test binary under the target's tmp dir (which
+/// the server user can traverse, unlike /root), replacing one a previous run left.
+async fn template() -> &'static Path {
+    static TEMPLATE: tokio::sync::OnceCell<PathBuf> = tokio::sync::OnceCell::const_new();
+    TEMPLATE
+        .get_or_init(|| async {
+            let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gateway-template");
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(&root).unwrap();
+            traversable(&root);
+            let data = root.join("data");
+            engine().initdb(&data, run_as().as_ref()).await.unwrap();
+            data
+        })
+        .await
+}
+
+/// A running copy of the template cluster, with a random password for `postgres`.
+struct Pg {
+    server: Server,
+    password: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Pg {
+    async fn start() -> Pg {
+        Self::start_with_hba("").await
+    }
+
+    /// Starts with `hba_lines` placed before the template's pg_hba.conf rules.
+    async fn start_with_hba(hba_lines: &str) -> Pg {
+        let template = template().await;
+        let dir = tempfile::tempdir().unwrap();
+        traversable(dir.path());
+        let data = dir.path().join("data");
+        let cp = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(template)
+            .arg(&data)
+            .status()
+            .unwrap();
+        assert!(cp.success(), "cp -a of the template failed");
+        if !hba_lines.is_empty() {
+            let hba = data.join("pg_hba.conf");
+            let rest = std::fs::read_to_string(&hba).unwrap();
+            std::fs::write(&hba, format!("{hba_lines}\n{rest}")).unwrap();
+        }
+        let server = engine()
+            .start(
+                ServerConfig {
+                    data_dir: data,
+                    socket_dir: dir.path().join("sock"),
+                    tcp: true,
+                    port: None,
+                    log_file: dir.path().join("server.log"),
+                },
+                run_as().as_ref(),
+            )
+            .await
+            .unwrap();
+        let password = Alphanumeric.sample_string(&mut rand::thread_rng(), 24);
+        server.set_password("postgres", &password).await.unwrap();
+        Pg {
+            server,
+            password,
+            _dir: dir,
+        }
+    }
+
+    fn target(&self) -> Target {
+        self.target_as("postgres", &self.password)
+    }
+
+    fn target_as(&self, user: &str, password: &str) -> Target {
+        Target {
+            host: "127.0.0.1".into(),
+            port: self.server.port,
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    fn ready(&self) -> ResolveResponse {
+        ResolveResponse::Ready(self.target())
+    }
+
+    async fn stop(self) {
+        self.server.stop().await.unwrap();
+    }
+}
+
+/// A tokio-postgres config for the gateway DSN's user and database with `password`.
+fn client_config(password: &str) -> tokio_postgres::Config {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.user("sqlrs").password(password).dbname("postgres");
+    cfg
+}
+
+type Handled = tokio::task::JoinHandle<Result<(), GatewayError>>;
+
+/// The gateway on one end of a duplex pipe; the other end for the client.
+fn pipe(gw: &Arc<Gateway>) -> (tokio::io::DuplexStream, Handled) {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let gw = gw.clone();
+    (client, tokio::spawn(async move { gw.handle(server).await }))
+}
+
+/// Connects tokio-postgres over a duplex pipe; the connection runs on its own task.
+async fn connect(
+    gw: &Arc<Gateway>,
+    cfg: &tokio_postgres::Config,
+) -> Result<(tokio_postgres::Client, Handled), tokio_postgres::Error> {
+    let (stream, handled) = pipe(gw);
+    let (client, conn) = cfg.connect_raw(stream, NoTls).await?;
+    tokio::spawn(conn);
+    Ok((client, handled))
+}
+
+/// The FATAL error a refused connection got, and how the gateway saw it end.
+async fn refusal(
+    gw: &Arc<Gateway>,
+    cfg: &tokio_postgres::Config,
+) -> (SqlState, String, Result<(), GatewayError>) {
+    let (stream, handled) = pipe(gw);
+    let Err(e) = cfg.connect_raw(stream, NoTls).await else {
+        panic!("the connection was accepted");
+    };
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {e}"));
+    assert_eq!(db.severity(), "FATAL");
+    let ended = tokio::time::timeout(Duration::from_secs(10), handled)
+        .await
+        .expect("the gateway ends a refused connection")
+        .unwrap();
+    (db.code().clone(), db.message().to_owned(), ended)
+}
+
+async fn refused_with(gw: &Arc<Gateway>, cfg: &tokio_postgres::Config) -> (SqlState, String) {
+    let (code, message, ended) = refusal(gw, cfg).await;
+    assert!(ended.is_err(), "the gateway saw no failure");
+    (code, message)
+}
+
+#[tokio::test]
+async fn tokio_postgres_queries_through_the_gateway() {
+    let pg = Pg::start().await;
+    let gw = gateway(pg.ready());
+    let mut cfg = client_config(&token());
+    cfg.application_name("gw-test")
+        .options("-c search_path=gw_schema");
+    let (client, handled) = connect(&gw, &cfg).await.unwrap();
+
+    let row = client
+        .query_one(
+            "select 1::int4, current_user::text, current_setting('application_name'), \
+             current_setting('search_path'), current_database()::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+    // The instance's own user, never the client's.
+    assert_eq!(row.get::<_, String>(1), "postgres");
+    assert_eq!(row.get::<_, String>(2), "gw-test");
+    assert_eq!(row.get::<_, String>(3), "gw_schema");
+    assert_eq!(row.get::<_, String>(4), "postgres");
+
+    // Enough rows that the relay runs over many reads and writes.
+    let rows = client
+        .query(
+            "select g, repeat('x', 200) from generate_series(1, 20000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 20000);
+    assert_eq!(rows[19999].get::<_, i32>(0), 20000);
+
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(10), handled)
+        .await
+        .expect("the connection ends when the client leaves")
+        .unwrap()
+        .unwrap();
+    pg.stop().await;
+}
+
+#[tokio::test]
+async fn bad_expired_and_missing_tokens_are_refused() {
+    // No server: these are refused before the instance is reached.
+    let nowhere = ResolveResponse::Ready(Target {
+        host: "127.0.0.1".into(),
+        port: 1,
+        user: "postgres".into(),
+        password: "unused".into(),
+    });
+
+    let gw = gateway(nowhere.clone());
+    let (code, message) = refused_with(&gw, &client_config("not-a-token")).await;
+    assert_eq!(code, SqlState::INVALID_PASSWORD);
+    assert_eq!(message, "password authentication failed for user \"sqlrs\"");
+
+    let expired = gateway_with(nowhere, NOW + TTL + 31, Duration::from_secs(10));
+    let (code, message) = refused_with(&expired, &client_config(&token())).await;
+    assert_eq!(code, SqlState::INVALID_PASSWORD);
+    assert!(!message.contains(&token()));
+
+    let missing = gateway(ResolveResponse::Missing);
+    let (code, message) = refused_with(&missing, &client_config(&token())).await;
+    assert_eq!(code, SqlState::INVALID_CATALOG_NAME);
+    assert_eq!(message, "database state is not available");
+}
+
+#[tokio::test]
+async fn ssl_request_is_answered_n_and_the_client_carries_on() {
+    let pg = Pg::start().await;
+    let gw = gateway(pg.ready());
+    let (mut stream, _handled) = pipe(&gw);
+    // What a client with sslmode=prefer sends first (tokio-postgres skips it without TLS).
+    stream
+        .write_all(&[0, 0, 0, 8, 4, 210, 22, 47])
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"N");
+    let (client, conn) = client_config(&token())
+        .connect_raw(stream, NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let one: i32 = client.query_one("select 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    pg.stop().await;
+}
+
+#[tokio::test]
+async fn backend_errors_during_startup_are_forwarded() {
+    let pg = Pg::start().await;
+    let gw = gateway(pg.ready());
+    let mut cfg = client_config(&token());
+    cfg.dbname("no_such_db");
+    // PostgreSQL authenticates before it looks for the database, so this error arrives after
+    // AuthenticationOk and reaches the client through the relay.
+    let (code, message, _) = refusal(&gw, &cfg).await;
+    assert_eq!(code, SqlState::INVALID_CATALOG_NAME);
+    assert_eq!(message, "database \"no_such_db\" does not exist");
+    pg.stop().await;
+}
+
+#[tokio::test]
+async fn md5_and_cleartext_backends_are_logged_in_to() {
+    let pg = Pg::start_with_hba(
+        "host all md5user 127.0.0.1/32 md5\nhost all clearuser 127.0.0.1/32 password",
+    )
+    .await;
+    let local = pg.server.connect_local().await.unwrap();
+    // Stored as MD5 so that the md5 method is really used (a SCRAM verifier would upgrade it).
+    local
+        .batch_execute(
+            "set password_encryption = 'md5'; \
+             create role md5user login password 'md5-pw'; \
+             reset password_encryption; \
+             create role clearuser login password 'clear-pw';",
+        )
+        .await
+        .unwrap();
+    for (user, password) in [("md5user", "md5-pw"), ("clearuser", "clear-pw")] {
+        let gw = gateway(ResolveResponse::Ready(pg.target_as(user, password)));
+        let (client, _) = connect(&gw, &client_config(&token())).await.unwrap();
+        let who: String = client
+            .query_one("select current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(who, user);
+    }
+    // A wrong instance password is the backend's refusal, forwarded.
+    let gw = gateway(ResolveResponse::Ready(pg.target_as("postgres", "wrong")));
+    let (code, _) = refused_with(&gw, &client_config(&token())).await;
+    assert_eq!(code, SqlState::INVALID_PASSWORD);
+    pg.stop().await;
+}
+
+#[tokio::test]
+async fn unreachable_or_silent_instances_get_57p03() {
+    // A port nothing listens on: refused at once.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let target = |port| {
+        ResolveResponse::Ready(Target {
+            host: "127.0.0.1".into(),
+            port,
+            user: "postgres".into(),
+            password: "x".into(),
+        })
+    };
+    let gw = gateway(target(closed_port));
+    let (code, _, ended) = refusal(&gw, &client_config(&token())).await;
+    assert_eq!(code, SqlState::CANNOT_CONNECT_NOW);
+    assert!(
+        matches!(ended, Err(GatewayError::BackendConnect { .. })),
+        "{ended:?}"
+    );
+
+    // A listener that never answers: the connect step times out.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let timeout = Duration::from_millis(500);
+    let gw = gateway_with(target(silent.local_addr().unwrap().port()), NOW, timeout);
+    let t0 = Instant::now();
+    let (code, _, ended) = refusal(&gw, &client_config(&token())).await;
+    assert!(t0.elapsed() >= timeout);
+    assert_eq!(code, SqlState::CANNOT_CONNECT_NOW);
+    assert!(
+        matches!(ended, Err(GatewayError::Timeout(Step::Connect))),
+        "{ended:?}"
+    );
+}
+
+async fn psql(port: u16, sslmode: &str, password: &str) -> std::process::Output {
+    let dsn = format!("postgres://sqlrs@127.0.0.1:{port}/postgres?sslmode={sslmode}");
+    tokio::process::Command::new("psql")
+        .arg(dsn)
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "select 40 + 2",
+        ])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env_remove("PGSERVICE")
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn psql_through_a_served_port() {
+    let pg = Pg::start().await;
+    // The real clock, as the server binary runs it.
+    let gw = Arc::new(Gateway::new(
+        GatewayConfig::default(),
+        key(),
+        Arc::new(FakeResolver(pg.ready())),
+    ));
+    let k = key();
+    let now = taidon_gateway::SystemClock.now_s();
+    let live = k
+        .sign(&k.claims(
+            StateId::from_bytes([3; 32]),
+            InstanceId::from_bytes([4; 8]),
+            Scope::Rw,
+            now,
+            TTL,
+        ))
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(gw.serve(listener, async {
+        let _ = stopped.await;
+    }));
+
+    for sslmode in ["disable", "prefer"] {
+        let out = psql(port, sslmode, &live).await;
+        assert!(
+            out.status.success(),
+            "psql sslmode={sslmode} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    }
+
+    let out = psql(port, "require", &live).await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not support SSL"), "{stderr}");
+
+    let out = psql(port, "disable", "wrong-token").await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("password authentication failed for user \"sqlrs\""),
+        "{stderr}"
+    );
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("serve returns after shutdown")
+        .unwrap();
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err());
+    pg.stop().await;
+}
