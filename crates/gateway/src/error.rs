@@ -33,7 +33,9 @@ pub enum Step {
 /// internals.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientError {
+    /// The SQLSTATE, e.g. `28P01`.
     pub code: &'static str,
+    /// The ErrorResponse message text.
     pub message: String,
 }
 
