@@ -1,1 +1,439 @@
-//! placeholder
+//! The Taidon controller: metadata, the prepare engine, instances, and the HTTP API over them.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+#![deny(clippy::todo, clippy::dbg_macro)]
+
+mod error;
+pub mod home;
+mod http;
+mod instances;
+pub mod meta;
+mod prepare;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use taidon_api::{InstanceInfo, StateInfo, StateStatus, Status};
+use taidon_core::token::TokenKey;
+use taidon_core::{InitdbOptions, StateId};
+use taidon_runtime::{Engine, RunAs};
+use taidon_store::{LocalStore, Owner, SnapshotStore};
+
+pub use error::ControllerError;
+pub use home::Home;
+pub use http::router;
+use instances::Live;
+use meta::{Meta, StateRow};
+
+/// How the controller is set up.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub home: PathBuf,
+    /// The directory holding initdb and postgres; discovered when `None`.
+    pub pg_bin: Option<PathBuf>,
+    /// How long the tokens in handed-out DSNs live.
+    pub token_ttl_s: u64,
+}
+
+impl ControllerConfig {
+    pub fn new(home: impl Into<PathBuf>) -> Self {
+        Self {
+            home: home.into(),
+            pg_bin: None,
+            token_ttl_s: default_token_ttl_s(),
+        }
+    }
+}
+
+/// Seven days: a kept instance's DSN outlives a working week.
+pub fn default_token_ttl_s() -> u64 {
+    7 * 24 * 3600
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The controller of one data home.
+pub struct Controller {
+    config: ControllerConfig,
+    home: Home,
+    engine: Engine,
+    run_as: Option<RunAs>,
+    store: Arc<LocalStore>,
+    meta: Meta,
+    key: TokenKey,
+    api_token: String,
+    /// `host:port` the DSNs point at; set once the gateway listens.
+    gateway_addr: RwLock<String>,
+    api_url: RwLock<String>,
+    /// Running instances: the hot path of resolve reads only this map.
+    live: RwLock<HashMap<taidon_core::InstanceId, Arc<Live>>>,
+    /// One lock per state being built: two prepares of one missing state build it once.
+    building: StdMutex<HashMap<StateId, Arc<tokio::sync::Mutex<()>>>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl Controller {
+    /// Opens the home (creating it), discovers the engine, and reconciles what a previous
+    /// daemon left: unfinished builds are discarded, its servers stopped, its instances
+    /// restarted as children of this process.
+    pub async fn open(config: ControllerConfig) -> Result<Arc<Self>, ControllerError> {
+        let home = Home::new(&config.home);
+        let engine = Engine::discover(config.pg_bin.as_deref(), InitdbOptions::default())?;
+        let run_as = RunAs::for_this_process()
+            .map_err(|e| ControllerError::runtime("cannot choose the user servers run as", e))?;
+        home.create(run_as.is_some()).map_err(|e| {
+            ControllerError::io(format!("cannot create home {}", home.root().display()), e)
+        })?;
+        if let Some(user) = &run_as {
+            if let Some(dir) = home.unreachable_ancestor(user.uid, user.gid) {
+                return Err(ControllerError::BadInput(format!(
+                    "PostgreSQL runs as user {:?}, which cannot reach the home {} ({} is not traversable); \
+                     choose a home such as /var/lib/taidon with --home or SQLRS_HOME",
+                    user.user,
+                    home.root().display(),
+                    dir.display()
+                )));
+            }
+        }
+        let meta = Meta::open(&home.meta_db())?;
+        let owner = run_as.as_ref().map(|u| Owner {
+            uid: u.uid,
+            gid: u.gid,
+        });
+        let store = Arc::new(LocalStore::open(home.snapshots(), owner)?);
+        let secret = home::read_or_create_secret(&home.gateway_key_file(), 32)
+            .map_err(|e| ControllerError::io("cannot read the gateway key", e))?;
+        let installation = home::read_or_create_secret(&home.installation_id_file(), 8)
+            .map_err(|e| ControllerError::io("cannot read the installation id", e))?;
+        let api_token = home::read_or_create_secret(&home.api_token_file(), 32)
+            .map_err(|e| ControllerError::io("cannot read the API token", e))?;
+        let key = TokenKey::hs256(secret.as_bytes(), installation);
+        let (shutdown, _) = tokio::sync::watch::channel(false);
+        let controller = Arc::new(Self {
+            config,
+            home,
+            engine,
+            run_as,
+            store,
+            meta,
+            key,
+            api_token,
+            gateway_addr: RwLock::new(String::new()),
+            api_url: RwLock::new(String::new()),
+            live: RwLock::new(HashMap::new()),
+            building: StdMutex::new(HashMap::new()),
+            shutdown,
+        });
+        controller.reconcile().await?;
+        Ok(controller)
+    }
+
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The key tokens are signed and checked with.
+    pub fn token_key(&self) -> &TokenKey {
+        &self.key
+    }
+
+    /// The API bearer token.
+    pub fn api_token(&self) -> &str {
+        &self.api_token
+    }
+
+    /// Where the gateway listens, for the DSNs this controller hands out.
+    pub fn set_gateway_addr(&self, addr: String) {
+        *self.gateway_addr.write().unwrap_or_else(|p| p.into_inner()) = addr;
+    }
+
+    pub fn set_api_url(&self, url: String) {
+        *self.api_url.write().unwrap_or_else(|p| p.into_inner()) = url;
+    }
+
+    fn gateway_addr(&self) -> String {
+        self.gateway_addr
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Resolves when a shutdown was asked for through the API.
+    pub fn shutdown_requested(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.shutdown.subscribe();
+        async move {
+            while !*rx.borrow_and_update() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(crate) fn request_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, ControllerError>
+    where
+        F: FnOnce(&LocalStore) -> Result<T, taidon_store::StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| ControllerError::Internal(format!("store task failed: {e}")))?
+            .map_err(ControllerError::from)
+    }
+
+    /// Brings metadata and processes in line with what is on disk after a restart or crash.
+    async fn reconcile(self: &Arc<Self>) -> Result<(), ControllerError> {
+        for data_dir in self.store.leftover_builds() {
+            if let Ok(Some(pid)) = taidon_runtime::kill_orphan(&data_dir) {
+                tracing::warn!(pid, dir = %data_dir.display(), "stopped a build server left by a previous daemon");
+            }
+        }
+        let discarded = self.blocking(|s| s.discard_leftovers()).await?;
+        if discarded > 0 {
+            tracing::warn!(discarded, "discarded unfinished builds");
+        }
+        if let Ok(entries) = std::fs::read_dir(self.home.run_dir()) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+
+        let manifests = self.blocking(|s| s.list()).await?;
+        let rows = self.meta.states()?;
+        let now = now_ms();
+        for m in &manifests {
+            match rows.iter().find(|r| r.state_id == m.state_id) {
+                Some(r) if r.status == StateStatus::Warm || r.status == StateStatus::Hot => {}
+                Some(r) => {
+                    let mut r = r.clone();
+                    r.status = StateStatus::Warm;
+                    r.status_reason = None;
+                    r.size_bytes = m.size_bytes;
+                    r.build_cost_ms = m.build_cost_ms;
+                    self.meta.upsert_state(&r)?;
+                }
+                None => self.meta.upsert_state(&StateRow {
+                    state_id: m.state_id,
+                    parent: m.parent,
+                    label: "(recovered)".into(),
+                    inputs_fingerprint: String::new(),
+                    engine_fingerprint: serde_json::to_string(&m.engine).unwrap_or_default(),
+                    status: StateStatus::Warm,
+                    status_reason: None,
+                    size_bytes: m.size_bytes,
+                    build_cost_ms: m.build_cost_ms,
+                    restore_cost_ms: 0,
+                    created_ms: m.created_ms,
+                    last_access_ms: now,
+                    access_count: 0,
+                })?,
+            }
+        }
+        for r in rows {
+            if manifests.iter().any(|m| m.state_id == r.state_id) {
+                continue;
+            }
+            let (status, reason) = match r.status {
+                StateStatus::Building | StateStatus::Starting => (
+                    StateStatus::Failed,
+                    "interrupted: the daemon stopped during the build",
+                ),
+                StateStatus::Warm | StateStatus::Hot => {
+                    (StateStatus::Cold, "snapshot is missing from the store")
+                }
+                _ => continue,
+            };
+            self.meta
+                .set_state_status(&r.state_id, status, Some(reason))?;
+            self.meta
+                .event(now, "reconciled", Some(&r.state_id), None, Some(reason))?;
+        }
+        self.adopt_instances().await
+    }
+
+    /// The status `sqlrs status` shows.
+    pub async fn status(&self) -> Result<Status, ControllerError> {
+        let store_bytes = self.blocking(|s| s.usage_bytes()).await?;
+        let states = self.meta.states()?.len() as u64;
+        Ok(Status {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            home: self.home.root().to_path_buf(),
+            api_url: self
+                .api_url
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            gateway: self.gateway_addr(),
+            engine_version: self.engine.fingerprint.version(),
+            engine_bin_dir: self.engine.bin_dir.clone(),
+            clone_strategy: self.store.strategy(),
+            store_path: self.store.root().to_path_buf(),
+            store_bytes,
+            states,
+            instances_running: self.live.read().unwrap_or_else(|p| p.into_inner()).len() as u64,
+            server_user: match &self.run_as {
+                Some(u) => u.user.clone(),
+                None => current_user_name(),
+            },
+        })
+    }
+
+    /// Every state the metadata knows, with its presence level.
+    pub fn list_states(&self) -> Result<Vec<StateInfo>, ControllerError> {
+        let counts = self.instance_counts();
+        Ok(self
+            .meta
+            .states()?
+            .into_iter()
+            .map(|r| {
+                let instances = counts.get(&r.state_id).copied().unwrap_or(0);
+                let status = if instances > 0 && r.status == StateStatus::Warm {
+                    StateStatus::Hot
+                } else {
+                    r.status
+                };
+                StateInfo {
+                    state_id: r.state_id,
+                    parent: r.parent,
+                    label: r.label,
+                    status,
+                    size_bytes: r.size_bytes,
+                    build_cost_ms: r.build_cost_ms,
+                    restore_cost_ms: r.restore_cost_ms,
+                    created_ms: r.created_ms,
+                    last_access_ms: r.last_access_ms,
+                    access_count: r.access_count,
+                    instances,
+                }
+            })
+            .collect())
+    }
+
+    fn instance_counts(&self) -> HashMap<StateId, u64> {
+        let mut counts = HashMap::new();
+        for live in self.live.read().unwrap_or_else(|p| p.into_inner()).values() {
+            *counts.entry(live.state_id).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Removes a state's snapshot and metadata. Its running instances are removed too with
+    /// `force`; without it they make this an error. Descendants keep their own snapshots.
+    pub async fn remove_state(
+        self: &Arc<Self>,
+        typed: &str,
+        force: bool,
+    ) -> Result<taidon_api::Removed, ControllerError> {
+        let rows = self.meta.states()?;
+        let ids: Vec<String> = rows.iter().map(|r| r.state_id.to_string()).collect();
+        let id: StateId = taidon_core::prefix::resolve(typed, ids.iter().map(String::as_str))?
+            .parse()
+            .map_err(|e| ControllerError::Internal(format!("{e}")))?;
+        let instances: Vec<_> = self
+            .list_instances()?
+            .into_iter()
+            .filter(|i| i.state_id == id)
+            .map(|i| i.instance_id)
+            .collect();
+        if !instances.is_empty() && !force {
+            return Err(ControllerError::BadInput(format!(
+                "state {} has {} instance(s); remove them first or use --force",
+                id.short(),
+                instances.len()
+            )));
+        }
+        for iid in &instances {
+            self.delete_instance(iid).await?;
+        }
+        let _guard = self.build_lock(&id).lock_owned().await;
+        self.blocking(move |s| s.remove(&id)).await?;
+        self.meta.delete_state(&id)?;
+        self.meta
+            .event(now_ms(), "state_removed", Some(&id), None, None)?;
+        Ok(taidon_api::Removed {
+            states: vec![id],
+            instances,
+        })
+    }
+
+    fn build_lock(&self, id: &StateId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.building.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(map.entry(*id).or_default())
+    }
+
+    /// Stops every running server; their data stays, and the next daemon restarts them.
+    pub async fn stop_all(&self) {
+        let live: Vec<_> = self
+            .live
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for (iid, l) in live {
+            if let Some(server) = l.server.lock().await.take() {
+                if let Err(e) = server.stop().await {
+                    tracing::warn!(instance = %iid, error = %e, "stopping instance");
+                }
+            }
+        }
+    }
+
+    pub(crate) fn instance_info(
+        &self,
+        row: &meta::InstanceRow,
+    ) -> Result<InstanceInfo, ControllerError> {
+        let now_s = now_ms() / 1000;
+        let claims = self.key.claims(
+            row.state_id,
+            row.instance_id,
+            taidon_core::token::Scope::Rw,
+            now_s,
+            self.config.token_ttl_s,
+        );
+        let token = self
+            .key
+            .sign(&claims)
+            .map_err(|e| ControllerError::Internal(format!("cannot sign a token: {e}")))?;
+        let running = self
+            .live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&row.instance_id);
+        Ok(InstanceInfo {
+            instance_id: row.instance_id,
+            state_id: row.state_id,
+            status: if running {
+                "running".into()
+            } else {
+                row.status.clone()
+            },
+            dsn: format!(
+                "postgres://sqlrs:{token}@{}/postgres?sslmode=disable",
+                self.gateway_addr()
+            ),
+            created_ms: row.created_ms,
+            clone_ms: row.clone_ms,
+            start_ms: row.start_ms,
+        })
+    }
+}
+
+fn current_user_name() -> String {
+    std::env::var("USER").unwrap_or_else(|_| format!("uid {}", unsafe { libc::geteuid() }))
+}

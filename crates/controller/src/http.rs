@@ -1,0 +1,149 @@
+//! The controller's HTTP/JSON API (routes: see the `taidon-api` crate).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use taidon_api::{ApiError, CreateInstance, ErrorKind, Health, PrepareRequest, ResolveRequest};
+
+use crate::{Controller, ControllerError};
+
+type Ctl = State<Arc<Controller>>;
+
+impl IntoResponse for ControllerError {
+    fn into_response(self) -> Response {
+        api_error(self.to_api())
+    }
+}
+
+fn api_error(err: ApiError) -> Response {
+    let status =
+        StatusCode::from_u16(err.kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(err)).into_response()
+}
+
+/// The API router, with every route but health behind the bearer token.
+pub fn router(controller: Arc<Controller>) -> Router {
+    let protected = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/prepare", post(prepare))
+        .route("/v1/states", get(states))
+        .route("/v1/states/{id}", axum::routing::delete(remove_state))
+        .route("/v1/instances", get(instances).post(create_instance))
+        .route("/v1/instances/{id}", get(instance).delete(delete_instance))
+        .route("/v1/resolve", post(resolve))
+        .route("/v1/shutdown", post(shutdown))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&controller),
+            require_token,
+        ));
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(protected)
+        .with_state(controller)
+}
+
+async fn require_token(State(ctl): Ctl, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(presented.as_bytes(), ctl.api_token().as_bytes()) {
+        return api_error(ApiError::new(
+            ErrorKind::Unauthorized,
+            "missing or wrong API token (see <home>/api.token)",
+        ));
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn health() -> Json<Health> {
+    Json(Health {
+        ok: true,
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    })
+}
+
+async fn status(State(ctl): Ctl) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.status().await?).into_response())
+}
+
+/// Streams progress as NDJSON while the build runs in its own task: a client that goes away
+/// does not abort a build half way.
+async fn prepare(State(ctl): Ctl, Json(req): Json<PrepareRequest>) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move { ctl.prepare(req, tx).await });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let event = rx.recv().await?;
+        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<_, Infallible>(bytes::Bytes::from(line)), rx))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn states(State(ctl): Ctl) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.list_states()?).into_response())
+}
+
+#[derive(Deserialize)]
+struct Force {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn remove_state(
+    State(ctl): Ctl,
+    Path(id): Path<String>,
+    Query(q): Query<Force>,
+) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.remove_state(&id, q.force).await?).into_response())
+}
+
+async fn instances(State(ctl): Ctl) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.list_instances()?).into_response())
+}
+
+async fn create_instance(
+    State(ctl): Ctl,
+    Json(req): Json<CreateInstance>,
+) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.create_instance(&req.state).await?).into_response())
+}
+
+async fn instance(State(ctl): Ctl, Path(id): Path<String>) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.get_instance(&id)?).into_response())
+}
+
+async fn delete_instance(
+    State(ctl): Ctl,
+    Path(id): Path<String>,
+) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.delete_instance_typed(&id).await?).into_response())
+}
+
+async fn resolve(State(ctl): Ctl, Json(req): Json<ResolveRequest>) -> Response {
+    Json(ctl.resolve(&req)).into_response()
+}
+
+async fn shutdown(State(ctl): Ctl) -> Response {
+    ctl.request_shutdown();
+    Json(serde_json::json!({})).into_response()
+}

@@ -1,0 +1,311 @@
+//! Instances: a clone of a snapshot plus a running `postgres`, a direct child of this process.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::RngCore;
+use taidon_api::{InstanceInfo, ResolveRequest, ResolveResponse, Target};
+use taidon_core::{InstanceId, StateId};
+use taidon_runtime::{Server, ServerConfig};
+use taidon_store::SnapshotStore;
+
+use crate::meta::InstanceRow;
+use crate::{now_ms, Controller, ControllerError};
+
+/// The superuser the gateway logs in as; users never see its password.
+const INSTANCE_USER: &str = "postgres";
+
+/// A running instance, as resolve needs it.
+pub(crate) struct Live {
+    pub(crate) state_id: StateId,
+    port: u16,
+    password: String,
+    /// `None` once stopping.
+    pub(crate) server: tokio::sync::Mutex<Option<Server>>,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+impl Controller {
+    fn instance_dir(&self, iid: &InstanceId) -> PathBuf {
+        self.home.instances().join(iid.to_string())
+    }
+
+    fn server_config(&self, iid: &InstanceId, port: Option<u16>) -> ServerConfig {
+        let dir = self.instance_dir(iid);
+        ServerConfig {
+            data_dir: dir.join("data"),
+            socket_dir: dir.join("sock"),
+            tcp: true,
+            port,
+            log_file: self
+                .home
+                .logs()
+                .join("instances")
+                .join(format!("{iid}.log")),
+        }
+    }
+
+    /// Creates an instance of a state given by id or prefix.
+    pub async fn create_instance(
+        self: &Arc<Self>,
+        typed: &str,
+    ) -> Result<InstanceInfo, ControllerError> {
+        let ids: Vec<String> = self
+            .meta
+            .states()?
+            .into_iter()
+            .map(|s| s.state_id.to_string())
+            .collect();
+        let id: StateId = taidon_core::prefix::resolve(typed, ids.iter().map(String::as_str))?
+            .parse()
+            .map_err(|e| ControllerError::Internal(format!("{e}")))?;
+        self.create_instance_of(id).await
+    }
+
+    /// Clones the snapshot of `state`, starts a server on it and sets a fresh password.
+    pub(crate) async fn create_instance_of(
+        self: &Arc<Self>,
+        state: StateId,
+    ) -> Result<InstanceInfo, ControllerError> {
+        if !self.store.contains(&state) {
+            return Err(ControllerError::NotFound(format!(
+                "state {} has no snapshot",
+                state.short()
+            )));
+        }
+        let iid = InstanceId::from_bytes(rand::random());
+        let dir = self.instance_dir(&iid);
+        let result = self.start_instance(iid, state, &dir).await;
+        if result.is_err() {
+            remove_dir(&dir).await;
+        }
+        let row = result?;
+        self.meta.insert_instance(&row)?;
+        self.meta
+            .touch_state(&state, now_ms(), Some(row.clone_ms + row.start_ms))?;
+        self.meta
+            .event(now_ms(), "instance_started", Some(&state), Some(&iid), None)?;
+        self.instance_info(&row)
+    }
+
+    async fn start_instance(
+        self: &Arc<Self>,
+        iid: InstanceId,
+        state: StateId,
+        dir: &Path,
+    ) -> Result<InstanceRow, ControllerError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ControllerError::io(format!("cannot create {}", dir.display()), e))?;
+        if let Some(user) = &self.run_as {
+            std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid))
+                .map_err(|e| ControllerError::io(format!("cannot chown {}", dir.display()), e))?;
+        }
+        let started = Instant::now();
+        let data = dir.join("data");
+        self.blocking(move |s| s.clone_to(&state, &data)).await?;
+        let clone_ms = started.elapsed().as_millis() as u64;
+
+        let started = Instant::now();
+        let server = self
+            .engine
+            .start(self.server_config(&iid, None), self.run_as.as_ref())
+            .await
+            .map_err(|e| ControllerError::runtime(format!("cannot start instance {iid}"), e))?;
+        let password = random_hex(24);
+        if let Err(e) = server.set_password(INSTANCE_USER, &password).await {
+            let _ = server.stop().await;
+            return Err(ControllerError::runtime(
+                "cannot set the instance password",
+                e,
+            ));
+        }
+        let start_ms = started.elapsed().as_millis() as u64;
+        let row = InstanceRow {
+            instance_id: iid,
+            state_id: state,
+            status: "running".into(),
+            port: server.port,
+            pid: server.pid,
+            password: password.clone(),
+            data_dir: dir.join("data").display().to_string(),
+            created_ms: now_ms(),
+            clone_ms,
+            start_ms,
+        };
+        self.live.write().unwrap_or_else(|p| p.into_inner()).insert(
+            iid,
+            Arc::new(Live {
+                state_id: state,
+                port: server.port,
+                password,
+                server: tokio::sync::Mutex::new(Some(server)),
+            }),
+        );
+        Ok(row)
+    }
+
+    fn resolve_instance(&self, typed: &str) -> Result<InstanceRow, ControllerError> {
+        let rows = self.meta.instances()?;
+        let ids: Vec<String> = rows.iter().map(|r| r.instance_id.to_string()).collect();
+        let id = taidon_core::prefix::resolve(typed, ids.iter().map(String::as_str))?;
+        rows.into_iter()
+            .find(|r| r.instance_id.to_string() == id)
+            .ok_or_else(|| ControllerError::NotFound(format!("no instance matches {typed:?}")))
+    }
+
+    /// One instance, by id or prefix, with a freshly minted DSN.
+    pub fn get_instance(&self, typed: &str) -> Result<InstanceInfo, ControllerError> {
+        let row = self.resolve_instance(typed)?;
+        self.instance_info(&row)
+    }
+
+    pub fn list_instances(&self) -> Result<Vec<InstanceInfo>, ControllerError> {
+        self.meta
+            .instances()?
+            .iter()
+            .map(|r| self.instance_info(r))
+            .collect()
+    }
+
+    /// Stops an instance and deletes its data.
+    pub async fn delete_instance(&self, iid: &InstanceId) -> Result<(), ControllerError> {
+        let live = self
+            .live
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(iid);
+        if let Some(live) = live {
+            if let Some(server) = live.server.lock().await.take() {
+                server.stop().await.map_err(|e| {
+                    ControllerError::runtime(format!("cannot stop instance {iid}"), e)
+                })?;
+            }
+        } else {
+            // Not our child: a server a dead daemon left, if any.
+            let _ = taidon_runtime::kill_orphan(&self.instance_dir(iid).join("data"));
+        }
+        let state = self
+            .meta
+            .instances()?
+            .into_iter()
+            .find(|r| &r.instance_id == iid)
+            .map(|r| r.state_id);
+        self.meta.delete_instance(iid)?;
+        remove_dir(&self.instance_dir(iid)).await;
+        self.meta.event(
+            now_ms(),
+            "instance_removed",
+            state.as_ref(),
+            Some(iid),
+            None,
+        )?;
+        Ok(())
+    }
+
+    /// Deletes an instance given by id or prefix.
+    pub async fn delete_instance_typed(
+        &self,
+        typed: &str,
+    ) -> Result<taidon_api::Removed, ControllerError> {
+        let row = self.resolve_instance(typed)?;
+        self.delete_instance(&row.instance_id).await?;
+        Ok(taidon_api::Removed {
+            states: vec![],
+            instances: vec![row.instance_id],
+        })
+    }
+
+    /// Where the gateway finds the instance a token names. Reads only the in-memory map.
+    pub fn resolve(&self, req: &ResolveRequest) -> ResolveResponse {
+        let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+        match live.get(&req.instance_id) {
+            Some(l) if l.state_id == req.state_id => ResolveResponse::Ready(Target {
+                host: "127.0.0.1".into(),
+                port: l.port,
+                user: INSTANCE_USER.into(),
+                password: l.password.clone(),
+            }),
+            _ => ResolveResponse::Missing,
+        }
+    }
+
+    /// Restarts, as children of this process, the instances a previous daemon ran: their
+    /// servers are stopped first if they outlived it. DSNs stay valid: they name the gateway.
+    pub(crate) async fn adopt_instances(self: &Arc<Self>) -> Result<(), ControllerError> {
+        for row in self.meta.instances()? {
+            let data = PathBuf::from(&row.data_dir);
+            match taidon_runtime::kill_orphan(&data) {
+                Ok(Some(pid)) => {
+                    tracing::warn!(pid, instance = %row.instance_id, "stopped a server left by a previous daemon")
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(instance = %row.instance_id, error = %e, "checking for a left-over server")
+                }
+            }
+            if !data.join("PG_VERSION").exists() {
+                tracing::warn!(instance = %row.instance_id, "instance data is gone; forgetting it");
+                self.meta.delete_instance(&row.instance_id)?;
+                continue;
+            }
+            let started = self
+                .engine
+                .start(
+                    self.server_config(&row.instance_id, None),
+                    self.run_as.as_ref(),
+                )
+                .await;
+            match started {
+                Ok(server) => {
+                    let mut row = row.clone();
+                    row.port = server.port;
+                    row.pid = server.pid;
+                    row.status = "running".into();
+                    self.meta.insert_instance(&row)?;
+                    self.live.write().unwrap_or_else(|p| p.into_inner()).insert(
+                        row.instance_id,
+                        Arc::new(Live {
+                            state_id: row.state_id,
+                            port: server.port,
+                            password: row.password.clone(),
+                            server: tokio::sync::Mutex::new(Some(server)),
+                        }),
+                    );
+                    self.meta.event(
+                        now_ms(),
+                        "instance_adopted",
+                        Some(&row.state_id),
+                        Some(&row.instance_id),
+                        None,
+                    )?;
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %row.instance_id, error = %e, "cannot restart instance");
+                    let mut row = row.clone();
+                    row.status = "failed".into();
+                    self.meta.insert_instance(&row)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes a directory tree off the async threads; a failure is logged, not fatal.
+async fn remove_dir(dir: &Path) {
+    let dir = dir.to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove");
+            }
+        }
+    })
+    .await;
+}

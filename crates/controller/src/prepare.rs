@@ -1,0 +1,314 @@
+//! The prepare engine: find the nearest existing ancestor of the wanted state, then build each
+//! missing step on a clone of its parent and publish it as a checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use taidon_api::{PrepareEvent, PrepareRequest, StateStatus};
+use taidon_core::plan::{chain, Chain};
+use taidon_core::{PsqlInput, StateId, Step};
+use taidon_runtime::{Server, ServerConfig};
+use taidon_store::{PublishMeta, SnapshotStore};
+use tokio::sync::mpsc;
+
+use crate::meta::StateRow;
+use crate::{now_ms, Controller, ControllerError};
+
+/// Where progress events go. A closed receiver (the client left) does not stop a build: its
+/// result is cached for the next prepare.
+pub(crate) type Events = mpsc::UnboundedSender<PrepareEvent>;
+
+fn send(events: &Events, event: PrepareEvent) {
+    let _ = events.send(event);
+}
+
+impl Controller {
+    /// Builds (or finds) the state of `req.steps` and starts an instance of it if asked.
+    /// Progress goes to `events`; so does the final `Done` or `Failed`.
+    pub async fn prepare(self: &Arc<Self>, req: PrepareRequest, events: Events) {
+        match self.prepare_inner(req, &events).await {
+            Ok(done) => send(&events, done),
+            Err(e) => {
+                tracing::warn!(error = %e, "prepare failed");
+                send(&events, PrepareEvent::Failed { error: e.to_api() })
+            }
+        }
+    }
+
+    async fn prepare_inner(
+        self: &Arc<Self>,
+        req: PrepareRequest,
+        events: &Events,
+    ) -> Result<PrepareEvent, ControllerError> {
+        check_inputs(&req.steps, &req.cwd)?;
+        let chain = chain(&self.engine.fingerprint, &req.steps);
+        let total = req.steps.len();
+
+        // The nearest published ancestor: everything after it is built, nothing before.
+        let mut have = None; // index into chain.steps of the last cached step
+        for i in (0..total).rev() {
+            if self.store.contains(&chain.steps[i]) {
+                have = Some(i);
+                break;
+            }
+        }
+        let cached = have.map_or(0, |i| i + 1);
+        send(
+            events,
+            PrepareEvent::Plan {
+                total,
+                cached,
+                state_id: chain.head(),
+            },
+        );
+        let mut built_any = false;
+        if have.is_none() {
+            built_any |= self.ensure_base(&chain, events).await?;
+        }
+        for i in cached..total {
+            built_any |= self
+                .ensure_step(&chain, &req.steps, i, &req.cwd, events)
+                .await?;
+        }
+
+        let head = chain.head();
+        // Creating an instance counts as the access; a bare prepare counts on its own.
+        let instance = if req.create_instance && !events.is_closed() {
+            send(events, PrepareEvent::InstanceStarting { state_id: head });
+            Some(self.create_instance_of(head).await?)
+        } else {
+            self.meta.touch_state(&head, now_ms(), None)?;
+            None
+        };
+        Ok(PrepareEvent::Done {
+            state_id: head,
+            cache_hit: !built_any,
+            instance,
+        })
+    }
+
+    /// Single-flight: waits for a concurrent build of `id`, and says so.
+    async fn lock_build(
+        &self,
+        id: &StateId,
+        index: usize,
+        events: &Events,
+    ) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self.build_lock(id);
+        match Arc::clone(&lock).try_lock_owned() {
+            Ok(guard) => guard,
+            Err(_) => {
+                send(
+                    events,
+                    PrepareEvent::Waiting {
+                        index,
+                        state_id: *id,
+                    },
+                );
+                lock.lock_owned().await
+            }
+        }
+    }
+
+    /// Creates the base state with initdb if it is missing. True if it built it.
+    async fn ensure_base(&self, chain: &Chain, events: &Events) -> Result<bool, ControllerError> {
+        let id = chain.base;
+        let _guard = self.lock_build(&id, 0, events).await;
+        if self.store.contains(&id) {
+            return Ok(false);
+        }
+        send(events, PrepareEvent::Initdb { state_id: id });
+        let started = Instant::now();
+        let engine_json = serde_json::to_string(&self.engine.fingerprint).unwrap_or_default();
+        self.record_building(id, None, self.engine.fingerprint.version(), &engine_json)?;
+        let build = self.blocking(move |s| s.begin(&id, None)).await?;
+        if let Err(e) = self
+            .engine
+            .initdb(build.data_dir(), self.run_as.as_ref())
+            .await
+        {
+            self.record_failed(&id, &e.to_string())?;
+            return Err(ControllerError::runtime("initdb failed", e));
+        }
+        self.publish(build, id, None, started).await?;
+        Ok(true)
+    }
+
+    /// Builds step `i` (0-based) from its parent's snapshot if it is missing. True if it built.
+    async fn ensure_step(
+        &self,
+        chain: &Chain,
+        steps: &[Step],
+        i: usize,
+        cwd: &Path,
+        events: &Events,
+    ) -> Result<bool, ControllerError> {
+        let id = chain.steps[i];
+        let parent = chain.parent_of(i);
+        let (index, total) = (i + 1, steps.len());
+        let step = &steps[i];
+        let label = step.label();
+        let _guard = self.lock_build(&id, index, events).await;
+        if self.store.contains(&id) {
+            return Ok(false);
+        }
+        send(
+            events,
+            PrepareEvent::StepStarted {
+                index,
+                total,
+                label: label.clone(),
+                state_id: id,
+            },
+        );
+        let started = Instant::now();
+        let step_json = serde_json::to_string(step).unwrap_or_default();
+        self.record_building(id, Some(parent), label.clone(), &step_json)?;
+        let build = self.blocking(move |s| s.begin(&id, Some(&parent))).await?;
+
+        let server = self.start_build_server(build.data_dir(), &id).await?;
+        let Step::Psql(psql) = step;
+        let applied = taidon_runtime::run_psql_step(&self.engine, &server, psql, cwd).await;
+        // Stop cleanly either way: a fast shutdown writes a checkpoint, so the published data
+        // directory needs no recovery when an instance starts from it.
+        let stopped = server.stop().await;
+        if let Err(e) = applied {
+            drop(build);
+            self.record_failed(&id, &e.to_string())?;
+            return Err(ControllerError::StepFailed {
+                index,
+                total,
+                label,
+                message: e.to_string(),
+                output: e.output.clone(),
+            });
+        }
+        stopped.map_err(|e| {
+            ControllerError::runtime(format!("stopping the server of step {index}"), e)
+        })?;
+        self.publish(build, id, Some(parent), started).await?;
+        send(
+            events,
+            PrepareEvent::StepDone {
+                index,
+                total,
+                state_id: id,
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            },
+        );
+        Ok(true)
+    }
+
+    async fn start_build_server(
+        &self,
+        data_dir: &Path,
+        id: &StateId,
+    ) -> Result<Server, ControllerError> {
+        let socket_dir =
+            self.home
+                .run_dir()
+                .join(format!("b-{}-{:08x}", id.short(), rand::random::<u32>()));
+        let config = ServerConfig {
+            data_dir: data_dir.to_path_buf(),
+            socket_dir,
+            tcp: false,
+            port: None,
+            log_file: self.home.logs().join("builds").join(format!("{id}.log")),
+        };
+        self.engine
+            .start(config, self.run_as.as_ref())
+            .await
+            .map_err(|e| {
+                ControllerError::runtime(
+                    format!("cannot start a server to build {}", id.short()),
+                    e,
+                )
+            })
+    }
+
+    async fn publish(
+        &self,
+        build: taidon_store::Build,
+        id: StateId,
+        parent: Option<StateId>,
+        started: Instant,
+    ) -> Result<(), ControllerError> {
+        let meta = PublishMeta {
+            parent,
+            engine: self.engine.fingerprint.clone(),
+            build_cost_ms: started.elapsed().as_millis() as u64,
+        };
+        let manifest = self.blocking(move |s| s.publish(build, meta)).await?;
+        let mut row = self
+            .meta
+            .state(&id)?
+            .ok_or_else(|| ControllerError::Internal(format!("state {} vanished", id.short())))?;
+        row.status = StateStatus::Warm;
+        row.status_reason = None;
+        row.size_bytes = manifest.size_bytes;
+        row.build_cost_ms = manifest.build_cost_ms;
+        self.meta.upsert_state(&row)?;
+        self.meta.event(now_ms(), "built", Some(&id), None, None)?;
+        Ok(())
+    }
+
+    fn record_building(
+        &self,
+        id: StateId,
+        parent: Option<StateId>,
+        label: String,
+        inputs: &str,
+    ) -> Result<(), ControllerError> {
+        let now = now_ms();
+        self.meta.upsert_state(&StateRow {
+            state_id: id,
+            parent,
+            label,
+            inputs_fingerprint: inputs.to_owned(),
+            engine_fingerprint: serde_json::to_string(&self.engine.fingerprint).unwrap_or_default(),
+            status: StateStatus::Building,
+            status_reason: None,
+            size_bytes: 0,
+            build_cost_ms: 0,
+            restore_cost_ms: 0,
+            created_ms: now,
+            last_access_ms: now,
+            access_count: 0,
+        })?;
+        self.meta.event(now, "building", Some(&id), None, None)?;
+        Ok(())
+    }
+
+    fn record_failed(&self, id: &StateId, reason: &str) -> Result<(), ControllerError> {
+        self.meta
+            .set_state_status(id, StateStatus::Failed, Some(reason))?;
+        self.meta
+            .event(now_ms(), "build_failed", Some(id), None, Some(reason))?;
+        Ok(())
+    }
+}
+
+/// Checks that every input file is still there with the content the client hashed, before
+/// any work starts: the state id must describe what is actually applied.
+fn check_inputs(steps: &[Step], cwd: &Path) -> Result<(), ControllerError> {
+    if steps.is_empty() {
+        return Err(ControllerError::BadInput(
+            "nothing to prepare: give at least one -f FILE or -c SQL".into(),
+        ));
+    }
+    for step in steps {
+        let Step::Psql(psql) = step;
+        if let PsqlInput::File { path, sha256 } = &psql.input {
+            let full: PathBuf = cwd.join(path);
+            let content = std::fs::read(&full)
+                .map_err(|e| ControllerError::BadInput(format!("cannot read {path}: {e}")))?;
+            if &taidon_core::identity::content_sha256(&content) != sha256 {
+                return Err(ControllerError::BadInput(format!(
+                    "{path} changed since sqlrs read it; run the command again"
+                )));
+            }
+        }
+    }
+    Ok(())
+}

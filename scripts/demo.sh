@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The demo: prepare the pagila sample database on the embedded default, query it through the
+# gateway, then do it again and see the cache hit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo build --release --bins -q
+export PATH="$PWD/target/release:$PATH"
+pagila="${PAGILA:-../shared/fixtures/pagila}"
+echo "== first prepare: builds the schema and data checkpoints" >&2
+time sqlrs prepare:psql -- -f "$pagila/pagila-schema.sql" -f "$pagila/pagila-data.sql" \
+  run:psql -- -c 'select count(*) as rentals from rental'
+echo "== second prepare: a cache hit, a fresh instance in milliseconds" >&2
+time sqlrs prepare:psql -- -f "$pagila/pagila-schema.sql" -f "$pagila/pagila-data.sql" \
+  run:psql -- -c 'select title from film order by title limit 3'
+sqlrs ls
+sqlrs status

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what Taidon needs on a fresh Debian machine: PostgreSQL server binaries and psql,
+# file system tools for the copy-on-write tests. Safe to run again.
+set -euo pipefail
+need=()
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+command -v mkfs.xfs >/dev/null 2>&1 || need+=(xfsprogs)
+command -v mkfs.btrfs >/dev/null 2>&1 || need+=(btrfs-progs)
+if ((${#need[@]})); then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing ${need[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing: install Rust (rustup)" >&2; exit 1; }
