@@ -136,8 +136,7 @@ pub(crate) fn chown_to(path: &Path, owner: Option<Owner>) -> Result<(), StoreErr
 
 /// Whether `path` is the root of a btrfs subvolume.
 pub(crate) fn is_subvolume(path: &Path) -> bool {
-    fs::symlink_metadata(path)
-        .is_ok_and(|m| m.is_dir() && m.ino() == BTRFS_FIRST_FREE_OBJECTID)
+    fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.ino() == BTRFS_FIRST_FREE_OBJECTID)
         && is_btrfs(path)
 }
 

@@ -92,8 +92,7 @@ fn hash_file(path: &Path, hasher: &mut Sha256, buf: &mut [u8]) -> Result<u64, St
     }
     if read != len {
         // The declared length must match the content, or the encoding stops being injective.
-        return Err(io::Error::other("file changed while being checksummed"))
-            .ctx("checksum", path);
+        return Err(io::Error::other("file changed while being checksummed")).ctx("checksum", path);
     }
     Ok(len)
 }

@@ -224,7 +224,7 @@ impl SnapshotStore for LocalStore {
                 Err(e) => tracing::warn!(%id, error = %e, "skipping a snapshot"),
             }
         }
-        out.sort_by(|a, b| a.state_id.cmp(&b.state_id));
+        out.sort_by_key(|m| m.state_id);
         Ok(out)
     }
 

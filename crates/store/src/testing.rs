@@ -40,7 +40,9 @@ impl LoopFs {
                 "loop mounts need root",
             ));
         }
-        let dir = tempfile::Builder::new().prefix("taidon-loopfs-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("taidon-loopfs-")
+            .tempdir()?;
         // Servers run as `postgres` must traverse down to the mount.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o711))?;
         let image = dir.path().join("fs.img");
@@ -104,10 +106,7 @@ pub fn cow_required() -> bool {
 
 /// The file system `make` builds, or None after a loud SKIP line; panics instead of skipping
 /// when [`cow_required`].
-pub fn cow_fs_or_skip(
-    test: &str,
-    make: impl FnOnce() -> io::Result<LoopFs>,
-) -> Option<LoopFs> {
+pub fn cow_fs_or_skip(test: &str, make: impl FnOnce() -> io::Result<LoopFs>) -> Option<LoopFs> {
     match make() {
         Ok(fs) => Some(fs),
         Err(e) if cow_required() => {
