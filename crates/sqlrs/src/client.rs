@@ -1,0 +1,311 @@
+//! The controller's HTTP API, as `sqlrs` calls it.
+
+use std::pin::Pin;
+
+use futures_util::{Stream, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use taidon_api::{
+    ApiError, InstanceInfo, PrepareEvent, PrepareRequest, Removed, StateInfo, Status, PREFIX,
+};
+
+use crate::daemon::Daemon;
+
+/// Why a request did not give an answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClientError {
+    /// The controller answered with an error.
+    #[error(transparent)]
+    Api(ApiError),
+    #[error("cannot reach the taidon daemon at {url}: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the taidon daemon answered {url} with {status}: {body}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+        body: String,
+    },
+    #[error("the taidon daemon sent an answer sqlrs cannot read ({url}): {source}")]
+    Decode {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the prepare stream ended before it said done or failed")]
+    StreamEnded,
+}
+
+/// A client of one daemon's API.
+pub(crate) struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+type Chunks = Pin<Box<dyn Stream<Item = Result<Vec<u8>, reqwest::Error>> + Send>>;
+
+/// The NDJSON events of one prepare, as they arrive.
+pub(crate) struct PrepareStream {
+    url: String,
+    chunks: Chunks,
+    lines: Lines,
+    ended: bool,
+}
+
+impl PrepareStream {
+    /// The next event; `None` after the stream ended with `Done` or `Failed`.
+    pub(crate) async fn next(&mut self) -> Result<Option<PrepareEvent>, ClientError> {
+        loop {
+            if self.ended {
+                return Ok(None);
+            }
+            if let Some(line) = self.lines.next_line() {
+                let event: PrepareEvent =
+                    serde_json::from_slice(&line).map_err(|source| ClientError::Decode {
+                        url: self.url.clone(),
+                        source,
+                    })?;
+                if matches!(
+                    event,
+                    PrepareEvent::Done { .. } | PrepareEvent::Failed { .. }
+                ) {
+                    self.ended = true;
+                }
+                return Ok(Some(event));
+            }
+            match self.chunks.next().await {
+                Some(Ok(chunk)) => self.lines.push(&chunk),
+                Some(Err(source)) => {
+                    return Err(ClientError::Http {
+                        url: self.url.clone(),
+                        source,
+                    })
+                }
+                None => {
+                    if !self.lines.finish() {
+                        return Err(ClientError::StreamEnded);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Splits bytes into newline-terminated lines, skipping blank ones.
+#[derive(Debug, Default)]
+pub(crate) struct Lines {
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete, non-blank line, without its newline.
+    pub(crate) fn next_line(&mut self) -> Option<Vec<u8>> {
+        loop {
+            let end = self.buf.iter().position(|&b| b == b'\n')?;
+            let mut line: Vec<u8> = self.buf.drain(..=end).collect();
+            line.pop();
+            if !line.trim_ascii().is_empty() {
+                return Some(line);
+            }
+        }
+    }
+
+    /// At the end of input: makes a last unterminated line complete. False if nothing is left.
+    pub(crate) fn finish(&mut self) -> bool {
+        if self.buf.trim_ascii().is_empty() {
+            self.buf.clear();
+            return false;
+        }
+        self.buf.push(b'\n');
+        true
+    }
+}
+
+impl Client {
+    pub(crate) fn new(daemon: &Daemon) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()?;
+        Ok(Self {
+            http,
+            base: format!("{}{PREFIX}", daemon.info.api_url.trim_end_matches('/')),
+            token: daemon.token.clone(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|source| ClientError::Http {
+                url: url.to_owned(),
+                source,
+            })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let body = resp.text().await.unwrap_or_default();
+        match serde_json::from_str::<ApiError>(&body) {
+            Ok(api) => Err(ClientError::Api(api)),
+            Err(_) => Err(ClientError::Status {
+                url: url.to_owned(),
+                status,
+                body: body.chars().take(500).collect(),
+            }),
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<T, ClientError> {
+        let resp = self.send(req, url).await?;
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
+            url: url.to_owned(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode {
+            url: url.to_owned(),
+            source,
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = self.url(path);
+        self.json(self.http.get(&url), &url).await
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
+        self.json(self.http.post(&url).json(body), &url).await
+    }
+
+    async fn delete(&self, path: &str, force: bool) -> Result<Removed, ClientError> {
+        let url = self.url(path);
+        let mut req = self.http.delete(&url);
+        if force {
+            req = req.query(&[("force", "true")]);
+        }
+        self.json(req, &url).await
+    }
+
+    pub(crate) async fn status(&self) -> Result<Status, ClientError> {
+        self.get("/status").await
+    }
+
+    pub(crate) async fn states(&self) -> Result<Vec<StateInfo>, ClientError> {
+        self.get("/states").await
+    }
+
+    pub(crate) async fn instances(&self) -> Result<Vec<InstanceInfo>, ClientError> {
+        self.get("/instances").await
+    }
+
+    pub(crate) async fn instance(&self, id: &str) -> Result<InstanceInfo, ClientError> {
+        self.get(&format!("/instances/{id}")).await
+    }
+
+    pub(crate) async fn remove_state(&self, id: &str, force: bool) -> Result<Removed, ClientError> {
+        self.delete(&format!("/states/{id}"), force).await
+    }
+
+    pub(crate) async fn remove_instance(
+        &self,
+        id: &str,
+        force: bool,
+    ) -> Result<Removed, ClientError> {
+        self.delete(&format!("/instances/{id}"), force).await
+    }
+
+    pub(crate) async fn shutdown(&self) -> Result<(), ClientError> {
+        let _: serde_json::Value = self.post("/shutdown", &serde_json::json!({})).await?;
+        Ok(())
+    }
+
+    /// Starts a prepare and returns its event stream.
+    pub(crate) async fn prepare(&self, req: &PrepareRequest) -> Result<PrepareStream, ClientError> {
+        let url = self.url("/prepare");
+        let resp = self.send(self.http.post(&url).json(req), &url).await?;
+        let chunks = resp.bytes_stream().map(|c| c.map(|b| b.to_vec()));
+        Ok(PrepareStream {
+            url,
+            chunks: Box::pin(chunks),
+            lines: Lines::default(),
+            ended: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(lines: &mut Lines) -> Vec<String> {
+        std::iter::from_fn(|| lines.next_line())
+            .map(|l| String::from_utf8(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn lines_split_across_chunks_and_skip_blanks() {
+        let mut lines = Lines::default();
+        lines.push(b"{\"a\":1}\n{\"b\"");
+        assert_eq!(drain(&mut lines), ["{\"a\":1}"]);
+        lines.push(b":2}\n\n  \n{\"c\":");
+        assert_eq!(drain(&mut lines), ["{\"b\":2}"]);
+        lines.push(b"3}");
+        assert!(drain(&mut lines).is_empty());
+        assert!(lines.finish());
+        assert_eq!(drain(&mut lines), ["{\"c\":3}"]);
+        assert!(!lines.finish());
+    }
+
+    #[test]
+    fn a_stream_of_events_parses_line_by_line() {
+        let text = concat!(
+            r#"{"event":"plan","total":1,"cached":0,"state_id":"#,
+            r#""0000000000000000000000000000000000000000000000000000000000000000"}"#,
+            "\n",
+            r#"{"event":"failed","error":{"kind":"step_failed","message":"boom"}}"#,
+            "\n"
+        );
+        let mut lines = Lines::default();
+        // One byte at a time, as a slow network might deliver it.
+        let mut events = Vec::new();
+        for b in text.as_bytes() {
+            lines.push(&[*b]);
+            while let Some(line) = lines.next_line() {
+                events.push(serde_json::from_slice::<PrepareEvent>(&line).unwrap());
+            }
+        }
+        assert_eq!(events.len(), 2);
+        assert!(matches!(events[0], PrepareEvent::Plan { total: 1, .. }));
+        let PrepareEvent::Failed { error } = &events[1] else {
+            panic!()
+        };
+        assert_eq!(error.message, "boom");
+    }
+}

@@ -1,0 +1,406 @@
+//! The verbs: each turns parsed arguments into API calls and output.
+
+use std::ffi::OsString;
+use std::io::{self, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use taidon_api::{InstanceInfo, PrepareEvent, PrepareRequest};
+use taidon_core::identity::content_sha256;
+use taidon_core::{PsqlInput, PsqlStep, StateId, Step};
+
+use crate::args::{Cli, Command, Global, Input, Prepare, PsqlArgs, Run, RunKind};
+use crate::client::{Client, ClientError};
+use crate::daemon::{choose_home, find_in_path, DaemonError, Home, HomeEnv};
+use crate::error::Error;
+use crate::render::{self, Progress};
+use crate::run::{self, RunError};
+
+/// How long `shutdown` waits for the daemon's process to end.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+/// How often the live progress line is redrawn.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Writes to stdout; a closed pipe surfaces as an error that exits cleanly.
+pub(crate) fn out(text: &str) -> Result<(), Error> {
+    let mut stdout = io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// Writes to stderr; there is nowhere to report a failure to.
+fn err(text: &str) {
+    if !text.is_empty() {
+        let mut stderr = io::stderr().lock();
+        let _ = stderr.write_all(text.as_bytes());
+        let _ = stderr.flush();
+    }
+}
+
+fn json_line<T: serde::Serialize>(value: &T) -> Result<(), Error> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Output(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    out(&format!("{text}\n"))
+}
+
+/// The steps of a prepare: each file read now (relative to `cwd`) and hashed into its identity.
+pub(crate) fn build_steps(psql: &PsqlArgs, cwd: &Path) -> Result<Vec<Step>, Error> {
+    psql.inputs
+        .iter()
+        .map(|input| {
+            let input = match input {
+                Input::File(path) => {
+                    let content =
+                        std::fs::read(cwd.join(path)).map_err(|source| Error::ReadInput {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    PsqlInput::File {
+                        path: path.clone(),
+                        sha256: content_sha256(&content),
+                    }
+                }
+                Input::Command(sql) => PsqlInput::Command { sql: sql.clone() },
+            };
+            Ok(Step::Psql(PsqlStep {
+                input,
+                variables: psql.variables.clone(),
+                single_transaction: psql.single_transaction,
+            }))
+        })
+        .collect()
+}
+
+/// What the command line asks, with the home it works in.
+struct Ctx {
+    global: Global,
+    home: Home,
+}
+
+impl Ctx {
+    /// A client of the daemon, started first if none runs.
+    async fn client(&self) -> Result<Client, Error> {
+        let daemon = self.home.find_or_start().await?;
+        Ok(Client::new(&daemon).map_err(DaemonError::Http)?)
+    }
+}
+
+/// Runs a parsed command line; returns the exit code.
+pub(crate) async fn execute(cli: Cli) -> Result<i32, Error> {
+    let dir = choose_home(cli.global.home.as_deref(), &HomeEnv::from_process())?;
+    // The daemon gets this path and may run with another cwd.
+    let dir = std::path::absolute(&dir).map_err(Error::Cwd)?;
+    let ctx = Ctx {
+        global: cli.global,
+        home: Home::new(dir)?,
+    };
+    match cli.command {
+        Command::Prepare(p) => prepare(&ctx, p).await,
+        Command::Run(r) => run_instance(&ctx, r).await,
+        Command::Ls => ls(&ctx).await,
+        Command::Rm { id, force } => rm(&ctx, &id, force).await,
+        Command::Status => status(&ctx).await,
+        Command::Shutdown => shutdown(&ctx).await,
+        Command::Help => out(crate::args::HELP).map(|()| 0),
+        Command::Version => out(&version()).map(|()| 0),
+    }
+}
+
+/// `sqlrs --version`.
+pub(crate) fn version() -> String {
+    format!("sqlrs {}\n", env!("CARGO_PKG_VERSION"))
+}
+
+/// The end of a successful prepare.
+struct Prepared {
+    state_id: StateId,
+    cache_hit: bool,
+    instance: InstanceInfo,
+}
+
+async fn prepare(ctx: &Ctx, p: Prepare) -> Result<i32, Error> {
+    let cwd = std::env::current_dir().map_err(Error::Cwd)?;
+    let steps = build_steps(&p.psql, &cwd)?;
+    let client = ctx.client().await?;
+    let req = PrepareRequest {
+        steps,
+        cwd,
+        create_instance: true,
+    };
+    let prepared = stream_prepare(&client, &req, ctx.global.verbose > 0).await?;
+    let instance = prepared.instance;
+    let Some(run) = p.run else {
+        if ctx.global.json {
+            json_line(&serde_json::json!({
+                "state_id": prepared.state_id,
+                "instance_id": instance.instance_id,
+                "dsn": instance.dsn,
+                "cache_hit": prepared.cache_hit,
+            }))?;
+        } else {
+            out(&format!("DSN={}\n", instance.dsn))?;
+        }
+        return Ok(0);
+    };
+    let code = match run_against(&client, &run, &instance.dsn).await {
+        Ok(code) => code,
+        Err(e @ RunError::Spawn { .. }) => {
+            err(&format!("sqlrs: {e}\n"));
+            e.exit_code()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let id = instance.instance_id;
+    if code != 0 {
+        err(&format!(
+            "sqlrs: command exited with {code}; instance {id} kept: DSN={}\n",
+            instance.dsn
+        ));
+    } else if p.keep || run.keep {
+        err(&format!(
+            "sqlrs: instance {id} kept: DSN={}\n",
+            instance.dsn
+        ));
+    } else {
+        client.remove_instance(&id.to_string(), false).await?;
+        if ctx.global.verbose > 0 {
+            err(&format!("sqlrs: removed instance {id}\n"));
+        }
+    }
+    Ok(code)
+}
+
+/// Reads the prepare's events, showing progress, up to its instance or its error.
+async fn stream_prepare(
+    client: &Client,
+    req: &PrepareRequest,
+    verbose: bool,
+) -> Result<Prepared, Error> {
+    let tty = io::stderr().is_terminal();
+    let mut progress = Progress::new(tty, verbose, Instant::now());
+    let mut events = client.prepare(req).await?;
+    let mut ticker = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            event = events.next() => {
+                let event = match event {
+                    Ok(Some(event)) => event,
+                    Ok(None) => return Err(ClientError::StreamEnded.into()),
+                    Err(e) => {
+                        if tty {
+                            err("\r\x1b[2K");
+                        }
+                        return Err(e.into());
+                    }
+                };
+                err(&progress.event(&event, Instant::now()));
+                match event {
+                    PrepareEvent::Done { state_id, cache_hit, instance } => {
+                        let instance = instance.ok_or_else(|| {
+                            Error::Api(taidon_api::ApiError::new(
+                                taidon_api::ErrorKind::Internal,
+                                "the daemon prepared the state but started no instance",
+                            ))
+                        })?;
+                        return Ok(Prepared { state_id, cache_hit, instance });
+                    }
+                    PrepareEvent::Failed { error } => return Err(Error::Api(error)),
+                    _ => {}
+                }
+            }
+            _ = ticker.tick(), if tty => err(&progress.tick(Instant::now())),
+        }
+    }
+}
+
+/// `run --instance ID`: never removes the instance.
+async fn run_instance(ctx: &Ctx, run: Run) -> Result<i32, Error> {
+    let id = run.instance.clone().unwrap_or_default();
+    let client = ctx.client().await?;
+    let instance = client.instance(&id).await?;
+    if ctx.global.verbose > 0 {
+        err(&format!(
+            "sqlrs: instance {} of state {}\n",
+            instance.instance_id,
+            instance.state_id.short()
+        ));
+    }
+    match run_against(&client, &run, &instance.dsn).await {
+        Ok(code) => Ok(code),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Starts the run stage's program against `dsn` and waits for it.
+async fn run_against(client: &Client, run: &Run, dsn: &str) -> Result<i32, RunError> {
+    let env = run::child_env(dsn)?;
+    let (program, args): (OsString, &[OsString]) = match run.kind {
+        RunKind::Command => match run.args.split_first() {
+            Some((program, args)) => (program.clone(), args),
+            None => (OsString::new(), &[]),
+        },
+        RunKind::Psql => (engine_program(client, "psql").await, &run.args),
+        RunKind::Pgbench => (engine_program(client, "pgbench").await, &run.args),
+    };
+    run::run_child(&program, args, &env).await
+}
+
+/// `name` from PATH, else from the engine's bin dir, else just `name` (to fail with 127).
+async fn engine_program(client: &Client, name: &str) -> OsString {
+    if let Some(p) = find_in_path(name, std::env::var_os("PATH").as_deref()) {
+        return p.into_os_string();
+    }
+    if let Ok(status) = client.status().await {
+        let p: PathBuf = status.engine_bin_dir.join(name);
+        if p.is_file() {
+            return p.into_os_string();
+        }
+    }
+    OsString::from(name)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+async fn ls(ctx: &Ctx) -> Result<i32, Error> {
+    let client = ctx.client().await?;
+    let states = client.states().await?;
+    let instances = client.instances().await?;
+    if ctx.global.json {
+        json_line(&serde_json::json!({ "states": states, "instances": instances }))?;
+    } else {
+        out(&render::ls(&states, &instances, now_ms()))?;
+    }
+    Ok(0)
+}
+
+async fn rm(ctx: &Ctx, typed: &str, force: bool) -> Result<i32, Error> {
+    // Refuse a malformed id before starting anything.
+    taidon_core::prefix::normalize(typed)?;
+    let client = ctx.client().await?;
+    let states = client.states().await?;
+    let instances = client.instances().await?;
+    let state_ids: Vec<String> = states.iter().map(|s| s.state_id.to_string()).collect();
+    let instance_ids: Vec<String> = instances
+        .iter()
+        .map(|i| i.instance_id.to_string())
+        .collect();
+    let all = state_ids.iter().chain(&instance_ids).map(String::as_str);
+    let id = taidon_core::prefix::resolve(typed, all)?.to_owned();
+    let removed = if state_ids.contains(&id) {
+        client.remove_state(&id, force).await?
+    } else {
+        client.remove_instance(&id, force).await?
+    };
+    if ctx.global.json {
+        json_line(&removed)?;
+    } else {
+        out(&render::removed(&removed))?;
+    }
+    Ok(0)
+}
+
+async fn status(ctx: &Ctx) -> Result<i32, Error> {
+    let client = ctx.client().await?;
+    let status = client.status().await?;
+    if ctx.global.json {
+        json_line(&status)?;
+    } else {
+        out(&render::status(&status))?;
+    }
+    Ok(0)
+}
+
+async fn shutdown(ctx: &Ctx) -> Result<i32, Error> {
+    let Some(daemon) = ctx.home.find().await? else {
+        if ctx.global.json {
+            json_line(&serde_json::json!({ "stopped": null }))?;
+        } else {
+            err(&format!(
+                "sqlrs: no daemon runs in {}\n",
+                ctx.home.dir.display()
+            ));
+        }
+        return Ok(0);
+    };
+    let pid = daemon.info.pid;
+    let client = Client::new(&daemon).map_err(DaemonError::Http)?;
+    match client.shutdown().await {
+        Ok(()) => {}
+        // The daemon may close the connection as it goes; its pid tells the truth.
+        Err(ClientError::Http { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    if !ctx.home.wait_gone(pid, SHUTDOWN_WAIT).await {
+        return Err(Error::Api(taidon_api::ApiError::new(
+            taidon_api::ErrorKind::Internal,
+            format!(
+                "the daemon (pid {pid}) is still running {}s after it was asked to stop",
+                SHUTDOWN_WAIT.as_secs()
+            ),
+        )));
+    }
+    if ctx.global.json {
+        json_line(&serde_json::json!({ "stopped": pid }))?;
+    } else {
+        out(&format!("stopped daemon {pid}\n"))?;
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn steps_read_files_relative_to_cwd_and_carry_shared_parameters() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("db")).unwrap();
+        std::fs::write(dir.path().join("db/schema.sql"), "create table t(x int);\n").unwrap();
+        let psql = PsqlArgs {
+            inputs: vec![
+                Input::File("db/schema.sql".into()),
+                Input::Command("insert into t values (1)".into()),
+            ],
+            variables: BTreeMap::from([("a".into(), "1".into())]),
+            single_transaction: true,
+        };
+        let steps = build_steps(&psql, dir.path()).unwrap();
+        assert_eq!(steps.len(), 2);
+        let Step::Psql(first) = &steps[0];
+        assert_eq!(
+            first.input,
+            PsqlInput::File {
+                path: "db/schema.sql".into(),
+                // sha256 of the file's bytes, computed apart: printf 'create table t(x int);\n' | sha256sum
+                sha256: "6aff9186df670220c660798c37c0ceffb638145aacc6269e483e519bd10ae3f0".into(),
+            }
+        );
+        for Step::Psql(step) in &steps {
+            assert!(step.single_transaction);
+            assert_eq!(step.variables.get("a").map(String::as_str), Some("1"));
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_bad_input_named_as_typed() {
+        let dir = tempfile::tempdir().unwrap();
+        let psql = PsqlArgs {
+            inputs: vec![Input::File("schema.sql".into())],
+            ..PsqlArgs::default()
+        };
+        let e = build_steps(&psql, dir.path()).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert_eq!(
+            e.to_string(),
+            "cannot read schema.sql: No such file or directory (os error 2)"
+        );
+    }
+}

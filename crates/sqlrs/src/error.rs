@@ -1,0 +1,110 @@
+//! Everything that can make `sqlrs` fail, each with the exit code it means.
+
+use std::io;
+
+use taidon_api::ApiError;
+
+use crate::args::UsageError;
+use crate::client::ClientError;
+use crate::daemon::DaemonError;
+use crate::run::RunError;
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    /// A prepare input file could not be read: the user's input is wrong.
+    #[error("cannot read {path}: {source}")]
+    ReadInput {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Prefix(#[from] taidon_core::prefix::PrefixError),
+    /// The controller said no.
+    #[error(transparent)]
+    Api(ApiError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error(transparent)]
+    Client(ClientError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error("cannot find the current directory: {0}")]
+    Cwd(#[source] io::Error),
+    /// Writing our own output failed.
+    #[error("cannot write output: {0}")]
+    Output(#[from] io::Error),
+}
+
+impl From<ClientError> for Error {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Api(api) => Error::Api(api),
+            other => Error::Client(other),
+        }
+    }
+}
+
+impl Error {
+    /// The process exit code for this failure.
+    pub(crate) fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage(_) | Error::ReadInput { .. } | Error::Prefix(_) => 2,
+            Error::Api(api) => api.kind.exit_code(),
+            Error::Run(e) => e.exit_code(),
+            // A reader that went away (`sqlrs ls | head`) is not a failure.
+            Error::Output(e) if e.kind() == io::ErrorKind::BrokenPipe => 0,
+            _ => 1,
+        }
+    }
+
+    /// What to print on stderr, if anything: `sqlrs: <message>` and indented detail lines.
+    pub(crate) fn report(&self) -> Option<String> {
+        match self {
+            Error::Output(e) if e.kind() == io::ErrorKind::BrokenPipe => None,
+            Error::Usage(u) if u.show_usage => Some(format!(
+                "sqlrs: {}\n{}\n(sqlrs --help for more)\n",
+                u.message,
+                crate::args::USAGE
+            )),
+            Error::Api(api) => Some(crate::render::api_error(api)),
+            Error::Daemon(d) => Some(crate::render::with_detail(&d.to_string(), d.detail())),
+            other => Some(format!("sqlrs: {other}\n")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use taidon_api::ErrorKind;
+
+    use super::*;
+
+    #[test]
+    fn exit_codes_mean_something() {
+        let usage = Error::Usage(crate::args::parse(Vec::new()).expect_err("no command"));
+        assert_eq!(usage.exit_code(), 2);
+        assert!(usage.report().expect("report").contains("usage: sqlrs"));
+        let read = Error::ReadInput {
+            path: "schema.sql".into(),
+            source: io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        assert_eq!(read.exit_code(), 2);
+        assert_eq!(
+            read.report().as_deref(),
+            Some("sqlrs: cannot read schema.sql: No such file or directory (os error 2)\n")
+        );
+        let api = Error::from(ClientError::Api(ApiError::new(ErrorKind::NotFound, "gone")));
+        assert_eq!(api.exit_code(), 2);
+        let failed = Error::Api(ApiError::new(ErrorKind::StepFailed, "step 2 failed"));
+        assert_eq!(failed.exit_code(), 1);
+        let pipe = Error::Output(io::Error::from(io::ErrorKind::BrokenPipe));
+        assert_eq!(pipe.exit_code(), 0);
+        assert_eq!(pipe.report(), None);
+        let other = Error::Output(io::Error::from(io::ErrorKind::PermissionDenied));
+        assert_eq!(other.exit_code(), 1);
+    }
+}

@@ -1,0 +1,648 @@
+//! Turning API answers into text for people: tables, status lines, progress, errors.
+
+use std::time::{Duration, Instant};
+
+use taidon_api::{ApiError, InstanceInfo, PrepareEvent, Removed, StateInfo, Status};
+
+/// `sqlrs: <message>` with each detail line indented under it.
+pub(crate) fn with_detail(message: &str, detail: Option<&str>) -> String {
+    let mut out = format!("sqlrs: {message}\n");
+    for line in detail.unwrap_or("").lines() {
+        out.push_str("  ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// An API error as the user sees it.
+pub(crate) fn api_error(e: &ApiError) -> String {
+    with_detail(&e.message, e.detail.as_deref())
+}
+
+/// A byte count for people: `512 B`, `1.5 KiB`, `12.0 MiB`.
+pub(crate) fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// How long ago `then_ms` was at `now_ms` (both Unix milliseconds): `12s ago`, `5m ago`.
+pub(crate) fn age(then_ms: u64, now_ms: u64) -> String {
+    let s = now_ms.saturating_sub(then_ms) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86_399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86_400),
+    }
+}
+
+/// Seconds with two decimals: `1.23s`.
+pub(crate) fn secs2(d: Duration) -> String {
+    format!("{:.2}s", d.as_secs_f64())
+}
+
+/// Seconds with one decimal, for the live line: `1.2s`.
+fn secs1(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+/// A left-aligned table with a header row; the last column is not padded.
+pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let pad = widths[i] - cell.chars().count();
+                line.push_str(cell);
+                line.extend(std::iter::repeat(' ').take(pad + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn first12(id: &impl std::fmt::Display) -> String {
+    id.to_string().chars().take(12).collect()
+}
+
+/// The `ls` tables: states, then instances.
+pub(crate) fn ls(states: &[StateInfo], instances: &[InstanceInfo], now_ms: u64) -> String {
+    let mut out = String::new();
+    if states.is_empty() {
+        out.push_str("no states\n");
+    } else {
+        let rows: Vec<Vec<String>> = states
+            .iter()
+            .map(|s| {
+                vec![
+                    first12(&s.state_id),
+                    s.parent.map_or_else(|| "-".to_owned(), |p| first12(&p)),
+                    s.status.to_string(),
+                    human_size(s.size_bytes),
+                    format!("{}ms", s.build_cost_ms),
+                    s.access_count.to_string(),
+                    s.label.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "ID", "PARENT", "STATUS", "SIZE", "BUILD", "ACCESSES", "LABEL",
+            ],
+            &rows,
+        ));
+    }
+    out.push('\n');
+    if instances.is_empty() {
+        out.push_str("no instances\n");
+    } else {
+        let rows: Vec<Vec<String>> = instances
+            .iter()
+            .map(|i| {
+                vec![
+                    i.instance_id.to_string(),
+                    first12(&i.state_id),
+                    i.status.clone(),
+                    age(i.created_ms, now_ms),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["ID", "STATE", "STATUS", "CREATED"], &rows));
+    }
+    out
+}
+
+/// `status` as `key: value` lines.
+pub(crate) fn status(s: &Status) -> String {
+    let pairs = [
+        ("daemon pid", s.pid.to_string()),
+        ("version", s.version.clone()),
+        ("home", s.home.display().to_string()),
+        ("api", s.api_url.clone()),
+        ("gateway", s.gateway.clone()),
+        ("engine", s.engine_version.clone()),
+        ("engine bin dir", s.engine_bin_dir.display().to_string()),
+        ("clone strategy", s.clone_strategy.to_string()),
+        ("store", s.store_path.display().to_string()),
+        ("store usage", human_size(s.store_bytes)),
+        ("states", s.states.to_string()),
+        ("running instances", s.instances_running.to_string()),
+        ("server user", s.server_user.clone()),
+    ];
+    let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:")))
+        .collect()
+}
+
+/// What `rm` removed, one line each.
+pub(crate) fn removed(r: &Removed) -> String {
+    let mut out = String::new();
+    for s in &r.states {
+        out.push_str(&format!("removed state {s}\n"));
+    }
+    for i in &r.instances {
+        out.push_str(&format!("removed instance {i}\n"));
+    }
+    if out.is_empty() {
+        out.push_str("nothing removed\n");
+    }
+    out
+}
+
+/// ANSI: go to the start of the line and clear it.
+const CLEAR_LINE: &str = "\r\x1b[2K";
+
+/// The step that is running now.
+#[derive(Debug, Clone)]
+struct Current {
+    index: usize,
+    total: usize,
+    label: String,
+    since: Instant,
+}
+
+/// Prepare progress on stderr: one redrawn line on a terminal, plain lines otherwise. Each
+/// method returns the text to write (often empty), so the output is testable without a tty.
+#[derive(Debug)]
+pub(crate) struct Progress {
+    tty: bool,
+    verbose: bool,
+    started: Instant,
+    current: Option<Current>,
+    /// What the live line says when no step runs (initdb, waiting, starting an instance).
+    activity: Option<(String, Instant)>,
+    built: usize,
+    /// Whether a live line may be on the screen and needs clearing.
+    drawn: bool,
+}
+
+impl Progress {
+    pub(crate) fn new(tty: bool, verbose: bool, now: Instant) -> Self {
+        Self {
+            tty,
+            verbose,
+            started: now,
+            current: None,
+            activity: None,
+            built: 0,
+            drawn: false,
+        }
+    }
+
+    fn live(&self, now: Instant) -> String {
+        if !self.tty {
+            return String::new();
+        }
+        match (&self.current, &self.activity) {
+            (Some(c), _) => format!(
+                "{CLEAR_LINE}[{}/{}] {}  {}",
+                c.index,
+                c.total,
+                c.label,
+                secs1(now.saturating_duration_since(c.since))
+            ),
+            (None, Some((what, since))) => format!(
+                "{CLEAR_LINE}{what}  {}",
+                secs1(now.saturating_duration_since(*since))
+            ),
+            (None, None) if self.drawn => CLEAR_LINE.to_owned(),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// The redrawn live line for a ticker tick; empty when not on a terminal.
+    pub(crate) fn tick(&self, now: Instant) -> String {
+        if self.current.is_none() && self.activity.is_none() {
+            return String::new();
+        }
+        self.live(now)
+    }
+
+    /// Takes one event in; returns what to write.
+    pub(crate) fn event(&mut self, event: &PrepareEvent, now: Instant) -> String {
+        let mut plain = String::new();
+        match event {
+            PrepareEvent::Plan {
+                total,
+                cached,
+                state_id,
+            } => {
+                if self.verbose {
+                    plain = format!(
+                        "sqlrs: plan: {total} steps, {cached} cached, target state {state_id}\n"
+                    );
+                }
+            }
+            PrepareEvent::Initdb { state_id } => {
+                self.activity = Some(("initdb".to_owned(), now));
+                plain = format!("sqlrs: creating base state {} (initdb)\n", state_id.short());
+            }
+            PrepareEvent::Waiting { index, state_id } => {
+                self.activity = Some((format!("step {index}: waiting for another prepare"), now));
+                plain = format!(
+                    "sqlrs: step {index}: waiting for another prepare building state {}\n",
+                    state_id.short()
+                );
+            }
+            PrepareEvent::StepStarted {
+                index,
+                total,
+                label,
+                state_id,
+            } => {
+                self.current = Some(Current {
+                    index: *index,
+                    total: *total,
+                    label: label.clone(),
+                    since: now,
+                });
+                plain = format!("sqlrs: step {index}/{total} {label}\n");
+                if self.verbose {
+                    plain = format!("sqlrs: step {index}/{total} {label} (state {state_id})\n");
+                }
+            }
+            PrepareEvent::StepDone {
+                index,
+                total,
+                state_id,
+                elapsed_ms,
+            } => {
+                self.built += 1;
+                self.current = None;
+                self.activity = None;
+                let took = secs2(Duration::from_millis(*elapsed_ms));
+                plain = format!("sqlrs: step {index}/{total} done in {took}\n");
+                if self.verbose {
+                    plain = format!(
+                        "sqlrs: step {index}/{total} done in {took}: state {}\n",
+                        state_id.short()
+                    );
+                }
+            }
+            PrepareEvent::InstanceStarting { state_id } => {
+                self.current = None;
+                self.activity = Some(("starting an instance".to_owned(), now));
+                if self.verbose {
+                    plain = format!(
+                        "sqlrs: starting an instance of state {}\n",
+                        state_id.short()
+                    );
+                }
+            }
+            PrepareEvent::Done {
+                state_id,
+                cache_hit,
+                instance,
+            } => {
+                self.current = None;
+                self.activity = None;
+                let how = if *cache_hit {
+                    "cached".to_owned()
+                } else {
+                    format!(
+                        "built {} step{} in {}",
+                        self.built,
+                        if self.built == 1 { "" } else { "s" },
+                        secs2(now.saturating_duration_since(self.started))
+                    )
+                };
+                plain = format!("sqlrs: state {} ready ({how})\n", state_id.short());
+                if self.verbose {
+                    plain = format!("sqlrs: state {state_id} ready ({how})\n");
+                    if let Some(i) = instance {
+                        plain.push_str(&format!(
+                            "sqlrs: instance {} (clone {}ms, start {}ms)\n",
+                            i.instance_id, i.clone_ms, i.start_ms
+                        ));
+                    }
+                }
+            }
+            PrepareEvent::Failed { .. } => {
+                self.current = None;
+                self.activity = None;
+                // The error itself is printed by the caller, like any other failure.
+                return if self.tty && std::mem::take(&mut self.drawn) {
+                    CLEAR_LINE.to_owned()
+                } else {
+                    String::new()
+                };
+            }
+        }
+        if !self.tty {
+            return plain;
+        }
+        let finished = matches!(event, PrepareEvent::Done { .. });
+        let permanent = finished || (self.verbose && !plain.is_empty());
+        if permanent {
+            // Lines worth keeping scroll up above the live line.
+            let line = format!("{CLEAR_LINE}{plain}{}", self.tick(now));
+            self.drawn = self.current.is_some() || self.activity.is_some();
+            line
+        } else {
+            let line = self.live(now);
+            self.drawn = self.current.is_some() || self.activity.is_some();
+            line
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use taidon_api::{CloneStrategy, StateStatus};
+    use taidon_core::{InstanceId, StateId};
+
+    use super::*;
+
+    fn sid(b: u8) -> StateId {
+        StateId::from_bytes([b; 32])
+    }
+
+    #[test]
+    fn sizes_ages_and_durations() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(1023), "1023 B");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(12 * 1024 * 1024), "12.0 MiB");
+        assert_eq!(human_size(3 << 30), "3.0 GiB");
+        assert_eq!(human_size(u64::MAX), "16384.0 PiB");
+        assert_eq!(age(1_000, 13_500), "12s ago");
+        assert_eq!(age(0, 5 * 60_000 + 1), "5m ago");
+        assert_eq!(age(0, 3 * 3_600_000), "3h ago");
+        assert_eq!(age(0, 49 * 3_600_000), "2d ago");
+        assert_eq!(age(10_000, 0), "0s ago");
+        assert_eq!(secs2(Duration::from_millis(1234)), "1.23s");
+    }
+
+    #[test]
+    fn tables_align_columns_and_do_not_pad_the_last() {
+        let t = table(
+            &["ID", "NAME"],
+            &[
+                vec!["a".into(), "x".into()],
+                vec!["long-id".into(), "y".into()],
+            ],
+        );
+        assert_eq!(t, "ID       NAME\na        x\nlong-id  y\n");
+    }
+
+    fn state(b: u8, parent: Option<StateId>, label: &str) -> StateInfo {
+        StateInfo {
+            state_id: sid(b),
+            parent,
+            label: label.into(),
+            status: StateStatus::Hot,
+            size_bytes: 2048,
+            build_cost_ms: 1234,
+            restore_cost_ms: 10,
+            created_ms: 0,
+            last_access_ms: 0,
+            access_count: 7,
+            instances: 1,
+        }
+    }
+
+    #[test]
+    fn ls_shows_both_tables_with_short_ids() {
+        let states = [
+            state(0xaa, None, "PostgreSQL 15.18"),
+            state(0xbb, Some(sid(0xaa)), "schema.sql"),
+        ];
+        let instances = [InstanceInfo {
+            instance_id: InstanceId::from_bytes([0x3f; 8]),
+            state_id: sid(0xbb),
+            status: "running".into(),
+            dsn: "postgres://x".into(),
+            created_ms: 1_000,
+            clone_ms: 5,
+            start_ms: 300,
+        }];
+        let out = ls(&states, &instances, 61_000);
+        let want = "\
+ID            PARENT        STATUS  SIZE     BUILD   ACCESSES  LABEL
+aaaaaaaaaaaa  -             HOT     2.0 KiB  1234ms  7         PostgreSQL 15.18
+bbbbbbbbbbbb  aaaaaaaaaaaa  HOT     2.0 KiB  1234ms  7         schema.sql
+
+ID                STATE         STATUS   CREATED
+3f3f3f3f3f3f3f3f  bbbbbbbbbbbb  running  1m ago
+";
+        assert_eq!(out, want);
+        assert_eq!(ls(&[], &[], 0), "no states\n\nno instances\n");
+    }
+
+    #[test]
+    fn status_is_aligned_key_value_lines() {
+        let s = Status {
+            pid: 42,
+            version: "0.1.0".into(),
+            home: PathBuf::from("/var/lib/taidon"),
+            api_url: "http://127.0.0.1:7070".into(),
+            gateway: "127.0.0.1:6432".into(),
+            engine_version: "PostgreSQL 15.18".into(),
+            engine_bin_dir: PathBuf::from("/usr/lib/postgresql/15/bin"),
+            clone_strategy: CloneStrategy::Copy,
+            store_path: PathBuf::from("/var/lib/taidon/store"),
+            store_bytes: 5 << 20,
+            states: 3,
+            instances_running: 1,
+            server_user: "postgres".into(),
+        };
+        let out = status(&s);
+        assert!(out.starts_with("daemon pid:        42\n"), "{out}");
+        assert!(out.contains("\nclone strategy:    copy\n"), "{out}");
+        assert!(out.contains("\nstore usage:       5.0 MiB\n"), "{out}");
+        assert!(out.contains("\nrunning instances: 1\n"), "{out}");
+        assert!(out.ends_with("server user:       postgres\n"), "{out}");
+        assert_eq!(out.lines().count(), 13);
+    }
+
+    #[test]
+    fn errors_indent_their_detail() {
+        let e = ApiError::new(
+            taidon_api::ErrorKind::StepFailed,
+            "step 2/3 seed.sql failed",
+        )
+        .with_detail("psql:seed.sql:4: ERROR:  boom\nLINE 1: x");
+        assert_eq!(
+            api_error(&e),
+            "sqlrs: step 2/3 seed.sql failed\n  psql:seed.sql:4: ERROR:  boom\n  LINE 1: x\n"
+        );
+        assert_eq!(with_detail("x", None), "sqlrs: x\n");
+    }
+
+    #[test]
+    fn removed_lists_each_thing() {
+        let r = Removed {
+            states: vec![sid(1)],
+            instances: vec![InstanceId::from_bytes([2; 8])],
+        };
+        assert_eq!(
+            removed(&r),
+            format!(
+                "removed state {}\nremoved instance 0202020202020202\n",
+                sid(1)
+            )
+        );
+        let none = Removed {
+            states: vec![],
+            instances: vec![],
+        };
+        assert_eq!(removed(&none), "nothing removed\n");
+    }
+
+    fn build_events() -> Vec<PrepareEvent> {
+        vec![
+            PrepareEvent::Plan {
+                total: 2,
+                cached: 0,
+                state_id: sid(2),
+            },
+            PrepareEvent::StepStarted {
+                index: 1,
+                total: 2,
+                label: "schema.sql".into(),
+                state_id: sid(1),
+            },
+            PrepareEvent::StepDone {
+                index: 1,
+                total: 2,
+                state_id: sid(1),
+                elapsed_ms: 1234,
+            },
+            PrepareEvent::StepStarted {
+                index: 2,
+                total: 2,
+                label: "seed.sql".into(),
+                state_id: sid(2),
+            },
+            PrepareEvent::StepDone {
+                index: 2,
+                total: 2,
+                state_id: sid(2),
+                elapsed_ms: 50,
+            },
+            PrepareEvent::InstanceStarting { state_id: sid(2) },
+            PrepareEvent::Done {
+                state_id: sid(2),
+                cache_hit: false,
+                instance: None,
+            },
+        ]
+    }
+
+    #[test]
+    fn plain_progress_prints_step_lines_and_a_summary() {
+        let t0 = Instant::now();
+        let mut p = Progress::new(false, false, t0);
+        let out: String = build_events()
+            .iter()
+            .enumerate()
+            .map(|(i, e)| p.event(e, t0 + Duration::from_millis(500 * i as u64)))
+            .collect();
+        assert_eq!(
+            out,
+            "sqlrs: step 1/2 schema.sql\n\
+             sqlrs: step 1/2 done in 1.23s\n\
+             sqlrs: step 2/2 seed.sql\n\
+             sqlrs: step 2/2 done in 0.05s\n\
+             sqlrs: state 02020202 ready (built 2 steps in 3.00s)\n"
+        );
+        assert_eq!(p.tick(t0), "");
+    }
+
+    #[test]
+    fn plain_progress_of_a_cache_hit_is_one_line() {
+        let t0 = Instant::now();
+        let mut p = Progress::new(false, false, t0);
+        let plan = PrepareEvent::Plan {
+            total: 2,
+            cached: 2,
+            state_id: sid(2),
+        };
+        let done = PrepareEvent::Done {
+            state_id: sid(2),
+            cache_hit: true,
+            instance: None,
+        };
+        assert_eq!(p.event(&plan, t0), "");
+        assert_eq!(p.event(&done, t0), "sqlrs: state 02020202 ready (cached)\n");
+    }
+
+    #[test]
+    fn verbose_progress_adds_state_ids() {
+        let t0 = Instant::now();
+        let mut p = Progress::new(false, true, t0);
+        let out: String = build_events().iter().map(|e| p.event(e, t0)).collect();
+        assert!(out.starts_with(&format!(
+            "sqlrs: plan: 2 steps, 0 cached, target state {}\n",
+            sid(2)
+        )));
+        assert!(out.contains(&format!("sqlrs: step 1/2 schema.sql (state {})\n", sid(1))));
+        assert!(out.contains("sqlrs: step 1/2 done in 1.23s: state 01010101\n"));
+        assert!(out.contains("sqlrs: starting an instance of state 02020202\n"));
+        assert!(out.ends_with(&format!(
+            "sqlrs: state {} ready (built 2 steps in 0.00s)\n",
+            sid(2)
+        )));
+    }
+
+    #[test]
+    fn terminal_progress_redraws_one_line() {
+        let t0 = Instant::now();
+        let mut p = Progress::new(true, false, t0);
+        let ev = build_events();
+        assert_eq!(p.event(&ev[0], t0), "");
+        assert_eq!(p.tick(t0), "", "nothing runs yet");
+        assert_eq!(p.event(&ev[1], t0), "\r\x1b[2K[1/2] schema.sql  0.0s");
+        assert_eq!(
+            p.tick(t0 + Duration::from_millis(1250)),
+            "\r\x1b[2K[1/2] schema.sql  1.2s"
+        );
+        assert_eq!(p.event(&ev[2], t0), "\r\x1b[2K");
+        assert_eq!(p.event(&ev[3], t0), "\r\x1b[2K[2/2] seed.sql  0.0s");
+        p.event(&ev[4], t0);
+        assert_eq!(p.event(&ev[5], t0), "\r\x1b[2Kstarting an instance  0.0s");
+        let done = p.event(&ev[6], t0 + Duration::from_secs(2));
+        assert_eq!(
+            done,
+            "\r\x1b[2Ksqlrs: state 02020202 ready (built 2 steps in 2.00s)\n"
+        );
+        assert_eq!(p.tick(t0), "");
+        let failed = PrepareEvent::Failed {
+            error: ApiError::new(taidon_api::ErrorKind::StepFailed, "x"),
+        };
+        assert_eq!(p.event(&failed, t0), "", "nothing to clear");
+        let mut p = Progress::new(true, false, t0);
+        p.event(&ev[1], t0);
+        assert_eq!(
+            p.event(&failed, t0),
+            "\r\x1b[2K",
+            "a failure clears the live line"
+        );
+    }
+}
