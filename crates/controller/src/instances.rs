@@ -188,7 +188,7 @@ impl Controller {
             }
         } else {
             // Not our child: a server a dead daemon left, if any.
-            let _ = taidon_runtime::kill_orphan(&self.instance_dir(iid).join("data"));
+            let _ = kill_orphan(self.instance_dir(iid).join("data")).await;
         }
         let state = self
             .meta
@@ -240,7 +240,7 @@ impl Controller {
     pub(crate) async fn adopt_instances(self: &Arc<Self>) -> Result<(), ControllerError> {
         for row in self.meta.instances()? {
             let data = PathBuf::from(&row.data_dir);
-            match taidon_runtime::kill_orphan(&data) {
+            match kill_orphan(data.clone()).await {
                 Ok(Some(pid)) => {
                     tracing::warn!(pid, instance = %row.instance_id, "stopped a server left by a previous daemon")
                 }
@@ -295,6 +295,14 @@ impl Controller {
         }
         Ok(())
     }
+}
+
+/// Stops a server a dead daemon left on `data_dir`, off the async threads (it waits for it).
+pub(crate) async fn kill_orphan(data_dir: PathBuf) -> Result<Option<u32>, ControllerError> {
+    tokio::task::spawn_blocking(move || taidon_runtime::kill_orphan(&data_dir))
+        .await
+        .map_err(|e| ControllerError::Internal(format!("orphan check failed: {e}")))?
+        .map_err(|e| ControllerError::runtime("cannot stop a left-over server", e))
 }
 
 /// Removes a directory tree off the async threads; a failure is logged, not fatal.

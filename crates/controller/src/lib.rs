@@ -199,7 +199,7 @@ impl Controller {
     /// Brings metadata and processes in line with what is on disk after a restart or crash.
     async fn reconcile(self: &Arc<Self>) -> Result<(), ControllerError> {
         for data_dir in self.store.leftover_builds() {
-            if let Ok(Some(pid)) = taidon_runtime::kill_orphan(&data_dir) {
+            if let Ok(Some(pid)) = instances::kill_orphan(data_dir.clone()).await {
                 tracing::warn!(pid, dir = %data_dir.display(), "stopped a build server left by a previous daemon");
             }
         }
@@ -435,5 +435,6 @@ impl Controller {
 }
 
 fn current_user_name() -> String {
+    // SAFETY: geteuid cannot fail and touches no memory.
     std::env::var("USER").unwrap_or_else(|_| format!("uid {}", unsafe { libc::geteuid() }))
 }
