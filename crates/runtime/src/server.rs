@@ -111,9 +111,12 @@ impl Engine {
             .arg(&cfg.socket_dir)
             .arg("-c")
             .arg(format!("listen_addresses={listen}"))
-            // Durability is not needed here: a snapshot is fsynced when it is published, and an
-            // instance is disposable, so a crash loses nothing that must survive it.
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            // No fsync: a snapshot is fsynced when it is published, and an instance is
+            // disposable. Commits still write their WAL to the kernel (synchronous_commit stays
+            // on, which costs a write(), not a flush), so whatever a client committed survives
+            // the server being killed: a daemon that dies and comes back finds kept instances
+            // as their users left them, passwords included.
+            .args(["-c", "fsync=off"])
             .args(["-c", "full_page_writes=off"])
             .args([
                 "-c",
