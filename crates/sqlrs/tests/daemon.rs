@@ -23,8 +23,19 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 fn sigkill_during_a_build_leaves_nothing_half_published() {
     let env = Env::new();
     env.write("schema.sql", "create table t(x int);\n");
-    env.write("slow.sql", "insert into t values (1);\nselect pg_sleep(30);\n");
-    env.ok(&["prepare:psql", "--", "-f", "schema.sql", "run", "--", "true"]);
+    env.write(
+        "slow.sql",
+        "insert into t values (1);\nselect pg_sleep(30);\n",
+    );
+    env.ok(&[
+        "prepare:psql",
+        "--",
+        "-f",
+        "schema.sql",
+        "run",
+        "--",
+        "true",
+    ]);
     let pid = env.daemon_pid().expect("daemon pid");
 
     let mut client = env
@@ -41,22 +52,51 @@ fn sigkill_during_a_build_leaves_nothing_half_published() {
     unsafe { libc::kill(pid, libc::SIGKILL) };
     assert!(wait_gone(pid, Duration::from_secs(10)));
     let _ = client.wait();
-    assert!(!env.unpublished_snapshot_dirs().is_empty(), "the build was under way");
+    assert!(
+        !env.unpublished_snapshot_dirs().is_empty(),
+        "the build was under way"
+    );
 
     // The next command starts a new daemon, which discards the build and stops its server.
     let ls = env.ls();
     assert_ne!(env.daemon_pid(), Some(pid));
-    assert!(env.unpublished_snapshot_dirs().is_empty(), "{:?}", env.unpublished_snapshot_dirs());
+    assert!(
+        env.unpublished_snapshot_dirs().is_empty(),
+        "{:?}",
+        env.unpublished_snapshot_dirs()
+    );
     for orphan in orphans {
-        assert!(wait_gone(orphan, Duration::from_secs(10)), "build server {orphan} survived");
+        assert!(
+            wait_gone(orphan, Duration::from_secs(10)),
+            "build server {orphan} survived"
+        );
     }
     let states = ls["states"].as_array().unwrap();
-    assert_eq!(states.iter().filter(|s| s["status"] == "WARM").count(), 2, "{ls:#}");
-    assert_eq!(states.iter().filter(|s| s["status"] == "FAILED").count(), 1, "{ls:#}");
+    assert_eq!(
+        states.iter().filter(|s| s["status"] == "WARM").count(),
+        2,
+        "{ls:#}"
+    );
+    assert_eq!(
+        states.iter().filter(|s| s["status"] == "FAILED").count(),
+        1,
+        "{ls:#}"
+    );
 
     // And the chain still builds afterwards, reusing the published step.
     env.write("slow.sql", "insert into t values (1);\n");
-    let r = env.ok(&["prepare:psql", "--", "-f", "schema.sql", "-f", "slow.sql", "run:psql", "--", "-Atc", "select count(*) from t"]);
+    let r = env.ok(&[
+        "prepare:psql",
+        "--",
+        "-f",
+        "schema.sql",
+        "-f",
+        "slow.sql",
+        "run:psql",
+        "--",
+        "-Atc",
+        "select count(*) from t",
+    ]);
     assert_eq!(r.stdout.trim(), "1");
     assert!(!r.stderr.contains("step 1/2"), "{}", r.describe());
 }
@@ -65,12 +105,21 @@ fn sigkill_during_a_build_leaves_nothing_half_published() {
 fn sigkill_with_a_kept_instance_adopts_it_and_its_dsn_still_works() {
     let env = Env::new();
     env.write("schema.sql", "create table t(x int);\n");
-    let v = env.ok(&["--json", "prepare:psql", "--", "-f", "schema.sql"]).json();
+    let v = env
+        .ok(&["--json", "prepare:psql", "--", "-f", "schema.sql"])
+        .json();
     let dsn = v["dsn"].as_str().unwrap().to_owned();
     let iid = v["instance_id"].as_str().unwrap().to_owned();
     let psql = |sql: &str| {
-        let out = Command::new("psql").args([dsn.as_str(), "-At", "-c", sql]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("psql")
+            .args([dsn.as_str(), "-At", "-c", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
     psql("insert into t values (5)");
@@ -83,9 +132,19 @@ fn sigkill_with_a_kept_instance_adopts_it_and_its_dsn_still_works() {
     // The orphaned server is still up until a new daemon deals with it.
     assert!(alive(old_server[0]));
 
-    let r = env.ok(&["run:psql", "--instance", &iid[..8], "--", "-Atc", "select sum(x) from t"]);
+    let r = env.ok(&[
+        "run:psql",
+        "--instance",
+        &iid[..8],
+        "--",
+        "-Atc",
+        "select sum(x) from t",
+    ]);
     assert_eq!(r.stdout.trim(), "5", "{}", r.describe());
-    assert!(wait_gone(old_server[0], Duration::from_secs(10)), "the old server was stopped");
+    assert!(
+        wait_gone(old_server[0], Duration::from_secs(10)),
+        "the old server was stopped"
+    );
     let now = postmasters_under(&env.home.join("instances"));
     assert_eq!(now.len(), 1, "one server, restarted by the new daemon");
     // The DSN handed out before the crash still works: it names the gateway, not the server.
@@ -111,7 +170,10 @@ fn a_second_daemon_for_the_same_home_refuses_to_start() {
 fn controller_and_gateway_as_separate_processes() {
     let root = common::traversable_tempdir();
     let env = Env::in_home(root.path().join("home"), root);
-    env.write("schema.sql", "create table t(x int);\ninsert into t values (11);\n");
+    env.write(
+        "schema.sql",
+        "create table t(x int);\ninsert into t values (11);\n",
+    );
     let gw_port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -125,11 +187,21 @@ fn controller_and_gateway_as_separate_processes() {
         .stderr(log)
         .spawn()
         .unwrap();
-    wait_for("daemon.json", Duration::from_secs(30), || env.home.join("daemon.json").exists());
+    wait_for("daemon.json", Duration::from_secs(30), || {
+        env.home.join("daemon.json").exists()
+    });
     let info: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(env.home.join("daemon.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(env.home.join("daemon.json")).unwrap())
+            .unwrap();
     let mut gateway = Command::new(taidon_bin())
-        .args(["gateway", "--listen", &gateway_addr, "--controller", info["api_url"].as_str().unwrap(), "--home"])
+        .args([
+            "gateway",
+            "--listen",
+            &gateway_addr,
+            "--controller",
+            info["api_url"].as_str().unwrap(),
+            "--home",
+        ])
         .arg(&env.home)
         .stderr(Stdio::null())
         .spawn()
@@ -138,7 +210,16 @@ fn controller_and_gateway_as_separate_processes() {
         std::net::TcpStream::connect(&gateway_addr).is_ok()
     });
     // sqlrs finds the running controller through the home and does not start its own.
-    let r = env.ok(&["prepare:psql", "--", "-f", "schema.sql", "run:psql", "--", "-Atc", "select x from t"]);
+    let r = env.ok(&[
+        "prepare:psql",
+        "--",
+        "-f",
+        "schema.sql",
+        "run:psql",
+        "--",
+        "-Atc",
+        "select x from t",
+    ]);
     assert_eq!(r.stdout.trim(), "11", "{}", r.describe());
     assert_eq!(env.daemon_pid(), Some(controller.id() as i32));
     unsafe { libc::kill(gateway.id() as i32, libc::SIGINT) };
@@ -157,10 +238,22 @@ fn a_home_on_reflink_xfs_clones_by_reflink() {
     let home = fs.mount.join("home");
     let root = common::traversable_tempdir();
     let env = Env::in_home(home, root);
-    env.write("schema.sql", "create table t(x int);\ninsert into t values (3);\n");
+    env.write(
+        "schema.sql",
+        "create table t(x int);\ninsert into t values (3);\n",
+    );
     let status = env.ok(&["--json", "status"]).json();
     assert_eq!(status["clone_strategy"], "reflink", "{status:#}");
-    let r = env.ok(&["prepare:psql", "--", "-f", "schema.sql", "run:psql", "--", "-Atc", "select x from t"]);
+    let r = env.ok(&[
+        "prepare:psql",
+        "--",
+        "-f",
+        "schema.sql",
+        "run:psql",
+        "--",
+        "-Atc",
+        "select x from t",
+    ]);
     assert_eq!(r.stdout.trim(), "3");
     env.ok(&["shutdown"]);
     drop(env);

@@ -168,7 +168,10 @@ impl Env {
     }
 
     pub fn instance_count(&self) -> usize {
-        self.ls()["instances"].as_array().expect("instances[]").len()
+        self.ls()["instances"]
+            .as_array()
+            .expect("instances[]")
+            .len()
     }
 
     pub fn daemon_pid(&self) -> Option<i32> {
@@ -284,7 +287,9 @@ pub fn postmasters_under(dir: &Path) -> Vec<i32> {
 fn shell_words(args: &[&str]) -> String {
     args.iter()
         .map(|a| {
-            if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_=:./".contains(c)) {
+            if a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_=:./".contains(c))
+            {
                 (*a).to_owned()
             } else {
                 format!("'{}'", a.replace('\'', r"'\''"))
