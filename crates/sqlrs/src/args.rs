@@ -27,7 +27,7 @@ Commands:
       Stand-alone, it needs --instance ID (8 or more hex digits of an instance id).
   ls                         List states and instances.
   rm [--force] <id-or-prefix>
-                             Remove a state (with its descendants) or an instance.
+                             Remove a state or an instance (--force: even if in use).
   status                     Show the local daemon's status (starting it if needed).
   shutdown                   Stop the local daemon, if one runs.
   --help, --version
@@ -459,8 +459,7 @@ fn run_stage(
     };
     let mut keep = false;
     let mut instance = None;
-    loop {
-        let Some(tok) = p.next_str()? else { break };
+    while let Some(tok) = p.next_str()? {
         if tok == "--" {
             break;
         }

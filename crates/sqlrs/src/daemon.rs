@@ -285,7 +285,7 @@ impl Home {
         }
     }
 
-    /// Stops the daemon if one answers: returns its pid, or `None` if none ran.
+    /// Waits until process `pid` is gone; false if it still runs after `timeout`.
     pub(crate) async fn wait_gone(&self, pid: u32, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {

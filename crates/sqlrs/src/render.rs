@@ -74,7 +74,7 @@ pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
             } else {
                 let pad = widths[i] - cell.chars().count();
                 line.push_str(cell);
-                line.extend(std::iter::repeat(' ').take(pad + 2));
+                line.push_str(&" ".repeat(pad + 2));
             }
         }
         out.push_str(line.trim_end());
