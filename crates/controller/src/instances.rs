@@ -91,7 +91,19 @@ impl Controller {
             .touch_state(&state, now_ms(), Some(row.clone_ms + row.start_ms))?;
         self.meta
             .event(now_ms(), "instance_started", Some(&state), Some(&iid), None)?;
+        self.make_spare_later(state);
         self.instance_info(&row)
+    }
+
+    /// On a store that copies, prepares the next instance's clone of `state` in the background:
+    /// the next instance then starts without waiting for a copy.
+    fn make_spare_later(&self, state: StateId) {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.make_spare(&state) {
+                tracing::warn!(state = %state.short(), error = %e, "cannot make a spare clone");
+            }
+        });
     }
 
     async fn start_instance(
@@ -182,7 +194,8 @@ impl Controller {
             .remove(iid);
         if let Some(live) = live {
             if let Some(server) = live.server.lock().await.take() {
-                server.stop().await.map_err(|e| {
+                // Its data is deleted next: no clean checkpoint is worth waiting for.
+                server.discard().await.map_err(|e| {
                     ControllerError::runtime(format!("cannot stop instance {iid}"), e)
                 })?;
             }

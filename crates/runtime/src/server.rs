@@ -201,6 +201,20 @@ impl Server {
         self.stop_inner().await
     }
 
+    /// End a server whose data directory is about to be deleted: an immediate shutdown (no
+    /// checkpoint to write for data nobody will read again), then reap it; SIGKILL after 10 s.
+    pub async fn discard(mut self) -> Result<(), RuntimeError> {
+        if self.try_exited().is_some() || self.reaped {
+            return Ok(());
+        }
+        self.signal(libc::SIGQUIT)?;
+        if self.wait_for(Duration::from_secs(10)).await?.is_none() {
+            self.signal(libc::SIGKILL)?;
+            self.wait_for(STOP_TIMEOUT).await?;
+        }
+        Ok(())
+    }
+
     async fn stop_inner(&mut self) -> Result<(), RuntimeError> {
         if let Some(status) = self.try_exited() {
             return Err(self.stop_error(format!("it had already exited ({status})")));

@@ -7,7 +7,13 @@
 //! <state_id>/data/                   its PostgreSQL data directory (a subvolume on btrfs)
 //! .building-<state_id>-<rand>/data   a build in progress
 //! .trash-<rand>/                     a snapshot being deleted
+//! .spare-<state_id>                   a complete, unused clone of a snapshot's data (copy only)
+//! .sparing-<state_id>-<rand>/         a spare being made
 //! ```
+//!
+//! Spares exist because a plain copy is the slow part of starting an instance on a file system
+//! without reflinks: with one made ahead of time in the background, the next instance of that
+//! state takes it with one rename. They are disposable and discarded at start.
 //!
 //! A directory appears under its id only by one rename of a complete, synced build, and leaves
 //! by one rename to `.trash-*`, so readers never see half a snapshot.
@@ -32,6 +38,8 @@ const DATA: &str = "data";
 const BUILDING: &str = ".building-";
 const TRASH: &str = ".trash-";
 const PROBE: &str = ".probe-";
+const SPARE: &str = ".spare-";
+const SPARING: &str = ".sparing-";
 
 /// Snapshots in a local directory, cloned by btrfs snapshot, reflink or copy.
 #[derive(Debug)]
@@ -138,7 +146,10 @@ impl LocalStore {
     pub fn discard_leftovers(&self) -> Result<usize, StoreError> {
         let mut removed = 0;
         for (name, path) in self.dot_entries() {
-            if name.starts_with(BUILDING) || name.starts_with(TRASH) || name.starts_with(PROBE) {
+            if [BUILDING, TRASH, PROBE, SPARE, SPARING]
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+            {
                 remove_tree(&path)?;
                 removed += 1;
             }
@@ -151,6 +162,45 @@ impl LocalStore {
         let manifest = self.manifest(id)?.ok_or(StoreError::UnknownState(*id))?;
         let digest = tree_digest(&self.data_dir(id))?;
         Ok(digest.checksum == manifest.checksum && digest.size_bytes == manifest.size_bytes)
+    }
+
+    fn spare_dir(&self, id: &StateId) -> PathBuf {
+        self.root.join(format!("{SPARE}{id}"))
+    }
+
+    /// Makes a spare clone of `id` ahead of time, if clones are plain copies and it has none.
+    /// True if it made one. Safe to call concurrently: the last complete spare wins.
+    pub fn make_spare(&self, id: &StateId) -> Result<bool, StoreError> {
+        let spare = self.spare_dir(id);
+        if self.strategy != CloneStrategy::Copy || spare.exists() || !self.contains(id) {
+            return Ok(false);
+        }
+        let tmp = self.unique(&format!("{SPARING}{id}-"));
+        if let Err(e) = clone_tree(&self.data_dir(id), &tmp, self.strategy, self.owner) {
+            let _ = remove_tree(&tmp);
+            return Err(e);
+        }
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700)).ctx("chmod", &tmp)?;
+        chown_to(&tmp, self.owner)?;
+        match fs::rename(&tmp, &spare) {
+            Ok(()) => Ok(true),
+            // Another spare landed first (a non-empty directory cannot be renamed over).
+            Err(_) => {
+                remove_tree(&tmp)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Moves the spare of `id` to `dest` if there is one (and `dest` is on this file system).
+    fn take_spare(&self, id: &StateId, dest: &Path) -> Result<bool, StoreError> {
+        match fs::rename(self.spare_dir(id), dest) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            // EXDEV: the destination is elsewhere; copy as usual.
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Ok(false),
+            Err(e) => Err(e).ctx("take spare", dest),
+        }
     }
 
     /// `<root>/<id>/data`: where the published data directory of `id` lives.
@@ -297,6 +347,16 @@ impl SnapshotStore for LocalStore {
         if !self.contains(id) {
             return Err(StoreError::UnknownState(*id));
         }
+        if fs::symlink_metadata(dest).is_ok() {
+            return Err(StoreError::DestinationExists(dest.to_path_buf()));
+        }
+        if self.take_spare(id, dest)? {
+            return Ok(CloneStats {
+                strategy: self.strategy,
+                bytes: 0,
+                files: 0,
+            });
+        }
         let stats = clone_tree(&self.data_dir(id), dest, self.strategy, self.owner)?;
         fs::set_permissions(dest, fs::Permissions::from_mode(0o700)).ctx("chmod", dest)?;
         chown_to(dest, self.owner)?;
@@ -304,6 +364,7 @@ impl SnapshotStore for LocalStore {
     }
 
     fn remove(&self, id: &StateId) -> Result<bool, StoreError> {
+        let _ = remove_tree(&self.spare_dir(id));
         let dir = self.snapshot_dir(id);
         let trash = self.unique(TRASH);
         match fs::rename(&dir, &trash) {

@@ -396,6 +396,56 @@ fn clone_to_makes_a_private_independent_copy() {
 }
 
 #[test]
+fn a_spare_made_ahead_is_taken_by_the_next_clone_on_a_copy_store() {
+    let dir = scratch();
+    let store = LocalStore::open(dir.path().join("store"), owner()).unwrap();
+    assert_eq!(store.strategy(), CloneStrategy::Copy);
+    publish_sample(&store, sid(12));
+    assert!(
+        !store.make_spare(&sid(13)).unwrap(),
+        "no spare of an unknown state"
+    );
+    assert!(store.make_spare(&sid(12)).unwrap());
+    assert!(!store.make_spare(&sid(12)).unwrap(), "one spare per state");
+
+    // The next clone is the spare, moved: nothing copied, same content, private and 0700.
+    let first = dir.path().join("first");
+    let stats = store.clone_to(&sid(12), &first).unwrap();
+    assert_eq!((stats.files, stats.bytes), (0, 0));
+    assert_eq!(describe(&first), describe(&store.data_dir(&sid(12))));
+    let m = fs::metadata(&first).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o700);
+    if let Some(o) = owner() {
+        assert_eq!((m.uid(), m.gid()), (o.uid, o.gid));
+        assert!(owners(&first)
+            .iter()
+            .all(|(_, u, g)| (*u, *g) == (o.uid, o.gid)));
+    }
+    // It was used up: the one after copies again.
+    let second = dir.path().join("second");
+    assert_eq!(store.clone_to(&sid(12), &second).unwrap().files, 4);
+    // A spare never replaces an existing destination, not even an empty one.
+    assert!(store.make_spare(&sid(12)).unwrap());
+    let empty = dir.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    assert!(matches!(
+        store.clone_to(&sid(12), &empty),
+        Err(StoreError::DestinationExists(_))
+    ));
+    // Spares go with their snapshot, and with a restart.
+    assert!(store.remove(&sid(12)).unwrap());
+    assert!(
+        dot_entries(store.root()).is_empty(),
+        "{:?}",
+        dot_entries(store.root())
+    );
+    publish_sample(&store, sid(12));
+    assert!(store.make_spare(&sid(12)).unwrap());
+    assert_eq!(store.discard_leftovers().unwrap(), 1);
+    assert!(dot_entries(store.root()).is_empty());
+}
+
+#[test]
 fn remove_deletes_a_snapshot_and_nothing_else() {
     let dir = scratch();
     let store = LocalStore::open(dir.path().join("store"), owner()).unwrap();
