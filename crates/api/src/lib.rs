@@ -16,6 +16,9 @@
 //! | `GET /v1/instances/{id-or-prefix}` | | [`InstanceInfo`] |
 //! | `DELETE /v1/instances/{id-or-prefix}` | | [`Removed`] |
 //! | `POST /v1/resolve` | [`ResolveRequest`] | [`ResolveResponse`] |
+//! | `POST /v1/touch` | [`Leases`] | `{}` |
+//! | `POST /v1/release` | [`Leases`] | `{}` |
+//! | `POST /v1/dsn` | [`DsnRequest`] | [`DsnResponse`] |
 //! | `POST /v1/shutdown` | | `{}` |
 //!
 //! Errors answer with a 4xx or 5xx status and an [`ApiError`] body.
@@ -26,6 +29,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 pub use taidon_core::CloneStrategy;
+pub use taidon_core::token::Scope;
 use taidon_core::{InstanceId, StateId, Step};
 
 /// The API version prefix.
@@ -259,11 +263,64 @@ pub struct Removed {
     pub instances: Vec<InstanceId>,
 }
 
-/// `POST /v1/resolve`: where the gateway finds an instance a verified token names.
+/// `POST /v1/resolve`: where the gateway finds an instance a verified token names. A `Ready`
+/// answer counts one more active connection on the instance until `POST /v1/release`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResolveRequest {
     pub state_id: StateId,
-    pub instance_id: InstanceId,
+    /// The instance of an `rw` token; `ro` tokens name none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<InstanceId>,
+    #[serde(default = "scope_rw")]
+    pub scope: Scope,
+    /// The token's own connection limit, a ceiling on the controller's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_conn: Option<u32>,
+}
+
+fn scope_rw() -> Scope {
+    Scope::Rw
+}
+
+/// `POST /v1/touch` (connections still open) and `POST /v1/release` (connections closed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leases {
+    /// One entry per connection: an instance appears as often as it has connections.
+    pub instance_ids: Vec<InstanceId>,
+}
+
+/// `POST /v1/dsn`: a DSN with a fresh token for a state or an instance that exists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DsnRequest {
+    /// A state or instance id, or a prefix of one.
+    pub target: String,
+    /// `ro` by default for a state, `rw` for an instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    /// Token lifetime; the controller's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<u64>,
+}
+
+/// The answer to `POST /v1/dsn`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DsnResponse {
+    /// The token in the password, `sslmode=verify-full` with `sslrootcert` when the gateway
+    /// speaks TLS.
+    pub dsn: String,
+    /// The same without TLS (`sslmode=disable`).
+    pub dsn_plain: String,
+    /// The token as the user name, for clients whose password is taken by something else.
+    pub dsn_user: String,
+    pub state_id: StateId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<InstanceId>,
+    pub scope: Scope,
+    /// Expiry, seconds since the Unix epoch.
+    pub expires_s: u64,
+    /// The CA certificate that signs the gateway's, when it speaks TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<PathBuf>,
 }
 
 /// The answer to a resolve.
@@ -272,15 +329,32 @@ pub struct ResolveRequest {
 pub enum ResolveResponse {
     /// The instance runs; connect to it with these credentials.
     Ready(Target),
-    /// No such instance, or it is not running.
+    /// An instance is being started for the state: ask again after this long.
+    Starting { retry_after_ms: u64 },
+    /// No such state or instance, or it is not running.
     Missing,
+    /// The token may not reach this (an `rw` token without its instance, a wrong scope).
+    Forbidden { reason: String },
+    /// As many connections as allowed are open on the state or instance.
+    TooManyConnections { limit: u32 },
 }
 
 impl std::fmt::Debug for ResolveResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ResolveResponse::Ready(t) => f.debug_tuple("Ready").field(t).finish(),
+            ResolveResponse::Starting { retry_after_ms } => f
+                .debug_struct("Starting")
+                .field("retry_after_ms", retry_after_ms)
+                .finish(),
             ResolveResponse::Missing => f.write_str("Missing"),
+            ResolveResponse::Forbidden { reason } => {
+                f.debug_struct("Forbidden").field("reason", reason).finish()
+            }
+            ResolveResponse::TooManyConnections { limit } => f
+                .debug_struct("TooManyConnections")
+                .field("limit", limit)
+                .finish(),
         }
     }
 }
@@ -288,6 +362,8 @@ impl std::fmt::Debug for ResolveResponse {
 /// A running server and the credentials the gateway uses for it. Never shown to a client.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
+    /// The instance, for `POST /v1/release` when the connection closes.
+    pub instance_id: InstanceId,
     pub host: String,
     pub port: u16,
     pub user: String,
@@ -297,6 +373,7 @@ pub struct Target {
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Target")
+            .field("instance_id", &self.instance_id)
             .field("host", &self.host)
             .field("port", &self.port)
             .field("user", &self.user)
@@ -337,6 +414,7 @@ mod tests {
     #[test]
     fn target_debug_hides_the_password() {
         let t = Target {
+            instance_id: InstanceId::from_bytes([1; 8]),
             host: "127.0.0.1".into(),
             port: 5432,
             user: "postgres".into(),
