@@ -47,6 +47,9 @@ pub struct LocalStore {
     root: PathBuf,
     owner: Option<Owner>,
     strategy: CloneStrategy,
+    /// States whose spare is being copied: a clone waits for it rather than copy a second time.
+    sparing: std::sync::Mutex<std::collections::HashSet<StateId>>,
+    spare_done: std::sync::Condvar,
 }
 
 /// A build in progress: a private directory that becomes a snapshot when published, and is
@@ -117,6 +120,8 @@ impl LocalStore {
             root,
             owner,
             strategy,
+            sparing: Default::default(),
+            spare_done: Default::default(),
         })
     }
 
@@ -175,6 +180,30 @@ impl LocalStore {
         if self.strategy != CloneStrategy::Copy || spare.exists() || !self.contains(id) {
             return Ok(false);
         }
+        if !self.lock_sparing().insert(*id) {
+            return Ok(false);
+        }
+        let made = self.copy_spare(id, &spare);
+        self.lock_sparing().remove(id);
+        self.spare_done.notify_all();
+        made
+    }
+
+    fn lock_sparing(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<StateId>> {
+        self.sparing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits while a spare of `id` is being copied (at most a minute).
+    fn wait_for_spare(&self, id: &StateId) {
+        let guard = self.lock_sparing();
+        let _ =
+            self.spare_done
+                .wait_timeout_while(guard, std::time::Duration::from_secs(60), |s| {
+                    s.contains(id)
+                });
+    }
+
+    fn copy_spare(&self, id: &StateId, spare: &Path) -> Result<bool, StoreError> {
         let tmp = self.unique(&format!("{SPARING}{id}-"));
         if let Err(e) = clone_tree(&self.data_dir(id), &tmp, self.strategy, self.owner) {
             let _ = remove_tree(&tmp);
@@ -182,7 +211,7 @@ impl LocalStore {
         }
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700)).ctx("chmod", &tmp)?;
         chown_to(&tmp, self.owner)?;
-        match fs::rename(&tmp, &spare) {
+        match fs::rename(&tmp, spare) {
             Ok(()) => Ok(true),
             // Another spare landed first (a non-empty directory cannot be renamed over).
             Err(_) => {
@@ -350,6 +379,7 @@ impl SnapshotStore for LocalStore {
         if fs::symlink_metadata(dest).is_ok() {
             return Err(StoreError::DestinationExists(dest.to_path_buf()));
         }
+        self.wait_for_spare(id);
         if self.take_spare(id, dest)? {
             return Ok(CloneStats {
                 strategy: self.strategy,
