@@ -39,9 +39,6 @@ pub enum StoreError {
     /// A build was published without a data directory.
     #[error("build {} has no data directory", .0.display())]
     EmptyBuild(PathBuf),
-    /// The named user does not exist.
-    #[error("no user named {0:?}")]
-    UnknownUser(String),
 }
 
 /// Attaches the operation and the path to an `io::Error`.

@@ -15,7 +15,6 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 
-use std::ffi::CString;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -31,45 +30,6 @@ pub use local::{Build, LocalStore};
 pub struct Owner {
     pub uid: u32,
     pub gid: u32,
-}
-
-impl Owner {
-    /// The uid and primary gid of the named user.
-    pub fn of_user(name: &str) -> Result<Owner, StoreError> {
-        let unknown = || StoreError::UnknownUser(name.to_owned());
-        let c_name = CString::new(name).map_err(|_| unknown())?;
-        let mut buf = vec![0 as libc::c_char; 16 * 1024];
-        // SAFETY: all-zero is a valid `passwd` (null pointers and zero ids).
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call and `buf` outlives it.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                c_name.as_ptr(),
-                &mut pwd,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        if rc != 0 || result.is_null() {
-            return Err(unknown());
-        }
-        Ok(Owner {
-            uid: pwd.pw_uid,
-            gid: pwd.pw_gid,
-        })
-    }
-
-    /// `postgres` when this process is root (PostgreSQL refuses to run as root), else nobody.
-    pub fn for_this_process() -> Result<Option<Owner>, StoreError> {
-        // SAFETY: geteuid cannot fail.
-        if unsafe { libc::geteuid() } == 0 {
-            Owner::of_user("postgres").map(Some)
-        } else {
-            Ok(None)
-        }
-    }
 }
 
 /// What the store records about a published snapshot, in `<root>/<state_id>/manifest.json`.

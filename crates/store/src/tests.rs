@@ -46,8 +46,14 @@ fn meta(parent: Option<StateId>) -> PublishMeta {
     }
 }
 
+/// The user servers run as, as the controller derives it: `postgres` when root, else nobody.
 fn owner() -> Option<Owner> {
-    Owner::for_this_process().unwrap()
+    taidon_runtime::RunAs::for_this_process()
+        .unwrap()
+        .map(|u| Owner {
+            uid: u.uid,
+            gid: u.gid,
+        })
 }
 
 #[derive(Debug, PartialEq, Eq)]
