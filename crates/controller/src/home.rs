@@ -5,6 +5,8 @@
 //! <home>/daemon.json      how clients find it (written last, atomically)
 //! <home>/api.token        API bearer token (0600)
 //! <home>/gateway.key      token signing secret (0600)
+//! <home>/keyset.json      token keys: current and previous, Ed25519 or HS256 (0600)
+//! <home>/tls/             the gateway's CA and server certificate and key (key 0600)
 //! <home>/installation_id  the `aud` of every token this home mints
 //! <home>/gateway.addr     the gateway's address, kept across restarts so DSNs stay valid
 //! <home>/meta.db          SQLite metadata (WAL)
@@ -47,6 +49,12 @@ impl Home {
     }
     pub fn gateway_key_file(&self) -> PathBuf {
         self.root.join("gateway.key")
+    }
+    pub fn keyset_file(&self) -> PathBuf {
+        self.root.join("keyset.json")
+    }
+    pub fn tls_dir(&self) -> PathBuf {
+        self.root.join("tls")
     }
     pub fn installation_id_file(&self) -> PathBuf {
         self.root.join("installation_id")

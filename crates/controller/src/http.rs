@@ -11,7 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use taidon_api::{ApiError, CreateInstance, ErrorKind, Health, PrepareRequest, ResolveRequest};
+use taidon_api::{
+    ApiError, CreateInstance, DsnRequest, ErrorKind, Health, Leases, PrepareRequest, ResolveRequest,
+};
 
 use crate::{Controller, ControllerError};
 
@@ -39,6 +41,9 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/instances", get(instances).post(create_instance))
         .route("/v1/instances/{id}", get(instance).delete(delete_instance))
         .route("/v1/resolve", post(resolve))
+        .route("/v1/touch", post(touch))
+        .route("/v1/release", post(release))
+        .route("/v1/dsn", post(dsn))
         .route("/v1/shutdown", post(shutdown))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&controller),
@@ -141,6 +146,20 @@ async fn delete_instance(
 
 async fn resolve(State(ctl): Ctl, Json(req): Json<ResolveRequest>) -> Response {
     Json(ctl.resolve(&req)).into_response()
+}
+
+async fn touch(State(ctl): Ctl, Json(req): Json<Leases>) -> Response {
+    ctl.touch(&req.instance_ids);
+    Json(serde_json::json!({})).into_response()
+}
+
+async fn release(State(ctl): Ctl, Json(req): Json<Leases>) -> Response {
+    ctl.release(&req.instance_ids);
+    Json(serde_json::json!({})).into_response()
+}
+
+async fn dsn(State(ctl): Ctl, Json(req): Json<DsnRequest>) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.mint_dsn(&req)?).into_response())
 }
 
 async fn shutdown(State(ctl): Ctl) -> Response {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand::RngCore;
-use taidon_api::{InstanceInfo, ResolveRequest, ResolveResponse, Target};
+use taidon_api::InstanceInfo;
 use taidon_core::{InstanceId, StateId};
 use taidon_runtime::{Server, ServerConfig};
 use taidon_store::SnapshotStore;
@@ -14,13 +14,13 @@ use crate::meta::InstanceRow;
 use crate::{now_ms, Controller, ControllerError};
 
 /// The superuser the gateway logs in as; users never see its password.
-const INSTANCE_USER: &str = "postgres";
+pub(crate) const INSTANCE_USER: &str = "postgres";
 
 /// A running instance, as resolve needs it.
 pub(crate) struct Live {
     pub(crate) state_id: StateId,
-    port: u16,
-    password: String,
+    pub(crate) port: u16,
+    pub(crate) password: String,
     /// `None` once stopping.
     pub(crate) server: tokio::sync::Mutex<Option<Server>>,
 }
@@ -137,6 +137,10 @@ impl Controller {
                 e,
             ));
         }
+        if let Err(e) = crate::access::create_ro_role(&server, &password).await {
+            let _ = server.stop().await;
+            return Err(e);
+        }
         let start_ms = started.elapsed().as_millis() as u64;
         let row = InstanceRow {
             instance_id: iid,
@@ -232,20 +236,6 @@ impl Controller {
             states: vec![],
             instances: vec![row.instance_id],
         })
-    }
-
-    /// Where the gateway finds the instance a token names. Reads only the in-memory map.
-    pub fn resolve(&self, req: &ResolveRequest) -> ResolveResponse {
-        let live = self.live.read().unwrap_or_else(|p| p.into_inner());
-        match live.get(&req.instance_id) {
-            Some(l) if l.state_id == req.state_id => ResolveResponse::Ready(Target {
-                host: "127.0.0.1".into(),
-                port: l.port,
-                user: INSTANCE_USER.into(),
-                password: l.password.clone(),
-            }),
-            _ => ResolveResponse::Missing,
-        }
     }
 
     /// Restarts, as children of this process, the instances a previous daemon ran: their

@@ -2,6 +2,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![deny(clippy::todo, clippy::dbg_macro)]
 
+mod access;
 mod error;
 pub mod home;
 mod http;
@@ -15,11 +16,14 @@ use std::sync::{Arc, Mutex as StdMutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use taidon_api::{InstanceInfo, StateInfo, StateStatus, Status};
-use taidon_core::token::TokenKey;
+use taidon_core::token::{Keyset, SharedKeyset};
 use taidon_core::{InitdbOptions, StateId};
 use taidon_runtime::{Engine, RunAs};
 use taidon_store::{LocalStore, Owner, SnapshotStore};
 
+pub use access::{
+    dsn_with_token, generate_ed25519_key, read_or_create_keyset, rotate_keyset, AccessPolicy,
+};
 pub use error::ControllerError;
 pub use home::Home;
 pub use http::router;
@@ -66,7 +70,10 @@ pub struct Controller {
     run_as: Option<RunAs>,
     store: Arc<LocalStore>,
     meta: Meta,
-    key: TokenKey,
+    /// Tokens are signed with its current key; swapped whole when the keyset file changes.
+    keys: Arc<SharedKeyset>,
+    /// Resolve/Touch/Release counts and the shared read-only instances.
+    access: access::Access,
     api_token: String,
     /// `host:port` the DSNs point at; set once the gateway listens.
     gateway_addr: RwLock<String>,
@@ -107,13 +114,10 @@ impl Controller {
             gid: u.gid,
         });
         let store = Arc::new(LocalStore::open(home.snapshots(), owner)?);
-        let secret = home::read_or_create_secret(&home.gateway_key_file(), 32)
-            .map_err(|e| ControllerError::io("cannot read the gateway key", e))?;
-        let installation = home::read_or_create_secret(&home.installation_id_file(), 8)
-            .map_err(|e| ControllerError::io("cannot read the installation id", e))?;
+        let keyset = Keyset::from_file(&access::read_or_create_keyset(&home)?)
+            .map_err(|e| ControllerError::BadInput(format!("invalid keyset: {e}")))?;
         let api_token = home::read_or_create_secret(&home.api_token_file(), 32)
             .map_err(|e| ControllerError::io("cannot read the API token", e))?;
-        let key = TokenKey::hs256(secret.as_bytes(), installation);
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let controller = Arc::new(Self {
             config,
@@ -122,7 +126,8 @@ impl Controller {
             run_as,
             store,
             meta,
-            key,
+            keys: Arc::new(SharedKeyset::new(keyset)),
+            access: access::Access::default(),
             api_token,
             gateway_addr: RwLock::new(String::new()),
             api_url: RwLock::new(String::new()),
@@ -142,9 +147,14 @@ impl Controller {
         &self.engine
     }
 
-    /// The key tokens are signed and checked with.
-    pub fn token_key(&self) -> &TokenKey {
-        &self.key
+    /// The keyset in force: tokens are signed with its current key.
+    pub fn token_key(&self) -> Arc<Keyset> {
+        self.keys.get()
+    }
+
+    /// The keyset handle, shared with the gateway and swapped whole on reload.
+    pub fn keyset(&self) -> Arc<SharedKeyset> {
+        Arc::clone(&self.keys)
     }
 
     /// The API bearer token.
@@ -399,15 +409,15 @@ impl Controller {
         row: &meta::InstanceRow,
     ) -> Result<InstanceInfo, ControllerError> {
         let now_s = now_ms() / 1000;
-        let claims = self.key.claims(
+        let keys = self.keys.get();
+        let claims = keys.claims(
             row.state_id,
             row.instance_id,
             taidon_core::token::Scope::Rw,
             now_s,
             self.config.token_ttl_s,
         );
-        let token = self
-            .key
+        let token = keys
             .sign(&claims)
             .map_err(|e| ControllerError::Internal(format!("cannot sign a token: {e}")))?;
         let running = self
