@@ -1,4 +1,5 @@
-//! Taidon's domain: state identity, prepare plans, token claims and id prefixes.
+//! Taidon's domain: state identity, prepare plans, token claims, id prefixes and the
+//! lifecycle policy.
 //!
 //! Nothing in this crate does I/O: every function is a pure computation over its arguments, so
 //! the same inputs give the same answers on any machine.
@@ -9,6 +10,7 @@ pub mod engine;
 pub mod id;
 pub mod identity;
 pub mod plan;
+pub mod policy;
 pub mod prefix;
 pub mod store;
 pub mod token;
