@@ -165,8 +165,19 @@ pub(crate) fn password(body: &Bytes) -> io::Result<String> {
     Ok(password)
 }
 
-/// The answer to an SSLRequest or GSSENCRequest: not supported, go on in plain text.
+/// The answer to a GSSENCRequest, or an SSLRequest without TLS: go on in plain text.
 pub(crate) const REFUSE_ENCRYPTION: &[u8] = b"N";
+
+/// The answer to an SSLRequest when TLS is configured: go ahead with the TLS handshake.
+pub(crate) const ACCEPT_SSL: &[u8] = b"S";
+
+/// BackendKeyData: the key a client sends back in a CancelRequest.
+pub(crate) fn backend_key_data(process_id: i32, secret_key: i32, buf: &mut BytesMut) {
+    buf.put_u8(b'K');
+    buf.put_i32(12);
+    buf.put_i32(process_id);
+    buf.put_i32(secret_key);
+}
 
 fn authentication(code: i32, buf: &mut BytesMut) {
     buf.put_u8(b'R');

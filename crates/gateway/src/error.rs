@@ -18,6 +18,8 @@ pub enum ErrorKind {
     Resolve,
     /// The instance's server could not be reached or refused the gateway.
     Backend,
+    /// A limit turned the connection away: connections, rate, waiters.
+    Limit,
 }
 
 /// The handshake step a timeout hit.
@@ -52,6 +54,25 @@ pub enum GatewayError {
     UnsupportedProtocol { major: u16, minor: u16 },
     #[error("client sent no user name")]
     MissingUser,
+    #[error("client from {peer} did not ask for TLS, which is required")]
+    TlsRequired { peer: String },
+    #[error("TLS handshake failed")]
+    TlsHandshake(#[source] io::Error),
+    #[error("token of state {state} (sub {sub:?}, token {fingerprint}) is not allowed: {reason}")]
+    Forbidden {
+        state: String,
+        sub: String,
+        fingerprint: String,
+        reason: String,
+    },
+    #[error("too many connections (limit {limit})")]
+    TooManyConnections { limit: u32 },
+    #[error("too many connection attempts from {what}")]
+    RateLimited { what: String },
+    #[error("too many connections are waiting for an instance to start")]
+    TooManyWaiting,
+    #[error("the instance of state {state} is still starting")]
+    StillStarting { state: String },
     #[error("handshake step {0:?} timed out")]
     Timeout(Step),
     #[error("token refused for user {user:?} (token {fingerprint})")]
@@ -94,8 +115,15 @@ impl GatewayError {
             | GatewayError::UnexpectedMessage { .. }
             | GatewayError::UnsupportedProtocol { .. }
             | GatewayError::MissingUser
+            | GatewayError::TlsHandshake(_)
             | GatewayError::Timeout(Step::Startup | Step::Auth) => ErrorKind::Client,
-            GatewayError::TokenRefused { .. } => ErrorKind::Auth,
+            GatewayError::TokenRefused { .. }
+            | GatewayError::Forbidden { .. }
+            | GatewayError::TlsRequired { .. } => ErrorKind::Auth,
+            GatewayError::TooManyConnections { .. }
+            | GatewayError::RateLimited { .. }
+            | GatewayError::TooManyWaiting => ErrorKind::Limit,
+            GatewayError::StillStarting { .. } => ErrorKind::Resolve,
             GatewayError::Missing { .. }
             | GatewayError::Resolve(_)
             | GatewayError::Timeout(Step::Resolve) => ErrorKind::Resolve,
@@ -115,7 +143,31 @@ impl GatewayError {
             GatewayError::ClientIo(_)
             | GatewayError::ClientProtocol(_)
             | GatewayError::Timeout(Step::Startup)
+            | GatewayError::TlsHandshake(_)
             | GatewayError::BackendRejected { .. } => return None,
+            GatewayError::TlsRequired { .. } => (
+                "28000",
+                "TLS is required: connect with sslmode=require or stronger".to_owned(),
+            ),
+            GatewayError::Forbidden { .. } => (
+                "28000",
+                "the token does not allow this connection".to_owned(),
+            ),
+            GatewayError::TooManyConnections { limit } => (
+                "53300",
+                format!("too many connections for this database (limit {limit})"),
+            ),
+            GatewayError::RateLimited { .. } => (
+                "53300",
+                "too many connection attempts: try again later".to_owned(),
+            ),
+            GatewayError::TooManyWaiting => (
+                "53300",
+                "too many connections are waiting for the database to start".to_owned(),
+            ),
+            GatewayError::StillStarting { .. } => {
+                ("57P03", "the database system is starting up".to_owned())
+            }
             GatewayError::UnexpectedMessage { .. } => (
                 "08P01",
                 "unexpected message during authentication".to_owned(),

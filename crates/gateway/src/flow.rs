@@ -7,14 +7,15 @@ use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::{Header, Message};
 use postgres_protocol::message::frontend;
-use taidon_api::{ResolveRequest, ResolveResponse, Target};
-use taidon_core::token::{self, Claims, TokenKey};
+use taidon_api::{ResolveRequest, Target};
+use taidon_core::token::{self, Claims, Keyset, Scope};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 
 use crate::codec::{self, StartupPacket, StartupParams};
 use crate::error::GatewayError;
-use crate::resolve::Resolver;
+use crate::stream::ClientStream;
 
 /// A stream and the bytes read from it but not yet consumed.
 pub(crate) struct Conn<S> {
@@ -84,13 +85,19 @@ impl ReadError {
 pub(crate) enum Startup {
     /// A client that wants to log in as `user`.
     Login { user: String, params: StartupParams },
-    /// A CancelRequest: not routed yet, the connection just ends.
-    Cancel,
+    /// A CancelRequest with the key the gateway gave the client.
+    Cancel { process_id: i32, secret_key: i32 },
 }
 
-/// Reads the startup packet, refusing encryption requests until a StartupMessage arrives.
+fn protocol_violation(what: &'static str) -> GatewayError {
+    GatewayError::ClientProtocol(io::Error::new(io::ErrorKind::InvalidData, what))
+}
+
+/// Reads the startup packet: an SSLRequest switches to TLS when an acceptor is given (else
+/// 'N'), a GSSENCRequest is answered 'N', until a StartupMessage or CancelRequest arrives.
 pub(crate) async fn startup<S: AsyncRead + AsyncWrite + Unpin>(
-    client: &mut Conn<S>,
+    client: &mut Conn<ClientStream<S>>,
+    tls: Option<&TlsAcceptor>,
 ) -> Result<Startup, GatewayError> {
     loop {
         let packet = client
@@ -99,20 +106,48 @@ pub(crate) async fn startup<S: AsyncRead + AsyncWrite + Unpin>(
             .map_err(ReadError::client)?;
         match packet {
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                // A client that pipelines data after the request would be reading our 'N' as
-                // something else; PostgreSQL refuses that too (CVE-2021-23222).
+                // A client that pipelines data after the request would be reading our answer
+                // as something else; PostgreSQL refuses that too (CVE-2021-23222).
                 if !client.buf.is_empty() {
-                    return Err(GatewayError::ClientProtocol(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "data sent after an encryption request",
-                    )));
+                    return Err(protocol_violation("data sent after an encryption request"));
                 }
+                let acceptor = match (&packet, tls, &client.io) {
+                    (StartupPacket::SslRequest, Some(a), ClientStream::Plain(_)) => a,
+                    (StartupPacket::SslRequest, _, ClientStream::Tls(_)) => {
+                        return Err(protocol_violation("SSLRequest inside TLS"))
+                    }
+                    _ => {
+                        client
+                            .send(codec::REFUSE_ENCRYPTION)
+                            .await
+                            .map_err(GatewayError::ClientIo)?;
+                        continue;
+                    }
+                };
                 client
-                    .send(codec::REFUSE_ENCRYPTION)
+                    .send(codec::ACCEPT_SSL)
                     .await
                     .map_err(GatewayError::ClientIo)?;
+                let ClientStream::Plain(plain) =
+                    std::mem::replace(&mut client.io, ClientStream::Upgrading)
+                else {
+                    return Err(protocol_violation("TLS negotiated twice"));
+                };
+                let tls = acceptor
+                    .accept(plain)
+                    .await
+                    .map_err(GatewayError::TlsHandshake)?;
+                client.io = ClientStream::Tls(Box::new(tls));
             }
-            StartupPacket::CancelRequest { .. } => return Ok(Startup::Cancel),
+            StartupPacket::CancelRequest {
+                process_id,
+                secret_key,
+            } => {
+                return Ok(Startup::Cancel {
+                    process_id,
+                    secret_key,
+                })
+            }
             StartupPacket::UnsupportedVersion(v) => {
                 return Err(GatewayError::UnsupportedProtocol {
                     major: (v >> 16) as u16,
@@ -130,50 +165,68 @@ pub(crate) async fn startup<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Asks for the password, and verifies it as a token at `now_s`.
+/// The user name as logs and clients may see it: a token there is never shown.
+pub(crate) fn shown_user(user: &str) -> String {
+    if token::looks_like_jwt(user) {
+        format!("(token {})", token::fingerprint(user))
+    } else {
+        user.chars().take(63).collect()
+    }
+}
+
+/// A verified token and what logs may say of it.
+pub(crate) struct Verified {
+    pub(crate) claims: Claims,
+    /// A short fingerprint of the token, never the token.
+    pub(crate) fingerprint: String,
+}
+
+/// Finds the token — the user name when it has a token's shape, else the password asked for
+/// in clear text — and verifies it at `now_s`.
 pub(crate) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut Conn<S>,
     user: &str,
-    key: &TokenKey,
+    keys: &Keyset,
     now_s: impl FnOnce() -> u64,
-) -> Result<Claims, GatewayError> {
-    let mut out = BytesMut::new();
-    codec::authentication_cleartext_password(&mut out);
-    client.send(&out).await.map_err(GatewayError::ClientIo)?;
-    let msg = client
-        .read(|buf| codec::parse_message(buf, codec::MAX_PREAUTH_MESSAGE_LEN))
-        .await
-        .map_err(ReadError::client)?;
-    if msg.tag != b'p' {
-        return Err(GatewayError::UnexpectedMessage {
-            tag: char::from(msg.tag),
-        });
-    }
-    let token = codec::password(&msg.body).map_err(GatewayError::ClientProtocol)?;
-    key.verify(&token, now_s())
-        .map_err(|source| GatewayError::TokenRefused {
-            user: user.to_owned(),
-            fingerprint: token::fingerprint(&token),
+) -> Result<Verified, GatewayError> {
+    let token = if token::looks_like_jwt(user) {
+        user.to_owned()
+    } else {
+        let mut out = BytesMut::new();
+        codec::authentication_cleartext_password(&mut out);
+        client.send(&out).await.map_err(GatewayError::ClientIo)?;
+        let msg = client
+            .read(|buf| codec::parse_message(buf, codec::MAX_PREAUTH_MESSAGE_LEN))
+            .await
+            .map_err(ReadError::client)?;
+        if msg.tag != b'p' {
+            return Err(GatewayError::UnexpectedMessage {
+                tag: char::from(msg.tag),
+            });
+        }
+        codec::password(&msg.body).map_err(GatewayError::ClientProtocol)?
+    };
+    let fingerprint = token::fingerprint(&token);
+    match keys.verify(&token, now_s()) {
+        Ok(claims) => Ok(Verified {
+            claims,
+            fingerprint,
+        }),
+        Err(source) => Err(GatewayError::TokenRefused {
+            user: shown_user(user),
+            fingerprint,
             source,
-        })
+        }),
+    }
 }
 
-/// Where the token's instance runs.
-pub(crate) async fn resolve(
-    resolver: &dyn Resolver,
-    claims: &Claims,
-) -> Result<Target, GatewayError> {
-    let req = ResolveRequest {
+/// The resolve request for verified claims.
+pub(crate) fn resolve_request(claims: &Claims) -> ResolveRequest {
+    ResolveRequest {
         state_id: claims.sid,
         instance_id: claims.iid,
-    };
-    match resolver.resolve(req).await {
-        Ok(ResolveResponse::Ready(target)) => Ok(target),
-        Ok(ResolveResponse::Missing) => Err(GatewayError::Missing {
-            state: claims.sid.to_string(),
-            instance: claims.iid.to_string(),
-        }),
-        Err(e) => Err(GatewayError::Resolve(e)),
+        scope: claims.scope,
+        max_conn: claims.limits.and_then(|l| l.max_conn),
     }
 }
 
@@ -196,11 +249,30 @@ pub(crate) async fn backend_login<B: AsyncRead + AsyncWrite + Unpin>(
     backend: &mut Conn<B>,
     target: &Target,
     params: &StartupParams,
+    scope: Scope,
 ) -> Result<(), GatewayError> {
     let mut out = BytesMut::new();
-    let forwarded = params.iter().filter(|(k, _)| *k != "user");
+    let mut forwarded: Vec<(&str, String)> = params
+        .iter()
+        .filter(|(k, _)| *k != "user")
+        // A read-only session may not turn read-only off from its startup packet.
+        .filter(|(k, _)| scope == Scope::Rw || *k != "default_transaction_read_only")
+        .map(|(k, v)| (k, v.to_owned()))
+        .collect();
+    if scope == Scope::Ro {
+        // The last -c wins, so this overrides any earlier one in the client's options.
+        const RO: &str = "-c default_transaction_read_only=on";
+        match forwarded.iter_mut().find(|(k, _)| *k == "options") {
+            Some((_, v)) => {
+                v.push(' ');
+                v.push_str(RO);
+            }
+            None => forwarded.push(("options", RO.to_owned())),
+        }
+    }
     frontend::startup_message(
-        std::iter::once(("user", target.user.as_str())).chain(forwarded),
+        std::iter::once(("user", target.user.as_str()))
+            .chain(forwarded.iter().map(|(k, v)| (*k, v.as_str()))),
         &mut out,
     )
     .map_err(GatewayError::BackendProtocol)?;
@@ -312,29 +384,62 @@ fn summarize_error(raw: &[u8]) -> String {
     format!("{} {}", field(b'C'), field(b'M'))
 }
 
-/// Tells the client it is in, hands over what each side already sent, and relays bytes both
-/// ways until either side closes.
-pub(crate) async fn passthrough<C, B>(
-    mut client: Conn<C>,
-    mut backend: Conn<B>,
-) -> Result<(u64, u64), GatewayError>
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut out = BytesMut::new();
+/// The backend's real cancel key, from its BackendKeyData.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BackendKey {
+    pub(crate) process_id: i32,
+    pub(crate) secret_key: i32,
+}
+
+/// Reads what the backend sends after AuthenticationOk up to its first ReadyForQuery, and
+/// returns it for the client with BackendKeyData replaced by `ours` (and AuthenticationOk
+/// first), plus the backend's real key. An ErrorResponse ends the login.
+pub(crate) async fn backend_ready<B: AsyncRead + AsyncWrite + Unpin>(
+    backend: &mut Conn<B>,
+    ours: BackendKey,
+) -> Result<(BytesMut, Option<BackendKey>), GatewayError> {
+    let mut out = BytesMut::with_capacity(512);
     codec::authentication_ok(&mut out);
-    // ParameterStatus, BackendKeyData and ReadyForQuery may already be buffered.
-    out.extend_from_slice(&backend.buf);
-    client.send(&out).await.map_err(GatewayError::ClientIo)?;
-    if !client.buf.is_empty() {
-        backend
-            .send(&client.buf)
+    let mut real = None;
+    loop {
+        let raw = backend
+            .read(take_message)
             .await
-            .map_err(GatewayError::BackendIo)?;
+            .map_err(ReadError::backend)?;
+        match raw[0] {
+            b'K' if raw.len() == 13 => {
+                let field =
+                    |i: usize| i32::from_be_bytes([raw[i], raw[i + 1], raw[i + 2], raw[i + 3]]);
+                real = Some(BackendKey {
+                    process_id: field(5),
+                    secret_key: field(9),
+                });
+                codec::backend_key_data(ours.process_id, ours.secret_key, &mut out);
+            }
+            b'E' => {
+                return Err(GatewayError::BackendRejected {
+                    summary: summarize_error(&raw),
+                    raw,
+                })
+            }
+            b'Z' => {
+                out.extend_from_slice(&raw);
+                return Ok((out, real));
+            }
+            _ => out.extend_from_slice(&raw),
+        }
     }
-    // Neither side says which one failed; the stream error is the client's more often than not.
-    tokio::io::copy_bidirectional(&mut client.io, &mut backend.io)
-        .await
-        .map_err(GatewayError::ClientIo)
+}
+
+/// Splits off one whole backend message (tag, length and body).
+fn take_message(buf: &mut BytesMut) -> io::Result<Option<bytes::Bytes>> {
+    let Some(header) = Header::parse(buf)? else {
+        return Ok(None);
+    };
+    let total = header.len() as usize + 1;
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    Ok(Some(buf.split_to(total).freeze()))
 }

@@ -1,34 +1,55 @@
 //! The PostgreSQL wire-protocol gateway: one TCP port for every instance.
 //!
-//! A client connects with `postgres://sqlrs:<JWT>@host:port/postgres`; the gateway reads its
-//! startup packet, asks for the password in clear text and verifies it as a token, asks the
-//! controller where the token's instance runs, logs in to that server with credentials the
-//! client never sees, and then relays bytes both ways.
+//! A client connects with `postgres://sqlrs:<JWT>@host:port/postgres` (or the token as the user
+//! name); the gateway reads its startup packet (switching to TLS on an SSLRequest), verifies
+//! the token against its keyset, asks the controller where the token's instance runs (Resolve,
+//! retried while it starts), logs in to that server with credentials the client never sees,
+//! hands the client its own cancel key, and relays bytes both ways until either side closes or
+//! a session limit ends it. The controller hears Touch while the connection lives and Release
+//! when it ends.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![deny(clippy::todo, clippy::dbg_macro)]
 
 mod codec;
 mod error;
 mod flow;
+mod limits;
+mod relay;
 mod resolve;
+mod stream;
 #[cfg(test)]
 mod tests;
+mod tls;
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
+
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use taidon_core::token::TokenKey;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use postgres_protocol::message::frontend;
+use taidon_api::{ResolveResponse, Target};
+use taidon_core::token::SharedKeyset;
+use taidon_core::InstanceId;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 pub use error::{ClientError, ErrorKind, GatewayError, Step};
+pub use limits::RateLimit;
 pub use resolve::{HttpResolver, ResolveError, Resolver};
+pub use tls::{ensure_self_signed, server_config, TlsError, TlsFiles};
 
-use flow::{Conn, Startup};
+use flow::{BackendKey, Conn, Startup};
+use limits::{RateLimiter, SessionLimits, Waiting};
+use stream::ClientStream;
 
 /// The time tokens are checked against.
 pub trait Clock: Send + Sync {
@@ -51,50 +72,141 @@ impl Clock for SystemClock {
 /// How the gateway behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayConfig {
-    /// The longest each handshake step (startup, auth, resolve, connect) may take.
+    /// The longest each handshake step (startup, auth, one resolve, connect) may take.
     pub handshake_timeout: Duration,
+    /// Refuse clients that did not negotiate TLS, except over loopback.
+    pub require_tls: bool,
+    /// How long a connection may wait for a starting instance before 57P03.
+    pub starting_wait: Duration,
+    /// How many times a STARTING answer is retried at most.
+    pub starting_retries: u32,
+    /// Connections waiting for a starting instance, overall.
+    pub max_waiting: usize,
+    /// Connections waiting for a starting instance, per state.
+    pub max_waiting_per_state: usize,
+    /// New connections per client address.
+    pub rate_per_ip: RateLimit,
+    /// New connections per token subject.
+    pub rate_per_subject: RateLimit,
+    /// How often the controller hears that open connections are still there.
+    pub touch_interval: Duration,
+    /// Sessions idle this long are ended (a token's `max_idle_s` can only shorten it).
+    pub max_idle: Option<Duration>,
+    /// Sessions are ended this long after they start (a token's `max_duration_s` likewise).
+    pub max_duration: Option<Duration>,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             handshake_timeout: Duration::from_secs(10),
+            require_tls: false,
+            starting_wait: Duration::from_secs(60),
+            starting_retries: 600,
+            max_waiting: 256,
+            max_waiting_per_state: 64,
+            rate_per_ip: RateLimit {
+                burst: 2000,
+                per_s: 1000,
+            },
+            rate_per_subject: RateLimit {
+                burst: 2000,
+                per_s: 1000,
+            },
+            touch_interval: Duration::from_secs(10),
+            max_idle: None,
+            max_duration: None,
         }
     }
+}
+
+/// Where a client's cancel key leads.
+struct CancelRoute {
+    secret_key: i32,
+    host: String,
+    port: u16,
+    backend: BackendKey,
 }
 
 /// The gateway: verifies each connection's token and relays it to its instance.
 pub struct Gateway {
     config: GatewayConfig,
-    key: TokenKey,
+    keys: Arc<SharedKeyset>,
     resolver: Arc<dyn Resolver>,
     clock: Arc<dyn Clock>,
+    tls: Option<TlsAcceptor>,
+    /// The cancel keys handed to clients, by process id.
+    cancels: Mutex<HashMap<i32, CancelRoute>>,
+    /// The instance of every open session, by connection number, for Touch.
+    leases: Mutex<HashMap<u64, InstanceId>>,
+    next_conn: AtomicU64,
+    per_ip: RateLimiter<IpAddr>,
+    per_subject: RateLimiter<String>,
+    waiting: Waiting,
 }
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway")
             .field("config", &self.config)
-            .field("key", &self.key)
+            .field("keys", &self.keys)
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
 
+/// What a successful handshake leaves: the backend, what the client is sent first, and the
+/// bookkeeping to undo when the session ends.
+struct Session {
+    backend: Conn<TcpStream>,
+    greeting: BytesMut,
+    instance: InstanceId,
+    cancel_pid: i32,
+    limits: SessionLimits,
+}
+
+fn is_loopback(peer: Option<SocketAddr>) -> bool {
+    // In-process streams (tests, fuzzing) have no address.
+    peer.is_none_or(|p| p.ip().is_loopback())
+}
+
 impl Gateway {
-    /// A gateway that verifies tokens with `key` against the system clock.
-    pub fn new(config: GatewayConfig, key: TokenKey, resolver: Arc<dyn Resolver>) -> Self {
+    /// A gateway that verifies tokens with `keys` against the system clock, without TLS.
+    pub fn new(
+        config: GatewayConfig,
+        keys: Arc<SharedKeyset>,
+        resolver: Arc<dyn Resolver>,
+    ) -> Self {
         Self {
+            per_ip: RateLimiter::new(config.rate_per_ip),
+            per_subject: RateLimiter::new(config.rate_per_subject),
             config,
-            key,
+            keys,
             resolver,
             clock: Arc::new(SystemClock),
+            tls: None,
+            cancels: Mutex::new(HashMap::new()),
+            leases: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            waiting: Waiting::default(),
         }
     }
 
-    /// The same gateway checking token expiry against `clock`.
+    /// The same gateway checking token times against `clock`.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
+    }
+
+    /// The same gateway answering SSLRequest with TLS under `config`.
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(TlsAcceptor::from(config));
+        self
+    }
+
+    /// Open sessions (for tests and status).
+    pub fn sessions(&self) -> usize {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Accepts connections on `listener`, each in its own task, until `shutdown` resolves; then
@@ -102,6 +214,7 @@ impl Gateway {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut conns = JoinSet::new();
+        let toucher = tokio::spawn(Arc::clone(&self).touch_loop());
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
@@ -113,7 +226,7 @@ impl Gateway {
                         }
                         let gateway = Arc::clone(&self);
                         conns.spawn(async move {
-                            if let Err(e) = gateway.handle(stream).await {
+                            if let Err(e) = gateway.handle(stream, Some(peer)).await {
                                 log_failure(&peer.to_string(), &e);
                             }
                         });
@@ -126,68 +239,324 @@ impl Gateway {
                 },
             }
         }
+        toucher.abort();
         conns.shutdown().await;
     }
 
-    /// Runs one client connection to its end: handshake, then relay until either side closes.
-    /// On failure the client is sent a FATAL ErrorResponse when it can take one.
-    pub async fn handle<S>(&self, stream: S) -> Result<(), GatewayError>
+    /// Tells the controller, every `touch_interval`, which instances have open sessions.
+    async fn touch_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.touch_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let ids: Vec<InstanceId> = self
+                .leases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .copied()
+                .collect();
+            if !ids.is_empty() {
+                if let Err(e) = self.resolver.touch(ids).await {
+                    debug!(error = %e, "touch failed");
+                }
+            }
+        }
+    }
+
+    /// Runs one client connection to its end: handshake, then relay until either side closes
+    /// or a limit ends the session. On failure the client is sent a FATAL ErrorResponse when it
+    /// can take one. `peer` is the client's address (`None` in-process).
+    pub async fn handle<S>(&self, stream: S, peer: Option<SocketAddr>) -> Result<(), GatewayError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut client = Conn::new(stream);
-        match self.connect(&mut client).await {
-            Ok(Some(backend)) => {
-                let (up, down) = flow::passthrough(client, backend).await?;
-                debug!(bytes_up = up, bytes_down = down, "connection closed");
-                Ok(())
-            }
-            Ok(None) => Ok(()),
+        let mut client = Conn::new(ClientStream::Plain(stream));
+        let session = match self.connect(&mut client, peer).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return Ok(()),
             Err(e) => {
                 self.tell_client(&mut client, &e).await;
-                Err(e)
+                return Err(e);
             }
+        };
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(conn_id, session.instance);
+        let end = self
+            .run_session(client, session.backend, &session.greeting, session.limits)
+            .await;
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&conn_id);
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&session.cancel_pid);
+        self.release(session.instance).await;
+        let end = end?;
+        debug!(?end, "session ended");
+        Ok(())
+    }
+
+    async fn run_session<S>(
+        &self,
+        mut client: Conn<ClientStream<S>>,
+        mut backend: Conn<TcpStream>,
+        greeting: &[u8],
+        limits: SessionLimits,
+    ) -> Result<relay::RelayEnd, GatewayError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        client
+            .send(greeting)
+            .await
+            .map_err(GatewayError::ClientIo)?;
+        if !client.buf.is_empty() {
+            backend
+                .send(&client.buf)
+                .await
+                .map_err(GatewayError::BackendIo)?;
+        }
+        if !backend.buf.is_empty() {
+            client
+                .send(&backend.buf)
+                .await
+                .map_err(GatewayError::ClientIo)?;
+        }
+        // The handshake buffers are not needed while relaying: 1,000 idle sessions stay small.
+        Ok(relay::relay(client.io, backend.io, limits).await)
+    }
+
+    async fn release(&self, instance: InstanceId) {
+        if let Err(e) = self.resolver.release(vec![instance]).await {
+            warn!(%instance, error = %e, "cannot release a connection");
         }
     }
 
     /// Every handshake step, each under the handshake timeout; `None` for a cancel request.
     async fn connect<S>(
         &self,
-        client: &mut Conn<S>,
-    ) -> Result<Option<Conn<tokio::net::TcpStream>>, GatewayError>
+        client: &mut Conn<ClientStream<S>>,
+        peer: Option<SocketAddr>,
+    ) -> Result<Option<Session>, GatewayError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let (user, params) = match self.step(Step::Startup, flow::startup(client)).await? {
+        let startup = self
+            .step(Step::Startup, flow::startup(client, self.tls.as_ref()))
+            .await?;
+        let (user, params) = match startup {
             Startup::Login { user, params } => (user, params),
-            Startup::Cancel => {
-                debug!("cancel request ignored: not routed yet");
+            Startup::Cancel {
+                process_id,
+                secret_key,
+            } => {
+                self.step(Step::Connect, self.cancel(process_id, secret_key))
+                    .await?;
                 return Ok(None);
             }
         };
-        let claims = self
+        let tls = client.io.is_tls();
+        if self.config.require_tls && !tls && !is_loopback(peer) {
+            return Err(GatewayError::TlsRequired {
+                peer: peer.map(|p| p.to_string()).unwrap_or_default(),
+            });
+        }
+        if let Some(p) = peer {
+            if !self.per_ip.allow(&p.ip(), Instant::now()) {
+                return Err(GatewayError::RateLimited {
+                    what: p.ip().to_string(),
+                });
+            }
+        }
+        let keys = self.keys.get();
+        let verified = self
             .step(
                 Step::Auth,
-                flow::authenticate(client, &user, &self.key, || self.clock.now_s()),
+                flow::authenticate(client, &user, &keys, || self.clock.now_s()),
             )
             .await?;
-        let target = self
-            .step(Step::Resolve, flow::resolve(&*self.resolver, &claims))
-            .await?;
-        let backend = self
+        let claims = &verified.claims;
+        if !self.per_subject.allow(&claims.sub, Instant::now()) {
+            return Err(GatewayError::RateLimited {
+                what: format!("subject {:?}", claims.sub),
+            });
+        }
+        let (target, resolve_us) = self.resolve(&verified).await?;
+        let instance = target.instance_id;
+        let result = self
             .step(Step::Connect, async {
                 let mut backend = Conn::new(flow::dial(&target).await?);
-                flow::backend_login(&mut backend, &target, &params).await?;
-                Ok(backend)
+                flow::backend_login(&mut backend, &target, &params, claims.scope).await?;
+                let ours = self.new_cancel_key();
+                let (greeting, real) = flow::backend_ready(&mut backend, ours).await?;
+                if let Some(real) = real {
+                    self.cancels
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(
+                            ours.process_id,
+                            CancelRoute {
+                                secret_key: ours.secret_key,
+                                host: target.host.clone(),
+                                port: target.port,
+                                backend: real,
+                            },
+                        );
+                }
+                Ok((backend, greeting, ours.process_id))
             })
-            .await?;
+            .await;
+        let (backend, greeting, cancel_pid) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.release(instance).await;
+                return Err(e);
+            }
+        };
+        let token_limits = claims.limits.unwrap_or_default();
+        let limits = SessionLimits {
+            max_idle: self.config.max_idle,
+            max_duration: self.config.max_duration,
+        }
+        .min(SessionLimits {
+            max_idle: token_limits.max_idle_s.map(Duration::from_secs),
+            max_duration: token_limits.max_duration_s.map(Duration::from_secs),
+        });
         info!(
-            user = %user,
+            peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
+            sub = %claims.sub,
             state = %claims.sid.short(),
-            instance = %claims.iid,
+            instance = %instance,
+            scope = %claims.scope,
+            token = %verified.fingerprint,
+            tls,
+            resolve_us,
             "client connected",
         );
-        Ok(Some(backend))
+        Ok(Some(Session {
+            backend,
+            greeting,
+            instance,
+            cancel_pid,
+            limits,
+        }))
+    }
+
+    /// Asks the controller where to go, waiting (bounded) while the instance starts. Returns
+    /// the target and how long the answering Resolve took, in microseconds.
+    async fn resolve(&self, verified: &flow::Verified) -> Result<(Target, u64), GatewayError> {
+        let claims = &verified.claims;
+        let req = flow::resolve_request(claims);
+        let started = Instant::now();
+        let mut slot = None;
+        let mut tries = 0u32;
+        loop {
+            let t0 = Instant::now();
+            let answer = self
+                .step(Step::Resolve, async {
+                    self.resolver
+                        .resolve(req.clone())
+                        .await
+                        .map_err(GatewayError::Resolve)
+                })
+                .await?;
+            let took_us = t0.elapsed().as_micros() as u64;
+            match answer {
+                ResolveResponse::Ready(target) => return Ok((target, took_us)),
+                ResolveResponse::Starting { retry_after_ms } => {
+                    if slot.is_none() {
+                        slot = Some(
+                            self.waiting
+                                .enter(
+                                    claims.sid,
+                                    self.config.max_waiting,
+                                    self.config.max_waiting_per_state,
+                                )
+                                .ok_or(GatewayError::TooManyWaiting)?,
+                        );
+                    }
+                    let pause = Duration::from_millis(retry_after_ms.clamp(10, 2_000));
+                    tries += 1;
+                    if tries > self.config.starting_retries
+                        || started.elapsed() + pause > self.config.starting_wait
+                    {
+                        return Err(GatewayError::StillStarting {
+                            state: claims.sid.short().to_string(),
+                        });
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                ResolveResponse::Missing => {
+                    return Err(GatewayError::Missing {
+                        state: claims.sid.to_string(),
+                        instance: claims.iid.map(|i| i.to_string()).unwrap_or_default(),
+                    })
+                }
+                ResolveResponse::Forbidden { reason } => {
+                    return Err(GatewayError::Forbidden {
+                        state: claims.sid.short().to_string(),
+                        sub: claims.sub.clone(),
+                        fingerprint: verified.fingerprint.clone(),
+                        reason,
+                    })
+                }
+                ResolveResponse::TooManyConnections { limit } => {
+                    return Err(GatewayError::TooManyConnections { limit })
+                }
+            }
+        }
+    }
+
+    /// A fresh cancel key no open session has.
+    fn new_cancel_key(&self) -> BackendKey {
+        let cancels = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            // Positive, as PostgreSQL's own process ids.
+            let process_id = (rand::random::<u32>() >> 1) as i32;
+            if process_id != 0 && !cancels.contains_key(&process_id) {
+                return BackendKey {
+                    process_id,
+                    secret_key: rand::random(),
+                };
+            }
+        }
+    }
+
+    /// Routes a CancelRequest to the backend with its real key; an unknown key is ignored, as
+    /// PostgreSQL does.
+    async fn cancel(&self, process_id: i32, secret_key: i32) -> Result<(), GatewayError> {
+        let route = {
+            let cancels = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+            cancels
+                .get(&process_id)
+                .filter(|r| r.secret_key == secret_key)
+                .map(|r| (r.host.clone(), r.port, r.backend))
+        };
+        let Some((host, port, backend)) = route else {
+            debug!("cancel request with an unknown key ignored");
+            return Ok(());
+        };
+        let mut out = BytesMut::new();
+        frontend::cancel_request(backend.process_id, backend.secret_key, &mut out);
+        let mut stream = TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|source| GatewayError::BackendConnect {
+                addr: format!("{host}:{port}"),
+                source,
+            })?;
+        stream
+            .write_all(&out)
+            .await
+            .map_err(GatewayError::BackendIo)?;
+        let _ = stream.shutdown().await;
+        debug!(process_id, "cancel request routed");
+        Ok(())
     }
 
     async fn step<T>(

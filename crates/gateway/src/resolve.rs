@@ -1,7 +1,8 @@
 //! Where a verified token's instance runs: asked of the controller.
 
 use futures_util::future::BoxFuture;
-use taidon_api::{ApiError, ResolveRequest, ResolveResponse};
+use taidon_api::{ApiError, Leases, ResolveRequest, ResolveResponse};
+use taidon_core::InstanceId;
 
 /// Why the controller could not say where an instance is.
 #[derive(Debug, thiserror::Error)]
@@ -29,17 +30,28 @@ impl ResolveError {
     }
 }
 
-/// Finds the running instance a token names.
+/// Finds the running instance a token names, and hears which connections live and end.
 pub trait Resolver: Send + Sync {
-    /// Where `req`'s instance runs, or `Missing`.
+    /// Where `req`'s instance runs, or why not; `Ready` counts one more connection.
     fn resolve(&self, req: ResolveRequest) -> BoxFuture<'_, Result<ResolveResponse, ResolveError>>;
+
+    /// The connections on these instances are still open (one entry per connection).
+    fn touch(&self, _instance_ids: Vec<InstanceId>) -> BoxFuture<'_, Result<(), ResolveError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// These connections closed (one entry per connection).
+    fn release(&self, _instance_ids: Vec<InstanceId>) -> BoxFuture<'_, Result<(), ResolveError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
-/// A [`Resolver`] that asks the controller's `POST /v1/resolve`.
+/// A [`Resolver`] that asks the controller's `POST /v1/resolve`, `/v1/touch`, `/v1/release`.
 #[derive(Clone)]
 pub struct HttpResolver {
     client: reqwest::Client,
     url: String,
+    base: String,
     api_token: String,
 }
 
@@ -56,6 +68,7 @@ impl HttpResolver {
     pub fn new(base_url: &str, api_token: impl Into<String>) -> Self {
         Self {
             client: reqwest::Client::new(),
+            base: format!("{}{}", base_url.trim_end_matches('/'), taidon_api::PREFIX),
             url: format!(
                 "{}{}/resolve",
                 base_url.trim_end_matches('/'),
@@ -91,6 +104,29 @@ impl HttpResolver {
     }
 }
 
+impl HttpResolver {
+    async fn post_leases(&self, route: &str, ids: Vec<InstanceId>) -> Result<(), ResolveError> {
+        let url = format!("{}/{route}", self.base);
+        let resp = self
+            .client
+            .post(&url)
+            .bearer_auth(&self.api_token)
+            .json(&Leases { instance_ids: ids })
+            .send()
+            .await
+            .map_err(|source| ResolveError::Unreachable { url, source })?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap_or_default();
+            return Err(ResolveError::Status {
+                status,
+                message: serde_json_message(&text),
+            });
+        }
+        Ok(())
+    }
+}
+
 fn serde_json_message(text: &str) -> String {
     match serde_json::from_str::<ApiError>(text) {
         Ok(e) => e.message,
@@ -101,5 +137,13 @@ fn serde_json_message(text: &str) -> String {
 impl Resolver for HttpResolver {
     fn resolve(&self, req: ResolveRequest) -> BoxFuture<'_, Result<ResolveResponse, ResolveError>> {
         Box::pin(self.post(req))
+    }
+
+    fn touch(&self, ids: Vec<InstanceId>) -> BoxFuture<'_, Result<(), ResolveError>> {
+        Box::pin(self.post_leases("touch", ids))
+    }
+
+    fn release(&self, ids: Vec<InstanceId>) -> BoxFuture<'_, Result<(), ResolveError>> {
+        Box::pin(self.post_leases("release", ids))
     }
 }

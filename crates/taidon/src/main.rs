@@ -12,7 +12,8 @@ use futures_util::future::BoxFuture;
 use taidon_api::{DaemonInfo, ResolveRequest, ResolveResponse};
 use taidon_controller::home::{self, DaemonLock, Home};
 use taidon_controller::{Controller, ControllerConfig};
-use taidon_core::token::TokenKey;
+use taidon_core::token::{Keyset, SharedKeyset};
+use taidon_core::InstanceId;
 use taidon_gateway::{Gateway, GatewayConfig, HttpResolver, ResolveError, Resolver};
 use tokio::net::TcpListener;
 
@@ -35,6 +36,42 @@ enum Command {
     Controller(ControllerArgs),
     /// The gateway alone, resolving instances through a controller's API.
     Gateway(GatewayArgs),
+    /// Makes a new token key current; the previous one stays accepted (running gateways
+    /// reload the keyset by themselves, or on SIGHUP).
+    RotateKeys {
+        /// The data home.
+        #[arg(long, env = "SQLRS_HOME")]
+        home: PathBuf,
+    },
+}
+
+/// Gateway settings shared by `local` and `gateway`.
+#[derive(Args)]
+struct GatewayOpts {
+    /// Refuse clients that do not negotiate TLS, except over loopback.
+    #[arg(long)]
+    require_tls: bool,
+    /// Serve plain text only (no SSLRequest answered with TLS).
+    #[arg(long, conflicts_with = "require_tls")]
+    no_tls: bool,
+    /// Server certificate chain (PEM); by default <home>/tls/server.pem, generated if missing.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Clock-skew leeway for token exp and nbf, in seconds.
+    #[arg(long, default_value_t = taidon_core::token::DEFAULT_LEEWAY_S)]
+    token_leeway_s: u64,
+    /// End sessions idle this many seconds.
+    #[arg(long)]
+    max_idle_s: Option<u64>,
+    /// End sessions this many seconds after they start.
+    #[arg(long)]
+    max_duration_s: Option<u64>,
+    /// New connections allowed per client address and per token subject, per second.
+    #[arg(long, default_value_t = 1000)]
+    rate_per_s: u32,
 }
 
 #[derive(Args)]
@@ -57,6 +94,8 @@ struct LocalArgs {
     /// Address of the gateway; by default the one the previous run used, else a free port.
     #[arg(long)]
     gateway_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    gateway: GatewayOpts,
 }
 
 #[derive(Args)]
@@ -76,9 +115,11 @@ struct GatewayArgs {
     /// The controller's API (`http://host:port`).
     #[arg(long)]
     controller: String,
-    /// The home whose api.token, gateway.key and installation_id this gateway uses.
+    /// The home whose api.token and keyset.json this gateway uses.
     #[arg(long, env = "SQLRS_HOME")]
     home: PathBuf,
+    #[command(flatten)]
+    gateway: GatewayOpts,
 }
 
 fn main() -> std::process::ExitCode {
@@ -103,6 +144,7 @@ fn main() -> std::process::ExitCode {
             Command::Local(args) => local(args).await,
             Command::Controller(args) => controller(args).await,
             Command::Gateway(args) => gateway(args).await,
+            Command::RotateKeys { home } => rotate_keys(&home),
         }
     });
     match result {
@@ -121,6 +163,97 @@ struct LocalResolver(Arc<Controller>);
 impl Resolver for LocalResolver {
     fn resolve(&self, req: ResolveRequest) -> BoxFuture<'_, Result<ResolveResponse, ResolveError>> {
         Box::pin(async move { Ok(self.0.resolve(&req)) })
+    }
+
+    fn touch(&self, ids: Vec<InstanceId>) -> BoxFuture<'_, Result<(), ResolveError>> {
+        self.0.touch(&ids);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn release(&self, ids: Vec<InstanceId>) -> BoxFuture<'_, Result<(), ResolveError>> {
+        self.0.release(&ids);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn rotate_keys(home: &Path) -> Result<()> {
+    let file = taidon_controller::rotate_keyset(&Home::new(home))?;
+    println!("current key: {}", file.current);
+    Ok(())
+}
+
+impl GatewayOpts {
+    fn config(&self) -> GatewayConfig {
+        let rate = taidon_gateway::RateLimit {
+            burst: self.rate_per_s.saturating_mul(2),
+            per_s: self.rate_per_s,
+        };
+        GatewayConfig {
+            require_tls: self.require_tls,
+            max_idle: self.max_idle_s.map(std::time::Duration::from_secs),
+            max_duration: self.max_duration_s.map(std::time::Duration::from_secs),
+            rate_per_ip: rate,
+            rate_per_subject: rate,
+            ..GatewayConfig::default()
+        }
+    }
+
+    /// The TLS configuration and the CA that DSNs name, generating a self-signed pair in the
+    /// home on first start unless certificate files were given.
+    fn tls(&self, home: &Home) -> Result<Option<(Arc<rustls::ServerConfig>, Option<PathBuf>)>> {
+        if self.no_tls {
+            return Ok(None);
+        }
+        let (cert, key, ca) = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone(), None),
+            _ => {
+                let files = taidon_gateway::ensure_self_signed(
+                    &home.tls_dir(),
+                    &["localhost", "127.0.0.1", "::1"],
+                )?;
+                (files.cert, files.key, Some(files.ca))
+            }
+        };
+        Ok(Some((taidon_gateway::server_config(&cert, &key)?, ca)))
+    }
+}
+
+/// Reads the home's keyset file with the configured leeway.
+fn load_keyset(home: &Home, leeway_s: u64) -> Result<Keyset> {
+    let path = home.keyset_file();
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(Keyset::from_json(&text)
+        .with_context(|| format!("invalid keyset {}", path.display()))?
+        .with_leeway(leeway_s))
+}
+
+/// Reloads the keyset when its file changes or on SIGHUP; a bad file leaves the keys in force.
+async fn watch_keyset(home: Home, keys: Arc<SharedKeyset>, leeway_s: u64) {
+    let modified = |home: &Home| {
+        std::fs::metadata(home.keyset_file())
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    let mut seen = modified(&home);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        let forced = tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => false,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+        };
+        let now = modified(&home);
+        if !forced && now == seen {
+            continue;
+        }
+        seen = now;
+        match load_keyset(&home, leeway_s) {
+            Ok(k) => {
+                tracing::info!(kids = ?k.kids(), "keyset reloaded");
+                keys.replace(k);
+            }
+            Err(e) => tracing::warn!("keyset not reloaded, the previous one stays: {e:#}"),
+        }
     }
 }
 
@@ -189,11 +322,23 @@ async fn local(args: LocalArgs) -> Result<()> {
     controller.set_gateway_addr(gateway_addr.clone());
     controller.set_api_url(api_url.clone());
 
-    let gateway = Arc::new(Gateway::new(
-        GatewayConfig::default(),
-        controller.token_key().clone(),
-        Arc::new(LocalResolver(Arc::clone(&controller))),
+    let keys = controller.keyset();
+    keys.replace(load_keyset(&home, args.gateway.token_leeway_s)?);
+    tokio::spawn(watch_keyset(
+        home.clone(),
+        Arc::clone(&keys),
+        args.gateway.token_leeway_s,
     ));
+    let mut gateway = Gateway::new(
+        args.gateway.config(),
+        keys,
+        Arc::new(LocalResolver(Arc::clone(&controller))),
+    );
+    if let Some((tls, ca)) = args.gateway.tls(&home)? {
+        gateway = gateway.with_tls(tls);
+        controller.set_gateway_tls_root(ca);
+    }
+    let gateway = Arc::new(gateway);
     let gw = tokio::spawn(
         Arc::clone(&gateway).serve(gateway_listener, shutdown_signal(Arc::clone(&controller))),
     );
@@ -229,20 +374,25 @@ async fn gateway(args: GatewayArgs) -> Result<()> {
             .trim()
             .to_owned())
     };
-    let key = TokenKey::hs256(
-        read(&home.gateway_key_file())?.as_bytes(),
-        read(&home.installation_id_file())?,
-    );
+    let keys = Arc::new(SharedKeyset::new(load_keyset(
+        &home,
+        args.gateway.token_leeway_s,
+    )?));
+    tokio::spawn(watch_keyset(
+        home.clone(),
+        Arc::clone(&keys),
+        args.gateway.token_leeway_s,
+    ));
     let resolver = HttpResolver::new(&args.controller, read(&home.api_token_file())?);
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, controller = %args.controller, "taidon gateway is ready");
-    let gateway = Arc::new(Gateway::new(
-        GatewayConfig::default(),
-        key,
-        Arc::new(resolver),
-    ));
+    let mut gateway = Gateway::new(args.gateway.config(), keys, Arc::new(resolver));
+    if let Some((tls, _)) = args.gateway.tls(&home)? {
+        gateway = gateway.with_tls(tls);
+    }
+    let gateway = Arc::new(gateway);
     gateway
         .serve(listener, async {
             let _ = tokio::signal::ctrl_c().await;
