@@ -20,6 +20,11 @@
 //! | `POST /v1/release` | [`Leases`] | `{}` |
 //! | `POST /v1/dsn` | [`DsnRequest`] | [`DsnResponse`] |
 //! | `POST /v1/shutdown` | | `{}` |
+//! | `POST /v1/warmup` | [`WarmupRequest`] | NDJSON stream of [`PrepareEvent`] |
+//! | `POST /v1/pins` | [`PinRequest`] | [`PinsChanged`] |
+//! | `POST /v1/unpin` | [`UnpinRequest`] | [`PinsChanged`] |
+//! | `GET /v1/events?state=ID` | | `Vec<`[`EventInfo`]`>` |
+//! | `POST /v1/webhook` | a GitHub event, `X-Hub-Signature-256` | `{...}` (no bearer token) |
 //!
 //! Errors answer with a 4xx or 5xx status and an [`ApiError`] body.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -130,6 +135,15 @@ pub struct Status {
     pub instances_running: u64,
     /// The user PostgreSQL servers run as.
     pub server_user: String,
+    /// Eviction starts above this; 0 when the store has no limit.
+    #[serde(default)]
+    pub store_capacity_bytes: u64,
+    /// How many instances may run (standbys included).
+    #[serde(default)]
+    pub max_instances: u64,
+    /// Pre-started instances waiting to be handed out.
+    #[serde(default)]
+    pub standby_instances: u64,
 }
 
 /// Where a state is.
@@ -158,7 +172,7 @@ impl std::fmt::Display for StateStatus {
 }
 
 /// One state, as `GET /v1/states` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateInfo {
     pub state_id: StateId,
     /// `None` for a base state.
@@ -173,6 +187,114 @@ pub struct StateInfo {
     pub last_access_ms: u64,
     pub access_count: u64,
     pub instances: u64,
+    /// The retention score: the lowest is evicted first.
+    #[serde(default)]
+    pub score: f64,
+    /// `main`, `tag`, `pr` or `manual` (with `:REF`) when pinned; `released` for a closed PR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<String>,
+    /// Why it is COLD or FAILED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<String>,
+}
+
+/// Why a state is pinned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PinReason {
+    Main,
+    Tag,
+    Pr,
+    Manual,
+}
+
+impl std::fmt::Display for PinReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PinReason::Main => "main",
+            PinReason::Tag => "tag",
+            PinReason::Pr => "pr",
+            PinReason::Manual => "manual",
+        })
+    }
+}
+
+impl std::str::FromStr for PinReason {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "main" => Ok(PinReason::Main),
+            "tag" => Ok(PinReason::Tag),
+            "pr" => Ok(PinReason::Pr),
+            "manual" => Ok(PinReason::Manual),
+            other => Err(format!(
+                "unknown pin reason '{other}' (main, tag, pr or manual)"
+            )),
+        }
+    }
+}
+
+/// `POST /v1/pins`: pin a state (tagging it with a ref a webhook can name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinRequest {
+    /// A state id or a prefix of one.
+    pub state: String,
+    pub reason: PinReason,
+    /// A branch, tag or pull request number; empty for none.
+    #[serde(default)]
+    pub ref_name: String,
+}
+
+/// `POST /v1/unpin`: release a state's pins (all of them, or those matching).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnpinRequest {
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<PinReason>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ref_name: Option<String>,
+}
+
+/// One pin of a state; an inactive one is a tag a webhook can re-activate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinInfo {
+    pub reason: PinReason,
+    pub ref_name: String,
+    pub active: bool,
+}
+
+/// A state's pins after a pin or unpin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinsChanged {
+    pub state_id: StateId,
+    pub pins: Vec<PinInfo>,
+}
+
+/// `POST /v1/warmup`: build a state (from steps, or a known state by id) to WARM, and with
+/// `hot` also start a standby instance ready to hand out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmupRequest {
+    /// A known state id or prefix; when absent, `steps` name the state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub steps: Vec<Step>,
+    pub cwd: PathBuf,
+    #[serde(default)]
+    pub hot: bool,
+}
+
+/// One recorded lifecycle event (`GET /v1/events`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventInfo {
+    pub ts_ms: u64,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_id: Option<StateId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<InstanceId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// One instance.
@@ -214,6 +336,13 @@ pub enum PrepareEvent {
     /// The base state is being created with initdb.
     Initdb {
         state_id: StateId,
+    },
+    /// The wanted state is COLD (its snapshot was evicted): it is rebuilt from `from`, its
+    /// nearest surviving ancestor (`None`: from initdb), replaying `steps` steps.
+    Restoring {
+        state_id: StateId,
+        from: Option<StateId>,
+        steps: usize,
     },
     /// Another prepare is building this state; this one waits for it.
     Waiting {
