@@ -9,7 +9,7 @@ use futures_util::future::BoxFuture;
 use postgres_protocol::message::backend::Header;
 use postgres_protocol::message::frontend;
 use taidon_api::{ResolveRequest, ResolveResponse};
-use taidon_core::token::{Scope, TokenKey};
+use taidon_core::token::{Scope, SharedKeyset, TokenKey};
 use taidon_core::{InstanceId, StateId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
@@ -65,8 +65,9 @@ fn gateway(
     let gw = Gateway::new(
         GatewayConfig {
             handshake_timeout: timeout,
+            ..GatewayConfig::default()
         },
-        key(),
+        Arc::new(SharedKeyset::new(key())),
         resolver.clone(),
     )
     .with_clock(Arc::new(FixedClock));
@@ -86,7 +87,7 @@ fn start(
 ) {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let gw = gw.clone();
-    (client, tokio::spawn(async move { gw.handle(server).await }))
+    (client, tokio::spawn(async move { gw.handle(server, None).await }))
 }
 
 async fn send_startup(client: &mut DuplexStream, params: &[(&str, &str)]) {
@@ -250,7 +251,9 @@ async fn ssl_and_gss_requests_are_refused_then_startup_is_read() {
         *asked,
         vec![ResolveRequest {
             state_id: StateId::from_bytes([7; 32]),
-            instance_id: InstanceId::from_bytes([9; 8]),
+            instance_id: Some(InstanceId::from_bytes([9; 8])),
+            scope: Scope::Rw,
+            max_conn: None,
         }]
     );
 }

@@ -51,13 +51,16 @@ async fn serve_once(
 fn request() -> ResolveRequest {
     ResolveRequest {
         state_id: StateId::from_bytes([0xab; 32]),
-        instance_id: InstanceId::from_bytes([0xcd; 8]),
+        instance_id: Some(InstanceId::from_bytes([0xcd; 8])),
+        scope: taidon_core::token::Scope::Rw,
+        max_conn: None,
     }
 }
 
 #[tokio::test]
 async fn posts_the_request_with_the_api_token_and_parses_ready() {
     let target = Target {
+        instance_id: InstanceId::from_bytes([0xcd; 8]),
         host: "127.0.0.1".into(),
         port: 5544,
         user: "postgres".into(),

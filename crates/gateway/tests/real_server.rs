@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use rand::distributions::{Alphanumeric, DistString};
 use taidon_api::{ResolveRequest, ResolveResponse, Target};
-use taidon_core::token::{Scope, TokenKey};
+use taidon_core::token::{Scope, SharedKeyset, TokenKey};
 use taidon_core::{InstanceId, StateId};
 use taidon_gateway::{Clock, Gateway, GatewayConfig, GatewayError, ResolveError, Resolver, Step};
 use taidon_runtime::{Engine, RunAs, Server, ServerConfig};
@@ -59,8 +59,9 @@ fn gateway_with(answer: ResolveResponse, now: u64, timeout: Duration) -> Arc<Gat
         Gateway::new(
             GatewayConfig {
                 handshake_timeout: timeout,
+                ..GatewayConfig::default()
             },
-            key(),
+            Arc::new(SharedKeyset::new(key())),
             Arc::new(FakeResolver(answer)),
         )
         .with_clock(Arc::new(FixedClock(now))),
@@ -158,6 +159,7 @@ impl Pg {
 
     fn target_as(&self, user: &str, password: &str) -> Target {
         Target {
+            instance_id: InstanceId::from_bytes([4; 8]),
             host: "127.0.0.1".into(),
             port: self.server.port,
             user: user.into(),
@@ -187,7 +189,7 @@ type Handled = tokio::task::JoinHandle<Result<(), GatewayError>>;
 fn pipe(gw: &Arc<Gateway>) -> (tokio::io::DuplexStream, Handled) {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let gw = gw.clone();
-    (client, tokio::spawn(async move { gw.handle(server).await }))
+    (client, tokio::spawn(async move { gw.handle(server, None).await }))
 }
 
 /// Connects tokio-postgres over a duplex pipe; the connection runs on its own task.
@@ -275,6 +277,7 @@ async fn tokio_postgres_queries_through_the_gateway() {
 async fn bad_expired_and_missing_tokens_are_refused() {
     // No server: these are refused before the instance is reached.
     let nowhere = ResolveResponse::Ready(Target {
+        instance_id: InstanceId::from_bytes([4; 8]),
         host: "127.0.0.1".into(),
         port: 1,
         user: "postgres".into(),
@@ -376,6 +379,7 @@ async fn unreachable_or_silent_instances_get_57p03() {
     drop(closed);
     let target = |port| {
         ResolveResponse::Ready(Target {
+            instance_id: InstanceId::from_bytes([4; 8]),
             host: "127.0.0.1".into(),
             port,
             user: "postgres".into(),
@@ -431,7 +435,7 @@ async fn psql_through_a_served_port() {
     // The real clock, as the server binary runs it.
     let gw = Arc::new(Gateway::new(
         GatewayConfig::default(),
-        key(),
+        Arc::new(SharedKeyset::new(key())),
         Arc::new(FakeResolver(pg.ready())),
     ));
     let k = key();
