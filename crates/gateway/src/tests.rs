@@ -350,3 +350,416 @@ async fn resolver_failures_map_to_client_safe_codes() {
         assert!(matches!(task.await.unwrap(), Err(GatewayError::Resolve(_))));
     }
 }
+
+// ---- issue 4: token failures, token in the user name, limits, malformed input ----
+
+fn fixed(answer: ResolveResponse) -> fn() -> Result<ResolveResponse, ResolveError> {
+    // Each answer the tests need is a distinct fn item.
+    match answer {
+        ResolveResponse::Missing => missing,
+        ResolveResponse::Forbidden { .. } => || {
+            Ok(ResolveResponse::Forbidden {
+                reason: "not yours".into(),
+            })
+        },
+        ResolveResponse::TooManyConnections { .. } => {
+            || Ok(ResolveResponse::TooManyConnections { limit: 2 })
+        }
+        ResolveResponse::Starting { .. } => || {
+            Ok(ResolveResponse::Starting {
+                retry_after_ms: 20,
+            })
+        },
+        ResolveResponse::Ready(_) => unreachable!("not used"),
+    }
+}
+
+/// Logs in with `password` (or, when `user` is a token, with no password) and returns the
+/// FATAL's SQLSTATE and message, the gateway's error, and how many resolves it made.
+async fn refused(
+    gw: &Arc<Gateway>,
+    resolver: &FakeResolver,
+    user: &str,
+    password: Option<&str>,
+) -> (String, String, GatewayError, usize) {
+    let asked_before = resolver.asked.lock().unwrap().len();
+    let (mut client, task) = start(gw);
+    send_startup(&mut client, &[("user", user), ("database", "postgres")]).await;
+    if let Some(p) = password {
+        let mut buf = BytesMut::new();
+        frontend::password_message(p.as_bytes(), &mut buf).unwrap();
+        client.write_all(&buf).await.unwrap();
+    }
+    let msgs = read_to_close(&mut client).await;
+    let (severity, code, message) = fatal(&msgs);
+    assert_eq!(severity, "FATAL");
+    let err = task.await.unwrap().unwrap_err();
+    let asked = resolver.asked.lock().unwrap().len() - asked_before;
+    (code, message, err, asked)
+}
+
+fn sign_with(k: &TokenKey, f: impl FnOnce(&mut taidon_core::token::Claims)) -> String {
+    let mut c = k.claims(
+        StateId::from_bytes([7; 32]),
+        InstanceId::from_bytes([9; 8]),
+        Scope::Rw,
+        NOW - 5,
+        600,
+    );
+    f(&mut c);
+    k.sign(&c).unwrap()
+}
+
+async fn token_refused(token: &str, what: fn(&taidon_core::token::TokenError) -> bool) {
+    let (gw, resolver) = gateway(Duration::from_secs(5), missing);
+    let (code, message, err, asked) = refused(&gw, &resolver, "sqlrs", Some(token)).await;
+    assert_eq!(code, "28P01");
+    assert_eq!(message, "password authentication failed for user \"sqlrs\"");
+    assert!(!message.contains(token) && !err.to_string().contains(token));
+    let GatewayError::TokenRefused { source, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert!(what(source), "{source:?}");
+    assert_eq!(asked, 0, "a refused token never reaches Resolve");
+}
+
+use taidon_core::token::TokenError as TE;
+
+#[tokio::test]
+async fn token_with_a_bad_signature() {
+    let forged = taidon_core::token::Keyset::from_file(&taidon_core::token::KeysetFile {
+        audience: "install-test".into(),
+        current: key().kids()[0].to_owned(),
+        keys: vec![taidon_core::token::KeyEntry {
+            kid: key().kids()[0].to_owned(),
+            alg: taidon_core::token::Algorithm::Hs256,
+            secret_hex: Some(hex_encode(b"a different secret of 32 bytes..")),
+            private_pkcs8_hex: None,
+            public_hex: None,
+        }],
+    })
+    .unwrap();
+    token_refused(&sign_with(&forged, |_| {}), |e| matches!(e, TE::BadSignature)).await;
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[tokio::test]
+async fn token_with_an_unknown_kid() {
+    let stranger = TokenKey::hs256(b"a different secret of 32 bytes..", "install-test");
+    token_refused(&sign_with(&stranger, |_| {}), |e| {
+        matches!(e, TE::UnknownKey { .. })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn token_expired() {
+    token_refused(&sign_with(&key(), |c| c.exp = NOW - 3600), |e| {
+        matches!(e, TE::Expired)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn token_not_yet_valid() {
+    token_refused(&sign_with(&key(), |c| c.nbf = Some(NOW + 3600)), |e| {
+        matches!(e, TE::NotYetValid)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn token_for_another_installation() {
+    token_refused(&sign_with(&key(), |c| c.aud = "install-other".into()), |e| {
+        matches!(e, TE::WrongAudience)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn token_scope_not_allowed_gets_28000() {
+    // An rw token without its instance: the controller answers Forbidden.
+    let (gw, resolver) = gateway(
+        Duration::from_secs(5),
+        fixed(ResolveResponse::Forbidden { reason: String::new() }),
+    );
+    let t = sign_with(&key(), |c| c.iid = None);
+    let (code, message, err, asked) = refused(&gw, &resolver, "sqlrs", Some(&t)).await;
+    assert_eq!(code, "28000");
+    assert_eq!(message, "the token does not allow this connection");
+    assert!(matches!(err, GatewayError::Forbidden { .. }), "{err:?}");
+    assert!(!err.to_string().contains(&t));
+    assert_eq!(asked, 1);
+    assert_eq!(resolver.asked.lock().unwrap()[0].instance_id, None);
+}
+
+#[tokio::test]
+async fn token_with_an_unknown_scope_is_malformed() {
+    // A hand-made token whose scope is neither ro nor rw.
+    let mut c = serde_json::to_value(key().claims(
+        StateId::from_bytes([7; 32]),
+        InstanceId::from_bytes([9; 8]),
+        Scope::Rw,
+        NOW,
+        600,
+    ))
+    .unwrap();
+    c["scope"] = "admin".into();
+    let mut header = jsonwebtoken_header();
+    header.kid = Some(key().kids()[0].to_owned());
+    let t = jsonwebtoken::encode(
+        &header,
+        &c,
+        &jsonwebtoken::EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
+    )
+    .unwrap();
+    token_refused(&t, |e| matches!(e, TE::Malformed(_))).await;
+}
+
+fn jsonwebtoken_header() -> jsonwebtoken::Header {
+    jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256)
+}
+
+#[tokio::test]
+async fn token_for_an_unknown_state_gets_3d000() {
+    let (gw, resolver) = gateway(Duration::from_secs(5), missing);
+    let (code, _, err, asked) = refused(&gw, &resolver, "sqlrs", Some(&token())).await;
+    assert_eq!(code, "3D000");
+    assert!(matches!(err, GatewayError::Missing { .. }));
+    assert_eq!(asked, 1);
+}
+
+#[tokio::test]
+async fn token_for_another_instance_gets_28000() {
+    let (gw, resolver) = gateway(
+        Duration::from_secs(5),
+        fixed(ResolveResponse::Forbidden { reason: String::new() }),
+    );
+    let (code, _, err, _) = refused(&gw, &resolver, "sqlrs", Some(&token())).await;
+    assert_eq!(code, "28000");
+    assert!(matches!(err, GatewayError::Forbidden { .. }));
+}
+
+#[tokio::test]
+async fn token_in_the_user_name_needs_no_password_and_is_never_echoed() {
+    let (gw, resolver) = gateway(Duration::from_secs(5), missing);
+    let t = token();
+    let (code, _, _, asked) = refused(&gw, &resolver, &t, None).await;
+    assert_eq!(code, "3D000", "verified from the user name, then resolved");
+    assert_eq!(asked, 1);
+
+    // A refused token in the user name: the message names a fingerprint, not the token.
+    let bad = sign_with(&key(), |c| c.exp = NOW - 3600);
+    let (code, message, err, _) = refused(&gw, &resolver, &bad, None).await;
+    assert_eq!(code, "28P01");
+    assert!(!message.contains(&bad), "{message}");
+    assert!(message.contains("(token "), "{message}");
+    assert!(!crate::error_chain(&err).contains(&bad));
+}
+
+#[tokio::test]
+async fn too_many_connections_gets_53300() {
+    let (gw, resolver) = gateway(
+        Duration::from_secs(5),
+        fixed(ResolveResponse::TooManyConnections { limit: 0 }),
+    );
+    let (code, message, _, _) = refused(&gw, &resolver, "sqlrs", Some(&token())).await;
+    assert_eq!(code, "53300");
+    assert!(message.contains("limit 2"), "{message}");
+}
+
+fn gateway_with(
+    config: GatewayConfig,
+    answer: fn() -> Result<ResolveResponse, ResolveError>,
+) -> (Arc<Gateway>, Arc<FakeResolver>) {
+    let resolver = Arc::new(FakeResolver {
+        answer,
+        asked: Mutex::new(Vec::new()),
+    });
+    let gw = Gateway::new(config, Arc::new(SharedKeyset::new(key())), resolver.clone())
+        .with_clock(Arc::new(FixedClock));
+    (Arc::new(gw), resolver)
+}
+
+#[tokio::test]
+async fn starting_is_retried_then_57p03() {
+    let (gw, resolver) = gateway_with(
+        GatewayConfig {
+            starting_wait: Duration::from_millis(300),
+            ..GatewayConfig::default()
+        },
+        fixed(ResolveResponse::Starting { retry_after_ms: 0 }),
+    );
+    let (code, _, err, asked) = refused(&gw, &resolver, "sqlrs", Some(&token())).await;
+    assert_eq!(code, "57P03");
+    assert!(matches!(err, GatewayError::StillStarting { .. }));
+    assert!(asked > 2, "retried {asked} times");
+    assert_eq!(gw.waiting.total(), 0, "the waiting slot is given back");
+
+    let (gw, resolver) = gateway_with(
+        GatewayConfig {
+            max_waiting: 0,
+            ..GatewayConfig::default()
+        },
+        fixed(ResolveResponse::Starting { retry_after_ms: 0 }),
+    );
+    let (code, _, err, asked) = refused(&gw, &resolver, "sqlrs", Some(&token())).await;
+    assert_eq!(code, "53300");
+    assert!(matches!(err, GatewayError::TooManyWaiting));
+    assert_eq!(asked, 1);
+}
+
+#[tokio::test]
+async fn rate_limit_per_address_and_require_tls_off_loopback() {
+    let (gw, _) = gateway_with(
+        GatewayConfig {
+            rate_per_ip: crate::RateLimit { burst: 2, per_s: 1 },
+            ..GatewayConfig::default()
+        },
+        missing,
+    );
+    let peer: std::net::SocketAddr = "192.0.2.7:5000".parse().unwrap();
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let g = gw.clone();
+        let task = tokio::spawn(async move { g.handle(server, Some(peer)).await });
+        send_startup(&mut client, &[("user", "sqlrs")]).await;
+        let mut buf = BytesMut::new();
+        frontend::password_message(token().as_bytes(), &mut buf).unwrap();
+        client.write_all(&buf).await.unwrap();
+        codes.push(fatal(&read_to_close(&mut client).await).1);
+        let _ = task.await.unwrap();
+    }
+    assert_eq!(codes, ["3D000", "3D000", "53300"]);
+
+    let (gw, resolver) = gateway_with(
+        GatewayConfig {
+            require_tls: true,
+            ..GatewayConfig::default()
+        },
+        missing,
+    );
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let g = gw.clone();
+    let task = tokio::spawn(async move { g.handle(server, Some(peer)).await });
+    send_startup(&mut client, &[("user", "sqlrs")]).await;
+    let (_, code, message) = fatal(&read_to_close(&mut client).await);
+    assert_eq!(code, "28000");
+    assert!(message.contains("TLS is required"), "{message}");
+    assert!(matches!(
+        task.await.unwrap(),
+        Err(GatewayError::TlsRequired { .. })
+    ));
+    // Over loopback plain text is fine.
+    let (code, _, _, _) = refused(&gw, &resolver, "sqlrs", Some(&token())).await;
+    assert_eq!(code, "3D000");
+}
+
+/// Malformed client input: every case ends (no hang, no panic), with an ErrorResponse where
+/// the protocol allows one (after a StartupMessage was understood) and nothing otherwise.
+#[tokio::test]
+async fn malformed_packets_table() {
+    fn startup(params: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        frontend::startup_message(params.iter().copied(), &mut b).unwrap();
+        b.to_vec()
+    }
+    fn be(n: u32) -> [u8; 4] {
+        n.to_be_bytes()
+    }
+    let login = startup(&[("user", "sqlrs")]);
+    let mut with_garbage_after_password = login.clone();
+    let tok = token();
+    with_garbage_after_password.push(b'p');
+    with_garbage_after_password.extend_from_slice(&be(4 + tok.len() as u32 + 1 + 3));
+    with_garbage_after_password.extend_from_slice(tok.as_bytes());
+    with_garbage_after_password.extend_from_slice(b"\0xyz");
+    let mut huge_password = login.clone();
+    huge_password.push(b'p');
+    huge_password.extend_from_slice(&be(1 << 30));
+    let mut short_password = login.clone();
+    short_password.push(b'p');
+    short_password.extend_from_slice(&be(2));
+    let mut unterminated_password = login.clone();
+    unterminated_password.push(b'p');
+    unterminated_password.extend_from_slice(&be(4 + 3));
+    unterminated_password.extend_from_slice(b"abc");
+    let truncated_password = {
+        let mut v = login.clone();
+        v.push(b'p');
+        v.extend_from_slice(&be(100));
+        v.extend_from_slice(b"only a few bytes");
+        v
+    };
+
+    // (name, bytes, expected SQLSTATE of the final ErrorResponse or None for a silent close)
+    let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        ("empty", vec![], None),
+        ("three bytes", vec![0, 0, 0], None),
+        ("length zero", [be(0), be(3 << 16)].concat(), None),
+        ("length below the header", [be(7), be(3 << 16)].concat(), None),
+        ("huge length", [be(u32::MAX), be(3 << 16)].concat(), None),
+        ("length past the limit", [be(10 * 1024 + 1), be(3 << 16)].concat(), None),
+        ("truncated startup", login[..login.len() - 3].to_vec(), None),
+        ("length longer than sent", [&be(200)[..], &be(3 << 16)[..], &b"user"[..]].concat(), None),
+        ("protocol 2.0", [be(8), be(2 << 16)].concat(), Some("08P01")),
+        ("protocol 4.0", [be(8), be(4 << 16)].concat(), Some("08P01")),
+        ("protocol 3.9", [be(8), be((3 << 16) | 9)].concat(), Some("08P01")),
+        ("unknown request code", [be(8), be((1234 << 16) | 5555)].concat(), None),
+        ("cancel with a short body", [be(12), be(80_877_102), be(1)].concat(), None),
+        ("missing user", startup(&[("database", "postgres")]), Some("08P01")),
+        ("empty user", startup(&[("user", "")]), Some("08P01")),
+        ("params without a terminator", [&be(8 + 9)[..], &be(3 << 16)[..], &b"user\0bob\0"[..]].concat(), None),
+        ("value without NUL", [&be(8 + 7)[..], &be(3 << 16)[..], &b"user\0bo"[..]].concat(), None),
+        ("not UTF-8", [&be(8 + 8)[..], &be(3 << 16)[..], &b"user\0\xff\xfe\0"[..]].concat(), None),
+        ("garbage after the params", [&be(8 + 12)[..], &be(3 << 16)[..], &b"user\0bob\0\0abc"[..]].concat(), None),
+        ("no password at all", login.clone(), Some("57014")),
+        ("garbage after the password", with_garbage_after_password, None),
+        ("huge password length", huge_password, None),
+        ("password length below 4", short_password, None),
+        ("unterminated password", unterminated_password, None),
+        ("truncated password", truncated_password, Some("57014")),
+        ("query instead of password", [login.clone(), vec![b'Q', 0, 0, 0, 5, 0]].concat(), Some("08P01")),
+        ("random bytes", (0..200u32).map(|i| (i * 37 % 251) as u8).collect(), None),
+    ];
+    let (gw, resolver) = gateway(Duration::from_millis(300), missing);
+    for (name, bytes, expected) in cases {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let g = gw.clone();
+        let task = tokio::spawn(async move { g.handle(server, None).await });
+        client.write_all(&bytes).await.unwrap();
+        // Half-close is not possible on a duplex; the handshake timeout bounds silent cases.
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut raw))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: the gateway hung"))
+            .unwrap();
+        let result = task.await;
+        assert!(result.is_ok(), "{name}: the task panicked");
+        assert!(result.unwrap().is_err(), "{name}: accepted");
+        let msgs = parse_all(&raw);
+        match expected {
+            Some(code) => assert_eq!(fatal(&msgs).1, code, "{name}: {msgs:?}"),
+            None => assert!(
+                msgs.iter().all(|(t, _)| *t == b'R'),
+                "{name}: expected a silent close, got {msgs:?}"
+            ),
+        }
+    }
+    assert!(resolver.asked.lock().unwrap().is_empty());
+}
+
+fn parse_all(raw: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut rest = raw;
+    let mut out = Vec::new();
+    while let Some(h) = Header::parse(rest).unwrap() {
+        let total = h.len() as usize + 1;
+        out.push((h.tag(), rest[5..total].to_vec()));
+        rest = &rest[total..];
+    }
+    out
+}
