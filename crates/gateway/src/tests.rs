@@ -87,7 +87,10 @@ fn start(
 ) {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let gw = gw.clone();
-    (client, tokio::spawn(async move { gw.handle(server, None).await }))
+    (
+        client,
+        tokio::spawn(async move { gw.handle(server, None).await }),
+    )
 }
 
 async fn send_startup(client: &mut DuplexStream, params: &[(&str, &str)]) {
@@ -365,11 +368,7 @@ fn fixed(answer: ResolveResponse) -> fn() -> Result<ResolveResponse, ResolveErro
         ResolveResponse::TooManyConnections { .. } => {
             || Ok(ResolveResponse::TooManyConnections { limit: 2 })
         }
-        ResolveResponse::Starting { .. } => || {
-            Ok(ResolveResponse::Starting {
-                retry_after_ms: 20,
-            })
-        },
+        ResolveResponse::Starting { .. } => || Ok(ResolveResponse::Starting { retry_after_ms: 20 }),
         ResolveResponse::Ready(_) => unreachable!("not used"),
     }
 }
@@ -439,7 +438,10 @@ async fn token_with_a_bad_signature() {
         }],
     })
     .unwrap();
-    token_refused(&sign_with(&forged, |_| {}), |e| matches!(e, TE::BadSignature)).await;
+    token_refused(&sign_with(&forged, |_| {}), |e| {
+        matches!(e, TE::BadSignature)
+    })
+    .await;
 }
 
 fn hex_encode(b: &[u8]) -> String {
@@ -473,9 +475,10 @@ async fn token_not_yet_valid() {
 
 #[tokio::test]
 async fn token_for_another_installation() {
-    token_refused(&sign_with(&key(), |c| c.aud = "install-other".into()), |e| {
-        matches!(e, TE::WrongAudience)
-    })
+    token_refused(
+        &sign_with(&key(), |c| c.aud = "install-other".into()),
+        |e| matches!(e, TE::WrongAudience),
+    )
     .await;
 }
 
@@ -484,7 +487,9 @@ async fn token_scope_not_allowed_gets_28000() {
     // An rw token without its instance: the controller answers Forbidden.
     let (gw, resolver) = gateway(
         Duration::from_secs(5),
-        fixed(ResolveResponse::Forbidden { reason: String::new() }),
+        fixed(ResolveResponse::Forbidden {
+            reason: String::new(),
+        }),
     );
     let t = sign_with(&key(), |c| c.iid = None);
     let (code, message, err, asked) = refused(&gw, &resolver, "sqlrs", Some(&t)).await;
@@ -536,7 +541,9 @@ async fn token_for_an_unknown_state_gets_3d000() {
 async fn token_for_another_instance_gets_28000() {
     let (gw, resolver) = gateway(
         Duration::from_secs(5),
-        fixed(ResolveResponse::Forbidden { reason: String::new() }),
+        fixed(ResolveResponse::Forbidden {
+            reason: String::new(),
+        }),
     );
     let (code, _, err, _) = refused(&gw, &resolver, "sqlrs", Some(&token())).await;
     assert_eq!(code, "28000");
@@ -701,30 +708,86 @@ async fn malformed_packets_table() {
         ("empty", vec![], None),
         ("three bytes", vec![0, 0, 0], None),
         ("length zero", [be(0), be(3 << 16)].concat(), None),
-        ("length below the header", [be(7), be(3 << 16)].concat(), None),
+        (
+            "length below the header",
+            [be(7), be(3 << 16)].concat(),
+            None,
+        ),
         ("huge length", [be(u32::MAX), be(3 << 16)].concat(), None),
-        ("length past the limit", [be(10 * 1024 + 1), be(3 << 16)].concat(), None),
+        (
+            "length past the limit",
+            [be(10 * 1024 + 1), be(3 << 16)].concat(),
+            None,
+        ),
         ("truncated startup", login[..login.len() - 3].to_vec(), None),
-        ("length longer than sent", [&be(200)[..], &be(3 << 16)[..], &b"user"[..]].concat(), None),
+        (
+            "length longer than sent",
+            [&be(200)[..], &be(3 << 16)[..], &b"user"[..]].concat(),
+            None,
+        ),
         ("protocol 2.0", [be(8), be(2 << 16)].concat(), Some("08P01")),
         ("protocol 4.0", [be(8), be(4 << 16)].concat(), Some("08P01")),
-        ("protocol 3.9", [be(8), be((3 << 16) | 9)].concat(), Some("08P01")),
-        ("unknown request code", [be(8), be((1234 << 16) | 5555)].concat(), None),
-        ("cancel with a short body", [be(12), be(80_877_102), be(1)].concat(), None),
-        ("missing user", startup(&[("database", "postgres")]), Some("08P01")),
+        (
+            "protocol 3.9",
+            [be(8), be((3 << 16) | 9)].concat(),
+            Some("08P01"),
+        ),
+        (
+            "unknown request code",
+            [be(8), be((1234 << 16) | 5555)].concat(),
+            None,
+        ),
+        (
+            "cancel with a short body",
+            [be(12), be(80_877_102), be(1)].concat(),
+            None,
+        ),
+        (
+            "missing user",
+            startup(&[("database", "postgres")]),
+            Some("08P01"),
+        ),
         ("empty user", startup(&[("user", "")]), Some("08P01")),
-        ("params without a terminator", [&be(8 + 9)[..], &be(3 << 16)[..], &b"user\0bob\0"[..]].concat(), None),
-        ("value without NUL", [&be(8 + 7)[..], &be(3 << 16)[..], &b"user\0bo"[..]].concat(), None),
-        ("not UTF-8", [&be(8 + 8)[..], &be(3 << 16)[..], &b"user\0\xff\xfe\0"[..]].concat(), None),
-        ("garbage after the params", [&be(8 + 12)[..], &be(3 << 16)[..], &b"user\0bob\0\0abc"[..]].concat(), None),
+        (
+            "params without a terminator",
+            [&be(8 + 9)[..], &be(3 << 16)[..], &b"user\0bob\0"[..]].concat(),
+            None,
+        ),
+        (
+            "value without NUL",
+            [&be(8 + 7)[..], &be(3 << 16)[..], &b"user\0bo"[..]].concat(),
+            None,
+        ),
+        (
+            "not UTF-8",
+            [&be(8 + 8)[..], &be(3 << 16)[..], &b"user\0\xff\xfe\0"[..]].concat(),
+            None,
+        ),
+        (
+            "garbage after the params",
+            [&be(8 + 12)[..], &be(3 << 16)[..], &b"user\0bob\0\0abc"[..]].concat(),
+            None,
+        ),
         ("no password at all", login.clone(), Some("57014")),
-        ("garbage after the password", with_garbage_after_password, None),
+        (
+            "garbage after the password",
+            with_garbage_after_password,
+            None,
+        ),
         ("huge password length", huge_password, None),
         ("password length below 4", short_password, None),
         ("unterminated password", unterminated_password, None),
         ("truncated password", truncated_password, Some("57014")),
-        ("query instead of password", [login.clone(), vec![b'Q', 0, 0, 0, 5, 0]].concat(), Some("08P01")),
-        ("random bytes", (0..200u32).map(|i| (i * 37 % 251) as u8).collect(), None),
+        (
+            "query instead of password",
+            [login.clone(), vec![b'Q', 0, 0, 0, 5, 0]].concat(),
+            Some("08P01"),
+        ),
+        (
+            "random bytes",
+            (0..200u32).map(|i| (i * 37 % 251) as u8).collect(),
+            None,
+        ),
     ];
     let (gw, resolver) = gateway(Duration::from_millis(300), missing);
     for (name, bytes, expected) in cases {

@@ -189,7 +189,10 @@ type Handled = tokio::task::JoinHandle<Result<(), GatewayError>>;
 fn pipe(gw: &Arc<Gateway>) -> (tokio::io::DuplexStream, Handled) {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let gw = gw.clone();
-    (client, tokio::spawn(async move { gw.handle(server, None).await }))
+    (
+        client,
+        tokio::spawn(async move { gw.handle(server, None).await }),
+    )
 }
 
 /// Connects tokio-postgres over a duplex pipe; the connection runs on its own task.
@@ -487,5 +490,313 @@ async fn psql_through_a_served_port() {
     assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .is_err());
+    pg.stop().await;
+}
+
+// ---- issue 4: TLS with verify-full, cancel routing, session limits, keyset reload ----
+
+/// The gateway served on a loopback port with TLS from a fresh self-signed pair.
+struct Served {
+    port: u16,
+    tls: taidon_gateway::TlsFiles,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Served {
+    async fn start(gw: Gateway) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        traversable(dir.path());
+        let tls = taidon_gateway::ensure_self_signed(
+            &dir.path().join("tls"),
+            &["localhost", "127.0.0.1"],
+        )
+        .unwrap();
+        // psql runs as root here and reads the CA; the server key stays 0600.
+        let gw = Arc::new(gw.with_tls(taidon_gateway::server_config(&tls.cert, &tls.key).unwrap()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(gw.serve(listener, async {
+            let _ = stopped.await;
+        }));
+        Served {
+            port,
+            tls,
+            stop: Some(stop),
+            task,
+            _dir: dir,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap();
+    }
+}
+
+fn live_token(f: impl FnOnce(&mut taidon_core::token::Claims)) -> String {
+    let k = key();
+    let mut c = k.claims(
+        StateId::from_bytes([3; 32]),
+        InstanceId::from_bytes([4; 8]),
+        Scope::Rw,
+        taidon_gateway::SystemClock.now_s(),
+        TTL,
+    );
+    f(&mut c);
+    k.sign(&c).unwrap()
+}
+
+fn real_clock_gateway(answer: ResolveResponse, config: GatewayConfig) -> Gateway {
+    Gateway::new(
+        config,
+        Arc::new(SharedKeyset::new(key())),
+        Arc::new(FakeResolver(answer)),
+    )
+}
+
+#[tokio::test]
+async fn psql_with_verify_full_and_tokio_postgres_with_rustls() {
+    let pg = Pg::start().await;
+    let served = Served::start(real_clock_gateway(pg.ready(), GatewayConfig::default())).await;
+    let token = live_token(|_| {});
+    for host in ["127.0.0.1", "localhost"] {
+        let dsn = format!(
+            "postgres://sqlrs:{token}@{host}:{}/postgres?sslmode=verify-full&sslrootcert={}",
+            served.port,
+            served.tls.ca.display()
+        );
+        let out = tokio::process::Command::new("psql")
+            .args([
+                dsn.as_str(),
+                "-XAtc",
+                "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+            ])
+            .env_remove("PGPASSWORD")
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql verify-full via {host}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The backend link is plain loopback; the client's is TLS (the gateway terminates it).
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "f");
+    }
+    // A CA that did not sign the gateway's certificate is refused by the client.
+    let other = tempfile::tempdir().unwrap();
+    let stranger = taidon_gateway::ensure_self_signed(other.path(), &["127.0.0.1"]).unwrap();
+    let out = tokio::process::Command::new("psql")
+        .arg(format!(
+            "postgres://sqlrs:{token}@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}",
+            served.port,
+            stranger.ca.display()
+        ))
+        .args(["-XAtc", "select 1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+
+    // tokio-postgres over rustls, trusting only the gateway's CA.
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&served.tls.ca).unwrap();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(config);
+    let mut cfg = client_config(&token);
+    cfg.host("127.0.0.1")
+        .port(served.port)
+        .ssl_mode(tokio_postgres::config::SslMode::Require);
+    let (client, conn) = cfg.connect(tls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let row = client.query_one("select 40 + 2", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    drop(client);
+    let _ = conn.await;
+    served.stop().await;
+    pg.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_requests_reach_the_right_backend_and_unknown_keys_are_ignored() {
+    let pg = Pg::start().await;
+    let served = Served::start(real_clock_gateway(pg.ready(), GatewayConfig::default())).await;
+    let token = live_token(|_| {});
+    let mut cfg = client_config(&token);
+    cfg.host("127.0.0.1").port(served.port);
+    let (client, conn) = cfg.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let (other, conn2) = cfg.connect(NoTls).await.unwrap();
+    tokio::spawn(conn2);
+
+    // The key the client holds is the gateway's, not the backend's.
+    let backend_pid: i32 = client
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let cancel = client.cancel_token();
+
+    // An unknown key: nothing happens, the connection is closed silently.
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", served.port))
+        .await
+        .unwrap();
+    let mut buf = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::cancel_request(backend_pid, 12345, &mut buf);
+    raw.write_all(&buf).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.is_empty());
+
+    let sleeping = tokio::spawn(async move { client.simple_query("select pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = std::time::Instant::now();
+    cancel.cancel_query(NoTls).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .expect("the query was cancelled")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    // The other session was not touched.
+    let row = other.query_one("select 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+    served.stop().await;
+    pg.stop().await;
+}
+
+#[tokio::test]
+async fn idle_and_duration_limits_end_the_session_with_a_message() {
+    let pg = Pg::start().await;
+    let served = Served::start(real_clock_gateway(pg.ready(), GatewayConfig::default())).await;
+
+    // max_idle from the token.
+    let token = live_token(|c| {
+        c.limits = Some(taidon_core::token::Limits {
+            max_conn: None,
+            max_idle_s: Some(1),
+            max_duration_s: None,
+        })
+    });
+    let mut cfg = client_config(&token);
+    cfg.host("127.0.0.1").port(served.port);
+    let (client, conn) = cfg.connect(NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    // Busy for longer than the idle limit is not idle.
+    client.simple_query("select pg_sleep(1.5)").await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the idle session was ended")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::IDLE_SESSION_TIMEOUT), "{err}");
+    assert!(client.simple_query("select 1").await.is_err());
+
+    // max_duration from the gateway's own configuration.
+    served.stop().await;
+    let served = Served::start(real_clock_gateway(
+        pg.ready(),
+        GatewayConfig {
+            max_duration: Some(Duration::from_secs(1)),
+            ..GatewayConfig::default()
+        },
+    ))
+    .await;
+    let token = live_token(|_| {});
+    let mut cfg = client_config(&token);
+    cfg.host("127.0.0.1").port(served.port);
+    let (client, conn) = cfg.connect(NoTls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    client.simple_query("select 1").await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the long session was ended")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err}");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(message.contains("maximum duration"), "{message}");
+    served.stop().await;
+    pg.stop().await;
+}
+
+#[tokio::test]
+async fn a_reloaded_keyset_accepts_new_and_previous_keys_without_a_restart() {
+    let pg = Pg::start().await;
+    let keys = Arc::new(SharedKeyset::new(key()));
+    let gw = Gateway::new(
+        GatewayConfig::default(),
+        Arc::clone(&keys),
+        Arc::new(FakeResolver(pg.ready())),
+    );
+    let served = Served::start(gw).await;
+    let now = taidon_gateway::SystemClock.now_s();
+    let claims = |k: &taidon_core::token::Keyset| {
+        k.claims(
+            StateId::from_bytes([3; 32]),
+            InstanceId::from_bytes([4; 8]),
+            Scope::Rw,
+            now,
+            TTL,
+        )
+    };
+    let old = key().sign(&claims(&key())).unwrap();
+    let old_file = taidon_core::token::KeysetFile {
+        audience: "install-gw".into(),
+        current: key().kids()[0].to_owned(),
+        keys: vec![taidon_core::token::KeyEntry {
+            kid: key().kids()[0].to_owned(),
+            alg: taidon_core::token::Algorithm::Hs256,
+            secret_hex: Some(
+                b"gateway test secret, long enough"
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+            ),
+            private_pkcs8_hex: None,
+            public_hex: None,
+        }],
+    };
+    let new_file = old_file.rotated(taidon_core::token::KeyEntry {
+        kid: "hs-new".into(),
+        alg: taidon_core::token::Algorithm::Hs256,
+        secret_hex: Some("ab".repeat(32)),
+        private_pkcs8_hex: None,
+        public_hex: None,
+    });
+    let rotated = taidon_core::token::Keyset::from_file(&new_file).unwrap();
+    let new = rotated.sign(&claims(&rotated)).unwrap();
+    let try_token = |t: String| {
+        let port = served.port;
+        async move {
+            let mut cfg = client_config(&t);
+            cfg.host("127.0.0.1").port(port);
+            cfg.connect(NoTls).await.map(|_| ())
+        }
+    };
+    assert!(try_token(old.clone()).await.is_ok());
+    assert!(try_token(new.clone()).await.is_err(), "not yet known");
+    keys.replace(rotated);
+    assert!(try_token(new).await.is_ok(), "the new key is accepted");
+    assert!(try_token(old).await.is_ok(), "the previous key still is");
+    served.stop().await;
     pg.stop().await;
 }
