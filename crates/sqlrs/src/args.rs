@@ -28,6 +28,11 @@ Commands:
   ls                         List states and instances.
   rm [--force] <id-or-prefix>
                              Remove a state or an instance (--force: even if in use).
+  dsn <id-or-prefix> [--scope ro|rw] [--ttl 30m] [--plain|--user]
+                             Print a DSN with a fresh token: for a state, read-only (ro) on
+                             an instance its readers share; for an instance, read-write (rw).
+                             TLS verified (sslmode=verify-full) unless --plain; --user puts
+                             the token in the user name instead of the password.
   status                     Show the local daemon's status (starting it if needed).
   shutdown                   Stop the local daemon, if one runs.
   --help, --version
@@ -76,10 +81,48 @@ pub(crate) enum Command {
     Run(Run),
     Ls,
     Rm { id: String, force: bool },
+    Dsn(Dsn),
     Status,
     Shutdown,
     Help,
     Version,
+}
+
+/// `dsn <state-or-instance> [--scope ro|rw] [--ttl 30m] [--plain|--user]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Dsn {
+    pub(crate) target: String,
+    pub(crate) scope: Option<taidon_core::token::Scope>,
+    pub(crate) ttl_s: Option<u64>,
+    pub(crate) form: DsnForm,
+}
+
+/// Which DSN `sqlrs dsn` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DsnForm {
+    /// Token as the password, TLS verified when the gateway speaks it.
+    Password,
+    /// Token as the password, `sslmode=disable`.
+    Plain,
+    /// Token as the user name.
+    User,
+}
+
+/// `30m`, `2h`, `7d`, `45s` or plain seconds.
+pub(crate) fn parse_ttl(s: &str) -> Option<u64> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(mult).filter(|&t| t > 0)
 }
 
 /// `prepare[:psql] [--keep] -- <psql args> [run ...]`.
@@ -222,6 +265,56 @@ where
             }
             let id = id.ok_or_else(|| UsageError::new("rm needs an id or id prefix"))?;
             Command::Rm { id, force }
+        }
+        "dsn" => {
+            no_kind(name, kind)?;
+            let mut d = Dsn {
+                target: String::new(),
+                scope: None,
+                ttl_s: None,
+                form: DsnForm::Password,
+            };
+            let mut target = None;
+            while let Some(tok) = p.next_str()? {
+                let (flag, inline) = match tok.split_once('=') {
+                    Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+                    _ => (tok.clone(), None),
+                };
+                match flag.as_str() {
+                    "--scope" | "--ttl" => {
+                        let value = match inline {
+                            Some(v) => v,
+                            None => p.next_str()?.ok_or_else(|| {
+                                UsageError::new(format!("dsn {flag} needs a value"))
+                            })?,
+                        };
+                        if flag == "--scope" {
+                            d.scope = Some(value.parse().map_err(UsageError::new)?);
+                        } else {
+                            d.ttl_s = Some(parse_ttl(&value).ok_or_else(|| {
+                                UsageError::new(format!(
+                                    "dsn --ttl takes a duration such as 30m, 2h or 7d, not '{value}'"
+                                ))
+                            })?);
+                        }
+                    }
+                    "--plain" => d.form = DsnForm::Plain,
+                    "--user" => d.form = DsnForm::User,
+                    _ if global_flag(&mut p, &tok, &mut global)? => {}
+                    _ if tok.starts_with('-') => {
+                        return Err(UsageError::new(format!("dsn does not take '{tok}'")))
+                    }
+                    _ if target.is_some() => {
+                        return Err(UsageError::new(format!(
+                            "dsn takes one id, got a second: '{tok}'"
+                        )))
+                    }
+                    _ => target = Some(tok),
+                }
+            }
+            d.target = target
+                .ok_or_else(|| UsageError::new("dsn needs a state or instance id (or prefix)"))?;
+            Command::Dsn(d)
         }
         _ => return Err(UsageError::with_usage(format!("unknown command '{verb}'"))),
     };
@@ -947,6 +1040,21 @@ mod tests {
     #[test]
     fn rm_and_plain_verb_errors() {
         assert_eq!(err(&["rm"]).message, "rm needs an id or id prefix");
+        assert_eq!(
+            ok(&["dsn", "abcdef01", "--scope", "ro", "--ttl=30m", "--user"]).command,
+            Command::Dsn(Dsn {
+                target: "abcdef01".into(),
+                scope: Some(taidon_core::token::Scope::Ro),
+                ttl_s: Some(1800),
+                form: DsnForm::User,
+            })
+        );
+        assert!(err(&["dsn"]).message.contains("needs a state or instance"));
+        assert!(err(&["dsn", "abcdef01", "--scope", "admin"]).message.contains("unknown scope"));
+        assert!(err(&["dsn", "abcdef01", "--ttl", "5x"]).message.contains("30m"));
+        assert_eq!(parse_ttl("7d"), Some(7 * 86_400));
+        assert_eq!(parse_ttl("90"), Some(90));
+        assert_eq!(parse_ttl("0m"), None);
         assert!(err(&["rm", "a", "b"]).message.contains("second"));
         assert_eq!(err(&["rm", "--all"]).message, "rm does not take '--all'");
         assert_eq!(err(&["ls", "extra"]).message, "ls does not take 'extra'");

@@ -240,6 +240,13 @@ impl Client {
         self.delete(&format!("/instances/{id}"), force).await
     }
 
+    pub(crate) async fn dsn(
+        &self,
+        req: &taidon_api::DsnRequest,
+    ) -> Result<taidon_api::DsnResponse, ClientError> {
+        self.post("/dsn", req).await
+    }
+
     pub(crate) async fn shutdown(&self) -> Result<(), ClientError> {
         let _: serde_json::Value = self.post("/shutdown", &serde_json::json!({})).await?;
         Ok(())

@@ -100,6 +100,7 @@ pub(crate) async fn execute(cli: Cli) -> Result<i32, Error> {
         Command::Run(r) => run_instance(&ctx, r).await,
         Command::Ls => ls(&ctx).await,
         Command::Rm { id, force } => rm(&ctx, &id, force).await,
+        Command::Dsn(d) => dsn(&ctx, d).await,
         Command::Status => status(&ctx).await,
         Command::Shutdown => shutdown(&ctx).await,
         Command::Help => out(crate::args::HELP).map(|()| 0),
@@ -301,6 +302,29 @@ async fn rm(ctx: &Ctx, typed: &str, force: bool) -> Result<i32, Error> {
         json_line(&removed)?;
     } else {
         out(&render::removed(&removed))?;
+    }
+    Ok(0)
+}
+
+async fn dsn(ctx: &Ctx, d: crate::args::Dsn) -> Result<i32, Error> {
+    taidon_core::prefix::normalize(&d.target)?;
+    let client = ctx.client().await?;
+    let minted = client
+        .dsn(&taidon_api::DsnRequest {
+            target: d.target,
+            scope: d.scope,
+            ttl_s: d.ttl_s,
+        })
+        .await?;
+    if ctx.global.json {
+        json_line(&minted)?;
+    } else {
+        let dsn = match d.form {
+            crate::args::DsnForm::Password => &minted.dsn,
+            crate::args::DsnForm::Plain => &minted.dsn_plain,
+            crate::args::DsnForm::User => &minted.dsn_user,
+        };
+        out(&format!("DSN={dsn}\n"))?;
     }
     Ok(0)
 }
