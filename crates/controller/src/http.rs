@@ -45,12 +45,18 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/release", post(release))
         .route("/v1/dsn", post(dsn))
         .route("/v1/shutdown", post(shutdown))
+        .route("/v1/warmup", post(warmup))
+        .route("/v1/pins", post(pin))
+        .route("/v1/unpin", post(unpin))
+        .route("/v1/events", get(events))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&controller),
             require_token,
         ));
     Router::new()
         .route("/v1/health", get(health))
+        // Signed with the webhook secret instead of the API token.
+        .route("/v1/webhook", post(webhook))
         .merge(protected)
         .with_state(controller)
 }
@@ -165,4 +171,72 @@ async fn dsn(State(ctl): Ctl, Json(req): Json<DsnRequest>) -> Result<Response, C
 async fn shutdown(State(ctl): Ctl) -> Response {
     ctl.request_shutdown();
     Json(serde_json::json!({})).into_response()
+}
+
+/// Streams NDJSON progress events from a task that owns the work.
+fn ndjson(rx: tokio::sync::mpsc::UnboundedReceiver<taidon_api::PrepareEvent>) -> Response {
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let event = rx.recv().await?;
+        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<_, Infallible>(bytes::Bytes::from(line)), rx))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn warmup(State(ctl): Ctl, Json(req): Json<taidon_api::WarmupRequest>) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move { ctl.warmup(req, tx).await });
+    ndjson(rx)
+}
+
+async fn pin(
+    State(ctl): Ctl,
+    Json(req): Json<taidon_api::PinRequest>,
+) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.pin(&req.state, req.reason, &req.ref_name)?).into_response())
+}
+
+async fn unpin(
+    State(ctl): Ctl,
+    Json(req): Json<taidon_api::UnpinRequest>,
+) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.unpin(&req.state, req.reason, req.ref_name.as_deref())?).into_response())
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    state: Option<String>,
+    #[serde(default = "default_events_limit")]
+    limit: usize,
+}
+
+fn default_events_limit() -> usize {
+    200
+}
+
+async fn events(
+    State(ctl): Ctl,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.events(q.state.as_deref(), q.limit)?).into_response())
+}
+
+async fn webhook(State(ctl): Ctl, headers: axum::http::HeaderMap, body: bytes::Bytes) -> Response {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let event = header("x-github-event").unwrap_or("");
+    match ctl.webhook(event, header("x-hub-signature-256"), &body) {
+        Ok(outcome) => Json(outcome).into_response(),
+        Err(crate::webhook::WebhookOutcomeError::Refused(e)) => {
+            let kind = match e {
+                crate::webhook::WebhookError::Payload { .. } => ErrorKind::BadInput,
+                _ => ErrorKind::Unauthorized,
+            };
+            api_error(ApiError::new(kind, e.to_string()))
+        }
+        Err(crate::webhook::WebhookOutcomeError::Controller(e)) => e.into_response(),
+    }
 }

@@ -32,7 +32,7 @@ fn random_hex(bytes: usize) -> String {
 }
 
 impl Controller {
-    fn instance_dir(&self, iid: &InstanceId) -> PathBuf {
+    pub(crate) fn instance_dir(&self, iid: &InstanceId) -> PathBuf {
         self.home.instances().join(iid.to_string())
     }
 
@@ -73,12 +73,16 @@ impl Controller {
         self: &Arc<Self>,
         state: StateId,
     ) -> Result<InstanceInfo, ControllerError> {
-        if !self.store.contains(&state) {
-            return Err(ControllerError::NotFound(format!(
-                "state {} has no snapshot",
-                state.short()
-            )));
+        // A pre-started standby is handed out at once.
+        if let Some(info) = self.take_standby(state).await? {
+            return Ok(info);
         }
+        if !self.store.contains(&state) {
+            // A COLD state is rebuilt from its nearest surviving ancestor first.
+            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+            self.restore_state(state, &tx).await?;
+        }
+        self.make_room().await?;
         let iid = InstanceId::from_bytes(rand::random());
         let dir = self.instance_dir(&iid);
         let result = self.start_instance(iid, state, &dir).await;
@@ -87,6 +91,9 @@ impl Controller {
         }
         let row = result?;
         self.meta.insert_instance(&row)?;
+        self.note_activity(iid);
+        self.record_transition(&state, taidon_core::policy::Event::InstanceStarting, None)?;
+        self.record_transition(&state, taidon_core::policy::Event::InstanceUp, None)?;
         self.meta
             .touch_state(&state, now_ms(), Some(row.clone_ms + row.start_ms))?;
         self.meta
@@ -106,7 +113,7 @@ impl Controller {
         });
     }
 
-    async fn start_instance(
+    pub(crate) async fn start_instance(
         self: &Arc<Self>,
         iid: InstanceId,
         state: StateId,
@@ -191,6 +198,7 @@ impl Controller {
 
     /// Stops an instance and deletes its data.
     pub async fn delete_instance(&self, iid: &InstanceId) -> Result<(), ControllerError> {
+        self.forget_standby(iid);
         let live = self
             .live
             .write()
@@ -215,6 +223,9 @@ impl Controller {
             .map(|r| r.state_id);
         self.meta.delete_instance(iid)?;
         remove_dir(&self.instance_dir(iid)).await;
+        if let Some(sid) = &state {
+            self.after_instance_gone(sid)?;
+        }
         self.meta.event(
             now_ms(),
             "instance_removed",
@@ -242,6 +253,9 @@ impl Controller {
     /// servers are stopped first if they outlived it. DSNs stay valid: they name the gateway.
     pub(crate) async fn adopt_instances(self: &Arc<Self>) -> Result<(), ControllerError> {
         for row in self.meta.instances()? {
+            if row.status == "stopped" {
+                continue; // stopped for being idle: its data waits for sqlrs rm
+            }
             let data = PathBuf::from(&row.data_dir);
             match kill_orphan(data.clone()).await {
                 Ok(Some(pid)) => {
@@ -251,6 +265,12 @@ impl Controller {
                 Err(e) => {
                     tracing::warn!(instance = %row.instance_id, error = %e, "checking for a left-over server")
                 }
+            }
+            if row.status == "standby" {
+                // A standby holds nothing: the pool starts a fresh one if still wanted.
+                self.meta.delete_instance(&row.instance_id)?;
+                remove_dir(&self.instance_dir(&row.instance_id)).await;
+                continue;
             }
             if !data.join("PG_VERSION").exists() {
                 tracing::warn!(instance = %row.instance_id, "instance data is gone; forgetting it");

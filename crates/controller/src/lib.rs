@@ -3,12 +3,16 @@
 #![deny(clippy::todo, clippy::dbg_macro)]
 
 mod access;
+pub mod config;
 mod error;
 pub mod home;
 mod http;
 mod instances;
+mod lifecycle;
 pub mod meta;
+mod pins;
 mod prepare;
+pub mod webhook;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -38,6 +42,8 @@ pub struct ControllerConfig {
     pub pg_bin: Option<PathBuf>,
     /// How long the tokens in handed-out DSNs live.
     pub token_ttl_s: u64,
+    /// The lifecycle settings; read from `<home>/config.toml` when `None`.
+    pub lifecycle: Option<config::Config>,
 }
 
 impl ControllerConfig {
@@ -46,6 +52,7 @@ impl ControllerConfig {
             home: home.into(),
             pg_bin: None,
             token_ttl_s: default_token_ttl_s(),
+            lifecycle: None,
         }
     }
 }
@@ -82,6 +89,8 @@ pub struct Controller {
     live: RwLock<HashMap<taidon_core::InstanceId, Arc<Live>>>,
     /// One lock per state being built: two prepares of one missing state build it once.
     building: StdMutex<HashMap<StateId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Idle instances, eviction, the standby pool, pins.
+    lifecycle: lifecycle::Lifecycle,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
@@ -109,6 +118,20 @@ impl Controller {
             }
         }
         let meta = Meta::open(&home.meta_db())?;
+        pins::init(&meta)?;
+        let lifecycle_config = match &config.lifecycle {
+            Some(c) => c.clone(),
+            None => config::Config::load(&home.root().join("config.toml"))
+                .map_err(|e| ControllerError::BadInput(config::error_chain(&e)))?,
+        };
+        lifecycle_config
+            .validate()
+            .map_err(|e| ControllerError::BadInput(e.to_string()))?;
+        let webhook_secret = match &lifecycle_config.webhook.secret {
+            Some(s) => s.clone(),
+            None => home::read_or_create_secret(&home.root().join("webhook.secret"), 32)
+                .map_err(|e| ControllerError::io("cannot read the webhook secret", e))?,
+        };
         let owner = run_as.as_ref().map(|u| Owner {
             uid: u.uid,
             gid: u.gid,
@@ -133,9 +156,11 @@ impl Controller {
             api_url: RwLock::new(String::new()),
             live: RwLock::new(HashMap::new()),
             building: StdMutex::new(HashMap::new()),
+            lifecycle: lifecycle::Lifecycle::new(lifecycle_config, webhook_secret),
             shutdown,
         });
         controller.reconcile().await?;
+        controller.spawn_lifecycle();
         Ok(controller)
     }
 
@@ -259,6 +284,10 @@ impl Controller {
                 continue;
             }
             let (status, reason) = match r.status {
+                StateStatus::Building | StateStatus::Starting if self.replayable(&r) => (
+                    StateStatus::Cold,
+                    "interrupted: the daemon stopped during the build; rebuilt when asked for",
+                ),
                 StateStatus::Building | StateStatus::Starting => (
                     StateStatus::Failed,
                     "interrupted: the daemon stopped during the build",
@@ -301,20 +330,31 @@ impl Controller {
                 Some(u) => u.user.clone(),
                 None => current_user_name(),
             },
+            store_capacity_bytes: self
+                .lifecycle
+                .config
+                .store_limits()
+                .map_or(0, |l| l.high_water_bytes),
+            max_instances: self.lifecycle.config.instance_limits().capacity() as u64,
+            standby_instances: self.standby_count() as u64,
         })
     }
 
     /// Every state the metadata knows, with its presence level.
     pub fn list_states(&self) -> Result<Vec<StateInfo>, ControllerError> {
         let counts = self.instance_counts();
+        let mut standings = self.standings()?;
         Ok(self
             .meta
             .states()?
             .into_iter()
             .map(|r| {
+                let standing = standings.remove(&r.state_id);
                 let instances = counts.get(&r.state_id).copied().unwrap_or(0);
                 let status = if instances > 0 && r.status == StateStatus::Warm {
                     StateStatus::Hot
+                } else if instances == 0 && r.status == StateStatus::Hot {
+                    StateStatus::Warm
                 } else {
                     r.status
                 };
@@ -330,6 +370,9 @@ impl Controller {
                     last_access_ms: r.last_access_ms,
                     access_count: r.access_count,
                     instances,
+                    score: standing.as_ref().map_or(0.0, |s| s.score),
+                    pin: standing.and_then(|s| s.pin),
+                    status_reason: r.status_reason,
                 }
             })
             .collect())

@@ -127,7 +127,10 @@ impl Meta {
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T, MetaError>) -> Result<T, MetaError> {
+    pub(crate) fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, MetaError>,
+    ) -> Result<T, MetaError> {
         // A panic while holding the lock leaves the connection usable: SQLite rolls back.
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&conn)

@@ -41,9 +41,36 @@ impl Controller {
         req: PrepareRequest,
         events: &Events,
     ) -> Result<PrepareEvent, ControllerError> {
-        check_inputs(&req.steps, &req.cwd)?;
-        let chain = chain(&self.engine.fingerprint, &req.steps);
-        let total = req.steps.len();
+        let (head, cache_hit) = self.build_steps(req.steps, req.cwd, events).await?;
+        // Creating an instance counts as the access; a bare prepare counts on its own.
+        let instance = if req.create_instance && !events.is_closed() {
+            send(events, PrepareEvent::InstanceStarting { state_id: head });
+            Some(self.create_instance_of(head).await?)
+        } else {
+            self.meta.touch_state(&head, now_ms(), None)?;
+            None
+        };
+        Ok(PrepareEvent::Done {
+            state_id: head,
+            cache_hit,
+            instance,
+        })
+    }
+
+    /// Builds what is missing of the chain of `steps` (a COLD head is restored from its
+    /// nearest surviving ancestor, and the progress says so); the head and whether every step
+    /// was cached.
+    pub(crate) async fn build_steps(
+        &self,
+        steps: Vec<Step>,
+        cwd: PathBuf,
+        events: &Events,
+    ) -> Result<(StateId, bool), ControllerError> {
+        let (steps, cwd) = (&steps, &cwd);
+        check_inputs(steps, cwd)?;
+        self.keep_inputs(steps, cwd);
+        let chain = chain(&self.engine.fingerprint, steps);
+        let total = steps.len();
 
         // The nearest published ancestor: everything after it is built, nothing before.
         let mut have = None; // index into chain.steps of the last cached step
@@ -62,30 +89,17 @@ impl Controller {
                 state_id: chain.head(),
             },
         );
+        if let Some(restoring) = self.restoring_event(&chain, cached)? {
+            send(events, restoring);
+        }
         let mut built_any = false;
         if have.is_none() {
             built_any |= self.ensure_base(&chain, events).await?;
         }
         for i in cached..total {
-            built_any |= self
-                .ensure_step(&chain, &req.steps, i, &req.cwd, events)
-                .await?;
+            built_any |= self.ensure_step(&chain, steps, i, cwd, events).await?;
         }
-
-        let head = chain.head();
-        // Creating an instance counts as the access; a bare prepare counts on its own.
-        let instance = if req.create_instance && !events.is_closed() {
-            send(events, PrepareEvent::InstanceStarting { state_id: head });
-            Some(self.create_instance_of(head).await?)
-        } else {
-            self.meta.touch_state(&head, now_ms(), None)?;
-            None
-        };
-        Ok(PrepareEvent::Done {
-            state_id: head,
-            cache_hit: !built_any,
-            instance,
-        })
+        Ok((chain.head(), !built_any))
     }
 
     /// Single-flight: waits for a concurrent build of `id`, and says so.
@@ -118,6 +132,7 @@ impl Controller {
         if self.store.contains(&id) {
             return Ok(false);
         }
+        let _permit = self.build_permit().await;
         send(events, PrepareEvent::Initdb { state_id: id });
         let started = Instant::now();
         let engine_json = serde_json::to_string(&self.engine.fingerprint).unwrap_or_default();
@@ -153,6 +168,7 @@ impl Controller {
         if self.store.contains(&id) {
             return Ok(false);
         }
+        let _permit = self.build_permit().await;
         send(
             events,
             PrepareEvent::StepStarted {

@@ -1,0 +1,787 @@
+//! The lifecycle loop: every tick it stops idle instances (and those over capacity), evicts
+//! snapshots by retention score while the store is over its capacity, and keeps the standby
+//! pool of HOT states at its target. The decisions are `taidon_core::policy`'s; this module
+//! gathers the facts and acts on them.
+//!
+//! Inputs are kept: every `-f` file a prepare reads is copied to `<home>/inputs/<sha256>`
+//! (content-addressed, written once), so a COLD state asked for by id alone can be replayed
+//! from its nearest surviving ancestor.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex};
+
+use taidon_api::{EventInfo, PrepareEvent, StateStatus, WarmupRequest};
+use taidon_core::plan::Chain;
+use taidon_core::policy::{
+    self, retention_score, transition, Event, InstanceFacts, PinState, Presence, Ranking,
+    StateFacts, StopReason, Tree,
+};
+use taidon_core::{InstanceId, PsqlInput, StateId, Step};
+use taidon_store::SnapshotStore;
+
+use crate::config::Config;
+use crate::meta::StateRow;
+use crate::prepare::Events;
+use crate::{now_ms, pins, Controller, ControllerError};
+
+/// The lifecycle's own state inside the controller.
+pub(crate) struct Lifecycle {
+    pub(crate) config: Config,
+    pub(crate) webhook_secret: String,
+    /// The store's I/O budget: builds and restores at once.
+    builds: tokio::sync::Semaphore,
+    /// Pre-started instances nobody has taken, by state.
+    standby: StdMutex<HashMap<StateId, Vec<InstanceId>>>,
+    /// Standbys being started, by state.
+    starting: StdMutex<HashMap<StateId, usize>>,
+    /// States warmed with `--hot`: they keep a standby until this time.
+    hold: StdMutex<HashMap<StateId, u64>>,
+    /// Activity the controller itself saw (start, hand-out), by instance.
+    activity: StdMutex<HashMap<InstanceId, u64>>,
+}
+
+fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Lifecycle {
+    pub(crate) fn new(config: Config, webhook_secret: String) -> Self {
+        let builds = tokio::sync::Semaphore::new(config.store.max_parallel_builds);
+        Self {
+            config,
+            webhook_secret,
+            builds,
+            standby: StdMutex::default(),
+            starting: StdMutex::default(),
+            hold: StdMutex::default(),
+            activity: StdMutex::default(),
+        }
+    }
+}
+
+pub(crate) fn presence(s: StateStatus) -> Presence {
+    match s {
+        StateStatus::Hot => Presence::Hot,
+        StateStatus::Warm => Presence::Warm,
+        StateStatus::Cold => Presence::Cold,
+        StateStatus::Building => Presence::Building,
+        StateStatus::Starting => Presence::Starting,
+        StateStatus::Failed => Presence::Failed,
+    }
+}
+
+pub(crate) fn status(p: Presence) -> StateStatus {
+    match p {
+        Presence::Hot => StateStatus::Hot,
+        Presence::Warm => StateStatus::Warm,
+        Presence::Cold => StateStatus::Cold,
+        Presence::Building => StateStatus::Building,
+        Presence::Starting => StateStatus::Starting,
+        Presence::Failed => StateStatus::Failed,
+    }
+}
+
+/// Everything `ls` shows about a state's standing: score and pin.
+pub(crate) struct Standing {
+    pub(crate) score: f64,
+    pub(crate) pin: Option<String>,
+}
+
+impl Controller {
+    /// Waits for a slot in the store's I/O budget.
+    pub(crate) async fn build_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.lifecycle.builds.acquire().await.ok()
+    }
+
+    /// Records activity on an instance the controller itself saw.
+    pub(crate) fn note_activity(&self, iid: InstanceId) {
+        lock(&self.lifecycle.activity).insert(iid, now_ms());
+    }
+
+    /// Applies `event` to a state's persisted presence and records it; an event that does
+    /// not apply (the state is elsewhere already) changes nothing.
+    pub(crate) fn record_transition(
+        &self,
+        id: &StateId,
+        event: Event,
+        reason: Option<&str>,
+    ) -> Result<(), ControllerError> {
+        let Some(row) = self.meta.state(id)? else {
+            return Ok(());
+        };
+        let from = presence(row.status);
+        match transition(from, event) {
+            Ok(to) if to != from => {
+                self.meta.set_state_status(id, status(to), reason)?;
+                let detail = match reason {
+                    Some(r) => format!("{} -> {}: {r}", status(from), status(to)),
+                    None => format!("{} -> {}", status(from), status(to)),
+                };
+                self.meta
+                    .event(now_ms(), "transition", Some(id), None, Some(&detail))?;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(state = %id.short(), "{e}"),
+        }
+        Ok(())
+    }
+
+    /// Starts the loop; it ends when a shutdown is asked for.
+    pub(crate) fn spawn_lifecycle(self: &Arc<Self>) {
+        let this = Arc::downgrade(self);
+        let tick = std::time::Duration::from_millis(self.lifecycle.config.lifecycle.tick_ms);
+        let stop = self.shutdown_requested();
+        tokio::spawn(async move {
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    () = &mut stop => return,
+                    () = tokio::time::sleep(tick) => {}
+                }
+                let Some(ctl) = this.upgrade() else { return };
+                if let Err(e) = ctl.lifecycle_tick().await {
+                    tracing::warn!(error = %e, "lifecycle tick failed");
+                }
+            }
+        });
+    }
+
+    /// One pass: idle and over-capacity instances, store eviction, the standby pool.
+    pub async fn lifecycle_tick(self: &Arc<Self>) -> Result<(), ControllerError> {
+        for (iid, why) in self.instances_to_stop(0)? {
+            self.stop_instance(&iid, why).await?;
+        }
+        self.evict().await?;
+        self.tend_pool().await
+    }
+
+    /// The policy's view of every state.
+    pub(crate) fn state_facts(&self) -> Result<Vec<StateFacts<StateId>>, ControllerError> {
+        let rows = self.meta.states()?;
+        let pins = pins::pin_states(&self.meta)?;
+        let running: HashSet<StateId> = self
+            .live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|l| l.state_id)
+            .collect();
+        let building_parents: HashSet<StateId> = rows
+            .iter()
+            .filter(|r| r.status == StateStatus::Building)
+            .filter_map(|r| r.parent)
+            .collect();
+        let builds = lock(&self.building).clone();
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let hot = running.contains(&r.state_id);
+                let mut p = presence(r.status);
+                if hot {
+                    p = Presence::Hot;
+                } else if p == Presence::Hot {
+                    p = Presence::Warm;
+                }
+                let being_built = builds
+                    .get(&r.state_id)
+                    .is_some_and(|l| l.try_lock().is_err());
+                StateFacts {
+                    id: r.state_id,
+                    parent: r.parent,
+                    presence: p,
+                    size_bytes: r.size_bytes,
+                    build_cost_ms: r.build_cost_ms,
+                    access_count: r.access_count,
+                    last_access_ms: r.last_access_ms,
+                    pin: pins.get(&r.state_id).map_or(PinState::None, |p| p.0),
+                    in_use: hot || being_built || building_parents.contains(&r.state_id),
+                }
+            })
+            .collect())
+    }
+
+    /// Score and pin of every state, for `ls`.
+    pub(crate) fn standings(&self) -> Result<HashMap<StateId, Standing>, ControllerError> {
+        let facts = self.state_facts()?;
+        let tree = Tree::new(&facts);
+        let pins = pins::pin_states(&self.meta)?;
+        let w = &self.lifecycle.config.policy.weights;
+        let now = now_ms();
+        let none = HashSet::new();
+        Ok(facts
+            .iter()
+            .map(|f| {
+                let score = retention_score(f, tree.replay_ms(&f.id, &none), w, now);
+                let pin = pins.get(&f.id).map(|p| p.1.clone());
+                (f.id, Standing { score, pin })
+            })
+            .collect())
+    }
+
+    fn instance_facts(&self) -> Vec<InstanceFacts<InstanceId, StateId>> {
+        let now = now_ms();
+        let lease = self.lifecycle.config.instances.lease_ttl_s * 1000;
+        let standby: HashSet<InstanceId> = lock(&self.lifecycle.standby)
+            .values()
+            .flatten()
+            .copied()
+            .collect();
+        let live: Vec<(InstanceId, StateId)> = self
+            .live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(i, l)| (*i, l.state_id))
+            .collect();
+        let mut activity = lock(&self.lifecycle.activity);
+        live.into_iter()
+            .map(|(iid, sid)| {
+                // An instance first seen now (adopted after a restart) starts its clock now.
+                let seen = *activity.entry(iid).or_insert(now);
+                let last = seen.max(self.last_access_ms(&iid).unwrap_or(0));
+                InstanceFacts {
+                    id: iid,
+                    state: sid,
+                    connections: self.active_connections(&iid),
+                    last_activity_ms: last,
+                    lease_expires_ms: last.saturating_add(lease),
+                    standby: standby.contains(&iid),
+                }
+            })
+            .collect()
+    }
+
+    fn instances_to_stop(
+        &self,
+        reserve: usize,
+    ) -> Result<Vec<(InstanceId, StopReason)>, ControllerError> {
+        let standings = self.standings()?;
+        let limits = self.lifecycle.config.instance_limits();
+        Ok(policy::instances_to_stop(
+            &self.instance_facts(),
+            &limits,
+            reserve,
+            now_ms(),
+            |s| standings.get(s).map_or(0.0, |x| x.score),
+        ))
+    }
+
+    /// Makes room for one more instance, stopping idle ones if the limits say so.
+    pub(crate) async fn make_room(&self) -> Result<(), ControllerError> {
+        for (iid, why) in self.instances_to_stop(1)? {
+            self.stop_instance(&iid, why).await?;
+        }
+        let running = self.live.read().unwrap_or_else(|p| p.into_inner()).len();
+        let capacity = self.lifecycle.config.instance_limits().capacity();
+        if running >= capacity {
+            return Err(ControllerError::BadInput(format!(
+                "instance limit reached: {running} running (limit {capacity}), none idle; \
+                 remove one (sqlrs rm) or raise [instances] max / memory_budget_mb"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stops an instance's server. A standby is removed (it holds nothing); any other keeps
+    /// its data with status `stopped` until `sqlrs rm`. The state drops to WARM with its
+    /// last running instance.
+    pub(crate) async fn stop_instance(
+        &self,
+        iid: &InstanceId,
+        why: StopReason,
+    ) -> Result<(), ControllerError> {
+        let sid = self
+            .meta
+            .instances()?
+            .into_iter()
+            .find(|r| &r.instance_id == iid)
+            .map(|r| r.state_id);
+        let was_standby = self.forget_standby(iid);
+        if was_standby {
+            self.delete_instance(iid).await?;
+        } else {
+            let live = self
+                .live
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(iid);
+            let Some(live) = live else { return Ok(()) };
+            if let Some(server) = live.server.lock().await.take() {
+                if let Err(e) = server.stop().await {
+                    tracing::warn!(instance = %iid, error = %e, "stopping an idle instance");
+                }
+            }
+            if let Some(mut row) = self
+                .meta
+                .instances()?
+                .into_iter()
+                .find(|r| &r.instance_id == iid)
+            {
+                row.status = "stopped".into();
+                self.meta.insert_instance(&row)?;
+            }
+        }
+        lock(&self.lifecycle.activity).remove(iid);
+        let reason = format!("{why:?}").to_lowercase();
+        tracing::info!(instance = %iid, reason, "instance stopped");
+        self.meta.event(
+            now_ms(),
+            "instance_stopped",
+            sid.as_ref(),
+            Some(iid),
+            Some(&reason),
+        )?;
+        if let Some(sid) = sid {
+            self.after_instance_gone(&sid)?;
+        }
+        Ok(())
+    }
+
+    /// A state with no running instance left is WARM again.
+    pub(crate) fn after_instance_gone(&self, sid: &StateId) -> Result<(), ControllerError> {
+        let any = self
+            .live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|l| &l.state_id == sid);
+        if !any {
+            self.record_transition(sid, Event::LastInstanceStopped, None)?;
+        }
+        Ok(())
+    }
+
+    /// Evicts WARM snapshots by retention score while the store is over its capacity.
+    async fn evict(&self) -> Result<(), ControllerError> {
+        let Some(limits) = self.lifecycle.config.store_limits() else {
+            return Ok(());
+        };
+        let used = self.blocking(|s| s.usage_bytes()).await?;
+        if used <= limits.high_water_bytes {
+            return Ok(());
+        }
+        let facts = self.state_facts()?;
+        let victims = policy::choose_evictions(
+            &facts,
+            used,
+            &limits,
+            &self.lifecycle.config.policy.weights,
+            Ranking::Score,
+            now_ms(),
+        );
+        for id in victims {
+            // A build or an instance that began since the facts were read keeps it.
+            let lock = self.build_lock(&id);
+            let Ok(_guard) = lock.try_lock_owned() else {
+                continue;
+            };
+            if self
+                .live
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .any(|l| l.state_id == id)
+            {
+                continue;
+            }
+            self.blocking(move |s| s.remove(&id)).await?;
+            let reason = format!(
+                "evicted: store over {} MiB",
+                limits.high_water_bytes / (1024 * 1024)
+            );
+            self.record_transition(&id, Event::Evicted, Some(&reason))?;
+            self.meta
+                .event(now_ms(), "evicted", Some(&id), None, Some(&reason))?;
+            tracing::info!(state = %id.short(), "evicted");
+        }
+        Ok(())
+    }
+
+    /// Takes `iid` out of the standby pool; true if it was there.
+    pub(crate) fn forget_standby(&self, iid: &InstanceId) -> bool {
+        let mut pool = lock(&self.lifecycle.standby);
+        for list in pool.values_mut() {
+            if let Some(pos) = list.iter().position(|i| i == iid) {
+                list.remove(pos);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Instances waiting to be handed out.
+    pub(crate) fn standby_count(&self) -> usize {
+        lock(&self.lifecycle.standby).values().map(Vec::len).sum()
+    }
+
+    /// Hands out a pre-started standby of `state`, if one waits; a replacement starts in the
+    /// background.
+    pub(crate) async fn take_standby(
+        self: &Arc<Self>,
+        state: StateId,
+    ) -> Result<Option<taidon_api::InstanceInfo>, ControllerError> {
+        let iid = {
+            let mut pool = lock(&self.lifecycle.standby);
+            let Some(list) = pool.get_mut(&state) else {
+                return Ok(None);
+            };
+            let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+            list.retain(|i| live.contains_key(i));
+            match list.pop() {
+                Some(i) => i,
+                None => return Ok(None),
+            }
+        };
+        let Some(mut row) = self
+            .meta
+            .instances()?
+            .into_iter()
+            .find(|r| r.instance_id == iid)
+        else {
+            return Ok(None);
+        };
+        row.status = "running".into();
+        row.created_ms = now_ms();
+        self.meta.insert_instance(&row)?;
+        self.note_activity(iid);
+        self.meta.touch_state(&state, now_ms(), None)?;
+        self.meta
+            .event(now_ms(), "standby_taken", Some(&state), Some(&iid), None)?;
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(e) = this.tend_pool().await {
+                tracing::warn!(error = %e, "refilling the standby pool");
+            }
+        });
+        self.instance_info(&row).map(Some)
+    }
+
+    /// Starts or stops standbys so each state has its target.
+    async fn tend_pool(self: &Arc<Self>) -> Result<(), ControllerError> {
+        let now = now_ms();
+        let policy = self.lifecycle.config.policy.standby;
+        let facts = self.state_facts()?;
+        let holds: HashMap<StateId, u64> = {
+            let mut h = lock(&self.lifecycle.hold);
+            h.retain(|_, until| *until > now);
+            h.clone()
+        };
+        for f in &facts {
+            let mut target = policy::standby_target(f, &policy, now);
+            if holds.contains_key(&f.id) && matches!(f.presence, Presence::Hot | Presence::Warm) {
+                target = target.max(1);
+            }
+            let have = lock(&self.lifecycle.standby).get(&f.id).map_or(0, Vec::len);
+            let starting = lock(&self.lifecycle.starting)
+                .get(&f.id)
+                .copied()
+                .unwrap_or(0);
+            if have + starting < target {
+                let running = self.live.read().unwrap_or_else(|p| p.into_inner()).len();
+                if running + starting >= self.lifecycle.config.instance_limits().capacity() {
+                    continue;
+                }
+                *lock(&self.lifecycle.starting).entry(f.id).or_default() += 1;
+                let this = Arc::clone(self);
+                let sid = f.id;
+                tokio::spawn(async move {
+                    if let Err(e) = this.start_standby(sid).await {
+                        tracing::warn!(state = %sid.short(), error = %e, "cannot start a standby");
+                    }
+                    if let Some(n) = lock(&this.lifecycle.starting).get_mut(&sid) {
+                        *n = n.saturating_sub(1);
+                    }
+                });
+            } else if have > target {
+                let extra = lock(&self.lifecycle.standby)
+                    .get(&f.id)
+                    .and_then(|l| l.first().copied());
+                if let Some(iid) = extra {
+                    self.stop_instance(&iid, StopReason::Idle).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts one standby of `state` and puts it in the pool.
+    pub(crate) async fn start_standby(
+        self: &Arc<Self>,
+        state: StateId,
+    ) -> Result<InstanceId, ControllerError> {
+        if !self.store.contains(&state) {
+            return Err(ControllerError::NotFound(format!(
+                "state {} has no snapshot",
+                state.short()
+            )));
+        }
+        let iid = InstanceId::from_bytes(rand::random());
+        let dir = self.instance_dir(&iid);
+        let result = self.start_instance(iid, state, &dir).await;
+        let mut row = match result {
+            Ok(row) => row,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        row.status = "standby".into();
+        self.meta.insert_instance(&row)?;
+        lock(&self.lifecycle.standby)
+            .entry(state)
+            .or_default()
+            .push(iid);
+        self.note_activity(iid);
+        self.record_transition(&state, Event::InstanceStarting, None)?;
+        self.record_transition(&state, Event::InstanceUp, None)?;
+        self.meta
+            .event(now_ms(), "standby_started", Some(&state), Some(&iid), None)?;
+        Ok(iid)
+    }
+
+    /// Copies each `-f` input into `<home>/inputs/<sha256>` once, so the state can be
+    /// replayed later without the user's files.
+    pub(crate) fn keep_inputs(&self, steps: &[Step], cwd: &std::path::Path) {
+        let dir = self.inputs_dir();
+        for step in steps {
+            let Step::Psql(psql) = step;
+            if let PsqlInput::File { path, sha256 } = &psql.input {
+                let dest = dir.join(sha256);
+                if dest.exists() {
+                    continue;
+                }
+                let kept = std::fs::create_dir_all(&dir)
+                    .and_then(|()| std::fs::read(cwd.join(path)))
+                    .and_then(|bytes| crate::home::write_atomic(&dest, &bytes, 0o644));
+                if let Err(e) = kept {
+                    tracing::warn!(path, error = %e, "cannot keep a copy of an input");
+                }
+            }
+        }
+    }
+
+    fn inputs_dir(&self) -> PathBuf {
+        self.home.root().join("inputs")
+    }
+
+    /// Whether a state's own step can be replayed from what is kept.
+    pub(crate) fn replayable(&self, row: &StateRow) -> bool {
+        if row.parent.is_none() {
+            return true; // initdb
+        }
+        match serde_json::from_str::<Step>(&row.inputs_fingerprint) {
+            Ok(Step::Psql(p)) => match &p.input {
+                PsqlInput::File { sha256, .. } => self.inputs_dir().join(sha256).exists(),
+                PsqlInput::Command { .. } => true,
+            },
+            Err(_) => false,
+        }
+    }
+
+    /// The steps that make `id`, from the base, with `-f` inputs pointing at the kept copies.
+    pub(crate) fn replay_steps(&self, id: &StateId) -> Result<Vec<Step>, ControllerError> {
+        let rows: HashMap<StateId, StateRow> = self
+            .meta
+            .states()?
+            .into_iter()
+            .map(|r| (r.state_id, r))
+            .collect();
+        let mut steps = Vec::new();
+        let mut cur = rows.get(id);
+        while let Some(row) = cur {
+            let Some(parent) = row.parent else { break };
+            let mut step: Step = serde_json::from_str(&row.inputs_fingerprint).map_err(|_| {
+                ControllerError::NotFound(format!(
+                    "state {} cannot be restored: its step is not recorded",
+                    row.state_id.short()
+                ))
+            })?;
+            let Step::Psql(psql) = &mut step;
+            if let PsqlInput::File { path, sha256 } = &mut psql.input {
+                let kept = self.inputs_dir().join(&*sha256);
+                if !kept.exists() {
+                    return Err(ControllerError::NotFound(format!(
+                        "state {} cannot be restored: input {path} was not kept",
+                        row.state_id.short()
+                    )));
+                }
+                *path = kept.display().to_string();
+            }
+            steps.push(step);
+            cur = rows.get(&parent);
+        }
+        if cur.is_none() {
+            return Err(ControllerError::NotFound(format!(
+                "state {} is not known",
+                id.short()
+            )));
+        }
+        steps.reverse();
+        let chain = taidon_core::plan::chain(&self.engine.fingerprint, &steps);
+        if chain.head() != *id {
+            return Err(ControllerError::BadInput(format!(
+                "state {} was built by another engine ({}) and cannot be replayed here",
+                id.short(),
+                self.engine.fingerprint.version()
+            )));
+        }
+        Ok(steps)
+    }
+
+    /// Rebuilds a COLD state known by id from its nearest surviving ancestor.
+    pub(crate) async fn restore_state(
+        self: &Arc<Self>,
+        id: StateId,
+        events: &Events,
+    ) -> Result<(), ControllerError> {
+        let steps = self.replay_steps(&id)?;
+        self.build_steps(steps, self.inputs_dir(), events).await?;
+        Ok(())
+    }
+
+    /// The `Restoring` event for a chain whose head is COLD, naming the ancestor it replays
+    /// from; `None` when the head is not COLD.
+    pub(crate) fn restoring_event(
+        &self,
+        chain: &Chain,
+        cached: usize,
+    ) -> Result<Option<PrepareEvent>, ControllerError> {
+        let head = chain.head();
+        let cold = self
+            .meta
+            .state(&head)?
+            .is_some_and(|r| r.status == StateStatus::Cold);
+        if !cold {
+            return Ok(None);
+        }
+        let from = if cached > 0 {
+            Some(chain.steps[cached - 1])
+        } else if self.store.contains(&chain.base) {
+            Some(chain.base)
+        } else {
+            None
+        };
+        self.meta.event(
+            now_ms(),
+            "restoring",
+            Some(&head),
+            None,
+            Some(&match from {
+                Some(f) => format!("from {}", f.short()),
+                None => "from initdb".to_owned(),
+            }),
+        )?;
+        Ok(Some(PrepareEvent::Restoring {
+            state_id: head,
+            from,
+            steps: chain.steps.len() - cached,
+        }))
+    }
+
+    /// `POST /v1/warmup`: builds (or restores) the state to WARM; with `hot`, starts a
+    /// standby and keeps one for the idle timeout.
+    pub async fn warmup(self: &Arc<Self>, req: WarmupRequest, events: Events) {
+        let result = self.warmup_inner(req, &events).await;
+        let _ = events.send(match result {
+            Ok(done) => done,
+            Err(e) => PrepareEvent::Failed { error: e.to_api() },
+        });
+    }
+
+    async fn warmup_inner(
+        self: &Arc<Self>,
+        req: WarmupRequest,
+        events: &Events,
+    ) -> Result<PrepareEvent, ControllerError> {
+        let (id, cache_hit) = match &req.state {
+            Some(typed) => {
+                let ids: Vec<String> = self
+                    .meta
+                    .states()?
+                    .into_iter()
+                    .map(|s| s.state_id.to_string())
+                    .collect();
+                let id: StateId =
+                    taidon_core::prefix::resolve(typed, ids.iter().map(String::as_str))?
+                        .parse()
+                        .map_err(|e| ControllerError::Internal(format!("{e}")))?;
+                if self.store.contains(&id) {
+                    (id, true)
+                } else {
+                    self.restore_state(id, events).await?;
+                    (id, false)
+                }
+            }
+            None => self.build_steps(req.steps, req.cwd, events).await?,
+        };
+        if req.hot {
+            let until = now_ms() + self.lifecycle.config.instances.idle_timeout_s * 1000;
+            lock(&self.lifecycle.hold).insert(id, until);
+            let waiting = lock(&self.lifecycle.standby)
+                .get(&id)
+                .is_some_and(|l| !l.is_empty());
+            if !waiting {
+                let _ = events.send(PrepareEvent::InstanceStarting { state_id: id });
+                self.make_room().await?;
+                self.start_standby(id).await?;
+            }
+        }
+        self.meta.touch_state(&id, now_ms(), None)?;
+        Ok(PrepareEvent::Done {
+            state_id: id,
+            cache_hit,
+            instance: None,
+        })
+    }
+
+    /// Recorded events, newest last (at most `limit`), of one state or all.
+    pub fn events(
+        &self,
+        typed: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<EventInfo>, ControllerError> {
+        let state = match typed {
+            Some(t) => {
+                let ids: Vec<String> = self
+                    .meta
+                    .states()?
+                    .into_iter()
+                    .map(|s| s.state_id.to_string())
+                    .collect();
+                Some(taidon_core::prefix::resolve(t, ids.iter().map(String::as_str))?.to_owned())
+            }
+            None => None,
+        };
+        let rows = self.meta.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT ts_ms, kind, state_id, instance_id, detail FROM events
+                 WHERE ?1 IS NULL OR state_id = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = stmt
+                .query_map(rusqlite::params![state, limit as i64], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })?;
+        let mut out: Vec<EventInfo> = rows
+            .into_iter()
+            .map(|(ts, kind, sid, iid, detail)| EventInfo {
+                ts_ms: ts as u64,
+                kind,
+                state_id: sid.and_then(|s| s.parse().ok()),
+                instance_id: iid.and_then(|i| i.parse().ok()),
+                detail,
+            })
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
+}
