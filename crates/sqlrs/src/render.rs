@@ -102,14 +102,18 @@ pub(crate) fn ls(states: &[StateInfo], instances: &[InstanceInfo], now_ms: u64) 
                     s.status.to_string(),
                     human_size(s.size_bytes),
                     format!("{}ms", s.build_cost_ms),
+                    format!("{}ms", s.restore_cost_ms),
                     s.access_count.to_string(),
+                    format!("{:.3}", s.score),
+                    s.pin.clone().unwrap_or_else(|| "-".to_owned()),
                     s.label.clone(),
                 ]
             })
             .collect();
         out.push_str(&table(
             &[
-                "ID", "PARENT", "STATUS", "SIZE", "BUILD", "ACCESSES", "LABEL",
+                "ID", "PARENT", "STATUS", "SIZE", "BUILD", "RESTORE", "ACCESSES", "SCORE", "PIN",
+                "LABEL",
             ],
             &rows,
         ));
@@ -146,9 +150,26 @@ pub(crate) fn status(s: &Status) -> String {
         ("engine bin dir", s.engine_bin_dir.display().to_string()),
         ("clone strategy", s.clone_strategy.to_string()),
         ("store", s.store_path.display().to_string()),
-        ("store usage", human_size(s.store_bytes)),
+        (
+            "store usage",
+            if s.store_capacity_bytes > 0 {
+                format!(
+                    "{} of {}",
+                    human_size(s.store_bytes),
+                    human_size(s.store_capacity_bytes)
+                )
+            } else {
+                human_size(s.store_bytes)
+            },
+        ),
         ("states", s.states.to_string()),
-        ("running instances", s.instances_running.to_string()),
+        (
+            "running instances",
+            format!(
+                "{} of {} ({} standby)",
+                s.instances_running, s.max_instances, s.standby_instances
+            ),
+        ),
         ("server user", s.server_user.clone()),
     ];
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
@@ -256,6 +277,21 @@ impl Progress {
                         "sqlrs: plan: {total} steps, {cached} cached, target state {state_id}\n"
                     );
                 }
+            }
+            PrepareEvent::Restoring {
+                state_id,
+                from,
+                steps,
+            } => {
+                let from = match from {
+                    Some(f) => format!("its nearest surviving ancestor {}", f.short()),
+                    None => "initdb (no ancestor survives)".to_owned(),
+                };
+                plain = format!(
+                    "sqlrs: state {} is COLD (evicted): restoring from {from}, replaying {steps} step{}\n",
+                    state_id.short(),
+                    if *steps == 1 { "" } else { "s" }
+                );
             }
             PrepareEvent::Initdb { state_id } => {
                 self.activity = Some(("initdb".to_owned(), now));
@@ -424,6 +460,9 @@ mod tests {
             last_access_ms: 0,
             access_count: 7,
             instances: 1,
+            score: 0.5,
+            pin: Some("main:main".into()),
+            status_reason: None,
         }
     }
 
@@ -444,9 +483,9 @@ mod tests {
         }];
         let out = ls(&states, &instances, 61_000);
         let want = "\
-ID            PARENT        STATUS  SIZE     BUILD   ACCESSES  LABEL
-aaaaaaaaaaaa  -             HOT     2.0 KiB  1234ms  7         PostgreSQL 15.18
-bbbbbbbbbbbb  aaaaaaaaaaaa  HOT     2.0 KiB  1234ms  7         schema.sql
+ID            PARENT        STATUS  SIZE     BUILD   RESTORE  ACCESSES  SCORE  PIN        LABEL
+aaaaaaaaaaaa  -             HOT     2.0 KiB  1234ms  10ms     7         0.500  main:main  PostgreSQL 15.18
+bbbbbbbbbbbb  aaaaaaaaaaaa  HOT     2.0 KiB  1234ms  10ms     7         0.500  main:main  schema.sql
 
 ID                STATE         STATUS   CREATED
 3f3f3f3f3f3f3f3f  bbbbbbbbbbbb  running  1m ago
@@ -471,12 +510,21 @@ ID                STATE         STATUS   CREATED
             states: 3,
             instances_running: 1,
             server_user: "postgres".into(),
+            store_capacity_bytes: 20 << 20,
+            max_instances: 16,
+            standby_instances: 0,
         };
         let out = status(&s);
         assert!(out.starts_with("daemon pid:        42\n"), "{out}");
         assert!(out.contains("\nclone strategy:    copy\n"), "{out}");
-        assert!(out.contains("\nstore usage:       5.0 MiB\n"), "{out}");
-        assert!(out.contains("\nrunning instances: 1\n"), "{out}");
+        assert!(
+            out.contains("\nstore usage:       5.0 MiB of 20.0 MiB\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("\nrunning instances: 1 of 16 (0 standby)\n"),
+            "{out}"
+        );
         assert!(out.ends_with("server user:       postgres\n"), "{out}");
         assert_eq!(out.lines().count(), 13);
     }
