@@ -181,7 +181,7 @@ fn real_clients_ro_scope_controller_refusals_and_clean_logs() {
     let r = psql(&format!("{ro_dsn}&options=-c%20default_transaction_read_only%3Doff"), "insert into film values (2001, 'nope')");
     assert!(r.stderr.contains("25006"), "{}", r.stderr);
     // Nor from the session: the role has no write privilege at all.
-    let r = psql(&ro_dsn, "set default_transaction_read_only = off; insert into film values (2002, 'nope')");
+    let r = psql(&ro_dsn, "begin read write; insert into film values (2002, 'nope')");
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("42501"), "{}", r.stderr);
     // Many ro clients share one instance.
