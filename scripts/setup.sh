@@ -15,3 +15,17 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing: install Rust (rustup)" >&2; exit 1; }
+# The gateway's client tests: psycopg (PyPI) and node-postgres (npm) next to psql and pgbench.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import psycopg' >/dev/null 2>&1; then
+  echo "setup: installing psycopg" >&2
+  python3 -m pip install -q "psycopg[binary]" >/dev/null 2>&1 \
+    || python3 -m pip install -q --break-system-packages "psycopg[binary]" >/dev/null
+fi
+if ! command -v node >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing nodejs and npm" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+clients="$(cd "$(dirname "$0")/.." && pwd)/tests/clients"
+[ -d "$clients/node_modules/pg" ] || (cd "$clients" && npm install --no-audit --no-fund --silent >/dev/null)
