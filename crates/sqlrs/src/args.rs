@@ -33,6 +33,16 @@ Commands:
                              an instance its readers share; for an instance, read-write (rw).
                              TLS verified (sslmode=verify-full) unless --plain; --user puts
                              the token in the user name instead of the password.
+  pin <id-or-prefix> --reason main|tag|pr|manual [--ref NAME]
+                             Pin a state: it is never evicted. --ref tags it with a branch,
+                             tag or pull request number that the webhook can name.
+  unpin <id-or-prefix> [--reason R] [--ref NAME]
+                             Release its pins (a released PR state is evicted first).
+  warmup [--hot] <id-or-prefix>
+  warmup [--hot] prepare:psql -- <psql args>
+                             Build (or restore) a state to WARM without an instance; with
+                             --hot also start a standby instance the next run takes at once.
+  events [<id-or-prefix>]    Show recorded lifecycle events (of one state).
   status                     Show the local daemon's status (starting it if needed).
   shutdown                   Stop the local daemon, if one runs.
   --help, --version
@@ -80,12 +90,41 @@ pub(crate) enum Command {
     Prepare(Prepare),
     Run(Run),
     Ls,
-    Rm { id: String, force: bool },
+    Rm {
+        id: String,
+        force: bool,
+    },
     Dsn(Dsn),
     Status,
     Shutdown,
     Help,
     Version,
+    /// `pin ID --reason R [--ref NAME]`.
+    Pin(PinArgs),
+    /// `unpin ID [--reason R] [--ref NAME]`.
+    Unpin(PinArgs),
+    /// `warmup [--hot] (ID | prepare[:psql] -- <psql args>)`.
+    Warmup(Warmup),
+    /// `events [ID]`.
+    Events {
+        id: Option<String>,
+    },
+}
+
+/// The arguments of `pin` and `unpin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PinArgs {
+    pub(crate) id: String,
+    pub(crate) reason: Option<taidon_api::PinReason>,
+    pub(crate) ref_name: Option<String>,
+}
+
+/// `warmup`: a known state by id, or the state a prepare stage names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Warmup {
+    pub(crate) hot: bool,
+    pub(crate) id: Option<String>,
+    pub(crate) psql: Option<PsqlArgs>,
 }
 
 /// `dsn <state-or-instance> [--scope ro|rw] [--ttl 30m] [--plain|--user]`.
@@ -265,6 +304,93 @@ where
             }
             let id = id.ok_or_else(|| UsageError::new("rm needs an id or id prefix"))?;
             Command::Rm { id, force }
+        }
+        "pin" | "unpin" => {
+            no_kind(name, kind)?;
+            let mut a = PinArgs {
+                id: String::new(),
+                reason: None,
+                ref_name: None,
+            };
+            let mut id = None;
+            while let Some(tok) = p.next_str()? {
+                if tok == "--reason" {
+                    let v = p.value("", "--reason")?;
+                    a.reason = Some(v.parse().map_err(UsageError::new)?);
+                } else if tok == "--ref" {
+                    a.ref_name = Some(p.value("", "--ref")?);
+                } else if global_flag(&mut p, &tok, &mut global)? {
+                } else if tok.starts_with('-') || id.is_some() {
+                    return Err(UsageError::new(format!("{name} does not take '{tok}'")));
+                } else {
+                    id = Some(tok);
+                }
+            }
+            a.id =
+                id.ok_or_else(|| UsageError::new(format!("{name} needs a state id or prefix")))?;
+            if name == "pin" {
+                if a.reason.is_none() {
+                    return Err(UsageError::new("pin needs --reason main|tag|pr|manual"));
+                }
+                Command::Pin(a)
+            } else {
+                Command::Unpin(a)
+            }
+        }
+        "warmup" => {
+            no_kind(name, kind)?;
+            let mut w = Warmup {
+                hot: false,
+                id: None,
+                psql: None,
+            };
+            while let Some(tok) = p.next_str()? {
+                if tok == "--hot" {
+                    w.hot = true;
+                } else if tok == "prepare" || tok == "prepare:psql" || tok == "--" {
+                    if tok != "--" && p.next_str()?.as_deref() != Some("--") {
+                        return Err(UsageError::new(
+                            "warmup prepare:psql needs '--' and psql arguments",
+                        ));
+                    }
+                    let psql = psql_args(&mut p)?;
+                    if psql.inputs.is_empty() {
+                        return Err(UsageError::new(
+                            "warmup prepare:psql needs at least one step: -f FILE or -c SQL",
+                        ));
+                    }
+                    if let Some(extra) = p.next_str()? {
+                        return Err(UsageError::new(format!(
+                            "warmup takes no run stage, got '{extra}'"
+                        )));
+                    }
+                    w.psql = Some(psql);
+                } else if global_flag(&mut p, &tok, &mut global)? {
+                } else if tok.starts_with('-') || w.id.is_some() {
+                    return Err(UsageError::new(format!("warmup does not take '{tok}'")));
+                } else {
+                    w.id = Some(tok);
+                }
+            }
+            if w.id.is_some() == w.psql.is_some() {
+                return Err(UsageError::new(
+                    "warmup needs a state id, or prepare:psql -- <psql args> (not both)",
+                ));
+            }
+            Command::Warmup(w)
+        }
+        "events" => {
+            no_kind(name, kind)?;
+            let mut id = None;
+            while let Some(tok) = p.next_str()? {
+                if global_flag(&mut p, &tok, &mut global)? {
+                } else if tok.starts_with('-') || id.is_some() {
+                    return Err(UsageError::new(format!("events does not take '{tok}'")));
+                } else {
+                    id = Some(tok);
+                }
+            }
+            Command::Events { id }
         }
         "dsn" => {
             no_kind(name, kind)?;
@@ -1050,8 +1176,12 @@ mod tests {
             })
         );
         assert!(err(&["dsn"]).message.contains("needs a state or instance"));
-        assert!(err(&["dsn", "abcdef01", "--scope", "admin"]).message.contains("unknown scope"));
-        assert!(err(&["dsn", "abcdef01", "--ttl", "5x"]).message.contains("30m"));
+        assert!(err(&["dsn", "abcdef01", "--scope", "admin"])
+            .message
+            .contains("unknown scope"));
+        assert!(err(&["dsn", "abcdef01", "--ttl", "5x"])
+            .message
+            .contains("30m"));
         assert_eq!(parse_ttl("7d"), Some(7 * 86_400));
         assert_eq!(parse_ttl("90"), Some(90));
         assert_eq!(parse_ttl("0m"), None);

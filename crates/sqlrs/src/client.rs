@@ -253,8 +253,48 @@ impl Client {
     }
 
     /// Starts a prepare and returns its event stream.
+    pub(crate) async fn pin(
+        &self,
+        req: &taidon_api::PinRequest,
+    ) -> Result<taidon_api::PinsChanged, ClientError> {
+        self.post("/pins", req).await
+    }
+
+    pub(crate) async fn unpin(
+        &self,
+        req: &taidon_api::UnpinRequest,
+    ) -> Result<taidon_api::PinsChanged, ClientError> {
+        self.post("/unpin", req).await
+    }
+
+    pub(crate) async fn events(
+        &self,
+        state: Option<&str>,
+    ) -> Result<Vec<taidon_api::EventInfo>, ClientError> {
+        match state {
+            Some(s) => self.get(&format!("/events?state={s}")).await,
+            None => self.get("/events").await,
+        }
+    }
+
+    /// `POST /v1/warmup`: the same NDJSON progress stream as a prepare.
+    pub(crate) async fn warmup(
+        &self,
+        req: &taidon_api::WarmupRequest,
+    ) -> Result<PrepareStream, ClientError> {
+        self.stream("/warmup", req).await
+    }
+
     pub(crate) async fn prepare(&self, req: &PrepareRequest) -> Result<PrepareStream, ClientError> {
-        let url = self.url("/prepare");
+        self.stream("/prepare", req).await
+    }
+
+    async fn stream<B: Serialize>(
+        &self,
+        path: &str,
+        req: &B,
+    ) -> Result<PrepareStream, ClientError> {
+        let url = self.url(path);
         let resp = self.send(self.http.post(&url).json(req), &url).await?;
         let chunks = resp.bytes_stream().map(|c| c.map(|b| b.to_vec()));
         Ok(PrepareStream {

@@ -105,6 +105,10 @@ pub(crate) async fn execute(cli: Cli) -> Result<i32, Error> {
         Command::Shutdown => shutdown(&ctx).await,
         Command::Help => out(crate::args::HELP).map(|()| 0),
         Command::Version => out(&version()).map(|()| 0),
+        Command::Pin(a) => pin(&ctx, a, true).await,
+        Command::Unpin(a) => pin(&ctx, a, false).await,
+        Command::Warmup(w) => warmup(&ctx, w).await,
+        Command::Events { id } => events(&ctx, id.as_deref()).await,
     }
 }
 
@@ -374,6 +378,138 @@ async fn shutdown(ctx: &Ctx) -> Result<i32, Error> {
     } else {
         out(&format!("stopped daemon {pid}\n"))?;
     }
+    Ok(0)
+}
+
+/// `pin` and `unpin`.
+async fn pin(ctx: &Ctx, a: crate::args::PinArgs, on: bool) -> Result<i32, Error> {
+    taidon_core::prefix::normalize(&a.id)?;
+    let client = ctx.client().await?;
+    let changed = if on {
+        let reason = a.reason.unwrap_or(taidon_api::PinReason::Manual);
+        client
+            .pin(&taidon_api::PinRequest {
+                state: a.id,
+                reason,
+                ref_name: a.ref_name.unwrap_or_default(),
+            })
+            .await?
+    } else {
+        client
+            .unpin(&taidon_api::UnpinRequest {
+                state: a.id,
+                reason: a.reason,
+                ref_name: a.ref_name,
+            })
+            .await?
+    };
+    if ctx.global.json {
+        json_line(&changed)?;
+    } else {
+        let pins: Vec<String> = changed
+            .pins
+            .iter()
+            .map(|p| {
+                let name = if p.ref_name.is_empty() {
+                    p.reason.to_string()
+                } else {
+                    format!("{}:{}", p.reason, p.ref_name)
+                };
+                format!("{name} ({})", if p.active { "pinned" } else { "released" })
+            })
+            .collect();
+        out(&format!(
+            "state {}: {}\n",
+            changed.state_id.short(),
+            if pins.is_empty() {
+                "no pins".to_owned()
+            } else {
+                pins.join(", ")
+            }
+        ))?;
+    }
+    Ok(0)
+}
+
+/// `warmup`: builds or restores a state, with progress, and with `--hot` a standby.
+async fn warmup(ctx: &Ctx, w: crate::args::Warmup) -> Result<i32, Error> {
+    let cwd = std::env::current_dir().map_err(Error::Cwd)?;
+    let steps = match &w.psql {
+        Some(psql) => build_steps(psql, &cwd)?,
+        None => Vec::new(),
+    };
+    let client = ctx.client().await?;
+    let req = taidon_api::WarmupRequest {
+        state: w.id.clone(),
+        steps,
+        cwd,
+        hot: w.hot,
+    };
+    let tty = io::stderr().is_terminal();
+    let mut progress = Progress::new(tty, ctx.global.verbose > 0, Instant::now());
+    let mut events = client.warmup(&req).await?;
+    loop {
+        let event = match events.next().await? {
+            Some(e) => e,
+            None => return Err(ClientError::StreamEnded.into()),
+        };
+        match event {
+            PrepareEvent::Done {
+                state_id,
+                cache_hit,
+                ..
+            } => {
+                if ctx.global.json {
+                    json_line(&serde_json::json!({
+                        "state_id": state_id,
+                        "cache_hit": cache_hit,
+                        "hot": w.hot,
+                    }))?;
+                } else {
+                    out(&format!(
+                        "state {state_id} is {}\n",
+                        if w.hot {
+                            "HOT (a standby instance waits)"
+                        } else {
+                            "WARM"
+                        }
+                    ))?;
+                }
+                return Ok(0);
+            }
+            PrepareEvent::Failed { error } => return Err(Error::Api(error)),
+            other => err(&progress.event(&other, Instant::now())),
+        }
+    }
+}
+
+/// `events`: the recorded lifecycle events, oldest first.
+async fn events(ctx: &Ctx, id: Option<&str>) -> Result<i32, Error> {
+    let client = ctx.client().await?;
+    let list = client.events(id).await?;
+    if ctx.global.json {
+        json_line(&list)?;
+        return Ok(0);
+    }
+    let now = now_ms();
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|e| {
+            vec![
+                render::age(e.ts_ms, now),
+                e.kind.clone(),
+                e.state_id
+                    .map_or_else(|| "-".to_owned(), |s| s.short().to_string()),
+                e.instance_id
+                    .map_or_else(|| "-".to_owned(), |i| i.to_string()),
+                e.detail.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    out(&render::table(
+        &["WHEN", "EVENT", "STATE", "INSTANCE", "DETAIL"],
+        &rows,
+    ))?;
     Ok(0)
 }
 
