@@ -85,6 +85,66 @@ struct HomeArgs {
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:0")]
     api_listen: SocketAddr,
+    #[command(flatten)]
+    lifecycle: LifecycleFlags,
+}
+
+/// Overrides of `<home>/config.toml` (see the README's Lifecycle section).
+#[derive(Args, Default)]
+struct LifecycleFlags {
+    /// Stop an instance with no connection for this many seconds.
+    #[arg(long)]
+    idle_timeout_s: Option<u64>,
+    /// Stop an instance whose lease (renewed by activity) is this old.
+    #[arg(long)]
+    lease_ttl_s: Option<u64>,
+    /// Running instances at most (standbys included).
+    #[arg(long)]
+    max_instances: Option<usize>,
+    /// Memory budget of running instances, MiB.
+    #[arg(long)]
+    memory_budget_mb: Option<u64>,
+    /// Snapshot store capacity, MiB (0: no limit); eviction starts above it.
+    #[arg(long)]
+    store_capacity_mb: Option<u64>,
+    /// How often the lifecycle loop runs, ms.
+    #[arg(long)]
+    lifecycle_tick_ms: Option<u64>,
+    /// The webhook's HMAC secret.
+    #[arg(long, env = "TAIDON_WEBHOOK_SECRET")]
+    webhook_secret: Option<String>,
+}
+
+impl LifecycleFlags {
+    /// The home's config.toml with these flags applied over it.
+    fn config(&self, home: &Path) -> Result<taidon_controller::config::Config> {
+        let path = home.join("config.toml");
+        let mut c = taidon_controller::config::Config::load(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if let Some(v) = self.idle_timeout_s {
+            c.instances.idle_timeout_s = v;
+        }
+        if let Some(v) = self.lease_ttl_s {
+            c.instances.lease_ttl_s = v;
+        }
+        if let Some(v) = self.max_instances {
+            c.instances.max = v;
+        }
+        if let Some(v) = self.memory_budget_mb {
+            c.instances.memory_budget_mb = v;
+        }
+        if let Some(v) = self.store_capacity_mb {
+            c.store.capacity_mb = v;
+        }
+        if let Some(v) = self.lifecycle_tick_ms {
+            c.lifecycle.tick_ms = v;
+        }
+        if let Some(v) = &self.webhook_secret {
+            c.webhook.secret = Some(v.clone());
+        }
+        c.validate()?;
+        Ok(c)
+    }
 }
 
 #[derive(Args)]
@@ -274,6 +334,7 @@ fn lock_home(home: &Home) -> Result<DaemonLock> {
 async fn open_controller(args: &HomeArgs) -> Result<Arc<Controller>> {
     let mut config = ControllerConfig::new(&args.home);
     config.pg_bin = args.pg_bin.clone();
+    config.lifecycle = Some(args.lifecycle.config(&args.home)?);
     Ok(Controller::open(config).await?)
 }
 
