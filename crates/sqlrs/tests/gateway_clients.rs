@@ -47,7 +47,16 @@ fn run(cmd: &mut Command) -> Out {
 }
 
 fn psql(dsn: &str, sql: &str) -> Out {
-    run(Command::new("psql").args([dsn, "-XAt", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose", "-c", sql]))
+    run(Command::new("psql").args([
+        dsn,
+        "-XAt",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-v",
+        "VERBOSITY=verbose",
+        "-c",
+        sql,
+    ]))
 }
 
 /// The token in a DSN (password form or user form).
@@ -71,7 +80,10 @@ fn keyset(env: &Env) -> Keyset {
 }
 
 fn gateway_addr(env: &Env) -> String {
-    std::fs::read_to_string(env.home.join("gateway.addr")).unwrap().trim().to_owned()
+    std::fs::read_to_string(env.home.join("gateway.addr"))
+        .unwrap()
+        .trim()
+        .to_owned()
 }
 
 fn now_s() -> u64 {
@@ -87,7 +99,15 @@ fn real_clients_ro_scope_controller_refusals_and_clean_logs() {
     env.write("schema.sql", SCHEMA);
     env.write("seed.sql", SEED);
     let prepared = env
-        .ok(&["--json", "prepare:psql", "--", "-f", "schema.sql", "-f", "seed.sql"])
+        .ok(&[
+            "--json",
+            "prepare:psql",
+            "--",
+            "-f",
+            "schema.sql",
+            "-f",
+            "seed.sql",
+        ])
         .json();
     let sid = prepared["state_id"].as_str().unwrap().to_owned();
     let iid = prepared["instance_id"].as_str().unwrap().to_owned();
@@ -96,10 +116,16 @@ fn real_clients_ro_scope_controller_refusals_and_clean_logs() {
     // rw on the instance, in every form.
     let rw = dsn_json(&env, &[&iid[..8], "--ttl", "30m"]);
     assert_eq!(rw["scope"], "rw");
-    let ca = rw["sslrootcert"].as_str().expect("the daemon speaks TLS").to_owned();
+    let ca = rw["sslrootcert"]
+        .as_str()
+        .expect("the daemon speaks TLS")
+        .to_owned();
     assert!(Path::new(&ca).exists());
     let verify_full = rw["dsn"].as_str().unwrap().to_owned();
-    assert!(verify_full.contains("sslmode=verify-full&sslrootcert="), "{verify_full}");
+    assert!(
+        verify_full.contains("sslmode=verify-full&sslrootcert="),
+        "{verify_full}"
+    );
     let plain = rw["dsn_plain"].as_str().unwrap().to_owned();
     let user_form = rw["dsn_user"].as_str().unwrap().to_owned();
     tokens.push(token_of(&verify_full));
@@ -107,9 +133,18 @@ fn real_clients_ro_scope_controller_refusals_and_clean_logs() {
 
     for dsn in [&verify_full, &plain, &user_form] {
         let r = psql(dsn, "select count(*) from film");
-        assert_eq!((r.code, r.stdout.trim()), (0, "42"), "{dsn}\n{}\n{}", r.stderr, env.logs());
+        assert_eq!(
+            (r.code, r.stdout.trim()),
+            (0, "42"),
+            "{dsn}\n{}\n{}",
+            r.stderr,
+            env.logs()
+        );
     }
-    let r = psql(&verify_full, "select ssl from pg_stat_ssl where pid = pg_backend_pid()");
+    let r = psql(
+        &verify_full,
+        "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+    );
     assert_eq!(r.code, 0, "{}", r.stderr);
     let r = psql(&verify_full, "insert into film values (1000, 'rw works')");
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -120,7 +155,9 @@ fn real_clients_ro_scope_controller_refusals_and_clean_logs() {
     let script = env.write("bench.sql", "select count(*) from film;\n");
     for sslmode in ["disable", "verify-full"] {
         let out = Command::new("pgbench")
-            .args(["-n", "-t", "20", "-c", "2", "-h", host, "-p", port, "-U", "sqlrs", "-f"])
+            .args([
+                "-n", "-t", "20", "-c", "2", "-h", host, "-p", port, "-U", "sqlrs", "-f",
+            ])
             .arg(&script)
             .arg("postgres")
             .env("PGSSLMODE", sslmode)
@@ -139,9 +176,15 @@ fn real_clients_ro_scope_controller_refusals_and_clean_logs() {
     // tokio-postgres takes sslmode=disable (it rejects sslrootcert and verify-full).
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(&plain, tokio_postgres::NoTls).await.unwrap();
+        let (client, conn) = tokio_postgres::connect(&plain, tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
-        let n: i64 = client.query_one("select count(*) from film", &[]).await.unwrap().get(0);
+        let n: i64 = client
+            .query_one("select count(*) from film", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(n, 43);
     });
 
@@ -149,20 +192,40 @@ fn real_clients_ro_scope_controller_refusals_and_clean_logs() {
     let clients = repo_root().join("tests/clients");
     let python_ok = run(Command::new("python3").args(["-c", "import psycopg"])).code == 0;
     let node_ok = clients.join("node_modules/pg").exists();
-    for (present, name) in [(python_ok, "psycopg"), (node_ok, "node-postgres (npm install in tests/clients)")] {
+    for (present, name) in [
+        (python_ok, "psycopg"),
+        (node_ok, "node-postgres (npm install in tests/clients)"),
+    ] {
         if !present {
-            assert!(!clients_required(), "{name} is not installed (scripts/setup.sh installs it)");
+            assert!(
+                !clients_required(),
+                "{name} is not installed (scripts/setup.sh installs it)"
+            );
             eprintln!("skipping {name}: not installed");
         }
     }
     for (dsn, mode) in [(&plain, "plain"), (&verify_full, "tls")] {
         if python_ok {
-            let r = run(Command::new("python3").arg(clients.join("psycopg_check.py")).arg(dsn));
-            assert_eq!((r.code, r.stdout.trim()), (0, format!("43 {mode}").as_str()), "psycopg: {}", r.stderr);
+            let r = run(Command::new("python3")
+                .arg(clients.join("psycopg_check.py"))
+                .arg(dsn));
+            assert_eq!(
+                (r.code, r.stdout.trim()),
+                (0, format!("43 {mode}").as_str()),
+                "psycopg: {}",
+                r.stderr
+            );
         }
         if node_ok {
-            let r = run(Command::new("node").arg(clients.join("pg_check.js")).arg(dsn));
-            assert_eq!((r.code, r.stdout.trim()), (0, format!("43 {mode}").as_str()), "node-postgres: {}", r.stderr);
+            let r = run(Command::new("node")
+                .arg(clients.join("pg_check.js"))
+                .arg(dsn));
+            assert_eq!(
+                (r.code, r.stdout.trim()),
+                (0, format!("43 {mode}").as_str()),
+                "node-postgres: {}",
+                r.stderr
+            );
         }
     }
 
@@ -173,15 +236,27 @@ fn real_clients_ro_scope_controller_refusals_and_clean_logs() {
     let ro_dsn = ro["dsn"].as_str().unwrap().to_owned();
     tokens.push(token_of(&ro_dsn));
     let r = psql(&ro_dsn, "select count(*) from film");
-    assert_eq!((r.code, r.stdout.trim()), (0, "42"), "the ro instance is the state's, not the rw one's\n{}\n{}", r.stderr, env.logs());
+    assert_eq!(
+        (r.code, r.stdout.trim()),
+        (0, "42"),
+        "the ro instance is the state's, not the rw one's\n{}\n{}",
+        r.stderr,
+        env.logs()
+    );
     let r = psql(&ro_dsn, "insert into film values (2000, 'nope')");
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("25006"), "{}", r.stderr);
     // Turning read-only off from the startup packet does not help.
-    let r = psql(&format!("{ro_dsn}&options=-c%20default_transaction_read_only%3Doff"), "insert into film values (2001, 'nope')");
+    let r = psql(
+        &format!("{ro_dsn}&options=-c%20default_transaction_read_only%3Doff"),
+        "insert into film values (2001, 'nope')",
+    );
     assert!(r.stderr.contains("25006"), "{}", r.stderr);
     // Nor from the session: the role has no write privilege at all.
-    let r = psql(&ro_dsn, "begin read write; insert into film values (2002, 'nope')");
+    let r = psql(
+        &ro_dsn,
+        "begin read write; insert into film values (2002, 'nope')",
+    );
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("42501"), "{}", r.stderr);
     // Many ro clients share one instance.
@@ -189,7 +264,11 @@ fn real_clients_ro_scope_controller_refusals_and_clean_logs() {
     for _ in 0..3 {
         assert_eq!(psql(&ro_dsn, "select 1").code, 0);
     }
-    assert_eq!(env.instance_count(), before, "ro sessions share the running instance");
+    assert_eq!(
+        env.instance_count(),
+        before,
+        "ro sessions share the running instance"
+    );
 
     // An rw DSN needs an instance.
     let r = env.fails(2, &["dsn", &sid[..12], "--scope", "rw"]);
@@ -201,43 +280,100 @@ fn real_clients_ro_scope_controller_refusals_and_clean_logs() {
     let instance: InstanceId = iid.parse().unwrap();
     let gw_dsn = |t: &str| format!("postgres://sqlrs:{t}@{addr}/postgres?sslmode=disable");
     let unknown_state = keys
-        .sign(&keys.claims(StateId::from_bytes([9; 32]), instance, Scope::Rw, now_s(), 60))
+        .sign(&keys.claims(
+            StateId::from_bytes([9; 32]),
+            InstanceId::from_bytes([9; 8]),
+            Scope::Rw,
+            now_s(),
+            60,
+        ))
         .unwrap();
+    // libpq does not print the SQLSTATE of a connection failure: the messages are the codes'.
     let r = psql(&gw_dsn(&unknown_state), "select 1");
-    assert!(r.stderr.contains("3D000"), "{}", r.stderr);
-    let other = env.ok(&["--json", "prepare:psql", "--", "-f", "schema.sql"]).json();
+    assert!(
+        r.stderr.contains("database state is not available"),
+        "3D000: {}",
+        r.stderr
+    );
+    let unknown_ro = keys
+        .sign(&keys.claims_for(StateId::from_bytes([9; 32]), Scope::Ro, now_s(), 60))
+        .unwrap();
+    let r = psql(&gw_dsn(&unknown_ro), "select 1");
+    assert!(
+        r.stderr.contains("database state is not available"),
+        "3D000: {}",
+        r.stderr
+    );
+    let other = env
+        .ok(&["--json", "prepare:psql", "--", "-f", "schema.sql"])
+        .json();
     let other_state: StateId = other["state_id"].as_str().unwrap().parse().unwrap();
     let other_instance: InstanceId = other["instance_id"].as_str().unwrap().parse().unwrap();
     let wrong_instance = keys
         .sign(&keys.claims(state, other_instance, Scope::Rw, now_s(), 60))
         .unwrap();
     let r = psql(&gw_dsn(&wrong_instance), "select 1");
-    assert!(r.stderr.contains("28000"), "{}", r.stderr);
-    let rw_without_instance = keys.sign(&keys.claims_for(other_state, Scope::Rw, now_s(), 60)).unwrap();
+    assert!(
+        r.stderr
+            .contains("the token does not allow this connection"),
+        "28000: {}",
+        r.stderr
+    );
+    let rw_without_instance = keys
+        .sign(&keys.claims_for(other_state, Scope::Rw, now_s(), 60))
+        .unwrap();
     let r = psql(&gw_dsn(&rw_without_instance), "select 1");
-    assert!(r.stderr.contains("28000"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("the token does not allow this connection"),
+        "28000: {}",
+        r.stderr
+    );
     // max_conn from the token: the second concurrent session gets 53300.
     let mut limited = keys.claims(state, instance, Scope::Rw, now_s(), 60);
-    limited.limits = Some(taidon_core::token::Limits { max_conn: Some(1), ..Default::default() });
+    limited.limits = Some(taidon_core::token::Limits {
+        max_conn: Some(1),
+        ..Default::default()
+    });
     let limited = keys.sign(&limited).unwrap();
     rt.block_on(async {
-        let (first, conn) = tokio_postgres::connect(&gw_dsn(&limited), tokio_postgres::NoTls).await.unwrap();
+        let (first, conn) = tokio_postgres::connect(&gw_dsn(&limited), tokio_postgres::NoTls)
+            .await
+            .unwrap();
         let conn = tokio::spawn(conn);
-        let err = tokio_postgres::connect(&gw_dsn(&limited), tokio_postgres::NoTls).await.err().expect("refused");
-        assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS), "{err}");
+        let err = tokio_postgres::connect(&gw_dsn(&limited), tokio_postgres::NoTls)
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+            "{err}"
+        );
         drop(first);
         let _ = conn.await;
         // Released on close: a new session is admitted again.
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        let (again, conn) = tokio_postgres::connect(&gw_dsn(&limited), tokio_postgres::NoTls).await.unwrap();
+        let (again, conn) = tokio_postgres::connect(&gw_dsn(&limited), tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         again.simple_query("select 1").await.unwrap();
     });
-    tokens.extend([unknown_state, wrong_instance, rw_without_instance, limited]);
+    tokens.extend([
+        unknown_state,
+        unknown_ro,
+        wrong_instance,
+        rw_without_instance,
+        limited,
+    ]);
 
     // Never a token in any log line: every file under the home's logs.
     let logs = all_logs(&env.home.join("logs"));
-    assert!(logs.contains("client connected"), "the gateway logged nothing?\n{logs}");
+    assert!(
+        logs.contains("client connected"),
+        "the gateway logged nothing?\n{logs}"
+    );
     for t in &tokens {
         assert!(!logs.contains(t.as_str()), "a token is in the logs");
         // Not even its signature part.
@@ -245,7 +381,10 @@ fn real_clients_ro_scope_controller_refusals_and_clean_logs() {
         assert!(!logs.contains(sig), "a token signature is in the logs");
         assert!(!logs.contains(&t[..40]), "a token prefix is in the logs");
     }
-    assert!(logs.contains(&taidon_core::token::fingerprint(&tokens[1])), "connections are logged by fingerprint");
+    assert!(
+        logs.contains(&taidon_core::token::fingerprint(&tokens[1])),
+        "connections are logged by fingerprint"
+    );
 }
 
 fn all_logs(dir: &Path) -> String {
