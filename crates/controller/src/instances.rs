@@ -77,6 +77,8 @@ impl Controller {
         if let Some(info) = self.take_standby(state).await? {
             return Ok(info);
         }
+        // Held from here until the clone is made: eviction leaves it alone.
+        let _hold = self.hold_snapshot(state).await;
         if !self.store.contains(&state) {
             // A COLD state is rebuilt from its nearest surviving ancestor first.
             let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();

@@ -39,6 +39,33 @@ pub(crate) struct Lifecycle {
     hold: StdMutex<HashMap<StateId, u64>>,
     /// Activity the controller itself saw (start, hand-out), by instance.
     activity: StdMutex<HashMap<InstanceId, u64>>,
+    /// Snapshots being cloned now (count by state), and those being evicted: the two
+    /// exclude each other.
+    snapshots: StdMutex<SnapshotUse>,
+}
+
+#[derive(Default)]
+struct SnapshotUse {
+    cloning: HashMap<StateId, usize>,
+    evicting: HashSet<StateId>,
+}
+
+/// Keeps a snapshot from being evicted while it is cloned.
+pub(crate) struct SnapshotHold<'a> {
+    lifecycle: &'a Lifecycle,
+    id: StateId,
+}
+
+impl Drop for SnapshotHold<'_> {
+    fn drop(&mut self) {
+        let mut u = lock(&self.lifecycle.snapshots);
+        if let Some(n) = u.cloning.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                u.cloning.remove(&self.id);
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -56,6 +83,7 @@ impl Lifecycle {
             starting: StdMutex::default(),
             hold: StdMutex::default(),
             activity: StdMutex::default(),
+            snapshots: StdMutex::default(),
         }
     }
 }
@@ -92,6 +120,24 @@ impl Controller {
     /// Waits for a slot in the store's I/O budget.
     pub(crate) async fn build_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
         self.lifecycle.builds.acquire().await.ok()
+    }
+
+    /// Holds `id`'s snapshot against eviction until the hold drops; waits for an eviction
+    /// under way (after which the snapshot is gone and the caller restores it).
+    pub(crate) async fn hold_snapshot(&self, id: StateId) -> SnapshotHold<'_> {
+        loop {
+            {
+                let mut u = lock(&self.lifecycle.snapshots);
+                if !u.evicting.contains(&id) {
+                    *u.cloning.entry(id).or_default() += 1;
+                    return SnapshotHold {
+                        lifecycle: &self.lifecycle,
+                        id,
+                    };
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// Records activity on an instance the controller itself saw.
@@ -372,8 +418,8 @@ impl Controller {
         );
         for id in victims {
             // A build or an instance that began since the facts were read keeps it.
-            let lock = self.build_lock(&id);
-            let Ok(_guard) = lock.try_lock_owned() else {
+            let build = self.build_lock(&id);
+            let Ok(_guard) = build.try_lock_owned() else {
                 continue;
             };
             if self
@@ -385,7 +431,16 @@ impl Controller {
             {
                 continue;
             }
-            self.blocking(move |s| s.remove(&id)).await?;
+            {
+                let mut u = lock(&self.lifecycle.snapshots);
+                if u.cloning.contains_key(&id) {
+                    continue;
+                }
+                u.evicting.insert(id);
+            }
+            let removed = self.blocking(move |s| s.remove(&id)).await;
+            lock(&self.lifecycle.snapshots).evicting.remove(&id);
+            removed?;
             let reason = format!(
                 "evicted: store over {} MiB",
                 limits.high_water_bytes / (1024 * 1024)
@@ -516,6 +571,13 @@ impl Controller {
                 state.short()
             )));
         }
+        let _hold = self.hold_snapshot(state).await;
+        if !self.store.contains(&state) {
+            return Err(ControllerError::NotFound(format!(
+                "state {} was evicted",
+                state.short()
+            )));
+        }
         let iid = InstanceId::from_bytes(rand::random());
         let dir = self.instance_dir(&iid);
         let result = self.start_instance(iid, state, &dir).await;
@@ -636,7 +698,11 @@ impl Controller {
         events: &Events,
     ) -> Result<(), ControllerError> {
         let steps = self.replay_steps(&id)?;
-        self.build_steps(steps, self.inputs_dir(), events).await?;
+        // psql runs in the inputs directory: it must exist even when no file was kept.
+        let dir = self.inputs_dir();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ControllerError::io(format!("cannot create {}", dir.display()), e))?;
+        self.build_steps(steps, dir, events).await?;
         Ok(())
     }
 

@@ -181,7 +181,9 @@ impl Controller {
         let started = Instant::now();
         let step_json = serde_json::to_string(step).unwrap_or_default();
         self.record_building(id, Some(parent), label.clone(), &step_json)?;
+        let hold = self.hold_snapshot(parent).await;
         let build = self.blocking(move |s| s.begin(&id, Some(&parent))).await?;
+        drop(hold);
 
         let server = self.start_build_server(build.data_dir(), &id).await?;
         let Step::Psql(psql) = step;

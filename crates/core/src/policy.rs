@@ -107,6 +107,7 @@ pub enum PinState {
 
 /// The weights of the retention score (`[policy.weights]` in `config.toml`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Weights {
     /// How much each further access raises the score (on a log scale).
     pub frequency: f64,
@@ -410,6 +411,7 @@ pub fn instances_to_stop<I: Copy + Ord, K: Copy>(
 
 /// The standby pool's sizes (`[policy.standby]` in `config.toml`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StandbyPolicy {
     /// Standbys of a pinned HOT state.
     pub pinned: usize,
