@@ -6,4 +6,13 @@ bash scripts/setup.sh
 # The copy-on-write tests mount a loop XFS and btrfs: they need root. As root they must run.
 if [ "$(id -u)" -eq 0 ]; then export TAIDON_REQUIRE_COW=1; fi
 cargo build --workspace --all-targets
-cargo test --workspace -- --test-threads "${TEST_THREADS:-4}"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace -- --test-threads "${TEST_THREADS:-4}" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary (cargo prints one per binary, doc tests last).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i-1); if ($(i) ~ /^failed;?$/) f += $(i-1); if ($(i) ~ /^ignored;?$/) s += $(i-1) } }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"
