@@ -77,9 +77,14 @@ fn sigkill_during_a_build_leaves_nothing_half_published() {
         2,
         "{ls:#}"
     );
-    assert_eq!(
-        states.iter().filter(|s| s["status"] == "FAILED").count(),
-        1,
+    // Its inputs are kept, so the interrupted state is COLD (rebuilt when asked for), with
+    // the reason.
+    let interrupted: Vec<_> = states.iter().filter(|s| s["status"] == "COLD").collect();
+    assert_eq!(interrupted.len(), 1, "{ls:#}");
+    assert!(
+        interrupted[0]["status_reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("interrupted")),
         "{ls:#}"
     );
 
