@@ -33,8 +33,8 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-pub use taidon_core::CloneStrategy;
 pub use taidon_core::token::Scope;
+pub use taidon_core::CloneStrategy;
 use taidon_core::{InstanceId, StateId, Step};
 
 /// The API version prefix.
