@@ -53,7 +53,7 @@ def pg_bin():
 
 
 def tps(out: str) -> float:
-    m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out)
+    m = re.search(r"tps = ([0-9.]+) \((?:without initial connection time|including reconnection times)\)", out)
     return float(m.group(1))
 
 
@@ -168,6 +168,8 @@ def idle_memory(root: Path, idle: int):
 
     data = root / "pg"
     os.chmod(root, 0o711)
+    # initdb (as postgres) creates the data directory here.
+    shutil.chown(root, "postgres", "postgres")
     pw = "bench-password"
     (root / "pw").write_text(pw)
     shutil.chown(root / "pw", "postgres")
