@@ -18,7 +18,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait after SIGQUIT (immediate shutdown) before SIGKILL.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
-const POLL: Duration = Duration::from_millis(20);
+/// Between readiness checks: a failed check is one connect() to a socket not there yet, cheap
+/// next to the milliseconds each poll interval adds to every instance start.
+const POLL: Duration = Duration::from_millis(5);
 /// How often a start is retried when another process took the chosen port first.
 const PORT_ATTEMPTS: usize = 5;
 const LOG_TAIL_LINES: usize = 20;
