@@ -112,12 +112,18 @@ def throughput_and_resolve(root: Path, seconds: int):
         local.api("POST", "/v1/release", {"instance_ids": [iid]})
         d_host, d_port, d_user, d_pw = target["host"], target["port"], target["user"], target["password"]
 
+        # Rounds alternate direct and gateway, and the medians are compared: this machine's
+        # throughput drifts by 2x over a minute, and a drift must hit both sides alike.
         rows = []
+        rounds = 5
+        per_round = max(2, seconds // 2)
         for clients, each in ((1, False), (16, False), (4, True)):
-            direct = pgbench(d_host, d_port, d_user, d_pw, seconds, clients, each)
-            via = pgbench(gw_host, gw_port, "sqlrs", token, seconds, clients, each)
+            directs, vias = [], []
+            for _ in range(rounds):
+                directs.append(pgbench(d_host, d_port, d_user, d_pw, per_round, clients, each))
+                vias.append(pgbench(gw_host, gw_port, "sqlrs", token, per_round, clients, each))
             label = f"pgbench -S -c {clients}" + (" -C" if each else "")
-            rows.append((label, direct, via))
+            rows.append((label, statistics.median(directs), statistics.median(vias)))
 
         # Resolve as the gateway saw it on every connection (the -C runs dominate).
         log = (local.home / "logs" / "taidon.log").read_text(errors="replace")

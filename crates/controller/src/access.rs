@@ -217,7 +217,7 @@ impl Controller {
         }
         let this = Arc::clone(self);
         let sid = req.state_id;
-        tokio::spawn(async move {
+        self.spawn(async move {
             match this.create_instance_of(sid).await {
                 Ok(info) => {
                     tracing::info!(state = %sid.short(), instance = %info.instance_id, "started the shared read-only instance");

@@ -97,7 +97,8 @@ async fn status(State(ctl): Ctl) -> Result<Response, ControllerError> {
 /// does not abort a build half way.
 async fn prepare(State(ctl): Ctl, Json(req): Json<PrepareRequest>) -> Response {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move { ctl.prepare(req, tx).await });
+    let task = Arc::clone(&ctl);
+    ctl.spawn(async move { task.prepare(req, tx).await });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         let event = rx.recv().await?;
         let mut line = serde_json::to_vec(&event).unwrap_or_default();
@@ -189,7 +190,8 @@ fn ndjson(rx: tokio::sync::mpsc::UnboundedReceiver<taidon_api::PrepareEvent>) ->
 
 async fn warmup(State(ctl): Ctl, Json(req): Json<taidon_api::WarmupRequest>) -> Response {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move { ctl.warmup(req, tx).await });
+    let task = Arc::clone(&ctl);
+    ctl.spawn(async move { task.warmup(req, tx).await });
     ndjson(rx)
 }
 

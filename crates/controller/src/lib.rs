@@ -92,6 +92,10 @@ pub struct Controller {
     /// Idle instances, eviction, the standby pool, pins.
     lifecycle: lifecycle::Lifecycle,
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// The runtime the controller was opened on. Background work (builds, instance starts,
+    /// the lifecycle loop) runs here even when a caller polls from another runtime, such as
+    /// the gateway's own: the servers it starts belong to this runtime's process driver.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Controller {
@@ -158,6 +162,7 @@ impl Controller {
             building: StdMutex::new(HashMap::new()),
             lifecycle: lifecycle::Lifecycle::new(lifecycle_config, webhook_secret),
             shutdown,
+            runtime: tokio::runtime::Handle::current(),
         });
         controller.reconcile().await?;
         controller.spawn_lifecycle();
@@ -213,6 +218,15 @@ impl Controller {
                 }
             }
         }
+    }
+
+    /// Runs `task` in the background on the controller's runtime.
+    pub(crate) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.spawn(task)
     }
 
     pub(crate) fn request_shutdown(&self) {

@@ -178,7 +178,7 @@ impl Controller {
         let this = Arc::downgrade(self);
         let tick = std::time::Duration::from_millis(self.lifecycle.config.lifecycle.tick_ms);
         let stop = self.shutdown_requested();
-        tokio::spawn(async move {
+        self.spawn(async move {
             tokio::pin!(stop);
             loop {
                 tokio::select! {
@@ -504,7 +504,7 @@ impl Controller {
         self.meta
             .event(now_ms(), "standby_taken", Some(&state), Some(&iid), None)?;
         let this = Arc::clone(self);
-        tokio::spawn(async move {
+        self.spawn(async move {
             if let Err(e) = this.tend_pool().await {
                 tracing::warn!(error = %e, "refilling the standby pool");
             }
@@ -540,7 +540,7 @@ impl Controller {
                 *lock(&self.lifecycle.starting).entry(f.id).or_default() += 1;
                 let this = Arc::clone(self);
                 let sid = f.id;
-                tokio::spawn(async move {
+                self.spawn(async move {
                     if let Err(e) = this.start_standby(sid).await {
                         tracing::warn!(state = %sid.short(), error = %e, "cannot start a standby");
                     }

@@ -399,17 +399,58 @@ async fn local(args: LocalArgs) -> Result<()> {
         gateway = gateway.with_tls(tls);
         controller.set_gateway_tls_root(ca);
     }
-    let gateway = Arc::new(gateway);
-    let gw = tokio::spawn(
-        Arc::clone(&gateway).serve(gateway_listener, shutdown_signal(Arc::clone(&controller))),
-    );
+    let (stop_gateway, gateway_stopped) = tokio::sync::watch::channel(false);
+    let gw = spawn_gateway_thread(Arc::new(gateway), gateway_listener, gateway_stopped)?;
     publish_daemon_info(&home, &api_url, &gateway_addr)?;
     tracing::info!(api = %api_url, gateway = %gateway_addr, home = %home.root().display(), "taidon local is ready");
 
-    serve_api(Arc::clone(&controller), api_listener).await?;
-    let _ = gw.await;
+    let served = serve_api(Arc::clone(&controller), api_listener).await;
+    stop_gateway.send_replace(true);
+    let _ = tokio::task::spawn_blocking(move || gw.join()).await;
     finish(&home, &controller).await;
-    Ok(())
+    served
+}
+
+/// Runs the gateway on a thread of its own with a single-threaded runtime: the relay's hot
+/// path (read one side, write the other) then wakes one thread per event, instead of the
+/// multi-threaded scheduler handing the task between workers, which on a small machine costs a
+/// visible share of a loopback round trip. Controller work it triggers runs on the
+/// controller's runtime (see `Controller::spawn`).
+fn spawn_gateway_thread(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let listener = listener.into_std()?;
+    let thread = std::thread::Builder::new()
+        .name("gateway".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the gateway's runtime");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let listener = match TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for the gateway");
+                        return;
+                    }
+                };
+                gateway
+                    .serve(listener, async move {
+                        let _ = stop.wait_for(|stopped| *stopped).await;
+                    })
+                    .await;
+            });
+        })?;
+    Ok(thread)
 }
 
 async fn controller(args: ControllerArgs) -> Result<()> {
