@@ -353,6 +353,15 @@ impl Controller {
     }
 }
 
+impl Controller {
+    /// The DSN every command hands out for `token`: verify-full against the local CA when the
+    /// gateway speaks TLS.
+    pub(crate) fn dsn_for(&self, token: &str) -> String {
+        let tls_root = lock(&self.access.tls_root).clone();
+        dsn_with_token(token, &self.gateway_addr(), tls_root.as_deref())
+    }
+}
+
 /// `postgres://sqlrs:TOKEN@gateway/postgres` with `sslmode=verify-full` and `sslrootcert` when
 /// the gateway speaks TLS, `sslmode=disable` otherwise.
 pub fn dsn_with_token(token: &str, gateway: &str, tls_root: Option<&Path>) -> String {

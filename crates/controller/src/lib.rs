@@ -490,10 +490,7 @@ impl Controller {
             } else {
                 row.status.clone()
             },
-            dsn: format!(
-                "postgres://sqlrs:{token}@{}/postgres?sslmode=disable",
-                self.gateway_addr()
-            ),
+            dsn: self.dsn_for(&token),
             created_ms: row.created_ms,
             clone_ms: row.clone_ms,
             start_ms: row.start_ms,

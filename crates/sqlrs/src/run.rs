@@ -46,6 +46,8 @@ pub(crate) struct ConnParams {
     pub(crate) user: Option<String>,
     pub(crate) password: Option<String>,
     pub(crate) dbname: Option<String>,
+    pub(crate) sslmode: Option<String>,
+    pub(crate) sslrootcert: Option<String>,
 }
 
 /// Parses `postgres://user:password@host:port/dbname?params`; `None` if it is not one.
@@ -53,7 +55,7 @@ pub(crate) fn parse_dsn(dsn: &str) -> Option<ConnParams> {
     let rest = dsn
         .strip_prefix("postgres://")
         .or_else(|| dsn.strip_prefix("postgresql://"))?;
-    let (before_query, _query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
     let (authority, path) = before_query.split_once('/').unwrap_or((before_query, ""));
     let (userinfo, hostport) = match authority.rsplit_once('@') {
         Some((u, h)) => (Some(u), h),
@@ -89,6 +91,15 @@ pub(crate) fn parse_dsn(dsn: &str) -> Option<ConnParams> {
         Some(p) => Some(p.parse().ok()?),
     };
     params.dbname = Some(percent_decode(path)?).filter(|d| !d.is_empty());
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = Some(percent_decode(value)?);
+        match key {
+            "sslmode" => params.sslmode = value,
+            "sslrootcert" => params.sslrootcert = value,
+            _ => {}
+        }
+    }
     Some(params)
 }
 
@@ -119,9 +130,15 @@ pub(crate) fn child_env(dsn: &str) -> Result<Vec<(&'static str, String)>, RunErr
         ("PGUSER", p.user),
         ("PGPASSWORD", p.password),
         ("PGDATABASE", p.dbname),
+        // TLS as the DSN says (verify-full against the home's CA when the gateway has TLS),
+        // plain otherwise: an inherited PGSSLMODE must not contradict the DSN.
+        (
+            "PGSSLMODE",
+            Some(p.sslmode.unwrap_or_else(|| "disable".to_owned())),
+        ),
+        ("PGSSLROOTCERT", p.sslrootcert),
     ];
     env.extend(fields.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
-    env.push(("PGSSLMODE", "disable".to_owned()));
     Ok(env)
 }
 
@@ -204,6 +221,8 @@ mod tests {
                 user: Some("tok@user".into()),
                 password: Some("a/b:c".into()),
                 dbname: Some("app".into()),
+                sslmode: Some("disable".into()),
+                sslrootcert: None,
             }
         );
     }
@@ -241,6 +260,12 @@ mod tests {
         assert_eq!(get("PGPASSWORD"), Some("eyJ.tok-en_"));
         assert_eq!(get("PGDATABASE"), Some("postgres"));
         assert_eq!(get("PGSSLMODE"), Some("disable"));
+        assert_eq!(get("PGSSLROOTCERT"), None);
+        let tls = "postgres://sqlrs:t@127.0.0.1:6432/postgres?sslmode=verify-full&sslrootcert=/h/tls%20dir/ca.pem";
+        let env = child_env(tls).unwrap();
+        let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("PGSSLMODE"), Some("verify-full"));
+        assert_eq!(get("PGSSLROOTCERT"), Some("/h/tls dir/ca.pem"));
         let err = child_env("http://u:secret@h/").unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");
         assert_eq!(err.exit_code(), 1);
