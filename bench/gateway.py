@@ -8,6 +8,8 @@ PostgreSQL instance (read the ratios: the machine is noisy).
      (in-process, `taidon local`), and over the controller's HTTP API (what `taidon gateway`
      pays when it runs apart)
   4. resident memory of a `taidon gateway` process holding 1,000 idle client sessions
+  (1-2 also run through PgBouncer, session pooling, in front of the same instance when it is
+  installed: a reference for what a userspace proxy costs on this machine)
 
 (1)-(3) run against `taidon local` and an instance made by `sqlrs prepare`; the direct runs use
 the instance's own address and credentials (asked of the controller's resolve API). (4) runs a
@@ -97,6 +99,48 @@ class Local:
         subprocess.run([str(BIN / "sqlrs"), "shutdown"], env=self.env, capture_output=True)
 
 
+def start_pgbouncer(root: Path, host, port, user, password):
+    """PgBouncer in session mode on a free port in front of host:port, or None if not installed."""
+    exe = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
+    if not exe:
+        print("(pgbouncer not installed: no reference column)")
+        return None
+    d = root / "pgbouncer"
+    d.mkdir()
+    listen = free_port()
+    (d / "pgbouncer.ini").write_text(f"""[databases]
+postgres = host={host} port={port} user={user} password={password}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {listen}
+unix_socket_dir =
+auth_type = trust
+auth_file = {d}/users.txt
+pool_mode = session
+max_client_conn = 200
+default_pool_size = 40
+logfile = {d}/pgbouncer.log
+pidfile = {d}/pgbouncer.pid
+""")
+    (d / "users.txt").write_text(f'"{user}" "x"\n')
+    cmd = [exe, str(d / "pgbouncer.ini")]
+    if os.geteuid() == 0:
+        shutil.chown(d, "postgres")
+        for f in d.iterdir():
+            shutil.chown(f, "postgres")
+        cmd = ["runuser", "-u", "postgres", "--"] + cmd
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", listen), timeout=0.2).close()
+            return proc, str(listen)
+        except OSError:
+            time.sleep(0.05)
+    proc.terminate()
+    print("(pgbouncer did not start: no reference column)")
+    return None
+
+
 def throughput_and_resolve(root: Path, seconds: int):
     local = Local(root)
     try:
@@ -114,16 +158,25 @@ def throughput_and_resolve(root: Path, seconds: int):
 
         # Rounds alternate direct and gateway, and the medians are compared: this machine's
         # throughput drifts by 2x over a minute, and a drift must hit both sides alike.
+        # PgBouncer (session pooling, like the gateway) in front of the same instance, as a
+        # reference for what a userspace proxy costs on this machine.
+        bouncer = start_pgbouncer(root, d_host, d_port, d_user, d_pw)
         rows = []
         rounds = 5
         per_round = max(2, seconds // 2)
         for clients, each in ((1, False), (16, False), (4, True)):
-            directs, vias = [], []
+            directs, vias, bounced = [], [], []
             for _ in range(rounds):
                 directs.append(pgbench(d_host, d_port, d_user, d_pw, per_round, clients, each))
                 vias.append(pgbench(gw_host, gw_port, "sqlrs", token, per_round, clients, each))
+                if bouncer:
+                    bounced.append(pgbench("127.0.0.1", bouncer[1], d_user, "x", per_round, clients, each))
             label = f"pgbench -S -c {clients}" + (" -C" if each else "")
-            rows.append((label, statistics.median(directs), statistics.median(vias)))
+            rows.append((label, statistics.median(directs), statistics.median(vias),
+                         statistics.median(bounced) if bounced else None))
+        if bouncer:
+            bouncer[0].terminate()
+            bouncer[0].wait()
 
         # Resolve as the gateway saw it on every connection (the -C runs dominate).
         log = (local.home / "logs" / "taidon.log").read_text(errors="replace")
@@ -272,10 +325,11 @@ def main():
     try:
         (root / "a").mkdir()
         rows, gw_us, http_us = throughput_and_resolve(root / "a", args.seconds)
-        print(f"{'workload':<24}{'direct tps':>12}{'gateway tps':>13}{'ratio':>8}  target")
+        print(f"{'workload':<24}{'direct tps':>12}{'gateway tps':>13}{'ratio':>8}  target   {'pgbouncer tps':>14}{'ratio':>8}")
         targets = {"pgbench -S -c 1": 0.90, "pgbench -S -c 16": 0.90, "pgbench -S -c 4 -C": 0.70}
-        for label, direct, via in rows:
-            print(f"{label:<24}{direct:>12.0f}{via:>13.0f}{via / direct:>8.2f}  >= {targets[label]:.2f}")
+        for label, direct, via, bounced in rows:
+            ref = f"{bounced:>14.0f}{bounced / direct:>8.2f}" if bounced else ""
+            print(f"{label:<24}{direct:>12.0f}{via:>13.0f}{via / direct:>8.2f}  >= {targets[label]:.2f}  {ref}")
         if gw_us:
             print(f"Hot Resolve in-process (gateway's own timing, {len(gw_us)} connections): "
                   f"p50 {pct(gw_us, 50)} us, p99 {pct(gw_us, 99)} us")

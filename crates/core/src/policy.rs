@@ -436,9 +436,11 @@ impl Default for StandbyPolicy {
     }
 }
 
-/// How many standby instances a state should have: only HOT states keep any.
+/// How many standby instances a state should have. A pinned or recently busy state with a
+/// snapshot keeps its standbys whether or not a user's instance runs: the pool is what keeps
+/// it HOT between the runs of a `prepare … run …` loop, which removes each instance after it.
 pub fn standby_target<K>(f: &StateFacts<K>, p: &StandbyPolicy, now_ms: u64) -> usize {
-    if f.presence != Presence::Hot {
+    if !matches!(f.presence, Presence::Hot | Presence::Warm) {
         return 0;
     }
     let busy = f.access_count >= p.busy_accesses

@@ -309,7 +309,7 @@ fn over_capacity_the_least_valuable_idle_instance_goes_standbys_first() {
 }
 
 #[test]
-fn standbys_for_pinned_or_busy_hot_states_only() {
+fn standbys_for_pinned_or_busy_states_with_a_snapshot_only() {
     let p = StandbyPolicy::default();
     let mut s = state(1, None, 0);
     s.presence = Presence::Hot;
@@ -325,6 +325,16 @@ fn standbys_for_pinned_or_busy_hot_states_only() {
     );
     s.pin = PinState::Pinned;
     assert_eq!(standby_target(&s, &p, p.busy_window_ms + 1), 1);
+    // Between runs no user instance is left, the state is WARM: its standby stays.
     s.presence = Presence::Warm;
-    assert_eq!(standby_target(&s, &p, 0), 0);
+    assert_eq!(standby_target(&s, &p, 0), 1);
+    s.pin = PinState::None;
+    assert_eq!(standby_target(&s, &p, p.busy_window_ms), 1);
+    assert_eq!(standby_target(&s, &p, p.busy_window_ms + 1), 0);
+    // Without a snapshot there is nothing to start a standby from.
+    for presence in [Presence::Cold, Presence::Building, Presence::Failed] {
+        s.presence = presence;
+        s.pin = PinState::Pinned;
+        assert_eq!(standby_target(&s, &p, 0), 0, "{presence:?}");
+    }
 }
