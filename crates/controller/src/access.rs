@@ -61,6 +61,9 @@ pub(crate) struct Access {
     instances: StdMutex<HashMap<InstanceId, Usage>>,
     states: StdMutex<HashMap<StateId, u32>>,
     ro: StdMutex<HashMap<StateId, Shared>>,
+    /// rw instances being started again because a client asked for them after they were
+    /// stopped for being idle.
+    waking: StdMutex<std::collections::HashSet<InstanceId>>,
     /// The CA certificate of the gateway's TLS, named in DSNs as `sslrootcert`.
     tls_root: StdMutex<Option<PathBuf>>,
 }
@@ -166,13 +169,49 @@ impl Controller {
                                 reason: "the instance is not of the token's state".into(),
                             }
                         }
-                        None => return ResolveResponse::Missing,
+                        None => return self.wake(iid, req.state_id),
                     }
                 };
                 self.admit(req, target)
             }
             Scope::Ro => self.resolve_ro(req),
         }
+    }
+
+    /// An rw instance that is not running: if the lifecycle stopped it for being idle, start
+    /// it again and have the client wait (STARTING), so a kept instance's DSN keeps working;
+    /// anything else is MISSING. Off the hot path: only reached when the instance is not live.
+    fn wake(self: &Arc<Self>, iid: InstanceId, sid: StateId) -> ResolveResponse {
+        let starting = ResolveResponse::Starting {
+            retry_after_ms: STARTING_RETRY_MS,
+        };
+        if lock(&self.access.waking).contains(&iid) {
+            return starting;
+        }
+        let row = match self.meta.instances() {
+            Ok(rows) => rows.into_iter().find(|r| r.instance_id == iid),
+            Err(e) => {
+                tracing::warn!(instance = %iid, error = %e, "cannot read instances");
+                return ResolveResponse::Missing;
+            }
+        };
+        let Some(row) = row.filter(|r| r.status == "stopped" && r.state_id == sid) else {
+            return ResolveResponse::Missing;
+        };
+        if !lock(&self.access.waking).insert(iid) {
+            return starting;
+        }
+        let this = Arc::clone(self);
+        self.spawn(async move {
+            match this.restart_instance(row, "instance_woken").await {
+                Ok(()) => {
+                    tracing::info!(instance = %iid, "started a stopped instance for a client")
+                }
+                Err(e) => tracing::warn!(instance = %iid, error = %e, "cannot wake an instance"),
+            }
+            lock(&this.access.waking).remove(&iid);
+        });
+        starting
     }
 
     fn resolve_ro(self: &Arc<Self>, req: &ResolveRequest) -> ResolveResponse {
@@ -328,6 +367,13 @@ impl Controller {
                 (id, None, scope)
             }
         };
+        if let (Scope::Rw, Some(iid)) = (scope, iid) {
+            if let Some(what) = self.not_ones_own(&iid) {
+                return Err(ControllerError::BadInput(format!(
+                    "instance {iid} is {what}: an rw DSN is for an instance of your own (sqlrs prepare), or ask for --scope ro"
+                )));
+            }
+        }
         let keys = self.keys.get();
         let now_s = now_ms() / 1000;
         let ttl_s = req.ttl_s.unwrap_or(self.config.token_ttl_s);
@@ -359,6 +405,23 @@ impl Controller {
     pub(crate) fn dsn_for(&self, token: &str) -> String {
         let tls_root = lock(&self.access.tls_root).clone();
         dsn_with_token(token, &self.gateway_addr(), tls_root.as_deref())
+    }
+}
+
+impl Controller {
+    /// Why `iid` belongs to no single user, if it does not: the instance every ro session of
+    /// its state shares, or a standby waiting to be handed out.
+    fn not_ones_own(&self, iid: &InstanceId) -> Option<&'static str> {
+        let shared = lock(&self.access.ro)
+            .values()
+            .any(|s| matches!(s, Shared::Ready(id) if id == iid));
+        if shared {
+            return Some("the shared read-only instance of its state");
+        }
+        if self.is_standby(iid) {
+            return Some("a standby waiting to be handed out");
+        }
+        None
     }
 }
 

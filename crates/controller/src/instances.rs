@@ -279,46 +279,63 @@ impl Controller {
                 self.meta.delete_instance(&row.instance_id)?;
                 continue;
             }
-            let started = self
-                .engine
-                .start(
-                    self.server_config(&row.instance_id, None),
-                    self.run_as.as_ref(),
-                )
-                .await;
-            match started {
-                Ok(server) => {
-                    let mut row = row.clone();
-                    row.port = server.port;
-                    row.pid = server.pid;
-                    row.status = "running".into();
-                    self.meta.insert_instance(&row)?;
-                    self.live.write().unwrap_or_else(|p| p.into_inner()).insert(
-                        row.instance_id,
-                        Arc::new(Live {
-                            state_id: row.state_id,
-                            port: server.port,
-                            password: row.password.clone(),
-                            server: tokio::sync::Mutex::new(Some(server)),
-                        }),
-                    );
-                    self.meta.event(
-                        now_ms(),
-                        "instance_adopted",
-                        Some(&row.state_id),
-                        Some(&row.instance_id),
-                        None,
-                    )?;
-                }
-                Err(e) => {
-                    tracing::warn!(instance = %row.instance_id, error = %e, "cannot restart instance");
-                    let mut row = row.clone();
-                    row.status = "failed".into();
-                    self.meta.insert_instance(&row)?;
-                }
+            if let Err(e) = self.restart_instance(row, "instance_adopted").await {
+                tracing::warn!(error = %e, "cannot restart an instance");
             }
         }
         Ok(())
+    }
+
+    /// Starts the server of an existing instance again on its data directory, as a child of
+    /// this process: after a daemon restart, or when a DSN names an instance stopped for
+    /// being idle. Its password is in its data already; its DSNs name the gateway, so they
+    /// hold across the new port. On failure the instance is marked failed.
+    pub(crate) async fn restart_instance(
+        self: &Arc<Self>,
+        row: InstanceRow,
+        event: &str,
+    ) -> Result<(), ControllerError> {
+        let started = self
+            .engine
+            .start(
+                self.server_config(&row.instance_id, None),
+                self.run_as.as_ref(),
+            )
+            .await;
+        let mut row = row;
+        match started {
+            Ok(server) => {
+                row.port = server.port;
+                row.pid = server.pid;
+                row.status = "running".into();
+                self.meta.insert_instance(&row)?;
+                self.live.write().unwrap_or_else(|p| p.into_inner()).insert(
+                    row.instance_id,
+                    Arc::new(Live {
+                        state_id: row.state_id,
+                        port: server.port,
+                        password: row.password.clone(),
+                        server: tokio::sync::Mutex::new(Some(server)),
+                    }),
+                );
+                self.meta.event(
+                    now_ms(),
+                    event,
+                    Some(&row.state_id),
+                    Some(&row.instance_id),
+                    None,
+                )?;
+                Ok(())
+            }
+            Err(e) => {
+                row.status = "failed".into();
+                self.meta.insert_instance(&row)?;
+                Err(ControllerError::runtime(
+                    format!("cannot restart instance {}", row.instance_id),
+                    e,
+                ))
+            }
+        }
     }
 }
 

@@ -512,6 +512,13 @@ impl Controller {
         self.instance_info(&row).map(Some)
     }
 
+    /// Whether `iid` is a standby waiting in the pool.
+    pub(crate) fn is_standby(&self, iid: &InstanceId) -> bool {
+        lock(&self.lifecycle.standby)
+            .values()
+            .any(|pool| pool.contains(iid))
+    }
+
     /// Starts or stops standbys so each state has its target.
     async fn tend_pool(self: &Arc<Self>) -> Result<(), ControllerError> {
         let now = now_ms();

@@ -259,20 +259,45 @@ fn real_clients_ro_scope_controller_refusals_and_clean_logs() {
     );
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("42501"), "{}", r.stderr);
-    // Many ro clients share one instance.
-    let before = env.instance_count();
+    // Many ro clients share one instance. (Standbys may come and go beside it: the state is
+    // busy now, and the pool keeps one ready. They serve no session until handed out.)
+    let serving = || {
+        env.ls()["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["status"] != "standby")
+            .count()
+    };
+    let before = serving();
     for _ in 0..3 {
         assert_eq!(psql(&ro_dsn, "select 1").code, 0);
     }
-    assert_eq!(
-        env.instance_count(),
-        before,
-        "ro sessions share the running instance"
-    );
+    assert_eq!(serving(), before, "ro sessions share the running instance");
 
     // An rw DSN needs an instance.
     let r = env.fails(2, &["dsn", &sid[..12], "--scope", "rw"]);
     assert!(r.stderr.contains("instance"), "{}", r.stderr);
+    // ... of one's own: not the instance the readers share (nor a standby waiting to be
+    // handed out), whose sessions an rw token would otherwise let one write to.
+    let others: Vec<String> = env.ls()["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["instance_id"] != iid.as_str())
+        .map(|i| i["instance_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!others.is_empty(), "the shared ro instance is listed");
+    for other in &others {
+        let r = env.fails(2, &["dsn", other, "--scope", "rw"]);
+        assert!(
+            r.stderr.contains("shared read-only") || r.stderr.contains("standby"),
+            "{}",
+            r.stderr
+        );
+        // ro on it is fine: that is what it is for.
+        env.ok(&["dsn", other, "--scope", "ro"]);
+    }
 
     // Refusals decided by the controller, with tokens signed by this home's own keyset.
     let keys = keyset(&env);

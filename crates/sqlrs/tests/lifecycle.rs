@@ -75,6 +75,14 @@ fn an_idle_instance_stops_and_its_state_drops_to_warm() {
     let v = r.json();
     let sid = v["state_id"].as_str().expect("state_id").to_owned();
     let iid = v["instance_id"].as_str().expect("instance_id").to_owned();
+    let dsn = v["dsn"].as_str().expect("dsn").to_owned();
+    let psql = |sql: &str| {
+        std::process::Command::new("psql")
+            .args([dsn.as_str(), "-Atc", sql])
+            .output()
+            .expect("psql")
+    };
+    assert!(psql("insert into t values (7)").status.success());
     let ls = wait_for(&env, "the idle instance to stop", |ls| {
         ls["instances"].as_array().is_some_and(|a| {
             a.iter()
@@ -97,6 +105,18 @@ fn an_idle_instance_stops_and_its_state_drops_to_warm() {
             .any(|e| e["kind"] == "transition" && e["detail"] == "HOT -> WARM"),
         "{ev:#?}"
     );
+
+    // Its DSN still works: the gateway has the client wait while the instance starts again,
+    // on its own data.
+    let out = psql("select sum(x) from t");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "7");
+    let ev = events(&env, Some(&sid));
+    assert!(ev.iter().any(|e| e["kind"] == "instance_woken"), "{ev:#?}");
 }
 
 #[test]

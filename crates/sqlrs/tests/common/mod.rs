@@ -167,11 +167,15 @@ impl Env {
             .collect()
     }
 
+    /// Instances users hold: standbys, which the pool starts in the background for busy
+    /// states, are not counted.
     pub fn instance_count(&self) -> usize {
         self.ls()["instances"]
             .as_array()
             .expect("instances[]")
-            .len()
+            .iter()
+            .filter(|i| i["status"] != "standby")
+            .count()
     }
 
     pub fn daemon_pid(&self) -> Option<i32> {
