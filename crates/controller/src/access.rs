@@ -345,12 +345,7 @@ impl Controller {
                 req.scope.unwrap_or(Scope::Rw),
             ),
             None => {
-                let rows = self.meta.states()?;
-                let ids: Vec<String> = rows.iter().map(|r| r.state_id.to_string()).collect();
-                let id: StateId =
-                    taidon_core::prefix::resolve(typed, ids.iter().map(String::as_str))?
-                        .parse()
-                        .map_err(|e| ControllerError::Internal(format!("{e}")))?;
+                let id = self.state_by_prefix(typed)?;
                 if !self.store.contains(&id) {
                     return Err(ControllerError::NotFound(format!(
                         "state {} has no snapshot",

@@ -99,16 +99,7 @@ async fn prepare(State(ctl): Ctl, Json(req): Json<PrepareRequest>) -> Response {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let task = Arc::clone(&ctl);
     ctl.spawn(async move { task.prepare(req, tx).await });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        let event = rx.recv().await?;
-        let mut line = serde_json::to_vec(&event).unwrap_or_default();
-        line.push(b'\n');
-        Some((Ok::<_, Infallible>(bytes::Bytes::from(line)), rx))
-    });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    ndjson(rx)
 }
 
 async fn states(State(ctl): Ctl) -> Result<Response, ControllerError> {

@@ -56,15 +56,7 @@ impl Controller {
         self: &Arc<Self>,
         typed: &str,
     ) -> Result<InstanceInfo, ControllerError> {
-        let ids: Vec<String> = self
-            .meta
-            .states()?
-            .into_iter()
-            .map(|s| s.state_id.to_string())
-            .collect();
-        let id: StateId = taidon_core::prefix::resolve(typed, ids.iter().map(String::as_str))?
-            .parse()
-            .map_err(|e| ControllerError::Internal(format!("{e}")))?;
+        let id = self.state_by_prefix(typed)?;
         self.create_instance_of(id).await
     }
 

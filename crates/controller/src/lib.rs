@@ -407,11 +407,7 @@ impl Controller {
         typed: &str,
         force: bool,
     ) -> Result<taidon_api::Removed, ControllerError> {
-        let rows = self.meta.states()?;
-        let ids: Vec<String> = rows.iter().map(|r| r.state_id.to_string()).collect();
-        let id: StateId = taidon_core::prefix::resolve(typed, ids.iter().map(String::as_str))?
-            .parse()
-            .map_err(|e| ControllerError::Internal(format!("{e}")))?;
+        let id = self.state_by_prefix(typed)?;
         let instances: Vec<_> = self
             .list_instances()?
             .into_iter()
@@ -437,6 +433,19 @@ impl Controller {
             states: vec![id],
             instances,
         })
+    }
+
+    /// The state a user's full id or 8+ hex prefix names, among those the metadata knows.
+    pub(crate) fn state_by_prefix(&self, typed: &str) -> Result<StateId, ControllerError> {
+        let ids: Vec<String> = self
+            .meta
+            .states()?
+            .into_iter()
+            .map(|s| s.state_id.to_string())
+            .collect();
+        taidon_core::prefix::resolve(typed, ids.iter().map(String::as_str))?
+            .parse()
+            .map_err(|e| ControllerError::Internal(format!("{e}")))
     }
 
     fn build_lock(&self, id: &StateId) -> Arc<tokio::sync::Mutex<()>> {

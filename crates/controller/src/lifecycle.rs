@@ -769,16 +769,7 @@ impl Controller {
     ) -> Result<PrepareEvent, ControllerError> {
         let (id, cache_hit) = match &req.state {
             Some(typed) => {
-                let ids: Vec<String> = self
-                    .meta
-                    .states()?
-                    .into_iter()
-                    .map(|s| s.state_id.to_string())
-                    .collect();
-                let id: StateId =
-                    taidon_core::prefix::resolve(typed, ids.iter().map(String::as_str))?
-                        .parse()
-                        .map_err(|e| ControllerError::Internal(format!("{e}")))?;
+                let id = self.state_by_prefix(typed)?;
                 if self.store.contains(&id) {
                     (id, true)
                 } else {
@@ -815,15 +806,7 @@ impl Controller {
         limit: usize,
     ) -> Result<Vec<EventInfo>, ControllerError> {
         let state = match typed {
-            Some(t) => {
-                let ids: Vec<String> = self
-                    .meta
-                    .states()?
-                    .into_iter()
-                    .map(|s| s.state_id.to_string())
-                    .collect();
-                Some(taidon_core::prefix::resolve(t, ids.iter().map(String::as_str))?.to_owned())
-            }
+            Some(t) => Some(self.state_by_prefix(t)?.to_string()),
             None => None,
         };
         let rows = self.meta.with(|c| {

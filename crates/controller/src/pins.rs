@@ -116,18 +116,6 @@ pub(crate) fn set_ref(
 }
 
 impl Controller {
-    fn state_by_prefix(&self, typed: &str) -> Result<StateId, ControllerError> {
-        let ids: Vec<String> = self
-            .meta
-            .states()?
-            .into_iter()
-            .map(|s| s.state_id.to_string())
-            .collect();
-        taidon_core::prefix::resolve(typed, ids.iter().map(String::as_str))?
-            .parse()
-            .map_err(|e| ControllerError::Internal(format!("{e}")))
-    }
-
     fn pins_of(&self, id: StateId) -> Result<PinsChanged, ControllerError> {
         Ok(PinsChanged {
             state_id: id,
