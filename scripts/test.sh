@@ -9,7 +9,8 @@ cargo build --workspace --all-targets
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace -- --test-threads "${TEST_THREADS:-4}" 2>&1 | tee "$log"
+# --no-fail-fast: a failing binary does not hide the results of the others.
+cargo test --workspace --no-fail-fast -- --test-threads "${TEST_THREADS:-4}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary (cargo prints one per binary, doc tests last).

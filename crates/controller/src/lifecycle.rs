@@ -788,7 +788,14 @@ impl Controller {
             if !waiting {
                 let _ = events.send(PrepareEvent::InstanceStarting { state_id: id });
                 self.make_room().await?;
-                self.start_standby(id).await?;
+                // Counted as starting, as the pool counts its own, so a pool tick that runs
+                // meanwhile does not start a second one for the hold above.
+                *lock(&self.lifecycle.starting).entry(id).or_default() += 1;
+                let started = self.start_standby(id).await;
+                if let Some(n) = lock(&self.lifecycle.starting).get_mut(&id) {
+                    *n = n.saturating_sub(1);
+                }
+                started?;
             }
         }
         self.meta.touch_state(&id, now_ms(), None)?;
