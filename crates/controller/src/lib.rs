@@ -494,7 +494,8 @@ impl Controller {
         Ok(InstanceInfo {
             instance_id: row.instance_id,
             state_id: row.state_id,
-            status: if running {
+            // A live standby is still a standby: it serves nobody until handed out.
+            status: if running && row.status != "standby" {
                 "running".into()
             } else {
                 row.status.clone()

@@ -503,7 +503,10 @@ fn concurrent_prepares_of_one_missing_state_build_it_once() {
         String::from_utf8_lossy(&b.stderr)
     );
     let log = fs::read_to_string(env.home.join("logs/taidon.log")).unwrap_or_default();
-    assert_eq!(env.states_with_status("WARM").len(), 2, "{log}");
+    // Base and step, published. (Two prepares make the state busy: the standby pool may
+    // already keep it HOT.)
+    let published = env.states_with_status("WARM").len() + env.states_with_status("HOT").len();
+    assert_eq!(published, 2, "{log}");
 }
 
 #[test]
