@@ -54,6 +54,8 @@ pub enum ErrorKind {
     StepFailed,
     /// The PostgreSQL binaries are missing or unusable (exit 1).
     Engine,
+    /// A limit of the installation is reached, such as running instances (exit 1).
+    Capacity,
     /// The API token is missing or wrong (exit 1).
     Unauthorized,
     /// Anything else inside Taidon (exit 1).
@@ -76,6 +78,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => 401,
             ErrorKind::NotFound => 404,
             ErrorKind::StepFailed => 422,
+            ErrorKind::Capacity => 503,
             ErrorKind::Engine | ErrorKind::Internal => 500,
         }
     }

@@ -9,6 +9,9 @@ pub enum ControllerError {
     BadInput(String),
     #[error("{0}")]
     NotFound(String),
+    /// A limit of this installation is reached (instances, memory): try later or raise it.
+    #[error("{0}")]
+    Capacity(String),
     #[error(transparent)]
     Prefix(#[from] taidon_core::prefix::PrefixError),
     #[error("step {index}/{total} ({label}) failed: {message}")]
@@ -71,6 +74,7 @@ impl ControllerError {
             }
             ControllerError::Prefix(PrefixError::Ambiguous { .. }) => ErrorKind::Ambiguous,
             ControllerError::StepFailed { .. } => ErrorKind::StepFailed,
+            ControllerError::Capacity(_) => ErrorKind::Capacity,
             ControllerError::Engine(_) => ErrorKind::Engine,
             _ => ErrorKind::Internal,
         }

@@ -321,7 +321,7 @@ impl Controller {
         let running = self.live.read().unwrap_or_else(|p| p.into_inner()).len();
         let capacity = self.lifecycle.config.instance_limits().capacity();
         if running >= capacity {
-            return Err(ControllerError::BadInput(format!(
+            return Err(ControllerError::Capacity(format!(
                 "instance limit reached: {running} running (limit {capacity}), none idle; \
                  remove one (sqlrs rm) or raise [instances] max / memory_budget_mb"
             )));

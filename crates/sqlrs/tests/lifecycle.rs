@@ -358,3 +358,52 @@ fn warmup_hot_keeps_a_standby_that_the_next_instance_takes() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn at_the_instance_limit_with_none_idle_a_new_instance_is_refused_and_nothing_is_lost() {
+    let env = env_with_config("[instances]\nmax = 1\n[policy.standby]\npinned = 0\nbusy = 0\n");
+    let v = env
+        .ok(&[
+            "--json",
+            "prepare:psql",
+            "--",
+            "-c",
+            "create table a(x int)",
+        ])
+        .json();
+    let (first, dsn) = (
+        v["instance_id"].as_str().expect("instance_id").to_owned(),
+        v["dsn"].as_str().expect("dsn").to_owned(),
+    );
+    // A live session keeps the only instance from being idle.
+    let mut busy = std::process::Command::new("psql")
+        .args([dsn.as_str(), "-c", "select pg_sleep(30)"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("psql");
+    wait_for(&env, "the session to count", |_| {
+        common::postmasters_under(&env.home.join("instances")).len() == 1
+            && std::fs::read_to_string(env.home.join("logs/taidon.log"))
+                .is_ok_and(|l| l.contains("client connected"))
+    });
+
+    let r = env.fails(1, &["prepare:psql", "--", "-c", "create table b(x int)"]);
+    assert!(
+        r.stderr.contains("instance limit reached"),
+        "{}",
+        r.describe()
+    );
+    // The build itself is kept; the first instance runs on, untouched.
+    let ls = env.ls();
+    let instances = ls["instances"].as_array().expect("instances");
+    assert_eq!(instances.len(), 1, "{ls:#}");
+    assert_eq!(instances[0]["instance_id"], first.as_str());
+    assert_eq!(instances[0]["status"], "running");
+    assert_eq!(
+        common::postmasters_under(&env.home.join("instances")).len(),
+        1
+    );
+    let _ = busy.kill();
+    let _ = busy.wait();
+}
