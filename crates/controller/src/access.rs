@@ -16,6 +16,7 @@ use taidon_runtime::Server;
 use taidon_store::SnapshotStore;
 
 use crate::home::Home;
+use crate::lock;
 use crate::{now_ms, Controller, ControllerError};
 
 /// The role `ro` sessions log in as: no write privilege, read-only transactions by default.
@@ -68,12 +69,8 @@ pub(crate) struct Access {
     tls_root: StdMutex<Option<PathBuf>>,
 }
 
-fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The `ro` role's password, derived from the instance's own so nothing more is stored.
-fn ro_password(instance_password: &str) -> String {
+pub(crate) fn ro_password(instance_password: &str) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(&Sha256::digest(format!("taidon-ro:{instance_password}").as_bytes())[..24])
 }
@@ -157,13 +154,7 @@ impl Controller {
                 let target = {
                     let live = self.live.read().unwrap_or_else(|p| p.into_inner());
                     match live.get(&iid) {
-                        Some(l) if l.state_id == req.state_id => Target {
-                            instance_id: iid,
-                            host: "127.0.0.1".into(),
-                            port: l.port,
-                            user: crate::instances::INSTANCE_USER.into(),
-                            password: l.password.clone(),
-                        },
+                        Some(l) if l.state_id == req.state_id => l.target(iid, Scope::Rw),
                         Some(_) => {
                             return ResolveResponse::Forbidden {
                                 reason: "the instance is not of the token's state".into(),
@@ -225,13 +216,7 @@ impl Controller {
             Some(Shared::Ready(iid)) => {
                 let target = {
                     let live = self.live.read().unwrap_or_else(|p| p.into_inner());
-                    live.get(&iid).map(|l| Target {
-                        instance_id: iid,
-                        host: "127.0.0.1".into(),
-                        port: l.port,
-                        user: RO_ROLE.into(),
-                        password: ro_password(&l.password),
-                    })
+                    live.get(&iid).map(|l| l.target(iid, Scope::Ro))
                 };
                 if let Some(target) = target {
                     return self.admit(req, target);

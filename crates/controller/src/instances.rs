@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rand::RngCore;
-use taidon_api::InstanceInfo;
+use taidon_api::{InstanceInfo, Target};
 use taidon_core::{InstanceId, StateId};
 use taidon_runtime::{Server, ServerConfig};
 use taidon_store::SnapshotStore;
@@ -20,9 +20,42 @@ pub(crate) const INSTANCE_USER: &str = "postgres";
 pub(crate) struct Live {
     pub(crate) state_id: StateId,
     pub(crate) port: u16,
-    pub(crate) password: String,
+    password: String,
+    /// The read-only role's password, derived once here rather than on every Resolve.
+    ro_password: String,
     /// `None` once stopping.
     pub(crate) server: tokio::sync::Mutex<Option<Server>>,
+}
+
+impl Live {
+    fn new(state_id: StateId, password: String, server: Server) -> Self {
+        Self {
+            state_id,
+            port: server.port,
+            ro_password: crate::access::ro_password(&password),
+            password,
+            server: tokio::sync::Mutex::new(Some(server)),
+        }
+    }
+
+    /// Where the gateway logs in to this instance for a session of `scope`.
+    pub(crate) fn target(
+        &self,
+        instance_id: InstanceId,
+        scope: taidon_core::token::Scope,
+    ) -> Target {
+        let (user, password) = match scope {
+            taidon_core::token::Scope::Rw => (INSTANCE_USER, &self.password),
+            taidon_core::token::Scope::Ro => (crate::access::RO_ROLE, &self.ro_password),
+        };
+        Target {
+            instance_id,
+            host: "127.0.0.1".into(),
+            port: self.port,
+            user: user.into(),
+            password: password.clone(),
+        }
+    }
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -155,15 +188,10 @@ impl Controller {
             clone_ms,
             start_ms,
         };
-        self.live.write().unwrap_or_else(|p| p.into_inner()).insert(
-            iid,
-            Arc::new(Live {
-                state_id: state,
-                port: server.port,
-                password,
-                server: tokio::sync::Mutex::new(Some(server)),
-            }),
-        );
+        self.live
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(iid, Arc::new(Live::new(state, password, server)));
         Ok(row)
     }
 
@@ -303,12 +331,7 @@ impl Controller {
                 self.meta.insert_instance(&row)?;
                 self.live.write().unwrap_or_else(|p| p.into_inner()).insert(
                     row.instance_id,
-                    Arc::new(Live {
-                        state_id: row.state_id,
-                        port: server.port,
-                        password: row.password.clone(),
-                        server: tokio::sync::Mutex::new(Some(server)),
-                    }),
+                    Arc::new(Live::new(row.state_id, row.password.clone(), server)),
                 );
                 self.meta.event(
                     now_ms(),

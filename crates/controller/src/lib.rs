@@ -62,6 +62,11 @@ pub fn default_token_ttl_s() -> u64 {
     7 * 24 * 3600
 }
 
+/// Locks `m`; a panic elsewhere while it was held leaves plain data behind, still usable.
+pub(crate) fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -21,6 +21,7 @@ use taidon_core::{InstanceId, PsqlInput, StateId, Step};
 use taidon_store::SnapshotStore;
 
 use crate::config::Config;
+use crate::lock;
 use crate::meta::StateRow;
 use crate::prepare::Events;
 use crate::{now_ms, pins, Controller, ControllerError};
@@ -66,10 +67,6 @@ impl Drop for SnapshotHold<'_> {
             }
         }
     }
-}
-
-fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Lifecycle {
