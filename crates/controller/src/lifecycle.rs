@@ -51,6 +51,20 @@ struct SnapshotUse {
     evicting: HashSet<StateId>,
 }
 
+/// A standby being started, counted in the pool's `starting` until dropped.
+pub(crate) struct StartingStandby {
+    controller: Arc<Controller>,
+    state: StateId,
+}
+
+impl Drop for StartingStandby {
+    fn drop(&mut self) {
+        if let Some(n) = lock(&self.controller.lifecycle.starting).get_mut(&self.state) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
 /// Keeps a snapshot from being evicted while it is cloned.
 pub(crate) struct SnapshotHold<'a> {
     lifecycle: &'a Lifecycle,
@@ -509,6 +523,16 @@ impl Controller {
         self.instance_info(&row).map(Some)
     }
 
+    /// Counts a standby of `state` as starting until the guard drops: the pool tick sees it
+    /// and does not start another for the same target.
+    fn count_starting(self: &Arc<Self>, state: StateId) -> StartingStandby {
+        *lock(&self.lifecycle.starting).entry(state).or_default() += 1;
+        StartingStandby {
+            controller: Arc::clone(self),
+            state,
+        }
+    }
+
     /// Whether `iid` is a standby waiting in the pool.
     pub(crate) fn is_standby(&self, iid: &InstanceId) -> bool {
         lock(&self.lifecycle.standby)
@@ -541,15 +565,13 @@ impl Controller {
                 if running + starting >= self.lifecycle.config.instance_limits().capacity() {
                     continue;
                 }
-                *lock(&self.lifecycle.starting).entry(f.id).or_default() += 1;
+                let counted = self.count_starting(f.id);
                 let this = Arc::clone(self);
                 let sid = f.id;
                 self.spawn(async move {
+                    let _counted = counted;
                     if let Err(e) = this.start_standby(sid).await {
                         tracing::warn!(state = %sid.short(), error = %e, "cannot start a standby");
-                    }
-                    if let Some(n) = lock(&this.lifecycle.starting).get_mut(&sid) {
-                        *n = n.saturating_sub(1);
                     }
                 });
             } else if have > target {
@@ -787,12 +809,8 @@ impl Controller {
                 self.make_room().await?;
                 // Counted as starting, as the pool counts its own, so a pool tick that runs
                 // meanwhile does not start a second one for the hold above.
-                *lock(&self.lifecycle.starting).entry(id).or_default() += 1;
-                let started = self.start_standby(id).await;
-                if let Some(n) = lock(&self.lifecycle.starting).get_mut(&id) {
-                    *n = n.saturating_sub(1);
-                }
-                started?;
+                let _counted = self.count_starting(id);
+                self.start_standby(id).await?;
             }
         }
         self.meta.touch_state(&id, now_ms(), None)?;
