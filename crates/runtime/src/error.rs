@@ -75,6 +75,12 @@ pub enum RuntimeError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("cannot run SQL on postgres for {data_dir:?}")]
+    Execute {
+        data_dir: PathBuf,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("cannot signal process {pid}")]
     Signal {
         pid: u32,

@@ -6,14 +6,18 @@
 
 mod engine;
 mod error;
+mod health;
 mod orphan;
 mod psql;
 mod run_as;
 mod runtime;
 mod server;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use engine::Engine;
 pub use error::{EngineError, RuntimeError};
+pub use health::{Exit, Health};
 pub use orphan::kill_orphan;
 pub use psql::{run_psql_step, StepError, StepOutput};
 pub use run_as::RunAs;

@@ -11,6 +11,7 @@ use tokio_postgres::NoTls;
 
 use crate::engine::{remove_pg_env, Engine};
 use crate::error::RuntimeError;
+use crate::health::Health;
 use crate::run_as::{create_private_dir, RunAs};
 
 /// How long a server may take to accept connections, and to stop before it is forced.
@@ -23,6 +24,10 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(5);
 /// How often a start is retried when another process took the chosen port first.
 const PORT_ATTEMPTS: usize = 5;
+/// How long a start waits for the backends of a server that died (SIGKILL, OOM) to notice and
+/// let go of its shared memory, which PostgreSQL refuses to start over.
+const LEFTOVER_WAIT: Duration = Duration::from_secs(10);
+const LEFTOVER_POLL: Duration = Duration::from_millis(100);
 const LOG_TAIL_LINES: usize = 20;
 
 /// How to run one server.
@@ -49,8 +54,9 @@ pub struct Server {
     pub tcp: bool,
     pub log_file: PathBuf,
     child: Child,
-    /// Set once the child has been reaped, so Drop does not signal a reused pid.
-    reaped: bool,
+    /// How the child ended, once it is reaped: remembered so every later look sees it, and
+    /// so Drop does not signal a reused pid.
+    exit: Option<ExitStatus>,
 }
 
 /// A free TCP port on 127.0.0.1, as the kernel picks it.
@@ -66,6 +72,7 @@ impl Engine {
         run_as: Option<&RunAs>,
     ) -> Result<Server, RuntimeError> {
         create_private_dir(&cfg.socket_dir, run_as)?;
+        let began = Instant::now();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -80,7 +87,15 @@ impl Engine {
                 {
                     tracing::debug!(port, "port taken before postgres bound it, retrying: {e}");
                 }
-                Err(StartFailure::PortTaken(e) | StartFailure::Other(e)) => return Err(e),
+                Err(StartFailure::LeftoverBackends(e)) if began.elapsed() < LEFTOVER_WAIT => {
+                    tracing::debug!(data_dir = ?cfg.data_dir, "backends of a dead server still hold its shared memory, waiting: {e}");
+                    tokio::time::sleep(LEFTOVER_POLL).await;
+                }
+                Err(
+                    StartFailure::PortTaken(e)
+                    | StartFailure::LeftoverBackends(e)
+                    | StartFailure::Other(e),
+                ) => return Err(e),
                 Ok(server) => return Ok(server),
             }
         }
@@ -153,7 +168,7 @@ impl Engine {
             tcp: cfg.tcp,
             log_file: cfg.log_file.clone(),
             child,
-            reaped: false,
+            exit: None,
         };
 
         let deadline = Instant::now() + START_TIMEOUT;
@@ -170,6 +185,8 @@ impl Engine {
                 };
                 return Err(if log.contains("could not bind") {
                     StartFailure::PortTaken(err)
+                } else if log.contains("pre-existing shared memory block") {
+                    StartFailure::LeftoverBackends(err)
                 } else {
                     StartFailure::Other(err)
                 });
@@ -194,6 +211,8 @@ impl Engine {
 enum StartFailure {
     /// Another process bound the port between our pick and the server's bind.
     PortTaken(RuntimeError),
+    /// Backends of a previous server on this data directory, which died, have not exited yet.
+    LeftoverBackends(RuntimeError),
     Other(RuntimeError),
 }
 
@@ -206,7 +225,7 @@ impl Server {
     /// End a server whose data directory is about to be deleted: an immediate shutdown (no
     /// checkpoint to write for data nobody will read again), then reap it; SIGKILL after 10 s.
     pub async fn discard(mut self) -> Result<(), RuntimeError> {
-        if self.try_exited().is_some() || self.reaped {
+        if self.try_exited().is_some() {
             return Ok(());
         }
         self.signal(libc::SIGQUIT)?;
@@ -278,7 +297,7 @@ impl Server {
         match tokio::time::timeout(limit, self.child.wait()).await {
             Err(_) => Ok(None),
             Ok(Ok(status)) => {
-                self.reaped = true;
+                self.record_exit(status);
                 Ok(Some(status))
             }
             Ok(Err(e)) => Err(RuntimeError::io(
@@ -307,6 +326,18 @@ impl Server {
             })
     }
 
+    /// Runs `sql` (statements, no rows back) as the superuser over the unix socket.
+    pub async fn execute(&self, sql: &str) -> Result<(), RuntimeError> {
+        let client = self.connect_local().await?;
+        client
+            .batch_execute(sql)
+            .await
+            .map_err(|source| RuntimeError::Execute {
+                data_dir: self.data_dir.clone(),
+                source,
+            })
+    }
+
     /// A superuser session over the unix socket; its connection runs on a spawned task.
     pub async fn connect_local(&self) -> Result<tokio_postgres::Client, RuntimeError> {
         let (client, connection) = tokio_postgres::Config::new()
@@ -330,16 +361,41 @@ impl Server {
         Ok(client)
     }
 
-    /// The exit status if the server has exited (and is now reaped), else `None`.
+    /// The exit status if the server has exited (and is now reaped), else `None`. Once it
+    /// has exited, every call returns its status.
     pub fn try_exited(&mut self) -> Option<ExitStatus> {
-        if self.reaped {
-            return None;
+        if self.exit.is_none() {
+            if let Some(status) = self.child.try_wait().ok().flatten() {
+                self.record_exit(status);
+            }
         }
-        let status = self.child.try_wait().ok().flatten();
-        if status.is_some() {
-            self.reaped = true;
+        self.exit
+    }
+
+    /// Whether the server still runs, or how it ended.
+    pub fn health(&mut self) -> Health {
+        match self.try_exited() {
+            None => Health::Running,
+            Some(status) => Health::Exited {
+                status: status.into(),
+            },
         }
-        status
+    }
+
+    /// Remembers how the reaped child ended. A server that did not shut down cleanly (killed,
+    /// crashed) leaves its postmaster.pid behind; it names a pid that is free now and may be
+    /// reused by another server's backend, which would make PostgreSQL refuse the restart.
+    fn record_exit(&mut self, status: ExitStatus) {
+        self.exit = Some(status);
+        let pid_file = self.data_dir.join("postmaster.pid");
+        let names_ours = std::fs::read_to_string(&pid_file).is_ok_and(|text| {
+            text.lines().next().map(str::trim) == Some(self.pid.to_string().as_str())
+        });
+        if names_ours {
+            if let Err(e) = std::fs::remove_file(&pid_file) {
+                tracing::warn!(pid_file = ?pid_file, error = %e, "cannot remove a dead server's postmaster.pid");
+            }
+        }
     }
 }
 
@@ -347,7 +403,7 @@ impl Drop for Server {
     /// A server dropped without `stop` gets an immediate shutdown rather than running on
     /// unowned; SIGQUIT (unlike SIGKILL) also ends its backends.
     fn drop(&mut self) {
-        if self.pid != 0 && !self.reaped && self.child.try_wait().ok().flatten().is_none() {
+        if self.pid != 0 && self.exit.is_none() && self.child.try_wait().ok().flatten().is_none() {
             tracing::warn!(pid = self.pid, data_dir = ?self.data_dir, "server dropped while running; sending SIGQUIT");
             // SAFETY: kill has no memory preconditions; the child is unreaped, so the pid is ours.
             unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGQUIT) };

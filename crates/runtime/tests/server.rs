@@ -6,7 +6,9 @@ use std::path::Path;
 
 use common::Fixture;
 use taidon_core::InitdbOptions;
-use taidon_runtime::{free_port, Engine, EngineError, LocalRuntime, Runtime, ServerConfig};
+use taidon_runtime::{
+    free_port, Engine, EngineError, Exit, Health, LocalRuntime, Runtime, ServerConfig,
+};
 
 #[test]
 fn discover_finds_postgres_15_and_its_fingerprint() {
@@ -255,7 +257,7 @@ async fn local_runtime_starts_and_stops_an_instance_through_the_trait() {
         run_as: fx.run_as.clone(),
     });
     let mut instance = runtime.start_instance(fx.config(true)).await.unwrap();
-    assert!(instance.try_exited().is_none());
+    assert_eq!(instance.health(), Health::Running);
     instance.set_password("postgres", "pw").await.unwrap();
     let (client, conn) = tcp_config(instance.port(), "postgres", Some("pw"))
         .connect(tokio_postgres::NoTls)
@@ -316,4 +318,63 @@ async fn a_dropped_server_is_shut_down_not_left_running() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(fx.log().contains("immediate shutdown"), "{}", fx.log());
+}
+
+#[tokio::test]
+async fn a_killed_server_reports_its_signal_and_starts_again_on_its_data() {
+    let fx = Fixture::setup();
+    fx.engine
+        .initdb(&fx.data_dir(), fx.run_as.as_ref())
+        .await
+        .unwrap();
+    let runtime = LocalRuntime {
+        engine: fx.engine.clone(),
+        run_as: fx.run_as.clone(),
+    };
+    let mut instance = runtime.start_instance(fx.config(true)).await.unwrap();
+    instance
+        .execute("create table t(x int); insert into t values (7)")
+        .await
+        .unwrap();
+    let pid_file = fx.data_dir().join("postmaster.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // SAFETY: kill has no memory preconditions; the pid is our child, not reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        match instance.health() {
+            Health::Exited { status } => break status,
+            Health::Running => {
+                assert!(std::time::Instant::now() < deadline, "SIGKILL not noticed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(status, Exit::Signal(libc::SIGKILL));
+    assert_eq!(status.to_string(), "killed by signal 9 (SIGKILL)");
+    // Remembered: a second look says the same.
+    assert_eq!(instance.health(), Health::Exited { status });
+    assert!(
+        !pid_file.exists(),
+        "the dead server's postmaster.pid is left"
+    );
+    // A clean stop of a dead server says it had exited; discarding it is nothing to do.
+    let err = instance.stop().await.unwrap_err();
+    assert!(err.to_string().contains("did not stop cleanly"), "{err}");
+
+    // Its committed row survives: the restart recovers from the WAL.
+    let mut again = runtime.start_instance(fx.config(true)).await.unwrap();
+    assert_eq!(again.health(), Health::Running);
+    again
+        .execute("do $$ begin if (select sum(x) from t) <> 7 then raise 'lost'; end if; end $$")
+        .await
+        .unwrap();
+    again.stop().await.unwrap();
 }
