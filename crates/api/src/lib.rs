@@ -359,6 +359,13 @@ pub enum PrepareEvent {
         label: String,
         state_id: StateId,
     },
+    /// Bytes of a long transfer so far: a snapshot copied for a step or an instance.
+    Transfer {
+        /// What is moved: `copying snapshot 3f2a9c1e`.
+        what: String,
+        done_bytes: u64,
+        total_bytes: u64,
+    },
     /// Step `index` finished and its snapshot is published.
     StepDone {
         index: usize,

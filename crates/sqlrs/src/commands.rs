@@ -1,7 +1,7 @@
 //! The verbs: each turns parsed arguments into API calls and output.
 
 use std::ffi::OsString;
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,13 +13,12 @@ use crate::args::{Cli, Command, Global, Input, Prepare, PsqlArgs, Run, RunKind};
 use crate::client::{Client, ClientError};
 use crate::daemon::{choose_home, find_in_path, DaemonError, Home, HomeEnv};
 use crate::error::Error;
-use crate::render::{self, Progress};
+use crate::progress::{Renderer, Target};
+use crate::render;
 use crate::run::{self, RunError};
 
 /// How long `shutdown` waits for the daemon's process to end.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
-/// How often the live progress line is redrawn.
-const TICK: Duration = Duration::from_millis(100);
 
 /// Writes to stdout; a closed pipe surfaces as an error that exits cleanly.
 pub(crate) fn out(text: &str) -> Result<(), Error> {
@@ -103,8 +102,9 @@ pub(crate) async fn execute(cli: Cli) -> Result<i32, Error> {
         Command::Dsn(d) => dsn(&ctx, d).await,
         Command::Status => status(&ctx).await,
         Command::Shutdown => shutdown(&ctx).await,
-        Command::Help => out(crate::args::HELP).map(|()| 0),
         Command::Version => out(&version()).map(|()| 0),
+        Command::Completions(shell) => out(crate::complete::script(shell)).map(|()| 0),
+        Command::Complete(words) => complete(&ctx, &words).await,
         Command::Pin(a) => pin(&ctx, a, true).await,
         Command::Unpin(a) => pin(&ctx, a, false).await,
         Command::Warmup(w) => warmup(&ctx, w).await,
@@ -133,7 +133,7 @@ async fn prepare(ctx: &Ctx, p: Prepare) -> Result<i32, Error> {
         cwd,
         create_instance: true,
     };
-    let prepared = stream_prepare(&client, &req, ctx.global.verbose > 0).await?;
+    let prepared = stream_prepare(&client, &req, &ctx.global).await?;
     let instance = prepared.instance;
     let Some(run) = p.run else {
         if ctx.global.json {
@@ -180,41 +180,53 @@ async fn prepare(ctx: &Ctx, p: Prepare) -> Result<i32, Error> {
 async fn stream_prepare(
     client: &Client,
     req: &PrepareRequest,
-    verbose: bool,
+    global: &Global,
 ) -> Result<Prepared, Error> {
-    let tty = io::stderr().is_terminal();
-    let mut progress = Progress::new(tty, verbose, Instant::now());
-    let mut events = client.prepare(req).await?;
-    let mut ticker = tokio::time::interval(TICK);
+    let events = client.prepare(req).await?;
+    let done = follow(events, global).await?;
+    let PrepareEvent::Done {
+        state_id,
+        cache_hit,
+        instance,
+    } = done
+    else {
+        return Err(ClientError::StreamEnded.into());
+    };
+    let instance = instance.ok_or_else(|| {
+        Error::Api(taidon_api::ApiError::new(
+            taidon_api::ErrorKind::Internal,
+            "the daemon prepared the state but started no instance",
+        ))
+    })?;
+    Ok(Prepared {
+        state_id,
+        cache_hit,
+        instance,
+    })
+}
+
+/// Shows a prepare's or a warmup's events as they come, up to its `Done` (returned) or its
+/// error.
+async fn follow(mut events: crate::client::PrepareStream, global: &Global) -> Result<PrepareEvent, Error> {
+    let target = Target::stderr(global.json, global.verbose > 0);
+    let mut progress = Renderer::new(target, global.verbose > 0, Instant::now());
     loop {
-        tokio::select! {
-            event = events.next() => {
-                let event = match event {
-                    Ok(Some(event)) => event,
-                    Ok(None) => return Err(ClientError::StreamEnded.into()),
-                    Err(e) => {
-                        if tty {
-                            err("\r\x1b[2K");
-                        }
-                        return Err(e.into());
-                    }
-                };
-                err(&progress.event(&event, Instant::now()));
-                match event {
-                    PrepareEvent::Done { state_id, cache_hit, instance } => {
-                        let instance = instance.ok_or_else(|| {
-                            Error::Api(taidon_api::ApiError::new(
-                                taidon_api::ErrorKind::Internal,
-                                "the daemon prepared the state but started no instance",
-                            ))
-                        })?;
-                        return Ok(Prepared { state_id, cache_hit, instance });
-                    }
-                    PrepareEvent::Failed { error } => return Err(Error::Api(error)),
-                    _ => {}
-                }
+        let event = match events.next().await {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                progress.abort();
+                return Err(ClientError::StreamEnded.into());
             }
-            _ = ticker.tick(), if tty => err(&progress.tick(Instant::now())),
+            Err(e) => {
+                progress.abort();
+                return Err(e.into());
+            }
+        };
+        progress.event(&event, Instant::now());
+        match event {
+            done @ PrepareEvent::Done { .. } => return Ok(done),
+            PrepareEvent::Failed { error } => return Err(Error::Api(error)),
+            _ => {}
         }
     }
 }
@@ -445,42 +457,61 @@ async fn warmup(ctx: &Ctx, w: crate::args::Warmup) -> Result<i32, Error> {
         cwd,
         hot: w.hot,
     };
-    let tty = io::stderr().is_terminal();
-    let mut progress = Progress::new(tty, ctx.global.verbose > 0, Instant::now());
-    let mut events = client.warmup(&req).await?;
-    loop {
-        let event = match events.next().await? {
-            Some(e) => e,
-            None => return Err(ClientError::StreamEnded.into()),
-        };
-        match event {
-            PrepareEvent::Done {
-                state_id,
-                cache_hit,
-                ..
-            } => {
-                if ctx.global.json {
-                    json_line(&serde_json::json!({
-                        "state_id": state_id,
-                        "cache_hit": cache_hit,
-                        "hot": w.hot,
-                    }))?;
-                } else {
-                    out(&format!(
-                        "state {state_id} is {}\n",
-                        if w.hot {
-                            "HOT (a standby instance waits)"
-                        } else {
-                            "WARM"
-                        }
-                    ))?;
-                }
-                return Ok(0);
+    let events = client.warmup(&req).await?;
+    let PrepareEvent::Done {
+        state_id,
+        cache_hit,
+        ..
+    } = follow(events, &ctx.global).await?
+    else {
+        return Err(ClientError::StreamEnded.into());
+    };
+    if ctx.global.json {
+        json_line(&serde_json::json!({
+            "state_id": state_id,
+            "cache_hit": cache_hit,
+            "hot": w.hot,
+        }))?;
+    } else {
+        out(&format!(
+            "state {state_id} is {}\n",
+            if w.hot {
+                "HOT (a standby instance waits)"
+            } else {
+                "WARM"
             }
-            PrepareEvent::Failed { error } => return Err(Error::Api(error)),
-            other => err(&progress.event(&other, Instant::now())),
+        ))?;
+    }
+    Ok(0)
+}
+
+/// `__complete WORDS...`: candidates for the last word, one per line. Ids come from a daemon
+/// that already runs; completion never starts one, and a failure just offers nothing.
+async fn complete(ctx: &Ctx, words: &[String]) -> Result<i32, Error> {
+    let want = crate::complete::want(words);
+    let crate::complete::Want::Ids { kind, prefix, home } = &want else {
+        out(&crate::complete::render(&want))?;
+        return Ok(0);
+    };
+    let home = match home {
+        Some(dir) => Home::new(std::path::absolute(dir).map_err(Error::Cwd)?)?,
+        None => Home::new(ctx.home.dir.clone())?,
+    };
+    let mut states = Vec::new();
+    let mut instances = Vec::new();
+    if let Ok(Some(daemon)) = home.find().await {
+        if let Ok(client) = Client::new(&daemon) {
+            if let Ok(list) = client.states().await {
+                states = list.iter().map(|s| s.state_id.to_string()).collect();
+            }
+            if let Ok(list) = client.instances().await {
+                instances = list.iter().map(|i| i.instance_id.to_string()).collect();
+            }
         }
     }
+    let ids = crate::complete::ids_for(*kind, prefix, &states, &instances);
+    out(&crate::complete::render(&crate::complete::Want::Words(ids)))?;
+    Ok(0)
 }
 
 /// `events`: the recorded lifecycle events, oldest first.

@@ -65,11 +65,10 @@ impl Error {
     pub(crate) fn report(&self) -> Option<String> {
         match self {
             Error::Output(e) if e.kind() == io::ErrorKind::BrokenPipe => None,
-            Error::Usage(u) if u.show_usage => Some(format!(
-                "sqlrs: {}\n{}\n(sqlrs --help for more)\n",
-                u.message,
-                crate::args::USAGE
-            )),
+            Error::Usage(u) if u.hint.contains('\n') => {
+                Some(format!("sqlrs: {}\n\n{}\n", u.message, u.hint))
+            }
+            Error::Usage(u) => Some(format!("sqlrs: {}\n  {}\n", u.message, u.hint)),
             Error::Api(api) => Some(crate::render::api_error(api)),
             Error::Daemon(d) => Some(crate::render::with_detail(&d.to_string(), d.detail())),
             other => Some(format!("sqlrs: {other}\n")),
@@ -87,7 +86,16 @@ mod tests {
     fn exit_codes_mean_something() {
         let usage = Error::Usage(crate::args::parse(Vec::new()).expect_err("no command"));
         assert_eq!(usage.exit_code(), 2);
-        assert!(usage.report().expect("report").contains("usage: sqlrs"));
+        let report = usage.report().expect("report");
+        assert!(report.starts_with("sqlrs: no command given\n\n"), "{report}");
+        assert!(report.contains("Usage: sqlrs [OPTIONS] <COMMAND>"), "{report}");
+        let bad = Error::Usage(
+            crate::args::parse(["ls".into(), "--bogus".into()]).expect_err("bad flag"),
+        );
+        assert_eq!(
+            bad.report().as_deref(),
+            Some("sqlrs: unexpected argument '--bogus' found\n  tip: to pass '--bogus' as a value, use '-- --bogus'\n")
+        );
         let read = Error::ReadInput {
             path: "schema.sql".into(),
             source: io::Error::from_raw_os_error(libc::ENOENT),

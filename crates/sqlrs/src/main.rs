@@ -3,14 +3,17 @@
 #![deny(clippy::todo, clippy::dbg_macro)]
 
 mod args;
+mod cli;
 mod client;
 mod commands;
+mod complete;
 mod daemon;
 mod error;
+mod progress;
 mod render;
 mod run;
 
-use crate::args::Command;
+use crate::args::{Command, Parsed};
 use crate::error::Error;
 
 fn main() {
@@ -20,10 +23,11 @@ fn main() {
 fn real_main() -> i32 {
     let result = match args::parse(std::env::args_os().skip(1)) {
         Err(usage) => Err(Error::Usage(usage)),
-        Ok(cli) => match cli.command {
+        Ok(Parsed::Print(text)) => commands::out(&text).map(|()| 0),
+        Ok(Parsed::Cli(cli)) => match cli.command {
             // These need neither a runtime nor a home.
-            Command::Help => commands::out(args::HELP).map(|()| 0),
             Command::Version => commands::out(&commands::version()).map(|()| 0),
+            Command::Completions(shell) => commands::out(complete::script(shell)).map(|()| 0),
             _ => tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

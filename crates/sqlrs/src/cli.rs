@@ -1,0 +1,441 @@
+//! The command line as clap sees it: one derive tree from which parsing, `--help` and shell
+//! completion are all generated. `args` splits argv into stages and turns these into plain
+//! values; nothing here touches the environment.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+/// `value_name`s whose values are ids, so completion knows to ask the daemon.
+pub(crate) const ID_ANY: &str = "ID";
+pub(crate) const ID_STATE: &str = "STATE";
+pub(crate) const ID_INSTANCE: &str = "INSTANCE";
+
+const ABOUT: &str = "The exact PostgreSQL database state for every developer, test and CI job";
+
+const TOP_EXAMPLES: &str = "\
+Examples:
+  sqlrs prepare:psql -- -f schema.sql -f seed.sql run:psql -- -c 'select count(*) from film'
+  sqlrs prepare:psql -- -f schema.sql -f seed.sql run -- pytest -q
+  sqlrs prepare:psql -- -f schema.sql
+  sqlrs run:psql --instance 3f2a9c1e -- -c 'select 1'
+  sqlrs ls --json
+
+A run stage may follow a prepare stage: prepare[:KIND] ... run[:KIND] ... -- ARGS.
+Ids are 8 or more hex digits of a state or instance id.
+Home: --home, else $SQLRS_HOME, else /var/lib/taidon as root, else $XDG_DATA_HOME/taidon,
+else ~/.local/share/taidon.
+
+Exit status: 0 ok, 1 failure, 2 bad usage or input; run: the command's own status.";
+
+const PREPARE_PSQL_EXAMPLES: &str = "\
+psql arguments (after '--'):
+  -f, --file FILE        a script: one step, hashed into the state's identity
+  -c, --command SQL      an SQL command: one step
+  -v, --set, --variable NAME=VALUE
+                         a psql variable, for every step (a later one wins)
+  -1, --single-transaction
+                         run every step in one transaction
+Steps apply in the order given; each leaves a checkpoint that later prepares reuse. No other
+psql argument is accepted: it would not be part of the state's identity.
+
+Without a run stage, prints DSN=postgres://... of a new instance, which keeps running. With
+one, runs the command against it, then removes the instance if the command succeeded (unless
+--keep).
+
+Examples:
+  sqlrs prepare:psql -- -f schema.sql -f seed.sql
+  sqlrs prepare:psql -- -v schema=app -1 -f schema.sql -c 'analyze'
+  sqlrs prepare:psql --keep -- -f schema.sql run:psql -- -c 'select 1'
+  sqlrs prepare -- -f schema.sql run -- pytest -q";
+
+const RUN_EXAMPLES: &str = "\
+The command gets DATABASE_URL, PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE (and the TLS
+settings of the DSN) in its environment. Stand-alone, run needs --instance; after a prepare
+stage it uses the instance the prepare made.
+
+Examples:
+  sqlrs prepare:psql -- -f schema.sql run -- pytest -q
+  sqlrs run --instance 3f2a9c1e -- ./manage.py test";
+
+const RUN_PSQL_EXAMPLES: &str = "\
+Runs psql ARGS with the instance's connection settings in its environment.
+
+Examples:
+  sqlrs run:psql --instance 3f2a9c1e -- -c 'select count(*) from film'
+  sqlrs prepare:psql -- -f schema.sql run:psql";
+
+const RUN_PGBENCH_EXAMPLES: &str = "\
+Runs pgbench ARGS with the instance's connection settings in its environment.
+
+Examples:
+  sqlrs prepare:psql -- -f schema.sql run:pgbench -- -i -s 10
+  sqlrs run:pgbench --instance 3f2a9c1e -- -S -c 4 -T 10";
+
+const LS_EXAMPLES: &str = "\
+Examples:
+  sqlrs ls
+  sqlrs ls --json | jq '.states[].state_id'";
+
+const RM_EXAMPLES: &str = "\
+Removing a state removes its descendants; an instance or state in use is refused unless
+--force.
+
+Examples:
+  sqlrs rm 3f2a9c1e
+  sqlrs rm --force 3f2a9c1e00000001";
+
+const DSN_EXAMPLES: &str = "\
+For a state, the DSN is read-only (ro) on an instance all its readers share; for an instance,
+read-write (rw). TLS is verified (sslmode=verify-full) unless --plain.
+
+Examples:
+  sqlrs dsn 3f2a9c1e --ttl 2h
+  sqlrs dsn 3f2a9c1e00000001 --plain
+  psql \"$(sqlrs dsn 3f2a9c1e --json | jq -r .dsn)\"";
+
+const PIN_EXAMPLES: &str = "\
+A pinned state is never evicted. --ref tags the pin with a branch, tag or pull request that
+the webhook can later release.
+
+Examples:
+  sqlrs pin 3f2a9c1e --reason main --ref main
+  sqlrs pin 3f2a9c1e --reason=pr --ref=1234";
+
+const UNPIN_EXAMPLES: &str = "\
+Releases the state's pins (those of one reason or ref when given); a released PR state is
+evicted first.
+
+Examples:
+  sqlrs unpin 3f2a9c1e
+  sqlrs unpin 3f2a9c1e --reason pr --ref 1234";
+
+const WARMUP_EXAMPLES: &str = "\
+Builds (or restores) a state to WARM without an instance; with --hot also starts a standby
+instance that the next prepare takes at once.
+
+Examples:
+  sqlrs warmup 3f2a9c1e
+  sqlrs warmup --hot prepare:psql -- -f schema.sql -f seed.sql";
+
+const EVENTS_EXAMPLES: &str = "\
+Examples:
+  sqlrs events
+  sqlrs events 3f2a9c1e --json";
+
+const STATUS_EXAMPLES: &str = "\
+Starts the local daemon if none runs.
+
+Examples:
+  sqlrs status
+  sqlrs status --output json";
+
+const SHUTDOWN_EXAMPLES: &str = "\
+Instances stop with the daemon; the next daemon starts them again when their DSNs are used.
+
+Examples:
+  sqlrs shutdown";
+
+const COMPLETIONS_EXAMPLES: &str = "\
+Completes commands, kinds, flags and their values, and state and instance ids (asking the
+daemon when one runs).
+
+Install:
+  bash:  sqlrs completions bash > ~/.local/share/bash-completion/completions/sqlrs
+  zsh:   sqlrs completions zsh > \"${fpath[1]}/_sqlrs\"
+  fish:  sqlrs completions fish > ~/.config/fish/completions/sqlrs.fish";
+
+/// `sqlrs`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sqlrs",
+    version,
+    about = ABOUT,
+    after_help = TOP_EXAMPLES,
+    subcommand_required = true,
+    arg_required_else_help = true,
+    max_term_width = 100
+)]
+pub(crate) struct Sqlrs {
+    #[command(flatten)]
+    pub(crate) global: GlobalFlags,
+    #[command(subcommand)]
+    pub(crate) verb: Verb,
+}
+
+/// Flags every command takes, before or after its name.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct GlobalFlags {
+    /// Where Taidon keeps its data
+    #[arg(long, global = true, value_name = "DIR", value_parser = non_empty_path)]
+    pub(crate) home: Option<PathBuf>,
+    /// Print machine-readable JSON (with -v, progress events as NDJSON on stderr)
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    /// Output format; --output json is --json
+    #[arg(long, global = true, value_name = "FORMAT", value_enum)]
+    pub(crate) output: Option<OutputFormat>,
+    /// Say more (state ids, timings)
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub(crate) verbose: u8,
+}
+
+/// `--output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OutputFormat {
+    Text,
+    Json,
+}
+
+/// The shells `sqlrs completions` writes a script for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Verb {
+    /// Build (or find) the state psql steps make; start an instance of it
+    #[command(
+        name = "prepare:psql",
+        visible_alias = "prepare",
+        after_help = PREPARE_PSQL_EXAMPLES,
+        override_usage = "sqlrs prepare:psql [OPTIONS] -- <PSQL_ARGS>... [run[:KIND] [OPTIONS] [-- <ARGS>...]]"
+    )]
+    PreparePsql(PrepareArgs),
+    /// Run a command against an instance
+    #[command(name = "run", after_help = RUN_EXAMPLES)]
+    Run(RunArgs),
+    /// Run psql against an instance
+    #[command(name = "run:psql", after_help = RUN_PSQL_EXAMPLES)]
+    RunPsql(RunArgs),
+    /// Run pgbench against an instance
+    #[command(name = "run:pgbench", after_help = RUN_PGBENCH_EXAMPLES)]
+    RunPgbench(RunArgs),
+    /// List states and instances
+    #[command(after_help = LS_EXAMPLES)]
+    Ls,
+    /// Remove a state or an instance
+    #[command(after_help = RM_EXAMPLES)]
+    Rm(RmArgs),
+    /// Print a DSN with a fresh token for a state (ro) or an instance (rw)
+    #[command(after_help = DSN_EXAMPLES)]
+    Dsn(DsnArgs),
+    /// Pin a state so that it is never evicted
+    #[command(after_help = PIN_EXAMPLES)]
+    Pin(PinArgs),
+    /// Release a state's pins
+    #[command(after_help = UNPIN_EXAMPLES)]
+    Unpin(UnpinArgs),
+    /// Build or restore a state to WARM (--hot: with a standby instance)
+    #[command(
+        after_help = WARMUP_EXAMPLES,
+        override_usage = "sqlrs warmup [OPTIONS] <STATE>\n       \
+                          sqlrs warmup [OPTIONS] prepare:psql -- <PSQL_ARGS>..."
+    )]
+    Warmup(WarmupArgs),
+    /// Show recorded lifecycle events
+    #[command(after_help = EVENTS_EXAMPLES)]
+    Events(EventsArgs),
+    /// Show the local daemon's status (starting it if needed)
+    #[command(after_help = STATUS_EXAMPLES)]
+    Status,
+    /// Stop the local daemon, if one runs
+    #[command(after_help = SHUTDOWN_EXAMPLES)]
+    Shutdown,
+    /// Print a shell completion script
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Print the version
+    #[command(hide = true)]
+    Version,
+    /// What the completion scripts call: candidates for the last of WORDS
+    #[command(name = "__complete", hide = true)]
+    Complete {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        words: Vec<String>,
+    },
+}
+
+/// `prepare:psql`.
+#[derive(Debug, Args)]
+pub(crate) struct PrepareArgs {
+    /// Keep the instance after a run stage, even when the command succeeds
+    #[arg(long)]
+    pub(crate) keep: bool,
+    /// psql arguments: -f FILE, -c SQL, -v NAME=VALUE, -1 (see below)
+    #[arg(last = true, value_name = "PSQL_ARGS")]
+    pub(crate) psql: Vec<OsString>,
+}
+
+/// `run`, `run:psql`, `run:pgbench`.
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// The instance to run against; stand-alone only (after a prepare, its instance is used)
+    #[arg(long, value_name = ID_INSTANCE, value_parser = id_prefix)]
+    pub(crate) instance: Option<String>,
+    /// After a prepare stage: keep the instance even when the command succeeds
+    #[arg(long)]
+    pub(crate) keep: bool,
+    /// The command and its arguments (run), or the arguments of psql or pgbench
+    #[arg(last = true, value_name = "ARGS")]
+    pub(crate) args: Vec<OsString>,
+}
+
+/// `rm`.
+#[derive(Debug, Args)]
+pub(crate) struct RmArgs {
+    /// A state or instance id (8 or more hex digits)
+    #[arg(value_name = ID_ANY, value_parser = id_prefix)]
+    pub(crate) id: String,
+    /// Remove it even if it is in use
+    #[arg(short, long)]
+    pub(crate) force: bool,
+}
+
+/// `dsn`.
+#[derive(Debug, Args)]
+pub(crate) struct DsnArgs {
+    /// A state (read-only DSN) or an instance (read-write DSN)
+    #[arg(value_name = ID_ANY, value_parser = id_prefix)]
+    pub(crate) target: String,
+    /// The token's scope [default: ro for a state, rw for an instance]
+    #[arg(
+        long,
+        value_name = "SCOPE",
+        value_parser = PossibleValuesParser::new(["ro", "rw"])
+            .try_map(|s| s.parse::<taidon_core::token::Scope>())
+    )]
+    pub(crate) scope: Option<taidon_core::token::Scope>,
+    /// How long the token is valid: 45s, 30m, 2h, 7d
+    #[arg(long, value_name = "DURATION", value_parser = ttl)]
+    pub(crate) ttl: Option<u64>,
+    /// sslmode=disable instead of verify-full
+    #[arg(long, conflicts_with = "user")]
+    pub(crate) plain: bool,
+    /// The token in the user name instead of the password
+    #[arg(long)]
+    pub(crate) user: bool,
+}
+
+fn reason_parser() -> impl TypedValueParser<Value = taidon_api::PinReason> {
+    PossibleValuesParser::new(["main", "tag", "pr", "manual"])
+        .try_map(|s| s.parse::<taidon_api::PinReason>())
+}
+
+/// `pin`.
+#[derive(Debug, Args)]
+pub(crate) struct PinArgs {
+    /// The state to pin
+    #[arg(value_name = ID_STATE, value_parser = id_prefix)]
+    pub(crate) id: String,
+    /// Why it is pinned
+    #[arg(long, value_name = "REASON", value_parser = reason_parser())]
+    pub(crate) reason: taidon_api::PinReason,
+    /// The branch, tag or pull request the pin belongs to
+    #[arg(long = "ref", value_name = "NAME")]
+    pub(crate) ref_name: Option<String>,
+}
+
+/// `unpin`.
+#[derive(Debug, Args)]
+pub(crate) struct UnpinArgs {
+    /// The state to unpin
+    #[arg(value_name = ID_STATE, value_parser = id_prefix)]
+    pub(crate) id: String,
+    /// Release only the pins of this reason
+    #[arg(long, value_name = "REASON", value_parser = reason_parser())]
+    pub(crate) reason: Option<taidon_api::PinReason>,
+    /// Release only the pins of this branch, tag or pull request
+    #[arg(long = "ref", value_name = "NAME")]
+    pub(crate) ref_name: Option<String>,
+}
+
+/// `warmup`. `args` takes `prepare[:psql]` out of the line before clap sees it, so that the
+/// psql arguments land in `psql`.
+#[derive(Debug, Args)]
+pub(crate) struct WarmupArgs {
+    /// Also start a standby instance that the next prepare takes at once
+    #[arg(long)]
+    pub(crate) hot: bool,
+    /// The state to warm up
+    #[arg(value_name = ID_STATE, value_parser = id_prefix)]
+    pub(crate) id: Option<String>,
+    /// After prepare:psql --: the psql arguments of the state to warm up
+    #[arg(last = true, value_name = "PSQL_ARGS")]
+    pub(crate) psql: Vec<OsString>,
+}
+
+/// `events`.
+#[derive(Debug, Args)]
+pub(crate) struct EventsArgs {
+    /// Only the events of this state
+    #[arg(value_name = ID_STATE, value_parser = id_prefix)]
+    pub(crate) id: Option<String>,
+}
+
+fn non_empty_path(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        Err("a directory is needed".to_owned())
+    } else {
+        Ok(PathBuf::from(s))
+    }
+}
+
+/// An id or id prefix: 8 to 64 hex digits, lowercased.
+pub(crate) fn id_prefix(s: &str) -> Result<String, String> {
+    taidon_core::prefix::normalize(s).map_err(|e| e.to_string())
+}
+
+fn ttl(s: &str) -> Result<u64, String> {
+    parse_ttl(s).ok_or_else(|| "use a duration such as 45s, 30m, 2h or 7d".to_owned())
+}
+
+/// `30m`, `2h`, `7d`, `45s` or plain seconds; zero is no duration.
+pub(crate) fn parse_ttl(s: &str) -> Option<u64> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    n.checked_mul(mult).filter(|&t| t > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_clap_tree_is_consistent() {
+        Sqlrs::command().debug_assert();
+    }
+
+    #[test]
+    fn ttls() {
+        assert_eq!(parse_ttl("7d"), Some(7 * 86_400));
+        assert_eq!(parse_ttl("90"), Some(90));
+        assert_eq!(parse_ttl("45s"), Some(45));
+        assert_eq!(parse_ttl("2h"), Some(7200));
+        assert_eq!(parse_ttl("0m"), None);
+        assert_eq!(parse_ttl("5x"), None);
+        assert_eq!(parse_ttl(""), None);
+        assert_eq!(parse_ttl("99999999999999999999d"), None);
+    }
+}

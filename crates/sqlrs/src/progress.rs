@@ -1,0 +1,387 @@
+//! Progress of a prepare or a warmup, from the daemon's events: one renderer for both.
+//!
+//! - On a terminal: a spinner per step with its elapsed time (a byte bar while bytes are
+//!   copied), cut to the terminal's width by indicatif; finished steps stay as lines.
+//! - Off a terminal: plain lines, one per step start and end.
+//! - With `-v --json`: each event as one NDJSON line.
+
+use std::io::{self, Write};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+use taidon_api::PrepareEvent;
+
+use crate::render::secs2;
+
+/// How often a spinner moves on a terminal.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Where and how progress is shown.
+pub(crate) enum Target {
+    /// indicatif bars on this draw target (stderr, or an in-memory terminal in tests).
+    Terminal {
+        draw: ProgressDrawTarget,
+        /// Whether a thread redraws spinners on its own (off in tests, which tick by hand).
+        steady: bool,
+    },
+    /// Plain lines.
+    Lines(Box<dyn Write + Send>),
+    /// NDJSON events.
+    Json(Box<dyn Write + Send>),
+}
+
+impl Target {
+    /// What stderr calls for: bars on a terminal, else lines; NDJSON for `-v --json`.
+    pub(crate) fn stderr(json: bool, verbose: bool) -> Self {
+        use std::io::IsTerminal;
+        if json && verbose {
+            Target::Json(Box::new(io::stderr()))
+        } else if io::stderr().is_terminal() {
+            Target::Terminal {
+                draw: ProgressDrawTarget::stderr(),
+                steady: true,
+            }
+        } else {
+            Target::Lines(Box::new(io::stderr()))
+        }
+    }
+}
+
+/// Counts what the lines summarise.
+#[derive(Debug)]
+struct Tally {
+    started: Instant,
+    built: usize,
+}
+
+/// The plain line for an event (empty when it has none at this verbosity).
+fn line(event: &PrepareEvent, verbose: bool, tally: &Tally, now: Instant) -> String {
+    match event {
+        PrepareEvent::Plan {
+            total,
+            cached,
+            state_id,
+        } if verbose => {
+            format!("sqlrs: plan: {total} steps, {cached} cached, target state {state_id}\n")
+        }
+        PrepareEvent::Plan { .. } => String::new(),
+        PrepareEvent::Restoring {
+            state_id,
+            from,
+            steps,
+        } => {
+            let from = match from {
+                Some(f) => format!("its nearest surviving ancestor {}", f.short()),
+                None => "initdb (no ancestor survives)".to_owned(),
+            };
+            format!(
+                "sqlrs: state {} is COLD (evicted): restoring from {from}, replaying {steps} step{}\n",
+                state_id.short(),
+                plural(*steps)
+            )
+        }
+        PrepareEvent::Initdb { state_id } => {
+            format!("sqlrs: creating base state {} (initdb)\n", state_id.short())
+        }
+        PrepareEvent::Waiting { index, state_id } => format!(
+            "sqlrs: step {index}: waiting for another prepare building state {}\n",
+            state_id.short()
+        ),
+        PrepareEvent::StepStarted {
+            index,
+            total,
+            label,
+            state_id,
+        } => {
+            if verbose {
+                format!("sqlrs: step {index}/{total} {label} (state {state_id})\n")
+            } else {
+                format!("sqlrs: step {index}/{total} {label}\n")
+            }
+        }
+        PrepareEvent::Transfer { .. } => String::new(),
+        PrepareEvent::StepDone {
+            index,
+            total,
+            state_id,
+            elapsed_ms,
+        } => {
+            let took = secs2(Duration::from_millis(*elapsed_ms));
+            if verbose {
+                format!(
+                    "sqlrs: step {index}/{total} done in {took}: state {}\n",
+                    state_id.short()
+                )
+            } else {
+                format!("sqlrs: step {index}/{total} done in {took}\n")
+            }
+        }
+        PrepareEvent::InstanceStarting { state_id } if verbose => format!(
+            "sqlrs: starting an instance of state {}\n",
+            state_id.short()
+        ),
+        PrepareEvent::InstanceStarting { .. } => String::new(),
+        PrepareEvent::Done {
+            state_id,
+            cache_hit,
+            instance,
+        } => {
+            let how = if *cache_hit {
+                "cached".to_owned()
+            } else {
+                format!(
+                    "built {} step{} in {}",
+                    tally.built,
+                    plural(tally.built),
+                    secs2(now.saturating_duration_since(tally.started))
+                )
+            };
+            if verbose {
+                let mut out = format!("sqlrs: state {state_id} ready ({how})\n");
+                if let Some(i) = instance {
+                    out.push_str(&format!(
+                        "sqlrs: instance {} (clone {}ms, start {}ms)\n",
+                        i.instance_id, i.clone_ms, i.start_ms
+                    ));
+                }
+                out
+            } else {
+                format!("sqlrs: state {} ready ({how})\n", state_id.short())
+            }
+        }
+        // The error itself is printed by the caller, like any other failure.
+        PrepareEvent::Failed { .. } => String::new(),
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// The bars on a terminal.
+struct Bars {
+    multi: MultiProgress,
+    steady: bool,
+    /// The running step's bar.
+    step: Option<ProgressBar>,
+    /// What runs outside a step: initdb, waiting, starting an instance.
+    activity: Option<ProgressBar>,
+}
+
+fn seconds(state: &ProgressState, w: &mut dyn std::fmt::Write) {
+    let _ = write!(w, "{:.1}s", state.elapsed().as_secs_f64());
+}
+
+fn spinner_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} {prefix}{wide_msg} {secs}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
+        .with_key("secs", seconds)
+        .tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏✓")
+}
+
+fn bytes_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{spinner} {prefix}{wide_msg} {bar:20} {binary_bytes}/{binary_total_bytes} {secs}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .with_key("secs", seconds)
+    .tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏✓")
+    .progress_chars("=> ")
+}
+
+/// A finished line: its mark, the label cut to the width, and a fixed ending.
+fn final_style(mark: &str, ending: &str) -> ProgressStyle {
+    // Braces in the ending would be read as placeholders.
+    let ending = ending.replace('{', "{{").replace('}', "}}");
+    ProgressStyle::with_template(&format!("{mark} {{prefix}}{{wide_msg}} {ending}"))
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
+}
+
+impl Bars {
+    fn spinner(&self, prefix: String, message: String) -> ProgressBar {
+        let bar = self.multi.add(
+            ProgressBar::new_spinner()
+                .with_style(spinner_style())
+                .with_prefix(prefix)
+                .with_message(message),
+        );
+        if self.steady {
+            bar.enable_steady_tick(TICK);
+        } else {
+            bar.tick();
+        }
+        bar
+    }
+
+    fn end_activity(&mut self) {
+        if let Some(bar) = self.activity.take() {
+            bar.finish_and_clear();
+            self.multi.remove(&bar);
+        }
+    }
+
+    fn println(&self, text: &str) {
+        for line in text.lines() {
+            let _ = self.multi.println(line);
+        }
+    }
+
+    fn event(&mut self, event: &PrepareEvent, plain: &str) {
+        match event {
+            PrepareEvent::Plan { .. } | PrepareEvent::Restoring { .. } => self.println(plain),
+            PrepareEvent::Initdb { state_id } => {
+                self.end_activity();
+                let bar = self.spinner(
+                    String::new(),
+                    format!("initdb: base state {}", state_id.short()),
+                );
+                self.activity = Some(bar);
+            }
+            PrepareEvent::Waiting { index, state_id } => {
+                self.end_activity();
+                let bar = self.spinner(
+                    format!("step {index}: "),
+                    format!("waiting for another prepare of {}", state_id.short()),
+                );
+                self.activity = Some(bar);
+            }
+            PrepareEvent::StepStarted {
+                index,
+                total,
+                label,
+                ..
+            } => {
+                self.end_activity();
+                let bar = self.spinner(format!("[{index}/{total}] "), label.clone());
+                self.step = Some(bar);
+            }
+            PrepareEvent::Transfer {
+                what,
+                done_bytes,
+                total_bytes,
+            } => {
+                let bar = match (&self.step, &self.activity) {
+                    (Some(bar), _) => bar.clone(),
+                    (None, Some(bar)) => bar.clone(),
+                    (None, None) => {
+                        let bar = self.spinner(String::new(), what.clone());
+                        self.activity = Some(bar.clone());
+                        bar
+                    }
+                };
+                if bar.length() != Some(*total_bytes) {
+                    bar.set_style(bytes_style());
+                    bar.set_length(*total_bytes);
+                }
+                bar.set_position(*done_bytes);
+                if !self.steady {
+                    bar.tick();
+                }
+            }
+            PrepareEvent::StepDone { elapsed_ms, .. } => {
+                if let Some(bar) = self.step.take() {
+                    let took = secs2(Duration::from_millis(*elapsed_ms));
+                    bar.set_style(final_style("✓", &took));
+                    bar.finish();
+                }
+                self.end_activity();
+            }
+            PrepareEvent::InstanceStarting { .. } => {
+                self.end_activity();
+                let bar = self.spinner(String::new(), "starting an instance".to_owned());
+                self.activity = Some(bar);
+            }
+            PrepareEvent::Done { .. } => {
+                self.end_activity();
+                self.println(plain);
+            }
+            PrepareEvent::Failed { .. } => self.fail(),
+        }
+    }
+
+    /// The running step is marked failed; whatever else ran goes away.
+    fn fail(&mut self) {
+        if let Some(bar) = self.step.take() {
+            let took = secs2(bar.elapsed());
+            bar.set_style(final_style("✗", &format!("failed after {took}")));
+            bar.abandon();
+        }
+        self.end_activity();
+    }
+}
+
+/// Renders the events of one prepare or warmup.
+pub(crate) struct Renderer {
+    verbose: bool,
+    tally: Tally,
+    out: Out,
+}
+
+enum Out {
+    Bars(Bars),
+    Lines(Box<dyn Write + Send>),
+    Json(Box<dyn Write + Send>),
+}
+
+impl Renderer {
+    pub(crate) fn new(target: Target, verbose: bool, now: Instant) -> Self {
+        let out = match target {
+            Target::Terminal { draw, steady } => Out::Bars(Bars {
+                multi: MultiProgress::with_draw_target(draw),
+                steady,
+                step: None,
+                activity: None,
+            }),
+            Target::Lines(w) => Out::Lines(w),
+            Target::Json(w) => Out::Json(w),
+        };
+        Self {
+            verbose,
+            tally: Tally {
+                started: now,
+                built: 0,
+            },
+            out,
+        }
+    }
+
+    /// Shows one event.
+    pub(crate) fn event(&mut self, event: &PrepareEvent, now: Instant) {
+        if let PrepareEvent::StepDone { .. } = event {
+            self.tally.built += 1;
+        }
+        match &mut self.out {
+            Out::Json(w) => {
+                if let Ok(text) = serde_json::to_string(event) {
+                    let _ = writeln!(w, "{text}");
+                    let _ = w.flush();
+                }
+            }
+            Out::Lines(w) => {
+                let text = line(event, self.verbose, &self.tally, now);
+                if !text.is_empty() {
+                    let _ = w.write_all(text.as_bytes());
+                    let _ = w.flush();
+                }
+            }
+            Out::Bars(bars) => {
+                let text = line(event, self.verbose, &self.tally, now);
+                bars.event(event, &text);
+            }
+        }
+    }
+
+    /// The stream broke off: live bars must not stay behind the error message.
+    pub(crate) fn abort(&mut self) {
+        if let Out::Bars(bars) = &mut self.out {
+            bars.fail();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
