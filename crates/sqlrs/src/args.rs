@@ -289,10 +289,14 @@ fn clap_parse(args: Vec<OsString>, verb: &str) -> Result<Result<Sqlrs, String>, 
 /// clap's error, as one line and a hint; `verb` is the stage's verb as typed, if known.
 fn from_clap(e: &clap::Error, verb: &str) -> UsageError {
     let text = e.render().to_string();
-    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand
+    ) && verb.is_empty()
+    {
         return UsageError {
             message: "no command given".to_owned(),
-            hint: text.trim_end().to_owned(),
+            hint: command().render_help().to_string().trim_end().to_owned(),
         };
     }
     // The message runs up to the first blank line; its indented lines continue it
@@ -402,7 +406,10 @@ fn check_kind(word: &str, cmd: &clap::Command) -> Result<(), UsageError> {
         return Ok(());
     }
     kinds.sort_unstable();
-    if names.contains(&name) && !kinds.iter().any(|k| command_of(cmd, k) == command_of(cmd, name))
+    if names.contains(&name)
+        && !kinds
+            .iter()
+            .any(|k| command_of(cmd, k) == command_of(cmd, name))
     {
         kinds.insert(0, name);
     }
@@ -447,7 +454,8 @@ fn split(args: &[OsString]) -> Result<Stages, UsageError> {
             ..Stages::default()
         });
     };
-    let takes = value_flags(sub);
+    let mut takes = value_flags(sub);
+    takes.extend(globals);
     let mut stages = Stages {
         verb: verb.to_owned(),
         ..Stages::default()
@@ -585,7 +593,9 @@ fn run_stage(verb: Verb, after_prepare: bool) -> Result<Run, UsageError> {
 fn not_identity(tok: &str) -> UsageError {
     UsageError::new(
         PREPARE,
-        format!("prepare:psql does not take '{tok}' (it would not be part of the state's identity)"),
+        format!(
+            "prepare:psql does not take '{tok}' (it would not be part of the state's identity)"
+        ),
     )
 }
 
@@ -611,7 +621,10 @@ fn psql_all(args: &[OsString], verb: &str) -> Result<PsqlArgs, UsageError> {
     if let Some(extra) = args.get(n) {
         return Err(UsageError::new(
             verb,
-            format!("{verb} takes no run stage, got '{}'", extra.to_string_lossy()),
+            format!(
+                "{verb} takes no run stage, got '{}'",
+                extra.to_string_lossy()
+            ),
         ));
     }
     Ok(psql)

@@ -207,7 +207,10 @@ async fn stream_prepare(
 
 /// Shows a prepare's or a warmup's events as they come, up to its `Done` (returned) or its
 /// error.
-async fn follow(mut events: crate::client::PrepareStream, global: &Global) -> Result<PrepareEvent, Error> {
+async fn follow(
+    mut events: crate::client::PrepareStream,
+    global: &Global,
+) -> Result<PrepareEvent, Error> {
     let target = Target::stderr(global.json, global.verbose > 0);
     let mut progress = Renderer::new(target, global.verbose > 0, Instant::now());
     loop {
@@ -489,7 +492,13 @@ async fn warmup(ctx: &Ctx, w: crate::args::Warmup) -> Result<i32, Error> {
 /// that already runs; completion never starts one, and a failure just offers nothing.
 async fn complete(ctx: &Ctx, words: &[String]) -> Result<i32, Error> {
     let want = crate::complete::want(words);
-    let crate::complete::Want::Ids { kind, prefix, home } = &want else {
+    let crate::complete::Want::Ids {
+        kind,
+        prefix,
+        home,
+        also,
+    } = &want
+    else {
         out(&crate::complete::render(&want))?;
         return Ok(0);
     };
@@ -509,8 +518,11 @@ async fn complete(ctx: &Ctx, words: &[String]) -> Result<i32, Error> {
             }
         }
     }
-    let ids = crate::complete::ids_for(*kind, prefix, &states, &instances);
-    out(&crate::complete::render(&crate::complete::Want::Words(ids)))?;
+    let mut words = also.clone();
+    words.extend(crate::complete::ids_for(*kind, prefix, &states, &instances));
+    out(&crate::complete::render(&crate::complete::Want::Words(
+        words,
+    )))?;
     Ok(0)
 }
 

@@ -106,11 +106,13 @@ pub(crate) enum Want {
     Files,
     /// A directory name.
     Dirs,
-    /// Ids of this kind that start with `prefix`; `home` is a `--home` typed on the line.
+    /// Ids of this kind that start with `prefix`, and `also` these words; `home` is a
+    /// `--home` typed on the line.
     Ids {
         kind: IdKind,
         prefix: String,
         home: Option<String>,
+        also: Vec<(String, String)>,
     },
 }
 
@@ -255,7 +257,10 @@ pub(crate) fn want(words: &[String]) -> Want {
         if verb.is_some() {
             flags.extend(root.get_arguments().filter(|a| a.is_global_set()));
         }
-        for arg in flags.into_iter().filter(|a| !a.is_positional() && !a.is_hide_set()) {
+        for arg in flags
+            .into_iter()
+            .filter(|a| !a.is_positional() && !a.is_hide_set())
+        {
             let about = about_of(arg);
             if let Some(long) = arg.get_long() {
                 out.push((format!("--{long}"), about.clone()));
@@ -281,12 +286,25 @@ pub(crate) fn want(words: &[String]) -> Want {
             .filter(|a| a.is_positional() && !a.is_last_set())
             .nth(positionals);
         if cmd.get_name() == "warmup" && positionals == 0 {
-            out.push(("prepare:psql".to_owned(), "warm up the state psql steps make".to_owned()));
+            out.push((
+                "prepare:psql".to_owned(),
+                "warm up the state psql steps make".to_owned(),
+            ));
         }
+        out.retain(|(w, _)| w.starts_with(cur));
         if let Some(arg) = positional {
             match value_of(arg, cur, home) {
                 Want::Words(words) => out.extend(words),
-                ids @ Want::Ids { .. } if out.is_empty() => return ids,
+                Want::Ids {
+                    kind, prefix, home, ..
+                } => {
+                    return Want::Ids {
+                        kind,
+                        prefix,
+                        home,
+                        also: out,
+                    }
+                }
                 other => return other,
             }
         }
@@ -310,6 +328,7 @@ fn value_of(arg: &clap::Arg, cur: &str, home: Option<String>) -> Want {
             kind,
             prefix: cur.to_ascii_lowercase(),
             home,
+            also: Vec::new(),
         };
     }
     let mut out: Vec<(String, String)> = arg
@@ -436,7 +455,16 @@ mod tests {
         assert_eq!(names("pre"), ["prepare", "prepare:psql"]);
         assert_eq!(names("run:"), ["run:psql", "run:pgbench"]);
         let all = names("");
-        for verb in ["ls", "rm", "dsn", "pin", "warmup", "completions", "help", "status"] {
+        for verb in [
+            "ls",
+            "rm",
+            "dsn",
+            "pin",
+            "warmup",
+            "completions",
+            "help",
+            "status",
+        ] {
             assert!(all.iter().any(|n| n == verb), "{verb} in {all:?}");
         }
         assert!(!all.iter().any(|n| n.starts_with("__")), "{all:?}");
@@ -463,10 +491,13 @@ mod tests {
         assert_eq!(names("ls --output j"), ["json"]);
         assert_eq!(names("completions "), ["bash", "zsh", "fish"]);
         assert_eq!(want(&words("--home ")), Want::Dirs);
-        assert_eq!(want(&words("ls --home=/h --o")), Want::Words(vec![(
-            "--output".into(),
-            "Output format; --output json is --json".into()
-        )]));
+        assert_eq!(
+            want(&words("ls --home=/h --o")),
+            Want::Words(vec![(
+                "--output".into(),
+                "Output format; --output json is --json".into()
+            )])
+        );
     }
 
     #[test]
@@ -476,7 +507,8 @@ mod tests {
             Want::Ids {
                 kind: IdKind::Any,
                 prefix: "3f".into(),
-                home: Some("/h".into())
+                home: Some("/h".into()),
+                also: Vec::new(),
             }
         );
         assert!(matches!(
@@ -501,8 +533,18 @@ mod tests {
             }
         ));
         // warmup takes a state or a prepare stage.
-        let w = names("warmup pre");
-        assert_eq!(w, ["prepare:psql"]);
+        assert_eq!(
+            want(&words("warmup pre")),
+            Want::Ids {
+                kind: IdKind::State,
+                prefix: "pre".into(),
+                home: None,
+                also: vec![(
+                    "prepare:psql".into(),
+                    "warm up the state psql steps make".into()
+                )]
+            }
+        );
         // A second id is not taken.
         assert_eq!(names("rm 3f2a9c1e "), Vec::<String>::new());
     }
@@ -515,13 +557,19 @@ mod tests {
             names("prepare:psql -- -f a.sql r"),
             ["run", "run:psql", "run:pgbench"]
         );
-        assert_eq!(names("prepare -- -f a.sql --s"), ["--set", "--single-transaction"]);
+        assert_eq!(
+            names("prepare -- -f a.sql --s"),
+            ["--set", "--single-transaction"]
+        );
         // After the run stage starts, its own flags.
         assert_eq!(names("prepare -- -f a.sql run:psql --k"), ["--keep"]);
         assert_eq!(want(&words("prepare -- -f a.sql run -- ")), Want::Files);
         // `-c run` is SQL, not a stage.
         assert_eq!(names("prepare -- -c run --f"), ["--file"]);
-        assert_eq!(names("warmup --hot prepare:psql -- -f x.sql r"), Vec::<String>::new());
+        assert_eq!(
+            names("warmup --hot prepare:psql -- -f x.sql r"),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

@@ -87,14 +87,20 @@ mod tests {
         let usage = Error::Usage(crate::args::parse(Vec::new()).expect_err("no command"));
         assert_eq!(usage.exit_code(), 2);
         let report = usage.report().expect("report");
-        assert!(report.starts_with("sqlrs: no command given\n\n"), "{report}");
-        assert!(report.contains("Usage: sqlrs [OPTIONS] <COMMAND>"), "{report}");
+        assert!(
+            report.starts_with("sqlrs: no command given\n\n"),
+            "{report}"
+        );
+        assert!(
+            report.contains("Usage: sqlrs [OPTIONS] <COMMAND>"),
+            "{report}"
+        );
         let bad = Error::Usage(
             crate::args::parse(["ls".into(), "--bogus".into()]).expect_err("bad flag"),
         );
         assert_eq!(
             bad.report().as_deref(),
-            Some("sqlrs: unexpected argument '--bogus' found\n  tip: to pass '--bogus' as a value, use '-- --bogus'\n")
+            Some("sqlrs: unexpected argument '--bogus' found\n  see 'sqlrs ls --help'\n")
         );
         let read = Error::ReadInput {
             path: "schema.sql".into(),

@@ -23,6 +23,8 @@ pub(crate) enum Target {
         draw: ProgressDrawTarget,
         /// Whether a thread redraws spinners on its own (off in tests, which tick by hand).
         steady: bool,
+        /// The terminal's width; `None`: ask stderr's terminal each time.
+        cols: Option<u16>,
     },
     /// Plain lines.
     Lines(Box<dyn Write + Send>),
@@ -40,6 +42,7 @@ impl Target {
             Target::Terminal {
                 draw: ProgressDrawTarget::stderr(),
                 steady: true,
+                cols: None,
             }
         } else {
             Target::Lines(Box::new(io::stderr()))
@@ -166,6 +169,7 @@ fn plural(n: usize) -> &'static str {
 struct Bars {
     multi: MultiProgress,
     steady: bool,
+    cols: Option<u16>,
     /// The running step's bar.
     step: Option<ProgressBar>,
     /// What runs outside a step: initdb, waiting, starting an instance.
@@ -183,22 +187,44 @@ fn spinner_style() -> ProgressStyle {
         .tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏✓")
 }
 
-fn bytes_style() -> ProgressStyle {
-    ProgressStyle::with_template(
-        "{spinner} {prefix}{wide_msg} {bar:20} {binary_bytes}/{binary_total_bytes} {secs}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .with_key("secs", seconds)
-    .tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏✓")
-    .progress_chars("=> ")
+/// A byte count against its total, with a bar where the terminal has room for one.
+fn bytes_style(cols: u16) -> ProgressStyle {
+    let template = if cols >= 80 {
+        "{spinner} {prefix}{wide_msg} {bar:20} {binary_bytes}/{binary_total_bytes} {secs}"
+    } else {
+        "{spinner} {prefix}{wide_msg} {percent}% {secs}"
+    };
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key("secs", seconds)
+        .tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏✓")
+        .progress_chars("=> ")
 }
 
-/// A finished line: its mark, the label cut to the width, and a fixed ending.
-fn final_style(mark: &str, ending: &str) -> ProgressStyle {
-    // Braces in the ending would be read as placeholders.
-    let ending = ending.replace('{', "{{").replace('}', "}}");
-    ProgressStyle::with_template(&format!("{mark} {{prefix}}{{wide_msg}} {ending}"))
-        .unwrap_or_else(|_| ProgressStyle::default_spinner())
+/// A finished step's line: its mark, its prefix and label (cut to fit `cols`), and an ending.
+fn finished_line(mark: &str, prefix: &str, label: &str, ending: &str, cols: u16) -> String {
+    let fixed = console::measure_text_width(&format!("{mark} {prefix} {ending}"));
+    let room = usize::from(cols).saturating_sub(fixed).max(1);
+    format!("{mark} {prefix}{} {ending}", cut(label, room))
+}
+
+/// `text` if it is at most `width` columns wide, else as much of it as fits with `…`.
+fn cut(text: &str, width: usize) -> String {
+    if console::measure_text_width(text) <= width {
+        return text.to_owned();
+    }
+    let mut out = String::new();
+    let mut used = 0;
+    for c in text.chars() {
+        let w = console::measure_text_width(c.encode_utf8(&mut [0; 4]));
+        if used + w + 1 > width {
+            break;
+        }
+        used += w;
+        out.push(c);
+    }
+    out.push('…');
+    out
 }
 
 impl Bars {
@@ -222,6 +248,19 @@ impl Bars {
             bar.finish_and_clear();
             self.multi.remove(&bar);
         }
+    }
+
+    fn cols(&self) -> u16 {
+        self.cols
+            .unwrap_or_else(|| console::Term::stderr().size().1)
+    }
+
+    /// Ends `bar` with a permanent line in its place (above the bars still running).
+    fn finish(&self, bar: ProgressBar, mark: &str, ending: &str) {
+        let line = finished_line(mark, &bar.prefix(), &bar.message(), ending, self.cols());
+        bar.finish_and_clear();
+        self.multi.remove(&bar);
+        let _ = self.multi.println(line);
     }
 
     fn println(&self, text: &str) {
@@ -274,7 +313,7 @@ impl Bars {
                     }
                 };
                 if bar.length() != Some(*total_bytes) {
-                    bar.set_style(bytes_style());
+                    bar.set_style(bytes_style(self.cols()));
                     bar.set_length(*total_bytes);
                 }
                 bar.set_position(*done_bytes);
@@ -285,8 +324,7 @@ impl Bars {
             PrepareEvent::StepDone { elapsed_ms, .. } => {
                 if let Some(bar) = self.step.take() {
                     let took = secs2(Duration::from_millis(*elapsed_ms));
-                    bar.set_style(final_style("✓", &took));
-                    bar.finish();
+                    self.finish(bar, "✓", &took);
                 }
                 self.end_activity();
             }
@@ -307,8 +345,7 @@ impl Bars {
     fn fail(&mut self) {
         if let Some(bar) = self.step.take() {
             let took = secs2(bar.elapsed());
-            bar.set_style(final_style("✗", &format!("failed after {took}")));
-            bar.abandon();
+            self.finish(bar, "✗", &format!("failed after {took}"));
         }
         self.end_activity();
     }
@@ -330,9 +367,10 @@ enum Out {
 impl Renderer {
     pub(crate) fn new(target: Target, verbose: bool, now: Instant) -> Self {
         let out = match target {
-            Target::Terminal { draw, steady } => Out::Bars(Bars {
+            Target::Terminal { draw, steady, cols } => Out::Bars(Bars {
                 multi: MultiProgress::with_draw_target(draw),
                 steady,
+                cols,
                 step: None,
                 activity: None,
             }),
