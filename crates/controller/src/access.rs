@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use taidon_api::{DsnRequest, DsnResponse, ResolveRequest, ResolveResponse, Target};
 use taidon_core::token::{Algorithm, KeyEntry, Keyset, KeysetFile, Scope};
 use taidon_core::{InstanceId, StateId};
-use taidon_runtime::Server;
+use taidon_runtime::Instance;
 use taidon_store::SnapshotStore;
 
 use crate::home::Home;
@@ -23,6 +23,9 @@ use crate::{now_ms, Controller, ControllerError};
 pub(crate) const RO_ROLE: &str = "taidon_ro";
 /// What a client waiting for a starting instance is told to wait before asking again.
 const STARTING_RETRY_MS: u64 = 200;
+/// After a failed restart, how long Resolve answers MISSING before it tries again: a client
+/// retrying in a loop does not restart a broken instance in a loop.
+const WAKE_RETRY_MS: u64 = 5_000;
 
 /// Connection limits of the controller's own; a token's `max_conn` can only lower them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +49,8 @@ impl Default for AccessPolicy {
 struct Usage {
     active: u32,
     last_access_ms: u64,
+    /// The state its connections count against; known from the first one.
+    state: Option<StateId>,
 }
 
 /// The instance a state's `ro` sessions share.
@@ -55,16 +60,39 @@ enum Shared {
     Ready(InstanceId),
 }
 
-/// Counts and shared instances behind Resolve, Touch and Release.
+/// An instance Resolve is starting again on its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    Starting,
+    /// The last restart failed; the next is tried from this time on.
+    Failed {
+        retry_at_ms: u64,
+    },
+}
+
+/// What asking to wake an instance that is not running gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Woken {
+    /// It is starting: the client waits.
+    Starting,
+    /// Its last restart failed a moment ago.
+    Failed,
+    /// Nothing to wake: no such instance of the state, or it is neither stopped nor failed.
+    Nothing,
+}
+
+/// Counts and shared instances behind Resolve, Touch and Release. Entries of an instance go
+/// with it (`forget_instance`), those of a state with it (`forget_state_access`), and a
+/// state's count when it drops to zero.
 #[derive(Debug, Default)]
 pub(crate) struct Access {
     policy: StdMutex<AccessPolicy>,
     instances: StdMutex<HashMap<InstanceId, Usage>>,
     states: StdMutex<HashMap<StateId, u32>>,
     ro: StdMutex<HashMap<StateId, Shared>>,
-    /// rw instances being started again because a client asked for them after they were
-    /// stopped for being idle.
-    waking: StdMutex<std::collections::HashSet<InstanceId>>,
+    /// Instances being started again because a client asked for them after they were
+    /// stopped for being idle or their server died, and those whose restart failed.
+    waking: StdMutex<HashMap<InstanceId, Wake>>,
     /// The CA certificate of the gateway's TLS, named in DSNs as `sslrootcert`.
     tls_root: StdMutex<Option<PathBuf>>,
 }
@@ -77,7 +105,7 @@ pub(crate) fn ro_password(instance_password: &str) -> String {
 
 /// Creates (or refreshes) the read-only role on a just-started server.
 pub(crate) async fn create_ro_role(
-    server: &Server,
+    server: &dyn Instance,
     instance_password: &str,
 ) -> Result<(), ControllerError> {
     let verifier =
@@ -92,14 +120,10 @@ pub(crate) async fn create_ro_role(
          ALTER ROLE {RO_ROLE} SET default_transaction_read_only = on;
          GRANT pg_read_all_data TO {RO_ROLE};"
     );
-    let client = server
-        .connect_local()
+    server
+        .execute(&sql)
         .await
-        .map_err(|e| ControllerError::runtime("cannot create the read-only role", e))?;
-    client
-        .batch_execute(&sql)
-        .await
-        .map_err(|e| ControllerError::Internal(format!("cannot create the read-only role: {e}")))
+        .map_err(|e| ControllerError::runtime("cannot create the read-only role", e))
 }
 
 impl Controller {
@@ -160,7 +184,14 @@ impl Controller {
                                 reason: "the instance is not of the token's state".into(),
                             }
                         }
-                        None => return self.wake(iid, req.state_id),
+                        None => {
+                            return match self.wake(iid, req.state_id) {
+                                Woken::Starting => ResolveResponse::Starting {
+                                    retry_after_ms: STARTING_RETRY_MS,
+                                },
+                                Woken::Failed | Woken::Nothing => ResolveResponse::Missing,
+                            }
+                        }
                     }
                 };
                 self.admit(req, target)
@@ -169,40 +200,61 @@ impl Controller {
         }
     }
 
-    /// An rw instance that is not running: if the lifecycle stopped it for being idle, start
-    /// it again and have the client wait (STARTING), so a kept instance's DSN keeps working;
-    /// anything else is MISSING. Off the hot path: only reached when the instance is not live.
-    fn wake(self: &Arc<Self>, iid: InstanceId, sid: StateId) -> ResolveResponse {
-        let starting = ResolveResponse::Starting {
-            retry_after_ms: STARTING_RETRY_MS,
-        };
-        if lock(&self.access.waking).contains(&iid) {
-            return starting;
+    /// An instance that is not running: if the lifecycle stopped it for being idle, or its
+    /// server died, start it again on its data and have the client wait (STARTING), so a
+    /// kept instance's DSN keeps working. Off the hot path: only reached when the instance
+    /// is not live.
+    fn wake(self: &Arc<Self>, iid: InstanceId, sid: StateId) -> Woken {
+        match lock(&self.access.waking).get(&iid) {
+            Some(Wake::Starting) => return Woken::Starting,
+            Some(Wake::Failed { retry_at_ms }) if now_ms() < *retry_at_ms => return Woken::Failed,
+            _ => {}
         }
         let row = match self.meta.instances() {
             Ok(rows) => rows.into_iter().find(|r| r.instance_id == iid),
             Err(e) => {
                 tracing::warn!(instance = %iid, error = %e, "cannot read instances");
-                return ResolveResponse::Missing;
+                return Woken::Nothing;
             }
         };
-        let Some(row) = row.filter(|r| r.status == "stopped" && r.state_id == sid) else {
-            return ResolveResponse::Missing;
+        let Some(row) =
+            row.filter(|r| r.state_id == sid && matches!(r.status.as_str(), "stopped" | "failed"))
+        else {
+            return Woken::Nothing;
         };
-        if !lock(&self.access.waking).insert(iid) {
-            return starting;
+        {
+            let mut waking = lock(&self.access.waking);
+            if waking.get(&iid) == Some(&Wake::Starting) {
+                return Woken::Starting;
+            }
+            waking.insert(iid, Wake::Starting);
         }
+        let event = if row.status == "failed" {
+            "instance_restarted"
+        } else {
+            "instance_woken"
+        };
         let this = Arc::clone(self);
         self.spawn(async move {
-            match this.restart_instance(row, "instance_woken").await {
+            let result = this.restart_instance(row, event).await;
+            let mut waking = lock(&this.access.waking);
+            match result {
                 Ok(()) => {
-                    tracing::info!(instance = %iid, "started a stopped instance for a client")
+                    tracing::info!(instance = %iid, "started an instance again for a client");
+                    waking.remove(&iid);
                 }
-                Err(e) => tracing::warn!(instance = %iid, error = %e, "cannot wake an instance"),
+                Err(e) => {
+                    tracing::warn!(instance = %iid, error = %e, "cannot start an instance again");
+                    // Unless it was removed meanwhile: then there is nothing to retry.
+                    if let Some(w) = waking.get_mut(&iid) {
+                        *w = Wake::Failed {
+                            retry_at_ms: now_ms() + WAKE_RETRY_MS,
+                        };
+                    }
+                }
             }
-            lock(&this.access.waking).remove(&iid);
         });
-        starting
+        Woken::Starting
     }
 
     fn resolve_ro(self: &Arc<Self>, req: &ResolveRequest) -> ResolveResponse {
@@ -221,7 +273,17 @@ impl Controller {
                 if let Some(target) = target {
                     return self.admit(req, target);
                 }
-                // Its instance is gone (removed, or stopped for being idle): start another.
+                // Stopped for being idle, or its server died: started again on its data. If
+                // it is gone, or its restart failed, another one is started.
+                if self.wake(iid, req.state_id) == Woken::Starting {
+                    return ResolveResponse::Starting {
+                        retry_after_ms: STARTING_RETRY_MS,
+                    };
+                }
+                let mut ro = lock(&self.access.ro);
+                if matches!(ro.get(&req.state_id), Some(Shared::Ready(i)) if *i == iid) {
+                    ro.remove(&req.state_id);
+                }
             }
             None => {}
         }
@@ -267,52 +329,76 @@ impl Controller {
         let now = now_ms();
         let mut instances = lock(&self.access.instances);
         let mut states = lock(&self.access.states);
-        let usage = instances.entry(target.instance_id).or_default();
-        let of_state = states.entry(req.state_id).or_default();
-        if usage.active >= per_instance {
+        let active = instances.get(&target.instance_id).map_or(0, |u| u.active);
+        if active >= per_instance {
             return ResolveResponse::TooManyConnections {
                 limit: per_instance,
             };
         }
-        if *of_state >= per_state {
+        // Entries are made only for a connection counted in: a refusal leaves nothing behind.
+        if states.get(&req.state_id).copied().unwrap_or(0) >= per_state {
             return ResolveResponse::TooManyConnections { limit: per_state };
         }
+        let usage = instances.entry(target.instance_id).or_default();
         usage.active += 1;
         usage.last_access_ms = now;
-        *of_state += 1;
+        usage.state = Some(req.state_id);
+        *states.entry(req.state_id).or_default() += 1;
         ResolveResponse::Ready(target)
     }
 
-    /// Marks the instances of open connections as used now.
+    /// Marks the instances of open connections as used now (those still running: a touch
+    /// that comes after its instance went makes no entry for it).
     pub fn touch(&self, instance_ids: &[InstanceId]) {
         let now = now_ms();
+        let live = self.live.read().unwrap_or_else(|p| p.into_inner());
         let mut instances = lock(&self.access.instances);
-        for iid in instance_ids {
+        for iid in instance_ids.iter().filter(|i| live.contains_key(i)) {
             instances.entry(*iid).or_default().last_access_ms = now;
         }
     }
 
-    /// Counts closed connections out.
+    /// Counts closed connections out; also those of an instance that is not running any
+    /// more (its server died under them).
     pub fn release(&self, instance_ids: &[InstanceId]) {
         let now = now_ms();
-        let states_of: Vec<Option<StateId>> = {
-            let live = self.live.read().unwrap_or_else(|p| p.into_inner());
-            instance_ids
-                .iter()
-                .map(|i| live.get(i).map(|l| l.state_id))
-                .collect()
-        };
         let mut instances = lock(&self.access.instances);
         let mut states = lock(&self.access.states);
-        for (iid, sid) in instance_ids.iter().zip(states_of) {
-            if let Some(u) = instances.get_mut(iid) {
-                u.active = u.active.saturating_sub(1);
-                u.last_access_ms = now;
+        for iid in instance_ids {
+            let Some(u) = instances.get_mut(iid) else {
+                continue; // removed: its connections were counted out then
+            };
+            if u.active == 0 {
+                continue;
             }
-            if let Some(n) = sid.and_then(|s| states.get_mut(&s)) {
-                *n = n.saturating_sub(1);
+            u.active -= 1;
+            u.last_access_ms = now;
+            if let Some(sid) = u.state {
+                count_out(&mut states, &sid, 1);
             }
         }
+    }
+
+    /// Drops what Resolve, Touch and Release kept about an instance that is removed; its
+    /// open connections no longer count against its state.
+    pub(crate) fn forget_instance_access(&self, iid: &InstanceId) {
+        let usage = lock(&self.access.instances).remove(iid);
+        if let Some(Usage {
+            active,
+            state: Some(sid),
+            ..
+        }) = usage
+        {
+            count_out(&mut lock(&self.access.states), &sid, active);
+        }
+        lock(&self.access.waking).remove(iid);
+        lock(&self.access.ro).retain(|_, s| !matches!(s, Shared::Ready(i) if i == iid));
+    }
+
+    /// Drops what Resolve kept about a state that is removed.
+    pub(crate) fn forget_state_access(&self, sid: &StateId) {
+        lock(&self.access.states).remove(sid);
+        lock(&self.access.ro).remove(sid);
     }
 
     /// A DSN with a fresh token for a state (`ro` by default) or an instance (`rw`).
@@ -402,6 +488,29 @@ impl Controller {
             return Some("a standby waiting to be handed out");
         }
         None
+    }
+}
+
+#[cfg(test)]
+impl Controller {
+    /// How many entries Resolve's maps hold: instances, states, shared ro, waking.
+    pub(crate) fn access_entries(&self) -> [usize; 4] {
+        [
+            lock(&self.access.instances).len(),
+            lock(&self.access.states).len(),
+            lock(&self.access.ro).len(),
+            lock(&self.access.waking).len(),
+        ]
+    }
+}
+
+/// Takes `n` connections off a state's count, dropping the entry at zero.
+fn count_out(states: &mut HashMap<StateId, u32>, sid: &StateId, n: u32) {
+    if let Some(count) = states.get_mut(sid) {
+        *count = count.saturating_sub(n);
+        if *count == 0 {
+            states.remove(sid);
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! Instances: a clone of a snapshot plus a running `postgres`, a direct child of this process.
+//! Instances: a clone of a snapshot plus a running `postgres`, started and watched through the
+//! [`Runtime`](taidon_runtime::Runtime).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::time::Instant;
 use rand::RngCore;
 use taidon_api::{InstanceInfo, Target};
 use taidon_core::{InstanceId, StateId};
-use taidon_runtime::{Server, ServerConfig};
+use taidon_runtime::{Instance, ServerConfig};
 use taidon_store::SnapshotStore;
 
 use crate::meta::InstanceRow;
@@ -23,15 +24,15 @@ pub(crate) struct Live {
     password: String,
     /// The read-only role's password, derived once here rather than on every Resolve.
     ro_password: String,
-    /// `None` once stopping.
-    pub(crate) server: tokio::sync::Mutex<Option<Server>>,
+    /// The runtime's handle on its server; `None` once stopping (or found dead).
+    pub(crate) server: tokio::sync::Mutex<Option<Box<dyn Instance>>>,
 }
 
 impl Live {
-    fn new(state_id: StateId, password: String, server: Server) -> Self {
+    fn new(state_id: StateId, password: String, server: Box<dyn Instance>) -> Self {
         Self {
             state_id,
-            port: server.port,
+            port: server.port(),
             ro_password: crate::access::ro_password(&password),
             password,
             server: tokio::sync::Mutex::new(Some(server)),
@@ -159,20 +160,21 @@ impl Controller {
 
         let started = Instant::now();
         let server = self
-            .engine
-            .start(self.server_config(&iid, None), self.run_as.as_ref())
+            .runtime
+            .start_instance(self.server_config(&iid, None))
             .await
             .map_err(|e| ControllerError::runtime(format!("cannot start instance {iid}"), e))?;
         let password = random_hex(24);
+        // On failure the caller deletes the clone: no checkpoint is worth waiting for.
         if let Err(e) = server.set_password(INSTANCE_USER, &password).await {
-            let _ = server.stop().await;
+            let _ = server.discard().await;
             return Err(ControllerError::runtime(
                 "cannot set the instance password",
                 e,
             ));
         }
-        if let Err(e) = crate::access::create_ro_role(&server, &password).await {
-            let _ = server.stop().await;
+        if let Err(e) = crate::access::create_ro_role(server.as_ref(), &password).await {
+            let _ = server.discard().await;
             return Err(e);
         }
         let start_ms = started.elapsed().as_millis() as u64;
@@ -180,8 +182,7 @@ impl Controller {
             instance_id: iid,
             state_id: state,
             status: "running".into(),
-            port: server.port,
-            pid: server.pid,
+            port: server.port(),
             password: password.clone(),
             data_dir: dir.join("data").display().to_string(),
             created_ms: now_ms(),
@@ -227,7 +228,8 @@ impl Controller {
             .unwrap_or_else(|p| p.into_inner())
             .remove(iid);
         if let Some(live) = live {
-            if let Some(server) = live.server.lock().await.take() {
+            let server = live.server.lock().await.take();
+            if let Some(server) = server {
                 // Its data is deleted next: no clean checkpoint is worth waiting for.
                 server.discard().await.map_err(|e| {
                     ControllerError::runtime(format!("cannot stop instance {iid}"), e)
@@ -244,9 +246,10 @@ impl Controller {
             .find(|r| &r.instance_id == iid)
             .map(|r| r.state_id);
         self.meta.delete_instance(iid)?;
+        self.forget_instance(iid);
         remove_dir(&self.instance_dir(iid)).await;
         if let Some(sid) = &state {
-            self.after_instance_gone(sid)?;
+            self.after_instance_gone(sid, None)?;
         }
         self.meta.event(
             now_ms(),
@@ -306,27 +309,23 @@ impl Controller {
         Ok(())
     }
 
-    /// Starts the server of an existing instance again on its data directory, as a child of
-    /// this process: after a daemon restart, or when a DSN names an instance stopped for
-    /// being idle. Its password is in its data already; its DSNs name the gateway, so they
-    /// hold across the new port. On failure the instance is marked failed.
+    /// Starts the server of an existing instance again on its data directory: after a
+    /// daemon restart, or when a DSN names an instance stopped for being idle or whose server
+    /// died. Its password is in its data already; its DSNs name the gateway, so they hold
+    /// across the new port. On failure the instance is marked failed, with an event.
     pub(crate) async fn restart_instance(
         self: &Arc<Self>,
         row: InstanceRow,
         event: &str,
     ) -> Result<(), ControllerError> {
         let started = self
-            .engine
-            .start(
-                self.server_config(&row.instance_id, None),
-                self.run_as.as_ref(),
-            )
+            .runtime
+            .start_instance(self.server_config(&row.instance_id, None))
             .await;
         let mut row = row;
         match started {
             Ok(server) => {
-                row.port = server.port;
-                row.pid = server.pid;
+                row.port = server.port();
                 row.status = "running".into();
                 self.meta.insert_instance(&row)?;
                 self.live.write().unwrap_or_else(|p| p.into_inner()).insert(
@@ -343,12 +342,20 @@ impl Controller {
                 Ok(())
             }
             Err(e) => {
-                row.status = "failed".into();
-                self.meta.insert_instance(&row)?;
-                Err(ControllerError::runtime(
+                let err = ControllerError::runtime(
                     format!("cannot restart instance {}", row.instance_id),
                     e,
-                ))
+                );
+                row.status = "failed".into();
+                self.meta.insert_instance(&row)?;
+                self.meta.event(
+                    now_ms(),
+                    "instance_failed",
+                    Some(&row.state_id),
+                    Some(&row.instance_id),
+                    Some(&err.to_api().message),
+                )?;
+                Err(err)
             }
         }
     }

@@ -8,11 +8,15 @@ mod error;
 pub mod home;
 mod http;
 mod instances;
+mod keyed;
 mod lifecycle;
 pub mod meta;
 mod pins;
 mod prepare;
 pub mod webhook;
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,7 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use taidon_api::{InstanceInfo, StateInfo, StateStatus, Status};
 use taidon_core::token::{Keyset, SharedKeyset};
 use taidon_core::{InitdbOptions, StateId};
-use taidon_runtime::{Engine, RunAs};
+use taidon_runtime::{Engine, LocalRuntime, RunAs, Runtime};
 use taidon_store::{LocalStore, Owner, SnapshotStore};
 
 pub use access::{
@@ -80,6 +84,8 @@ pub struct Controller {
     home: Home,
     engine: Engine,
     run_as: Option<RunAs>,
+    /// What runs instances. Builds still start their servers through `engine` directly.
+    runtime: Arc<dyn Runtime>,
     store: Arc<LocalStore>,
     meta: Meta,
     /// Tokens are signed with its current key; swapped whole when the keyset file changes.
@@ -92,15 +98,17 @@ pub struct Controller {
     api_url: RwLock<String>,
     /// Running instances: the hot path of resolve reads only this map.
     live: RwLock<HashMap<taidon_core::InstanceId, Arc<Live>>>,
-    /// One lock per state being built: two prepares of one missing state build it once.
-    building: StdMutex<HashMap<StateId, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per state being built (or removed, or evicted): two prepares of one missing
+    /// state build it once.
+    building: keyed::KeyedLocks<StateId>,
     /// Idle instances, eviction, the standby pool, pins.
     lifecycle: lifecycle::Lifecycle,
     shutdown: tokio::sync::watch::Sender<bool>,
-    /// The runtime the controller was opened on. Background work (builds, instance starts,
-    /// the lifecycle loop) runs here even when a caller polls from another runtime, such as
-    /// the gateway's own: the servers it starts belong to this runtime's process driver.
-    runtime: tokio::runtime::Handle,
+    /// The tokio runtime the controller was opened on. Background work (builds, instance
+    /// starts, the lifecycle loop) runs here even when a caller polls from another runtime,
+    /// such as the gateway's own: the servers it starts belong to this runtime's process
+    /// driver.
+    tasks: tokio::runtime::Handle,
 }
 
 impl Controller {
@@ -108,6 +116,14 @@ impl Controller {
     /// daemon left: unfinished builds are discarded, its servers stopped, its instances
     /// restarted as children of this process.
     pub async fn open(config: ControllerConfig) -> Result<Arc<Self>, ControllerError> {
+        Self::open_with(config, None).await
+    }
+
+    /// [`Controller::open`], with instances run by `runtime` instead of local processes.
+    pub(crate) async fn open_with(
+        config: ControllerConfig,
+        runtime: Option<Arc<dyn Runtime>>,
+    ) -> Result<Arc<Self>, ControllerError> {
         let home = Home::new(&config.home);
         let engine = Engine::discover(config.pg_bin.as_deref(), InitdbOptions::default())?;
         let run_as = RunAs::for_this_process()
@@ -151,11 +167,18 @@ impl Controller {
         let api_token = home::read_or_create_secret(&home.api_token_file(), 32)
             .map_err(|e| ControllerError::io("cannot read the API token", e))?;
         let (shutdown, _) = tokio::sync::watch::channel(false);
+        let runtime = runtime.unwrap_or_else(|| {
+            Arc::new(LocalRuntime {
+                engine: engine.clone(),
+                run_as: run_as.clone(),
+            })
+        });
         let controller = Arc::new(Self {
             config,
             home,
             engine,
             run_as,
+            runtime,
             store,
             meta,
             keys: Arc::new(SharedKeyset::new(keyset)),
@@ -164,10 +187,10 @@ impl Controller {
             gateway_addr: RwLock::new(String::new()),
             api_url: RwLock::new(String::new()),
             live: RwLock::new(HashMap::new()),
-            building: StdMutex::new(HashMap::new()),
+            building: keyed::KeyedLocks::default(),
             lifecycle: lifecycle::Lifecycle::new(lifecycle_config, webhook_secret),
             shutdown,
-            runtime: tokio::runtime::Handle::current(),
+            tasks: tokio::runtime::Handle::current(),
         });
         controller.reconcile().await?;
         controller.spawn_lifecycle();
@@ -231,7 +254,7 @@ impl Controller {
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.runtime.spawn(task)
+        self.tasks.spawn(task)
     }
 
     pub(crate) fn request_shutdown(&self) {
@@ -429,9 +452,10 @@ impl Controller {
         for iid in &instances {
             self.delete_instance(iid).await?;
         }
-        let _guard = self.build_lock(&id).lock_owned().await;
+        let _guard = self.building.lock(id).await;
         self.blocking(move |s| s.remove(&id)).await?;
         self.meta.delete_state(&id)?;
+        self.forget_state_access(&id);
         self.meta
             .event(now_ms(), "state_removed", Some(&id), None, None)?;
         Ok(taidon_api::Removed {
@@ -453,11 +477,6 @@ impl Controller {
             .map_err(|e| ControllerError::Internal(format!("{e}")))
     }
 
-    fn build_lock(&self, id: &StateId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = self.building.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(map.entry(*id).or_default())
-    }
-
     /// Stops every running server; their data stays, and the next daemon restarts them.
     pub async fn stop_all(&self) {
         let live: Vec<_> = self
@@ -467,7 +486,8 @@ impl Controller {
             .drain()
             .collect();
         for (iid, l) in live {
-            if let Some(server) = l.server.lock().await.take() {
+            let server = l.server.lock().await.take();
+            if let Some(server) = server {
                 if let Err(e) = server.stop().await {
                     tracing::warn!(instance = %iid, error = %e, "stopping instance");
                 }

@@ -1,7 +1,10 @@
-//! The lifecycle loop: every tick it stops idle instances (and those over capacity), evicts
-//! snapshots by retention score while the store is over its capacity, and keeps the standby
-//! pool of HOT states at its target. The decisions are `taidon_core::policy`'s; this module
-//! gathers the facts and acts on them.
+//! The lifecycle loop: every tick it notices instances whose server died, stops idle
+//! instances (and those over capacity), evicts snapshots by retention score while the store is
+//! over its capacity, and keeps the standby pool of HOT states at its target. The decisions
+//! are `taidon_core::policy`'s; this module gathers the facts and acts on them.
+//!
+//! One object's failure (an instance that does not stop, a snapshot that cannot be removed)
+//! is logged and recorded as a `lifecycle_error` event, and the tick goes on with the others.
 //!
 //! Inputs are kept: every `-f` file a prepare reads is copied to `<home>/inputs/<sha256>`
 //! (content-addressed, written once), so a COLD state asked for by id alone can be replayed
@@ -18,9 +21,11 @@ use taidon_core::policy::{
     StateFacts, StopReason, Tree,
 };
 use taidon_core::{InstanceId, PsqlInput, StateId, Step};
+use taidon_runtime::{Exit, Health};
 use taidon_store::SnapshotStore;
 
 use crate::config::Config;
+use crate::instances::Live;
 use crate::lock;
 use crate::meta::StateRow;
 use crate::prepare::Events;
@@ -59,8 +64,12 @@ pub(crate) struct StartingStandby {
 
 impl Drop for StartingStandby {
     fn drop(&mut self) {
-        if let Some(n) = lock(&self.controller.lifecycle.starting).get_mut(&self.state) {
+        let mut starting = lock(&self.controller.lifecycle.starting);
+        if let Some(n) = starting.get_mut(&self.state) {
             *n = n.saturating_sub(1);
+            if *n == 0 {
+                starting.remove(&self.state);
+            }
         }
     }
 }
@@ -204,13 +213,143 @@ impl Controller {
         });
     }
 
-    /// One pass: idle and over-capacity instances, store eviction, the standby pool.
+    /// One pass: dead instances, idle and over-capacity instances, store eviction, the
+    /// standby pool. Each part runs whatever happened in the one before: one object's
+    /// failure is logged and recorded inside its part, and a part that cannot run at all (its
+    /// facts cannot be read) is the error returned, after the others ran.
     pub async fn lifecycle_tick(self: &Arc<Self>) -> Result<(), ControllerError> {
-        for (iid, why) in self.instances_to_stop(0)? {
-            self.stop_instance(&iid, why).await?;
+        let mut first_error = None;
+        self.reap_dead_instances().await;
+        match self.instances_to_stop(0) {
+            Ok(victims) => self.stop_each(victims).await,
+            Err(e) => first_error = first_error.or(Some(e)),
         }
-        self.evict().await?;
-        self.tend_pool().await
+        if let Err(e) = self.evict().await {
+            first_error = first_error.or(Some(e));
+        }
+        if let Err(e) = self.tend_pool().await {
+            first_error = first_error.or(Some(e));
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Stops each instance; one that fails is logged and recorded, and the others still stop.
+    async fn stop_each(&self, victims: Vec<(InstanceId, StopReason)>) {
+        for (iid, why) in victims {
+            if let Err(e) = self.stop_instance(&iid, why).await {
+                self.object_failed("stopping an instance", None, Some(&iid), &e);
+            }
+        }
+    }
+
+    /// The per-object error policy of the lifecycle: a warning and a `lifecycle_error` event
+    /// naming what failed; the caller goes on with the next object.
+    fn object_failed(
+        &self,
+        what: &str,
+        state: Option<&StateId>,
+        instance: Option<&InstanceId>,
+        e: &ControllerError,
+    ) {
+        let message = e.to_api().message;
+        tracing::warn!(
+            state = ?state.map(StateId::short),
+            instance = ?instance.map(ToString::to_string),
+            error = %message,
+            "{what}"
+        );
+        let detail = format!("{what}: {message}");
+        if let Err(e) = self
+            .meta
+            .event(now_ms(), "lifecycle_error", state, instance, Some(&detail))
+        {
+            tracing::warn!(error = %e, "cannot record a lifecycle error");
+        }
+    }
+
+    /// Notices instances whose server ended without being asked to (SIGKILL, the OOM killer,
+    /// a crash): each is marked `failed` with an `instance_died` event that says how it
+    /// ended, and the next Resolve of its DSN starts it again on its data. A dead standby is
+    /// removed: it holds nothing.
+    pub(crate) async fn reap_dead_instances(&self) {
+        let live: Vec<(InstanceId, Arc<Live>)> = self
+            .live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(i, l)| (*i, Arc::clone(l)))
+            .collect();
+        for (iid, l) in live {
+            let exited = {
+                // Busy means being stopped: not a death to report.
+                let Ok(mut server) = l.server.try_lock() else {
+                    continue;
+                };
+                match server.as_mut().map(|s| s.health()) {
+                    Some(Health::Exited { status }) => {
+                        // The handle of a reaped server: dropping it signals nothing.
+                        server.take();
+                        Some(status)
+                    }
+                    Some(Health::Running) | None => None,
+                }
+            };
+            if let Some(exit) = exited {
+                if let Err(e) = self.instance_died(iid, &l, exit).await {
+                    self.object_failed(
+                        "recording a dead instance",
+                        Some(&l.state_id),
+                        Some(&iid),
+                        &e,
+                    );
+                }
+            }
+        }
+    }
+
+    async fn instance_died(
+        &self,
+        iid: InstanceId,
+        live: &Arc<Live>,
+        exit: Exit,
+    ) -> Result<(), ControllerError> {
+        let detail = format!("postgres exited: {exit}");
+        tracing::warn!(instance = %iid, state = %live.state_id.short(), "{detail}");
+        let row = self
+            .meta
+            .instances()?
+            .into_iter()
+            .find(|r| r.instance_id == iid);
+        // Failed before it leaves the live map: a Resolve in between finds it to wake.
+        let marked = match row {
+            Some(mut row) if row.status != "standby" => {
+                row.status = "failed".into();
+                self.meta.insert_instance(&row)
+            }
+            _ => Ok(()),
+        };
+        {
+            let mut map = self.live.write().unwrap_or_else(|p| p.into_inner());
+            if map.get(&iid).is_some_and(|cur| Arc::ptr_eq(cur, live)) {
+                map.remove(&iid);
+            }
+        }
+        lock(&self.lifecycle.activity).remove(&iid);
+        marked?;
+        self.meta.event(
+            now_ms(),
+            "instance_died",
+            Some(&live.state_id),
+            Some(&iid),
+            Some(&detail),
+        )?;
+        if self.is_standby(&iid) {
+            return self.delete_instance(&iid).await;
+        }
+        self.after_instance_gone(
+            &live.state_id,
+            Some(&format!("instance {iid} died: {exit}")),
+        )
     }
 
     /// The policy's view of every state.
@@ -229,7 +368,6 @@ impl Controller {
             .filter(|r| r.status == StateStatus::Building)
             .filter_map(|r| r.parent)
             .collect();
-        let builds = lock(&self.building).clone();
         Ok(rows
             .iter()
             .map(|r| {
@@ -240,9 +378,7 @@ impl Controller {
                 } else if p == Presence::Hot {
                     p = Presence::Warm;
                 }
-                let being_built = builds
-                    .get(&r.state_id)
-                    .is_some_and(|l| l.try_lock().is_err());
+                let being_built = self.building.is_locked(&r.state_id);
                 StateFacts {
                     id: r.state_id,
                     parent: r.parent,
@@ -326,9 +462,7 @@ impl Controller {
 
     /// Makes room for one more instance, stopping idle ones if the limits say so.
     pub(crate) async fn make_room(&self) -> Result<(), ControllerError> {
-        for (iid, why) in self.instances_to_stop(1)? {
-            self.stop_instance(&iid, why).await?;
-        }
+        self.stop_each(self.instances_to_stop(1)?).await;
         let running = self.live.read().unwrap_or_else(|p| p.into_inner()).len();
         let capacity = self.lifecycle.config.instance_limits().capacity();
         if running >= capacity {
@@ -364,9 +498,13 @@ impl Controller {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(iid);
             let Some(live) = live else { return Ok(()) };
-            if let Some(server) = live.server.lock().await.take() {
+            let server = live.server.lock().await.take();
+            if let Some(server) = server {
+                // The runtime ends a server that does not stop cleanly (SIGQUIT, SIGKILL), so
+                // it is stopped all the same; the failure is worth an event.
                 if let Err(e) = server.stop().await {
-                    tracing::warn!(instance = %iid, error = %e, "stopping an idle instance");
+                    let e = ControllerError::runtime("the server did not stop cleanly", e);
+                    self.object_failed("stopping an instance", sid.as_ref(), Some(iid), &e);
                 }
             }
             if let Some(mut row) = self
@@ -390,13 +528,18 @@ impl Controller {
             Some(&reason),
         )?;
         if let Some(sid) = sid {
-            self.after_instance_gone(&sid)?;
+            self.after_instance_gone(&sid, None)?;
         }
         Ok(())
     }
 
-    /// A state with no running instance left is WARM again.
-    pub(crate) fn after_instance_gone(&self, sid: &StateId) -> Result<(), ControllerError> {
+    /// A state with no running instance left is WARM again; `reason` says why, if not for
+    /// being idle or removed.
+    pub(crate) fn after_instance_gone(
+        &self,
+        sid: &StateId,
+        reason: Option<&str>,
+    ) -> Result<(), ControllerError> {
         let any = self
             .live
             .read()
@@ -404,9 +547,16 @@ impl Controller {
             .values()
             .any(|l| &l.state_id == sid);
         if !any {
-            self.record_transition(sid, Event::LastInstanceStopped, None)?;
+            self.record_transition(sid, Event::LastInstanceStopped, reason)?;
         }
         Ok(())
+    }
+
+    /// Drops what the lifecycle and Resolve kept about an instance that is removed.
+    pub(crate) fn forget_instance(&self, iid: &InstanceId) {
+        self.forget_standby(iid);
+        lock(&self.lifecycle.activity).remove(iid);
+        self.forget_instance_access(iid);
     }
 
     /// Evicts WARM snapshots by retention score while the store is over its capacity.
@@ -429,8 +579,7 @@ impl Controller {
         );
         for id in victims {
             // A build or an instance that began since the facts were read keeps it.
-            let build = self.build_lock(&id);
-            let Ok(_guard) = build.try_lock_owned() else {
+            let Some(_guard) = self.building.try_lock(id) else {
                 continue;
             };
             if self
@@ -451,15 +600,20 @@ impl Controller {
             }
             let removed = self.blocking(move |s| s.remove(&id)).await;
             lock(&self.lifecycle.snapshots).evicting.remove(&id);
-            removed?;
             let reason = format!(
                 "evicted: store over {} MiB",
                 limits.high_water_bytes / (1024 * 1024)
             );
-            self.record_transition(&id, Event::Evicted, Some(&reason))?;
-            self.meta
-                .event(now_ms(), "evicted", Some(&id), None, Some(&reason))?;
-            tracing::info!(state = %id.short(), "evicted");
+            let recorded = removed.and_then(|_| {
+                self.record_transition(&id, Event::Evicted, Some(&reason))?;
+                self.meta
+                    .event(now_ms(), "evicted", Some(&id), None, Some(&reason))?;
+                Ok(())
+            });
+            match recorded {
+                Ok(()) => tracing::info!(state = %id.short(), "evicted"),
+                Err(e) => self.object_failed("evicting a snapshot", Some(&id), None, &e),
+            }
         }
         Ok(())
     }
@@ -470,10 +624,21 @@ impl Controller {
         for list in pool.values_mut() {
             if let Some(pos) = list.iter().position(|i| i == iid) {
                 list.remove(pos);
+                pool.retain(|_, l| !l.is_empty());
                 return true;
             }
         }
         false
+    }
+
+    /// How many entries the lifecycle's maps hold: standby lists, starting counts, activity.
+    #[cfg(test)]
+    pub(crate) fn lifecycle_entries(&self) -> [usize; 3] {
+        [
+            lock(&self.lifecycle.standby).len(),
+            lock(&self.lifecycle.starting).len(),
+            lock(&self.lifecycle.activity).len(),
+        ]
     }
 
     /// Instances waiting to be handed out.
@@ -494,7 +659,11 @@ impl Controller {
             };
             let live = self.live.read().unwrap_or_else(|p| p.into_inner());
             list.retain(|i| live.contains_key(i));
-            match list.pop() {
+            let taken = list.pop();
+            if list.is_empty() {
+                pool.remove(&state);
+            }
+            match taken {
                 Some(i) => i,
                 None => return Ok(None),
             }
@@ -579,7 +748,9 @@ impl Controller {
                     .get(&f.id)
                     .and_then(|l| l.first().copied());
                 if let Some(iid) = extra {
-                    self.stop_instance(&iid, StopReason::Idle).await?;
+                    if let Err(e) = self.stop_instance(&iid, StopReason::Idle).await {
+                        self.object_failed("stopping a spare standby", Some(&f.id), Some(&iid), &e);
+                    }
                 }
             }
         }

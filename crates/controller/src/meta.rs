@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS instances (
     state_id    TEXT NOT NULL,
     status      TEXT NOT NULL,
     port        INTEGER NOT NULL,
-    pid         INTEGER NOT NULL,
+    pid         INTEGER NOT NULL, -- unused: the runtime knows its servers (0 since)
     password    TEXT NOT NULL,
     data_dir    TEXT NOT NULL,
     created_ms  INTEGER NOT NULL,
@@ -84,7 +84,6 @@ pub struct InstanceRow {
     pub state_id: StateId,
     pub status: String,
     pub port: u16,
-    pub pid: u32,
     pub password: String,
     pub data_dir: String,
     pub created_ms: u64,
@@ -273,13 +272,12 @@ impl Meta {
             c.execute(
                 "INSERT OR REPLACE INTO instances (instance_id, state_id, status, port, pid,
                      password, data_dir, created_ms, clone_ms, start_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     row.instance_id.to_string(),
                     row.state_id.to_string(),
                     row.status,
                     row.port,
-                    row.pid,
                     row.password,
                     row.data_dir,
                     row.created_ms as i64,
@@ -304,7 +302,7 @@ impl Meta {
     pub fn instances(&self) -> Result<Vec<InstanceRow>, MetaError> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT instance_id, state_id, status, port, pid, password, data_dir, created_ms,
+                "SELECT instance_id, state_id, status, port, password, data_dir, created_ms,
                         clone_ms, start_ms
                  FROM instances ORDER BY created_ms, instance_id",
             )?;
@@ -314,25 +312,23 @@ impl Meta {
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, u16>(3)?,
-                    r.get::<_, u32>(4)?,
+                    r.get::<_, String>(4)?,
                     r.get::<_, String>(5)?,
-                    r.get::<_, String>(6)?,
                     [
+                        r.get::<_, i64>(6)?,
                         r.get::<_, i64>(7)?,
                         r.get::<_, i64>(8)?,
-                        r.get::<_, i64>(9)?,
                     ],
                 ))
             })?;
             let mut out = Vec::new();
             for row in rows {
-                let (iid, sid, status, port, pid, password, data_dir, n) = row?;
+                let (iid, sid, status, port, password, data_dir, n) = row?;
                 out.push(InstanceRow {
                     instance_id: parse_id(iid)?,
                     state_id: parse_id(sid)?,
                     status,
                     port,
-                    pid,
                     password,
                     data_dir,
                     created_ms: n[0] as u64,
@@ -437,7 +433,6 @@ mod tests {
             state_id: StateId::from_bytes([2; 32]),
             status: "running".into(),
             port: 5433,
-            pid: 42,
             password: "pw".into(),
             data_dir: "/x".into(),
             created_ms: 1,

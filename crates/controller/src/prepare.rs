@@ -108,21 +108,18 @@ impl Controller {
         id: &StateId,
         index: usize,
         events: &Events,
-    ) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = self.build_lock(id);
-        match Arc::clone(&lock).try_lock_owned() {
-            Ok(guard) => guard,
-            Err(_) => {
-                send(
-                    events,
-                    PrepareEvent::Waiting {
-                        index,
-                        state_id: *id,
-                    },
-                );
-                lock.lock_owned().await
-            }
+    ) -> crate::keyed::KeyedGuard<'_, StateId> {
+        if let Some(guard) = self.building.try_lock(*id) {
+            return guard;
         }
+        send(
+            events,
+            PrepareEvent::Waiting {
+                index,
+                state_id: *id,
+            },
+        );
+        self.building.lock(*id).await
     }
 
     /// Creates the base state with initdb if it is missing. True if it built it.
