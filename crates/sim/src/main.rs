@@ -7,32 +7,64 @@
 //! ```
 #![deny(clippy::unwrap_used, clippy::todo, clippy::dbg_macro)]
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
+use clap::Parser;
 use taidon_core::policy::{Ranking, Weights};
 use taidon_sim::{generate, simulate, total_bytes, SimConfig, SimResult, TraceSpec};
 
+/// Replays a synthetic trace of prepares under store capacities of 5, 10 and 20% of the
+/// states' total size, once ranked by the retention score and once by LRU.
+#[derive(Debug, Parser)]
+#[command(name = "taidon-sim", version)]
+struct Args {
+    /// Seed of the trace generator
+    #[arg(long, default_value_t = TraceSpec::default().seed)]
+    seed: u64,
+    /// How many states the trace has
+    #[arg(long, default_value_t = TraceSpec::default().states)]
+    states: usize,
+    /// How many accesses the trace has
+    #[arg(long, default_value_t = TraceSpec::default().accesses)]
+    accesses: usize,
+    /// The Zipf exponent of state popularity
+    #[arg(long, default_value_t = TraceSpec::default().zipf)]
+    zipf: f64,
+    /// Weight of access frequency in the score
+    #[arg(long, default_value_t = Weights::default().frequency)]
+    frequency: f64,
+    /// Weight of build cost in the score
+    #[arg(long = "build-cost", default_value_t = Weights::default().build_cost)]
+    build_cost: f64,
+    /// Weight of size in the score
+    #[arg(long, default_value_t = Weights::default().size)]
+    size: f64,
+    /// Half-life of an access's weight, in hours
+    #[arg(long = "half-life-h", value_name = "HOURS")]
+    half_life_h: Option<f64>,
+    /// The longest replay a checkpoint eviction may cause, in seconds
+    #[arg(long = "max-replay-s", value_name = "SECONDS", default_value_t = 3600)]
+    max_replay_s: u64,
+}
+
 fn main() -> Result<()> {
-    let mut spec = TraceSpec::default();
-    let mut weights = Weights::default();
-    let mut max_replay_s: u64 = 3600;
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--seed" => spec.seed = value()?.parse()?,
-            "--states" => spec.states = value()?.parse()?,
-            "--accesses" => spec.accesses = value()?.parse()?,
-            "--zipf" => spec.zipf = value()?.parse()?,
-            "--frequency" => weights.frequency = value()?.parse()?,
-            "--build-cost" => weights.build_cost = value()?.parse()?,
-            "--size" => weights.size = value()?.parse()?,
-            "--half-life-h" => {
-                weights.age_half_life_ms = (value()?.parse::<f64>()? * 3_600_000.0) as u64
-            }
-            "--max-replay-s" => max_replay_s = value()?.parse()?,
-            other => bail!("unknown flag {other}"),
-        }
+    let args = Args::parse();
+    let spec = TraceSpec {
+        seed: args.seed,
+        states: args.states,
+        accesses: args.accesses,
+        zipf: args.zipf,
+        ..TraceSpec::default()
+    };
+    let mut weights = Weights {
+        frequency: args.frequency,
+        build_cost: args.build_cost,
+        size: args.size,
+        ..Weights::default()
+    };
+    if let Some(h) = args.half_life_h {
+        weights.age_half_life_ms = (h * 3_600_000.0) as u64;
     }
+    let max_replay_s = args.max_replay_s;
     let trace = generate(&spec);
     let total = total_bytes(&trace);
     println!(

@@ -142,10 +142,10 @@ const COMPLETIONS_EXAMPLES: &str = "\
 Completes commands, kinds, flags and their values, and state and instance ids (asking the
 daemon when one runs).
 
-Install:
-  bash:  sqlrs completions bash > ~/.local/share/bash-completion/completions/sqlrs
-  zsh:   sqlrs completions zsh > \"${fpath[1]}/_sqlrs\"
-  fish:  sqlrs completions fish > ~/.config/fish/completions/sqlrs.fish";
+Examples (install for bash, zsh, fish):
+  sqlrs completions bash > ~/.local/share/bash-completion/completions/sqlrs
+  sqlrs completions zsh > \"${fpath[1]}/_sqlrs\"
+  sqlrs completions fish > ~/.config/fish/completions/sqlrs.fish";
 
 /// `sqlrs`.
 #[derive(Debug, Parser)]
