@@ -43,6 +43,21 @@ pub fn clone_tree(
     strategy: CloneStrategy,
     owner: Option<Owner>,
 ) -> Result<CloneStats, StoreError> {
+    clone_tree_reporting(src, dest, strategy, owner, None)
+}
+
+/// Told the bytes a clone has copied so far and the tree's total, after each file it copies
+/// (reflinks and snapshots are near-instant and are not reported).
+pub type CloneProgress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+
+/// `clone_tree`, reporting the bytes it copies to `progress`.
+pub fn clone_tree_reporting(
+    src: &Path,
+    dest: &Path,
+    strategy: CloneStrategy,
+    owner: Option<Owner>,
+    progress: Option<CloneProgress<'_>>,
+) -> Result<CloneStats, StoreError> {
     if fs::symlink_metadata(dest).is_ok() {
         return Err(StoreError::DestinationExists(dest.to_owned()));
     }
@@ -62,6 +77,9 @@ pub fn clone_tree(
             owner,
             files: 0,
             bytes: 0,
+            progress,
+            root: src,
+            total: None,
         };
         walker.clone_dir(src, dest).map(|()| CloneStats {
             strategy: if walker.reflink {
@@ -257,15 +275,35 @@ fn reflink_works_in(dir: &Path) -> bool {
 }
 
 /// A recursive reflink-or-copy of one tree.
-struct Walker {
+struct Walker<'a> {
     /// Still reflinking; cleared for good at the first refusal.
     reflink: bool,
     owner: Option<Owner>,
     files: u64,
     bytes: u64,
+    progress: Option<CloneProgress<'a>>,
+    /// The tree's root, whose size is the total copies report against.
+    root: &'a Path,
+    /// That size, measured at the first copied file.
+    total: Option<u64>,
 }
 
-impl Walker {
+/// Bytes of the regular files under `dir`.
+fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
+impl Walker<'_> {
     fn clone_dir(&mut self, src: &Path, dest: &Path) -> Result<(), StoreError> {
         let meta = fs::symlink_metadata(src).ctx("read", src)?;
         fs::create_dir(dest).ctx("create directory", dest)?;
@@ -323,6 +361,11 @@ impl Walker {
         chown_to(dest, self.owner)?;
         self.files += 1;
         self.bytes += meta.len();
+        if let (true, Some(report)) = (copy, self.progress) {
+            let root = self.root;
+            let total = *self.total.get_or_insert_with(|| tree_bytes(root));
+            report(self.bytes, total.max(self.bytes));
+        }
         Ok(())
     }
 }

@@ -20,7 +20,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use taidon_core::{CloneStrategy, EngineFingerprint, StateId};
 
-pub use clone::{clone_tree, detect_strategy, remove_tree};
+pub use clone::{clone_tree, clone_tree_reporting, detect_strategy, remove_tree, CloneProgress};
 pub use digest::{tree_digest, TreeDigest};
 pub use error::StoreError;
 pub use local::{Build, LocalStore};
@@ -83,6 +83,16 @@ pub trait SnapshotStore: Send + Sync {
     /// or (no parent) an empty directory of mode 0700 owned by the owner, where the caller runs
     /// initdb.
     fn begin(&self, id: &StateId, parent: Option<&StateId>) -> Result<Build, StoreError>;
+    /// `begin`, telling `progress` the bytes of the parent's data copied so far.
+    fn begin_reporting(
+        &self,
+        id: &StateId,
+        parent: Option<&StateId>,
+        progress: CloneProgress<'_>,
+    ) -> Result<Build, StoreError> {
+        let _ = progress;
+        self.begin(id, parent)
+    }
     /// Makes a build durable and visible under its id; if a racing build of the same id won,
     /// discards this one and returns the winner's manifest.
     fn publish(&self, build: Build, meta: PublishMeta) -> Result<Manifest, StoreError>;

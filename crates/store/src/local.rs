@@ -27,7 +27,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use taidon_core::{CloneStrategy, StateId};
 
-use crate::clone::{chown_to, clone_tree, create_base_dir, detect_strategy, remove_tree};
+use crate::clone::{
+    chown_to, clone_tree, clone_tree_reporting, create_base_dir, detect_strategy, remove_tree,
+    CloneProgress,
+};
 use crate::digest::tree_digest;
 use crate::error::{IoContext, StoreError};
 use crate::{CloneStats, Manifest, Owner, PublishMeta, SnapshotStore};
@@ -102,6 +105,44 @@ impl Drop for Build {
 }
 
 impl LocalStore {
+    /// `begin`, with the parent's copy reported to `progress`.
+    fn begin_with(
+        &self,
+        id: &StateId,
+        parent: Option<&StateId>,
+        progress: Option<CloneProgress<'_>>,
+    ) -> Result<Build, StoreError> {
+        if let Some(p) = parent {
+            if !self.contains(p) {
+                return Err(StoreError::UnknownState(*p));
+            }
+        }
+        let dir = self.unique(&format!("{BUILDING}{id}-"));
+        fs::create_dir(&dir).ctx("create build directory", &dir)?;
+        // Only the data directory is private; the owner must be able to reach it.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o711)).ctx("chmod", &dir)?;
+        let build = Build {
+            id: *id,
+            parent: parent.copied(),
+            data: dir.join(DATA),
+            dir,
+            finished: false,
+        };
+        match parent {
+            Some(p) => {
+                clone_tree_reporting(
+                    &self.data_dir(p),
+                    &build.data,
+                    self.strategy,
+                    self.owner,
+                    progress,
+                )?;
+            }
+            None => create_base_dir(&build.data, self.strategy, self.owner)?,
+        }
+        Ok(build)
+    }
+
     /// Opens (creating it if needed) the store at `root` and detects its clone strategy; data
     /// directories will belong to `owner` when given.
     pub fn open(root: PathBuf, owner: Option<Owner>) -> Result<Self, StoreError> {
@@ -308,29 +349,16 @@ impl SnapshotStore for LocalStore {
     }
 
     fn begin(&self, id: &StateId, parent: Option<&StateId>) -> Result<Build, StoreError> {
-        if let Some(p) = parent {
-            if !self.contains(p) {
-                return Err(StoreError::UnknownState(*p));
-            }
-        }
-        let dir = self.unique(&format!("{BUILDING}{id}-"));
-        fs::create_dir(&dir).ctx("create build directory", &dir)?;
-        // Only the data directory is private; the owner must be able to reach it.
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o711)).ctx("chmod", &dir)?;
-        let build = Build {
-            id: *id,
-            parent: parent.copied(),
-            data: dir.join(DATA),
-            dir,
-            finished: false,
-        };
-        match parent {
-            Some(p) => {
-                clone_tree(&self.data_dir(p), &build.data, self.strategy, self.owner)?;
-            }
-            None => create_base_dir(&build.data, self.strategy, self.owner)?,
-        }
-        Ok(build)
+        self.begin_with(id, parent, None)
+    }
+
+    fn begin_reporting(
+        &self,
+        id: &StateId,
+        parent: Option<&StateId>,
+        progress: CloneProgress<'_>,
+    ) -> Result<Build, StoreError> {
+        self.begin_with(id, parent, Some(progress))
     }
 
     fn publish(&self, mut build: Build, meta: PublishMeta) -> Result<Manifest, StoreError> {

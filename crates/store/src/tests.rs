@@ -333,6 +333,28 @@ fn a_child_build_starts_from_its_parent_and_leaves_it_alone() {
 }
 
 #[test]
+fn a_copying_build_reports_its_bytes_up_to_the_total() {
+    let dir = scratch();
+    let store = LocalStore::open(dir.path().join("store"), owner())
+        .unwrap()
+        .with_strategy(CloneStrategy::Copy);
+    publish_sample(&store, sid(5));
+    let seen = std::sync::Mutex::new(Vec::new());
+    let report = |done: u64, total: u64| seen.lock().unwrap().push((done, total));
+    let build = store
+        .begin_reporting(&sid(6), Some(&sid(5)), &report)
+        .unwrap();
+    let seen = seen.into_inner().unwrap();
+    // One report per copied file (PG_VERSION, 1259, empty, run.sh), rising to the total.
+    let total = 100_000 + 3 + 10;
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(seen.iter().all(|&(_, t)| t == total), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "{seen:?}");
+    assert_eq!(seen.last(), Some(&(total, total)));
+    drop(build);
+}
+
+#[test]
 fn clone_tree_keeps_content_modes_and_symlinks() {
     let dir = scratch();
     let src = dir.path().join("src");
