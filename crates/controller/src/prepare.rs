@@ -23,6 +23,33 @@ fn send(events: &Events, event: PrepareEvent) {
     let _ = events.send(event);
 }
 
+/// How often a long copy reports its bytes.
+const TRANSFER_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A store progress callback that sends `Transfer` events, at most one per `TRANSFER_EVERY`
+/// and always the last.
+fn transfer_reporter(events: Events, what: String) -> impl Fn(u64, u64) + Send + Sync {
+    let last = std::sync::Mutex::new(None::<Instant>);
+    move |done, total| {
+        let now = Instant::now();
+        let mut last = last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if done < total && last.is_some_and(|t| now.duration_since(t) < TRANSFER_EVERY) {
+            return;
+        }
+        *last = Some(now);
+        send(
+            &events,
+            PrepareEvent::Transfer {
+                what: what.clone(),
+                done_bytes: done,
+                total_bytes: total,
+            },
+        );
+    }
+}
+
 impl Controller {
     /// Builds (or finds) the state of `req.steps` and starts an instance of it if asked.
     /// Progress goes to `events`; so does the final `Done` or `Failed`.
@@ -179,7 +206,10 @@ impl Controller {
         let step_json = serde_json::to_string(step).unwrap_or_default();
         self.record_building(id, Some(parent), label.clone(), &step_json)?;
         let hold = self.hold_snapshot(parent).await;
-        let build = self.blocking(move |s| s.begin(&id, Some(&parent))).await?;
+        let copying = transfer_reporter(events.clone(), format!("copying {}", parent.short()));
+        let build = self
+            .blocking(move |s| s.begin_reporting(&id, Some(&parent), &copying))
+            .await?;
         drop(hold);
 
         let server = self.start_build_server(build.data_dir(), &id).await?;

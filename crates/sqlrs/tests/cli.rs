@@ -324,3 +324,60 @@ zpty -d z
         assert!(screen.contains(shell), "{shell} not offered:\n{screen}");
     }
 }
+
+#[test]
+fn verbose_json_progress_is_ndjson_with_the_bytes_of_each_copy() {
+    let env = Env::new();
+    env.write("schema.sql", "create table t (x int);");
+    env.write("seed.sql", "insert into t select generate_series(1, 1000);");
+    let r = env.ok(&[
+        "-v",
+        "--json",
+        "prepare:psql",
+        "--",
+        "-f",
+        "schema.sql",
+        "-f",
+        "seed.sql",
+    ]);
+    // stdout: the one result document.
+    let result = r.json();
+    assert!(result["dsn"].as_str().is_some(), "{}", r.describe());
+    // stderr: one event per line, in order.
+    let events: Vec<serde_json::Value> = r
+        .stderr
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("not an NDJSON event ({e}): {l:?}\n{}", r.describe()))
+        })
+        .collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().expect("event"))
+        .collect();
+    assert_eq!(kinds.first(), Some(&"plan"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"done"), "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "step_done").count(),
+        2,
+        "{kinds:?}"
+    );
+    // The second step starts on a copy of the first one's snapshot (/tmp is ext4, no reflink):
+    // its bytes are reported, rising to the total.
+    let transfers: Vec<(u64, u64)> = events
+        .iter()
+        .filter(|e| e["event"] == "transfer")
+        .map(|e| {
+            (
+                e["done_bytes"].as_u64().expect("done"),
+                e["total_bytes"].as_u64().expect("total"),
+            )
+        })
+        .collect();
+    assert!(!transfers.is_empty(), "{kinds:?}");
+    let (done, total) = *transfers.last().expect("a transfer");
+    assert_eq!(done, total, "{transfers:?}");
+    assert!(total > 10 << 20, "a data directory is tens of MiB: {total}");
+    env.ok(&["shutdown"]);
+}
