@@ -378,3 +378,61 @@ async fn a_killed_server_reports_its_signal_and_starts_again_on_its_data() {
         .unwrap();
     again.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_restart_waits_for_the_backends_a_killed_server_left() {
+    let fx = Fixture::setup();
+    fx.engine
+        .initdb(&fx.data_dir(), fx.run_as.as_ref())
+        .await
+        .unwrap();
+    let runtime = LocalRuntime {
+        engine: fx.engine.clone(),
+        run_as: fx.run_as.clone(),
+    };
+    let mut instance = runtime.start_instance(fx.config(false)).await.unwrap();
+    let pid_file = fx.data_dir().join("postmaster.pid");
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // A backend busy on the CPU does not look for its postmaster's death until it waits
+    // again, so it outlives the kill by about two seconds, holding the shared memory.
+    let (client, connection) = tokio_postgres::Config::new()
+        .host_path(fx.config(false).socket_dir)
+        .port(instance.port())
+        .user("postgres")
+        .dbname("postgres")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let busy = tokio::spawn(async move {
+        client
+            .batch_execute(
+                "do $$ begin
+                   while clock_timestamp() < now() + interval '2 s' loop end loop;
+                 end $$",
+            )
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // SAFETY: kill has no memory preconditions; the pid is our child, not reaped yet.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    while instance.health() == Health::Running {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    let mut again = runtime.start_instance(fx.config(false)).await.unwrap();
+    assert_eq!(again.health(), Health::Running);
+    assert!(
+        fx.log().contains("pre-existing shared memory block"),
+        "the restart did not meet the leftover backend:\n{}",
+        fx.log()
+    );
+    let _ = busy.await;
+    again.stop().await.unwrap();
+}
