@@ -20,15 +20,15 @@ BASELINE_REV = "5a6546e"  # the hand-written parser, before `sqlrs on clap`
 
 
 def build_baseline(rev):
-    """A release `sqlrs` of `rev`, built in a worktree into this tree's target dir (so the
-    dependencies are built once) and copied aside before this tree's build replaces it."""
+    """A release `sqlrs` of `rev`, built in a worktree with a target dir of its own (sharing
+    this tree's would mix up the two builds of the same path crates), and copied aside."""
     tree = Path("/tmp/taidon-bench-baseline-" + rev)
     if not tree.exists():
         subprocess.run(
             ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev],
             check=True,
         )
-    target = ROOT / "target"
+    target = ROOT / "target" / "bench-baseline"
     subprocess.run(
         ["cargo", "build", "--release", "-q", "-p", "sqlrs", "--target-dir", str(target)],
         cwd=tree,
