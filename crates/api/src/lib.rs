@@ -282,7 +282,6 @@ pub struct WarmupRequest {
     pub state: Option<String>,
     #[serde(default)]
     pub steps: Vec<Step>,
-    pub cwd: PathBuf,
     #[serde(default)]
     pub hot: bool,
 }
@@ -319,11 +318,22 @@ pub struct InstanceInfo {
 /// `POST /v1/prepare`: build (or find) the state of `steps` and, if asked, start an instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrepareRequest {
+    /// The steps; every file they name is a blob the controller already has (see
+    /// `POST /v1/blobs/missing`).
     pub steps: Vec<Step>,
-    /// The directory relative file paths in `steps` are read from, and psql runs in (so `\i`
-    /// resolves as it would for the user).
-    pub cwd: PathBuf,
     pub create_instance: bool,
+}
+
+/// `POST /v1/blobs/missing`: which of these content hashes the controller lacks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobsMissingRequest {
+    pub sha256: Vec<String>,
+}
+
+/// The answer to `POST /v1/blobs/missing`, in the order asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobsMissing {
+    pub missing: Vec<String>,
 }
 
 /// One line of the `POST /v1/prepare` NDJSON stream. The stream ends with `Done` or `Failed`.

@@ -36,6 +36,11 @@ pub fn router(controller: Arc<Controller>) -> Router {
     let protected = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/prepare", post(prepare))
+        .route("/v1/blobs/missing", post(blobs_missing))
+        .route(
+            "/v1/blobs/{sha256}",
+            axum::routing::put(put_blob).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/v1/states", get(states))
         .route("/v1/states/{id}", axum::routing::delete(remove_state))
         .route("/v1/instances", get(instances).post(create_instance))
@@ -100,6 +105,37 @@ async fn prepare(State(ctl): Ctl, Json(req): Json<PrepareRequest>) -> Response {
     let task = Arc::clone(&ctl);
     ctl.spawn(async move { task.prepare(req, tx).await });
     ndjson(rx)
+}
+
+async fn blobs_missing(
+    State(ctl): Ctl,
+    Json(req): Json<taidon_api::BlobsMissingRequest>,
+) -> Response {
+    Json(taidon_api::BlobsMissing {
+        missing: ctl.blobs().missing(&req.sha256),
+    })
+    .into_response()
+}
+
+/// `PUT /v1/blobs/{sha256}`: the body is streamed to disk, hashed, and kept only if it matches.
+async fn put_blob(State(ctl): Ctl, Path(sha256): Path<String>, body: Body) -> Response {
+    use crate::blobs::BlobError;
+    match ctl.blobs().put(&sha256, body.into_data_stream()).await {
+        Ok(true) => StatusCode::CREATED.into_response(),
+        Ok(false) => StatusCode::OK.into_response(),
+        Err(e @ BlobError::TooLarge { .. }) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Json(ApiError::new(ErrorKind::BadInput, e.to_string())),
+        )
+            .into_response(),
+        Err(e @ (BlobError::Mismatch { .. } | BlobError::BadName(_) | BlobError::Body(_))) => {
+            api_error(ApiError::new(ErrorKind::BadInput, e.to_string()))
+        }
+        Err(e @ BlobError::Io(_)) => {
+            tracing::error!(error = %e, "storing a blob failed");
+            api_error(ApiError::new(ErrorKind::Internal, e.to_string()))
+        }
+    }
 }
 
 async fn states(State(ctl): Ctl) -> Result<Response, ControllerError> {

@@ -3,6 +3,7 @@
 #![deny(clippy::todo, clippy::dbg_macro)]
 
 mod access;
+pub mod blobs;
 pub mod config;
 mod error;
 pub mod home;
@@ -48,6 +49,8 @@ pub struct ControllerConfig {
     pub token_ttl_s: u64,
     /// The lifecycle settings; read from `<home>/config.toml` when `None`.
     pub lifecycle: Option<config::Config>,
+    /// The largest input blob a client may upload, in MiB.
+    pub max_blob_mb: u64,
 }
 
 impl ControllerConfig {
@@ -57,8 +60,14 @@ impl ControllerConfig {
             pg_bin: None,
             token_ttl_s: default_token_ttl_s(),
             lifecycle: None,
+            max_blob_mb: default_max_blob_mb(),
         }
     }
+}
+
+/// 1 GiB: a large dump is one input; a runaway upload is refused.
+pub fn default_max_blob_mb() -> u64 {
+    1024
 }
 
 /// Seven days: a kept instance's DSN outlives a working week.
@@ -87,6 +96,8 @@ pub struct Controller {
     /// What runs instances. Builds still start their servers through `engine` directly.
     runtime: Arc<dyn Runtime>,
     store: Arc<LocalStore>,
+    /// Every input file a step reads, by content.
+    blobs: blobs::BlobStore,
     meta: Meta,
     /// Tokens are signed with its current key; swapped whole when the keyset file changes.
     keys: Arc<SharedKeyset>,
@@ -162,6 +173,8 @@ impl Controller {
             gid: u.gid,
         });
         let store = Arc::new(LocalStore::open(home.snapshots(), owner)?);
+        let blobs = blobs::BlobStore::open(home.root().join("inputs"), config.max_blob_mb)
+            .map_err(|e| ControllerError::io("cannot open the input blob store", e))?;
         let keyset = Keyset::from_file(&access::read_or_create_keyset(&home)?)
             .map_err(|e| ControllerError::BadInput(format!("invalid keyset: {e}")))?;
         let api_token = home::read_or_create_secret(&home.api_token_file(), 32)
@@ -180,6 +193,7 @@ impl Controller {
             run_as,
             runtime,
             store,
+            blobs,
             meta,
             keys: Arc::new(SharedKeyset::new(keyset)),
             access: access::Access::default(),
@@ -199,6 +213,11 @@ impl Controller {
 
     pub fn home(&self) -> &Home {
         &self.home
+    }
+
+    /// The input blobs.
+    pub fn blobs(&self) -> &blobs::BlobStore {
+        &self.blobs
     }
 
     pub fn engine(&self) -> &Engine {

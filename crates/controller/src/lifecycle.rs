@@ -6,12 +6,11 @@
 //! One object's failure (an instance that does not stop, a snapshot that cannot be removed)
 //! is logged and recorded as a `lifecycle_error` event, and the tick goes on with the others.
 //!
-//! Inputs are kept: every `-f` file a prepare reads is copied to `<home>/inputs/<sha256>`
-//! (content-addressed, written once), so a COLD state asked for by id alone can be replayed
+//! Inputs are kept: every file a step reads is an input blob in `<home>/inputs/<sha256>`
+//! (content-addressed, uploaded once), so a COLD state asked for by id alone can be replayed
 //! from its nearest surviving ancestor.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 
 use taidon_api::{EventInfo, PrepareEvent, StateStatus, WarmupRequest};
@@ -20,7 +19,7 @@ use taidon_core::policy::{
     self, retention_score, transition, Event, InstanceFacts, PinState, Presence, Ranking,
     StateFacts, StopReason, Tree,
 };
-use taidon_core::{InstanceId, PsqlInput, StateId, Step};
+use taidon_core::{InstanceId, StateId, Step};
 use taidon_runtime::{Exit, Health};
 use taidon_store::SnapshotStore;
 
@@ -799,46 +798,22 @@ impl Controller {
         Ok(iid)
     }
 
-    /// Copies each `-f` input into `<home>/inputs/<sha256>` once, so the state can be
-    /// replayed later without the user's files.
-    pub(crate) fn keep_inputs(&self, steps: &[Step], cwd: &std::path::Path) {
-        let dir = self.inputs_dir();
-        for step in steps {
-            let Step::Psql(psql) = step;
-            if let PsqlInput::File { path, sha256 } = &psql.input {
-                let dest = dir.join(sha256);
-                if dest.exists() {
-                    continue;
-                }
-                let kept = std::fs::create_dir_all(&dir)
-                    .and_then(|()| std::fs::read(cwd.join(path)))
-                    .and_then(|bytes| crate::home::write_atomic(&dest, &bytes, 0o644));
-                if let Err(e) = kept {
-                    tracing::warn!(path, error = %e, "cannot keep a copy of an input");
-                }
-            }
-        }
-    }
-
-    fn inputs_dir(&self) -> PathBuf {
-        self.home.root().join("inputs")
-    }
-
     /// Whether a state's own step can be replayed from what is kept.
     pub(crate) fn replayable(&self, row: &StateRow) -> bool {
         if row.parent.is_none() {
             return true; // initdb
         }
         match serde_json::from_str::<Step>(&row.inputs_fingerprint) {
-            Ok(Step::Psql(p)) => match &p.input {
-                PsqlInput::File { sha256, .. } => self.inputs_dir().join(sha256).exists(),
-                PsqlInput::Command { .. } => true,
-            },
+            Ok(Step::Psql(p)) => p
+                .input
+                .files()
+                .iter()
+                .all(|(_, sha256)| self.blobs.contains(sha256)),
             Err(_) => false,
         }
     }
 
-    /// The steps that make `id`, from the base, with `-f` inputs pointing at the kept copies.
+    /// The steps that make `id`, from the base; their input files are blobs.
     pub(crate) fn replay_steps(&self, id: &StateId) -> Result<Vec<Step>, ControllerError> {
         let rows: HashMap<StateId, StateRow> = self
             .meta
@@ -850,22 +825,20 @@ impl Controller {
         let mut cur = rows.get(id);
         while let Some(row) = cur {
             let Some(parent) = row.parent else { break };
-            let mut step: Step = serde_json::from_str(&row.inputs_fingerprint).map_err(|_| {
+            let step: Step = serde_json::from_str(&row.inputs_fingerprint).map_err(|_| {
                 ControllerError::NotFound(format!(
                     "state {} cannot be restored: its step is not recorded",
                     row.state_id.short()
                 ))
             })?;
-            let Step::Psql(psql) = &mut step;
-            if let PsqlInput::File { path, sha256 } = &mut psql.input {
-                let kept = self.inputs_dir().join(&*sha256);
-                if !kept.exists() {
+            let Step::Psql(psql) = &step;
+            for (path, sha256) in psql.input.files() {
+                if !self.blobs.contains(sha256) {
                     return Err(ControllerError::NotFound(format!(
                         "state {} cannot be restored: input {path} was not kept",
                         row.state_id.short()
                     )));
                 }
-                *path = kept.display().to_string();
             }
             steps.push(step);
             cur = rows.get(&parent);
@@ -895,11 +868,7 @@ impl Controller {
         events: &Events,
     ) -> Result<(), ControllerError> {
         let steps = self.replay_steps(&id)?;
-        // psql runs in the inputs directory: it must exist even when no file was kept.
-        let dir = self.inputs_dir();
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| ControllerError::io(format!("cannot create {}", dir.display()), e))?;
-        self.build_steps(steps, dir, events).await?;
+        self.build_steps(steps, events).await?;
         Ok(())
     }
 
@@ -967,7 +936,7 @@ impl Controller {
                     (id, false)
                 }
             }
-            None => self.build_steps(req.steps, req.cwd, events).await?,
+            None => self.build_steps(req.steps, events).await?,
         };
         if req.hot {
             let until = now_ms() + self.lifecycle.config.instances.idle_timeout_s * 1000;

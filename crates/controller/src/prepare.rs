@@ -1,7 +1,7 @@
 //! The prepare engine: find the nearest existing ancestor of the wanted state, then build each
 //! missing step on a clone of its parent and publish it as a checkpoint.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -68,7 +68,7 @@ impl Controller {
         req: PrepareRequest,
         events: &Events,
     ) -> Result<PrepareEvent, ControllerError> {
-        let (head, cache_hit) = self.build_steps(req.steps, req.cwd, events).await?;
+        let (head, cache_hit) = self.build_steps(req.steps, events).await?;
         // Creating an instance counts as the access; a bare prepare counts on its own.
         let instance = if req.create_instance && !events.is_closed() {
             send(events, PrepareEvent::InstanceStarting { state_id: head });
@@ -90,12 +90,10 @@ impl Controller {
     pub(crate) async fn build_steps(
         &self,
         steps: Vec<Step>,
-        cwd: PathBuf,
         events: &Events,
     ) -> Result<(StateId, bool), ControllerError> {
-        let (steps, cwd) = (&steps, &cwd);
-        check_inputs(steps, cwd)?;
-        self.keep_inputs(steps, cwd);
+        let steps = &steps;
+        self.check_inputs(steps)?;
         let chain = chain(&self.engine.fingerprint, steps);
         let total = steps.len();
 
@@ -124,7 +122,7 @@ impl Controller {
             built_any |= self.ensure_base(&chain, events).await?;
         }
         for i in cached..total {
-            built_any |= self.ensure_step(&chain, steps, i, cwd, events).await?;
+            built_any |= self.ensure_step(&chain, steps, i, events).await?;
         }
         Ok((chain.head(), !built_any))
     }
@@ -180,7 +178,6 @@ impl Controller {
         chain: &Chain,
         steps: &[Step],
         i: usize,
-        cwd: &Path,
         events: &Events,
     ) -> Result<bool, ControllerError> {
         let id = chain.steps[i];
@@ -214,7 +211,17 @@ impl Controller {
 
         let server = self.start_build_server(build.data_dir(), &id).await?;
         let Step::Psql(psql) = step;
-        let applied = taidon_runtime::run_psql_step(&self.engine, &server, psql, cwd).await;
+        let applied = match self.lay_out(psql) {
+            Ok(work) => {
+                let cwd = work.path().join(workdir_of(psql));
+                taidon_runtime::run_psql_step(&self.engine, &server, psql, &cwd).await
+            }
+            Err(e) => Err(taidon_runtime::StepError {
+                message: e.to_string(),
+                output: String::new(),
+                exit_code: None,
+            }),
+        };
         // Stop cleanly either way: a fast shutdown writes a checkpoint, so the published data
         // directory needs no recovery when an instance starts from it.
         let stopped = server.stop().await;
@@ -334,26 +341,57 @@ impl Controller {
     }
 }
 
-/// Checks that every input file is still there with the content the client hashed, before
-/// any work starts: the state id must describe what is actually applied.
-fn check_inputs(steps: &[Step], cwd: &Path) -> Result<(), ControllerError> {
-    if steps.is_empty() {
-        return Err(ControllerError::BadInput(
-            "nothing to prepare: give at least one -f FILE or -c SQL".into(),
-        ));
+/// Where psql runs for `psql`, relative to its closure's root.
+fn workdir_of(psql: &taidon_core::PsqlStep) -> &str {
+    match &psql.input {
+        PsqlInput::File { workdir, .. } => workdir,
+        PsqlInput::Command { .. } => "",
     }
-    for step in steps {
-        let Step::Psql(psql) = step;
-        if let PsqlInput::File { path, sha256 } = &psql.input {
-            let full: PathBuf = cwd.join(path);
-            let content = std::fs::read(&full)
-                .map_err(|e| ControllerError::BadInput(format!("cannot read {path}: {e}")))?;
-            if &taidon_core::identity::content_sha256(&content) != sha256 {
-                return Err(ControllerError::BadInput(format!(
-                    "{path} changed since sqlrs read it; run the command again"
-                )));
+}
+
+impl Controller {
+    /// Checks, before any work starts, that there are steps and that every file they read is
+    /// a stored blob at a place that stays inside its closure.
+    pub(crate) fn check_inputs(&self, steps: &[Step]) -> Result<(), ControllerError> {
+        if steps.is_empty() {
+            return Err(ControllerError::BadInput(
+                "nothing to prepare: give at least one -f FILE or -c SQL".into(),
+            ));
+        }
+        for step in steps {
+            let Step::Psql(psql) = step;
+            for (path, sha256) in psql.input.files() {
+                if !crate::blobs::stays_under_root(&path) || path.is_empty() {
+                    return Err(ControllerError::BadInput(format!(
+                        "input {path:?} of step {} leaves its closure's root",
+                        step.label()
+                    )));
+                }
+                if !self.blobs.contains(sha256) {
+                    return Err(ControllerError::BadInput(format!(
+                        "unknown blob {sha256} ({path}): upload it first (PUT /v1/blobs/{sha256})"
+                    )));
+                }
             }
         }
+        Ok(())
     }
-    Ok(())
+
+    /// A fresh directory with the closure of `psql` laid out in it, removed when dropped.
+    fn lay_out(&self, psql: &taidon_core::PsqlStep) -> Result<tempfile::TempDir, ControllerError> {
+        let parent = self.home.root().join("work");
+        std::fs::create_dir_all(&parent)
+            .map_err(|e| ControllerError::io(format!("cannot create {}", parent.display()), e))?;
+        let dir = tempfile::Builder::new()
+            .prefix("step-")
+            .tempdir_in(&parent)
+            .map_err(|e| ControllerError::io("cannot make a step's work directory", e))?;
+        let root = dir.path();
+        std::fs::create_dir_all(root.join(workdir_of(psql)))
+            .map_err(|e| ControllerError::io("cannot make a step's work directory", e))?;
+        self.blobs
+            .lay_out(root, &psql.input.files())
+            .map_err(|e| ControllerError::io("cannot lay out a step's input files", e))?;
+        Ok(dir)
+    }
 }

@@ -15,7 +15,10 @@
 //! `kind` (`psql.file` or `psql.command`), `param.single_transaction` (`on`/`off`), one
 //! `param.var.NAME` per psql variable in byte order of NAME, and then `input.sha256` (the
 //! SHA-256 of the file's content, lowercase hex) for a file or `input.sql` (the text) for a
-//! command.
+//! command. A file that pulls in others (`\i`, `\ir`, `\include`, `\include_relative`) adds
+//! one `input.include.sha256` field per included file, in the order psql reads them (depth
+//! first; a file included twice counts twice). A file without includes has none, so its
+//! record is what it was before includes were hashed.
 //!
 //! Paths, modification times, the machine and the checkout never enter the record, so equal
 //! inputs give equal ids anywhere. The length prefix makes the encoding injective: no value can
@@ -96,7 +99,15 @@ pub fn step_state_id(parent: &StateId, step: &Step) -> StateId {
                 rec = rec.field(&format!("param.var.{name}"), value);
             }
             match &psql.input {
-                PsqlInput::File { sha256, .. } => rec.field("input.sha256", sha256),
+                PsqlInput::File {
+                    sha256, includes, ..
+                } => {
+                    rec = rec.field("input.sha256", sha256);
+                    for inc in includes {
+                        rec = rec.field("input.include.sha256", &inc.sha256);
+                    }
+                    rec
+                }
                 PsqlInput::Command { sql } => rec.field("input.sql", sql),
             }
             .id()
@@ -130,6 +141,8 @@ mod tests {
             input: PsqlInput::File {
                 path: path.into(),
                 sha256: content_sha256(content.as_bytes()),
+                workdir: String::new(),
+                includes: Vec::new(),
             },
             variables: BTreeMap::new(),
             single_transaction: false,
@@ -166,6 +179,70 @@ mod tests {
             step_state_id(&schema, &cmd).to_string(),
             "f6ea1e4396cdb73dfede87566d1ab92f7f3fed69c86cab0f4535cb674514e79d"
         );
+    }
+
+    fn with_includes(step: Step, includes: &[(&str, &str)]) -> Step {
+        let Step::Psql(mut p) = step;
+        if let PsqlInput::File { includes: inc, .. } = &mut p.input {
+            *inc = includes
+                .iter()
+                .map(|(path, content)| crate::plan::Included {
+                    path: (*path).into(),
+                    sha256: content_sha256(content.as_bytes()),
+                })
+                .collect();
+        }
+        Step::Psql(p)
+    }
+
+    // Computed apart:
+    //   a=$(printf 'create table t(x int);\n' | sha256sum | cut -c1-64)  # 6aff9186...
+    //   b=$(printf '\\i b.sql\n' | sha256sum | cut -c1-64)
+    //   c=$(printf 'insert into t values (1);\n' | sha256sum | cut -c1-64)
+    //   printf 'taidon.state.v1\nparent:64:%s\nkind:9:psql.file\nparam.single_transaction:3:off\ninput.sha256:64:%s\ninput.include.sha256:64:%s\ninput.include.sha256:64:%s\n' \
+    //     "$base" "$b" "$a" "$c" | sha256sum
+    #[test]
+    fn golden_id_with_includes() {
+        let base = base_state_id(&pg15());
+        let step = with_includes(
+            file("main.sql", "\\i b.sql\n"),
+            &[
+                ("sub/a.sql", "create table t(x int);\n"),
+                ("c.sql", "insert into t values (1);\n"),
+            ],
+        );
+        assert_eq!(
+            step_state_id(&base, &step).to_string(),
+            "516c2ae35e7e5909a5fe2c91d913911d78aabcc80721106c478155e2c68b7e69"
+        );
+    }
+
+    #[test]
+    fn an_included_file_is_identity_but_not_its_place() {
+        let base = base_state_id(&pg15());
+        let plain = file("main.sql", "\\i a.sql\n");
+        let a = with_includes(plain.clone(), &[("a.sql", "create table t();")]);
+        let moved = with_includes(plain.clone(), &[("lib/a.sql", "create table t();")]);
+        let edited = with_includes(plain.clone(), &[("a.sql", "create table u();")]);
+        let twice = with_includes(
+            plain.clone(),
+            &[
+                ("a.sql", "create table t();"),
+                ("a.sql", "create table t();"),
+            ],
+        );
+        assert_eq!(step_state_id(&base, &a), step_state_id(&base, &moved));
+        let ids = [
+            step_state_id(&base, &plain),
+            step_state_id(&base, &a),
+            step_state_id(&base, &edited),
+            step_state_id(&base, &twice),
+        ];
+        for i in 0..ids.len() {
+            for j in i + 1..ids.len() {
+                assert_ne!(ids[i], ids[j], "{i} vs {j}");
+            }
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod engine;
 pub mod id;
 pub mod identity;
+pub mod include;
 pub mod plan;
 pub mod policy;
 pub mod prefix;

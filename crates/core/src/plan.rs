@@ -12,10 +12,67 @@ use crate::identity::{base_state_id, step_state_id};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PsqlInput {
-    /// `-f FILE`. `path` is what the user typed; only `sha256` (of the content) is identity.
-    File { path: String, sha256: String },
+    /// `-f FILE` and the files it pulls in (its *input closure*). Only the contents (`sha256`
+    /// and each include's) are identity; the paths say where each file lies, so that the
+    /// controller can lay the closure out and run psql in `workdir` with `-f path`, and `\i`
+    /// and `\ir` resolve there as they did for the user.
+    File {
+        /// The script as psql is given it: relative to `workdir`.
+        path: String,
+        sha256: String,
+        /// Where psql runs, relative to the closure's root (empty: the root itself).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        workdir: String,
+        /// Every file the script pulls in with `\i`, `\ir`, `\include` or
+        /// `\include_relative`, recursively, in the order psql reads them (a file included
+        /// twice is listed twice).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        includes: Vec<Included>,
+    },
     /// `-c SQL`.
     Command { sql: String },
+}
+
+/// A file an input pulls in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Included {
+    /// Where it lies, relative to the closure's root.
+    pub path: String,
+    pub sha256: String,
+}
+
+impl PsqlInput {
+    /// Every file of the input's closure, as (path relative to the closure's root, sha256):
+    /// the script first, then its includes. Empty for a command.
+    pub fn files(&self) -> Vec<(String, &str)> {
+        match self {
+            PsqlInput::File {
+                path,
+                sha256,
+                workdir,
+                includes,
+            } => std::iter::once((join_rel(workdir, path), sha256.as_str()))
+                .chain(includes.iter().map(|i| (i.path.clone(), i.sha256.as_str())))
+                .collect(),
+            PsqlInput::Command { .. } => Vec::new(),
+        }
+    }
+}
+
+/// `base/rel`, lexically: `.` and `..` are resolved, so `a/b` + `../c` is `a/c`. A path that
+/// would leave the root keeps its leading `..` (and is refused where that matters).
+pub fn join_rel(base: &str, rel: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in base.split('/').chain(rel.split('/')) {
+        match part {
+            "" | "." => {}
+            ".." if parts.last().is_some_and(|p| *p != "..") => {
+                parts.pop();
+            }
+            other => parts.push(other),
+        }
+    }
+    parts.join("/")
 }
 
 /// One psql invocation with `ON_ERROR_STOP=1`.
@@ -44,7 +101,7 @@ impl Step {
             Step::Psql(PsqlStep {
                 input: PsqlInput::File { path, .. },
                 ..
-            }) => path.clone(),
+            }) => path.strip_prefix("./").unwrap_or(path).to_owned(),
             Step::Psql(PsqlStep {
                 input: PsqlInput::Command { sql },
                 ..
@@ -116,6 +173,8 @@ mod tests {
             input: PsqlInput::File {
                 path: "db/schema.sql".into(),
                 sha256: "00".repeat(32),
+                workdir: String::new(),
+                includes: Vec::new(),
             },
             variables: BTreeMap::new(),
             single_transaction: false,

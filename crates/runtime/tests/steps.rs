@@ -14,6 +14,8 @@ fn file(path: &str) -> PsqlStep {
         input: PsqlInput::File {
             path: path.into(),
             sha256: "00".repeat(32),
+            workdir: String::new(),
+            includes: Vec::new(),
         },
         variables: BTreeMap::new(),
         single_transaction: false,

@@ -426,6 +426,38 @@ fn command_of<'a>(cmd: &'a clap::Command, name: &str) -> Option<&'a str> {
     cmd.find_subcommand(name).map(clap::Command::get_name)
 }
 
+/// Whether `args[i]` is a psql argument, where a prepare's own flags could also be: `-f`,
+/// `-c`, `-1` (also clustered), their long forms, `--set`, `--variable`, and `-v` with a
+/// `NAME=VALUE` (a bare `-v` is sqlrs's own verbosity).
+fn starts_psql(args: &[OsString], i: usize) -> bool {
+    let Some(arg) = args.get(i).and_then(|a| a.to_str()) else {
+        return false;
+    };
+    let long = [
+        "--file",
+        "--command",
+        "--set",
+        "--variable",
+        "--single-transaction",
+    ];
+    if long
+        .iter()
+        .any(|l| arg == *l || arg.strip_prefix(l).is_some_and(|r| r.starts_with('=')))
+    {
+        return true;
+    }
+    if arg.starts_with("-f") || arg.starts_with("-c") || arg.starts_with("-1") {
+        return true;
+    }
+    if arg == "-v" {
+        return args
+            .get(i + 1)
+            .and_then(|a| a.to_str())
+            .is_some_and(|a| a.contains('='));
+    }
+    arg.starts_with("-v") && arg.contains('=')
+}
+
 fn is_prepare(word: &str) -> bool {
     word == "prepare" || word.starts_with("prepare:")
 }
@@ -461,17 +493,30 @@ fn split(args: &[OsString]) -> Result<Stages, UsageError> {
         ..Stages::default()
     };
     if is_prepare(verb) {
-        // The verb's own flags end at `--`; the psql arguments end at a run stage.
+        // The verb's own flags end at `--` (or at the first psql argument: `--` is optional);
+        // the psql arguments end at a run stage.
+        let mut args = args.to_vec();
         let mut i = v + 1;
         let sep = loop {
-            match next_positional(args, i, &takes) {
-                Some(j) if args[j] == "--" => break Some(j),
-                Some(j) => i = j + 1,
-                None => break None,
+            let Some(arg) = args.get(i) else {
+                break None;
+            };
+            if arg == "--" {
+                break Some(i);
             }
+            if starts_psql(&args, i) {
+                args.insert(i, OsString::from("--"));
+                break Some(i);
+            }
+            let flag = arg.to_str().unwrap_or_default();
+            i += if takes.iter().any(|t| t == flag) {
+                2
+            } else {
+                1
+            };
         };
         let Some(sep) = sep else {
-            stages.first = args.to_vec();
+            stages.first = args;
             return Ok(stages);
         };
         let end = sep + 1 + psql_len(&args[sep + 1..]);
@@ -497,10 +542,13 @@ fn split(args: &[OsString]) -> Result<Stages, UsageError> {
             let word = first[j].to_str().unwrap_or_default();
             if is_prepare(word) {
                 check_kind(word, &cmd)?;
+                if starts_psql(&first, j + 1) {
+                    first.insert(j + 1, OsString::from("--"));
+                }
                 if !matches!(first.get(j + 1), Some(a) if a == "--") {
                     return Err(UsageError::new(
                         "warmup",
-                        "warmup prepare:psql needs '--' and psql arguments",
+                        "warmup prepare:psql needs psql arguments: -f FILE or -c SQL",
                     ));
                 }
                 first.remove(j);
@@ -709,12 +757,6 @@ fn psql_args(args: &[OsString]) -> Result<(PsqlArgs, usize), UsageError> {
 }
 
 fn file_input(path: String) -> Result<Input, UsageError> {
-    if path == "-" {
-        return Err(UsageError::new(
-            PREPARE,
-            "prepare:psql cannot read a script from stdin ('-f -'): give a file",
-        ));
-    }
     if path.is_empty() {
         return Err(UsageError::new(
             PREPARE,

@@ -37,6 +37,20 @@ pub(crate) enum ClientError {
     },
     #[error("the prepare stream ended before it said done or failed")]
     StreamEnded,
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where an input blob's bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BlobSource {
+    File(std::path::PathBuf),
+    /// Read already (a script from stdin).
+    Bytes(Vec<u8>),
 }
 
 /// A client of one daemon's API.
@@ -210,6 +224,57 @@ impl Client {
             req = req.query(&[("force", "true")]);
         }
         self.json(req, &url).await
+    }
+
+    /// Which of these input blobs the controller lacks.
+    pub(crate) async fn blobs_missing(
+        &self,
+        sha256: &[String],
+    ) -> Result<Vec<String>, ClientError> {
+        let answer: taidon_api::BlobsMissing = self
+            .post(
+                "/blobs/missing",
+                &taidon_api::BlobsMissingRequest {
+                    sha256: sha256.to_vec(),
+                },
+            )
+            .await?;
+        Ok(answer.missing)
+    }
+
+    /// Uploads one input blob, streamed from `source`.
+    pub(crate) async fn put_blob(
+        &self,
+        sha256: &str,
+        source: &BlobSource,
+    ) -> Result<(), ClientError> {
+        let url = self.url(&format!("/blobs/{sha256}"));
+        let body = match source {
+            BlobSource::Bytes(bytes) => reqwest::Body::from(bytes.clone()),
+            BlobSource::File(path) => {
+                let file = tokio::fs::File::open(path)
+                    .await
+                    .map_err(|e| ClientError::Read {
+                        path: path.clone(),
+                        source: e,
+                    })?;
+                let chunks = futures_util::stream::unfold(file, |mut file| async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut buf = vec![0u8; 256 << 10];
+                    match file.read(&mut buf).await {
+                        Ok(0) => None,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            Some((Ok::<_, std::io::Error>(buf), file))
+                        }
+                        Err(e) => Some((Err(e), file)),
+                    }
+                });
+                reqwest::Body::wrap_stream(chunks)
+            }
+        };
+        self.send(self.http.put(&url).body(body), &url).await?;
+        Ok(())
     }
 
     pub(crate) async fn status(&self) -> Result<Status, ClientError> {

@@ -2,14 +2,13 @@
 
 use std::ffi::OsString;
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use taidon_api::{InstanceInfo, PrepareEvent, PrepareRequest};
-use taidon_core::identity::content_sha256;
-use taidon_core::{PsqlInput, PsqlStep, StateId, Step};
+use taidon_core::StateId;
 
-use crate::args::{Cli, Command, Global, Input, Prepare, PsqlArgs, Run, RunKind};
+use crate::args::{Cli, Command, Global, Prepare, PsqlArgs, Run, RunKind};
 use crate::client::{Client, ClientError};
 use crate::daemon::{choose_home, find_in_path, DaemonError, Home, HomeEnv};
 use crate::error::Error;
@@ -43,32 +42,59 @@ fn json_line<T: serde::Serialize>(value: &T) -> Result<(), Error> {
     out(&format!("{text}\n"))
 }
 
-/// The steps of a prepare: each file read now (relative to `cwd`) and hashed into its identity.
-pub(crate) fn build_steps(psql: &PsqlArgs, cwd: &Path) -> Result<Vec<Step>, Error> {
-    psql.inputs
-        .iter()
-        .map(|input| {
-            let input = match input {
-                Input::File(path) => {
-                    let content =
-                        std::fs::read(cwd.join(path)).map_err(|source| Error::ReadInput {
-                            path: path.clone(),
-                            source,
-                        })?;
-                    PsqlInput::File {
-                        path: path.clone(),
-                        sha256: content_sha256(&content),
-                    }
+/// The steps of a prepare, with every file they read (each script's include closure) hashed;
+/// reads stdin for `-f -`.
+pub(crate) fn collect_inputs(psql: &PsqlArgs) -> Result<crate::inputs::Collected, Error> {
+    let cwd = std::env::current_dir().map_err(Error::Cwd)?;
+    let mut cache = crate::inputs::HashCache::load();
+    let collected = crate::inputs::collect(psql, &cwd, &mut cache, &mut io::stdin().lock())?;
+    cache.save();
+    Ok(collected)
+}
+
+/// Uploads the blobs the controller lacks; returns how many bytes went up.
+async fn send_inputs(
+    client: &Client,
+    inputs: &crate::inputs::Collected,
+    verbose: bool,
+) -> Result<u64, Error> {
+    let all: Vec<String> = inputs.blobs.keys().cloned().collect();
+    if all.is_empty() {
+        return Ok(0);
+    }
+    let missing = client.blobs_missing(&all).await?;
+    let mut bytes = 0;
+    for sha in &missing {
+        let Some(source) = inputs.blobs.get(sha) else {
+            continue;
+        };
+        if let Err(e) = client.put_blob(sha, source).await {
+            // Name the file the server refused.
+            return Err(match (e, source) {
+                (ClientError::Api(mut api), crate::client::BlobSource::File(path)) => {
+                    api.message = format!("cannot upload {}: {}", path.display(), api.message);
+                    Error::Api(api)
                 }
-                Input::Command(sql) => PsqlInput::Command { sql: sql.clone() },
-            };
-            Ok(Step::Psql(PsqlStep {
-                input,
-                variables: psql.variables.clone(),
-                single_transaction: psql.single_transaction,
-            }))
-        })
-        .collect()
+                (other, _) => other.into(),
+            });
+        }
+        bytes += match source {
+            crate::client::BlobSource::Bytes(b) => b.len() as u64,
+            crate::client::BlobSource::File(p) => {
+                std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+            }
+        };
+    }
+    if verbose {
+        err(&format!(
+            "sqlrs: inputs: {} file{}, {} uploaded ({})\n",
+            all.len(),
+            if all.len() == 1 { "" } else { "s" },
+            missing.len(),
+            render::human_size(bytes)
+        ));
+    }
+    Ok(bytes)
 }
 
 /// What the command line asks, with the home it works in.
@@ -125,12 +151,11 @@ struct Prepared {
 }
 
 async fn prepare(ctx: &Ctx, p: Prepare) -> Result<i32, Error> {
-    let cwd = std::env::current_dir().map_err(Error::Cwd)?;
-    let steps = build_steps(&p.psql, &cwd)?;
+    let inputs = collect_inputs(&p.psql)?;
     let client = ctx.client().await?;
+    let uploaded_bytes = send_inputs(&client, &inputs, ctx.global.verbose > 0).await?;
     let req = PrepareRequest {
-        steps,
-        cwd,
+        steps: inputs.steps,
         create_instance: true,
     };
     let prepared = stream_prepare(&client, &req, &ctx.global).await?;
@@ -142,6 +167,7 @@ async fn prepare(ctx: &Ctx, p: Prepare) -> Result<i32, Error> {
                 "instance_id": instance.instance_id,
                 "dsn": instance.dsn,
                 "cache_hit": prepared.cache_hit,
+                "uploaded_bytes": uploaded_bytes,
             }))?;
         } else {
             out(&format!("DSN={}\n", instance.dsn))?;
@@ -448,16 +474,21 @@ async fn pin(ctx: &Ctx, a: crate::args::PinArgs, on: bool) -> Result<i32, Error>
 
 /// `warmup`: builds or restores a state, with progress, and with `--hot` a standby.
 async fn warmup(ctx: &Ctx, w: crate::args::Warmup) -> Result<i32, Error> {
-    let cwd = std::env::current_dir().map_err(Error::Cwd)?;
-    let steps = match &w.psql {
-        Some(psql) => build_steps(psql, &cwd)?,
-        None => Vec::new(),
+    let inputs = match &w.psql {
+        Some(psql) => Some(collect_inputs(psql)?),
+        None => None,
     };
     let client = ctx.client().await?;
+    let steps = match inputs {
+        Some(inputs) => {
+            send_inputs(&client, &inputs, ctx.global.verbose > 0).await?;
+            inputs.steps
+        }
+        None => Vec::new(),
+    };
     let req = taidon_api::WarmupRequest {
         state: w.id.clone(),
         steps,
-        cwd,
         hot: w.hot,
     };
     let events = client.warmup(&req).await?;
@@ -554,56 +585,4 @@ async fn events(ctx: &Ctx, id: Option<&str>) -> Result<i32, Error> {
         &rows,
     ))?;
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use super::*;
-
-    #[test]
-    fn steps_read_files_relative_to_cwd_and_carry_shared_parameters() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("db")).unwrap();
-        std::fs::write(dir.path().join("db/schema.sql"), "create table t(x int);\n").unwrap();
-        let psql = PsqlArgs {
-            inputs: vec![
-                Input::File("db/schema.sql".into()),
-                Input::Command("insert into t values (1)".into()),
-            ],
-            variables: BTreeMap::from([("a".into(), "1".into())]),
-            single_transaction: true,
-        };
-        let steps = build_steps(&psql, dir.path()).unwrap();
-        assert_eq!(steps.len(), 2);
-        let Step::Psql(first) = &steps[0];
-        assert_eq!(
-            first.input,
-            PsqlInput::File {
-                path: "db/schema.sql".into(),
-                // sha256 of the file's bytes, computed apart: printf 'create table t(x int);\n' | sha256sum
-                sha256: "6aff9186df670220c660798c37c0ceffb638145aacc6269e483e519bd10ae3f0".into(),
-            }
-        );
-        for Step::Psql(step) in &steps {
-            assert!(step.single_transaction);
-            assert_eq!(step.variables.get("a").map(String::as_str), Some("1"));
-        }
-    }
-
-    #[test]
-    fn a_missing_file_is_bad_input_named_as_typed() {
-        let dir = tempfile::tempdir().unwrap();
-        let psql = PsqlArgs {
-            inputs: vec![Input::File("schema.sql".into())],
-            ..PsqlArgs::default()
-        };
-        let e = build_steps(&psql, dir.path()).unwrap_err();
-        assert_eq!(e.exit_code(), 2);
-        assert_eq!(
-            e.to_string(),
-            "cannot read schema.sql: No such file or directory (os error 2)"
-        );
-    }
 }

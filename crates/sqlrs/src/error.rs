@@ -14,15 +14,11 @@ use crate::run::RunError;
 pub(crate) enum Error {
     #[error(transparent)]
     Usage(#[from] UsageError),
-    /// A prepare input file could not be read: the user's input is wrong.
-    #[error("cannot read {path}: {source}")]
-    ReadInput {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
     #[error(transparent)]
     Prefix(#[from] taidon_core::prefix::PrefixError),
+    /// The inputs cannot be read, hashed or resolved.
+    #[error(transparent)]
+    Input(#[from] crate::inputs::InputError),
     /// The controller said no.
     #[error(transparent)]
     Api(ApiError),
@@ -52,7 +48,7 @@ impl Error {
     /// The process exit code for this failure.
     pub(crate) fn exit_code(&self) -> i32 {
         match self {
-            Error::Usage(_) | Error::ReadInput { .. } | Error::Prefix(_) => 2,
+            Error::Usage(_) | Error::Prefix(_) | Error::Input(_) => 2,
             Error::Api(api) => api.kind.exit_code(),
             Error::Run(e) => e.exit_code(),
             // A reader that went away (`sqlrs ls | head`) is not a failure.
@@ -102,10 +98,10 @@ mod tests {
             bad.report().as_deref(),
             Some("sqlrs: unexpected argument '--bogus' found\n  see 'sqlrs ls --help'\n")
         );
-        let read = Error::ReadInput {
+        let read = Error::Input(crate::inputs::InputError::Read {
             path: "schema.sql".into(),
             source: io::Error::from_raw_os_error(libc::ENOENT),
-        };
+        });
         assert_eq!(read.exit_code(), 2);
         assert_eq!(
             read.report().as_deref(),

@@ -9,6 +9,7 @@ mod commands;
 mod complete;
 mod daemon;
 mod error;
+mod inputs;
 mod progress;
 mod render;
 mod run;

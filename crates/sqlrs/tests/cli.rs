@@ -96,7 +96,7 @@ fn usage_errors_are_one_line_and_a_hint_with_exit_2_and_start_nothing() {
     for (args, first) in [
         (&["ls", "--bogus"][..], "sqlrs: unexpected argument '--bogus' found"),
         (&["pin", "abcdef01", "--reason=never"][..], "sqlrs: invalid value 'never' for '--reason <REASON>' [possible values: main, tag, pr, manual]"),
-        (&["prepare:psql", "-f", "x.sql"][..], "sqlrs: unexpected argument '-f' found"),
+        (&["prepare:psql", "--kep", "-f", "x.sql"][..], "sqlrs: unexpected argument '--kep' found"),
         (&["run:nope", "--", "x"][..], "sqlrs: unknown run kind 'nope' (known kinds: run, run:pgbench, run:psql)"),
         (&["rm", "xyz"][..], "sqlrs: invalid value 'xyz' for '<ID>': \"xyz\" is not an id: use at least 8 hex digits"),
     ] {

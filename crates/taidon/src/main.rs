@@ -85,6 +85,9 @@ struct HomeArgs {
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:0")]
     api_listen: SocketAddr,
+    /// The largest input file a client may upload, MiB.
+    #[arg(long, env = "TAIDON_MAX_BLOB_MB", default_value_t = taidon_controller::default_max_blob_mb())]
+    max_blob_mb: u64,
     #[command(flatten)]
     lifecycle: LifecycleFlags,
 }
@@ -334,6 +337,7 @@ fn lock_home(home: &Home) -> Result<DaemonLock> {
 async fn open_controller(args: &HomeArgs) -> Result<Arc<Controller>> {
     let mut config = ControllerConfig::new(&args.home);
     config.pg_bin = args.pg_bin.clone();
+    config.max_blob_mb = args.max_blob_mb;
     config.lifecycle = Some(args.lifecycle.config(&args.home)?);
     Ok(Controller::open(config).await?)
 }

@@ -283,6 +283,55 @@ fn global_flags_go_anywhere_in_a_stage_in_either_form() {
 }
 
 #[test]
+fn the_separator_after_prepare_is_optional() {
+    let with = prep(&[
+        "prepare:psql",
+        "--",
+        "-f",
+        "a.sql",
+        "-c",
+        "x",
+        "run",
+        "--",
+        "true",
+    ]);
+    for args in [
+        &[
+            "prepare:psql",
+            "-f",
+            "a.sql",
+            "-c",
+            "x",
+            "run",
+            "--",
+            "true",
+        ][..],
+        &["prepare", "--file=a.sql", "-c", "x", "run", "--", "true"],
+        &["prepare", "-fa.sql", "-cx", "run", "--", "true"],
+    ] {
+        assert_eq!(prep(args), with, "{args:?}");
+    }
+    // -v NAME=VALUE is psql's; a bare -v is sqlrs's verbosity.
+    let cli = ok(&["prepare", "-v", "-v", "x=1", "-f", "a.sql"]);
+    assert_eq!(cli.global.verbose, 1);
+    let Command::Prepare(p) = cli.command else {
+        panic!()
+    };
+    assert_eq!(p.psql.variables.get("x").map(String::as_str), Some("1"));
+    assert_eq!(p.psql.inputs, [file("a.sql")]);
+    let p = prep(&["prepare", "--keep", "--json", "-1", "-f", "a.sql"]);
+    assert!(p.keep && p.psql.single_transaction);
+    // stdin is a script too.
+    assert_eq!(prep(&["prepare", "-f", "-"]).psql.inputs, [file("-")]);
+    let w = ok(&["warmup", "--hot", "prepare:psql", "-f", "a.sql"]);
+    let Command::Warmup(w) = w.command else {
+        panic!()
+    };
+    assert!(w.hot);
+    assert_eq!(w.psql.expect("psql").inputs, [file("a.sql")]);
+}
+
+#[test]
 fn psql_v_after_the_separator_is_a_variable_not_verbosity() {
     let cli = ok(&["prepare", "--", "-v", "x=1", "-c", "select :x"]);
     assert_eq!(cli.global.verbose, 0);
@@ -543,16 +592,6 @@ fn rejected_forms_name_the_cause_and_a_hint() {
             "see 'sqlrs prepare:psql --help'",
         ),
         (
-            &["prepare", "-f", "x.sql"],
-            "unexpected argument '-f' found",
-            "tip: to pass '-f' as a value, use '-- -f'",
-        ),
-        (
-            &["prepare", "--", "-f", "-"],
-            "prepare:psql cannot read a script from stdin ('-f -'): give a file",
-            "see 'sqlrs prepare:psql --help'",
-        ),
-        (
             &["prepare", "--", "-f", ""],
             "prepare:psql: -f needs a file name",
             "see 'sqlrs prepare:psql --help'",
@@ -693,11 +732,6 @@ fn rejected_forms_name_the_cause_and_a_hint() {
             "see 'sqlrs warmup --help'",
         ),
         (
-            &["warmup", "prepare:psql", "-c", "x"],
-            "warmup prepare:psql needs '--' and psql arguments",
-            "see 'sqlrs warmup --help'",
-        ),
-        (
             &[
                 "warmup",
                 "prepare:psql",
@@ -710,6 +744,16 @@ fn rejected_forms_name_the_cause_and_a_hint() {
             ],
             "warmup takes no run stage, got 'run'",
             "see 'sqlrs warmup --help'",
+        ),
+        (
+            &["warmup", "prepare:psql", "--hot"],
+            "warmup prepare:psql needs psql arguments: -f FILE or -c SQL",
+            "see 'sqlrs warmup --help'",
+        ),
+        (
+            &["prepare", "--kep", "--", "-c", "x"],
+            "unexpected argument '--kep' found",
+            "tip: a similar argument exists: '--keep'",
         ),
         (
             &["warmup", "prepare:foo", "--", "-c", "x"],
