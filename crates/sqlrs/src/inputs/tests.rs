@@ -238,3 +238,56 @@ fn paths_are_normalized_and_made_relative() {
         PathBuf::from("/a/b")
     );
 }
+
+/// Figures for bench/inputs.py: a chain of 1,000 included files hashed with an empty cache,
+/// then again with the cache (nothing changed), then after one file changed.
+#[test]
+#[ignore = "a benchmark: bench/inputs.py runs it in release mode"]
+fn bench_closure_of_a_thousand_includes() {
+    const N: usize = 1000;
+    let t = Tree::new(&[]);
+    for i in 0..N {
+        let body = if i + 1 < N {
+            format!("-- file {i}\ncreate table t{i} (x int);\n\\ir f{}.sql\n", i + 1)
+        } else {
+            format!("create table t{i} (x int);\n")
+        };
+        fs::write(t.at(&format!("f{i}.sql")), body).unwrap();
+    }
+    let cache_file = t.at("cache/hashes.json");
+    let time = |cache: &mut HashCache| {
+        let started = std::time::Instant::now();
+        let got = collect(&psql(&["f0.sql"]), t.dir.path(), cache, &mut io::empty()).unwrap();
+        let elapsed = started.elapsed();
+        assert_eq!(file_input(&got.steps[0]).3.len(), N - 1);
+        elapsed
+    };
+    let mut cold = HashCache {
+        file: Some(cache_file.clone()),
+        ..HashCache::default()
+    };
+    let first = time(&mut cold);
+    assert_eq!(cold.hashed, N);
+    cold.save();
+    let load = || HashCache {
+        file: Some(cache_file.clone()),
+        entries: serde_json::from_slice(&fs::read(&cache_file).unwrap()).unwrap(),
+        ..HashCache::default()
+    };
+    let started = std::time::Instant::now();
+    let mut warm = load();
+    let warm_time = time(&mut warm);
+    let with_load = started.elapsed();
+    assert_eq!(warm.hashed, 0);
+    fs::write(t.at("f500.sql"), "-- changed\ncreate table t500 (x int);\n\\ir f501.sql\n").unwrap();
+    let mut one = load();
+    let one_changed = time(&mut one);
+    assert_eq!(one.hashed, 1);
+    println!(
+        "closure of {N} files: no cache {:.1} ms, cache {:.1} ms ({:.1} ms with loading it), one file changed {:.1} ms",
+        first.as_secs_f64() * 1e3,
+        warm_time.as_secs_f64() * 1e3,
+        with_load.as_secs_f64() * 1e3,
+        one_changed.as_secs_f64() * 1e3
+    );
+}
