@@ -21,6 +21,10 @@ pub(crate) struct Global {
     pub(crate) home: Option<PathBuf>,
     pub(crate) json: bool,
     pub(crate) verbose: u8,
+    pub(crate) server: Option<String>,
+    pub(crate) token_file: Option<PathBuf>,
+    pub(crate) ca: Option<PathBuf>,
+    pub(crate) profile: Option<String>,
 }
 
 impl Global {
@@ -30,6 +34,10 @@ impl Global {
         }
         self.json |= flags.json || flags.output == Some(OutputFormat::Json);
         self.verbose = self.verbose.saturating_add(flags.verbose);
+        self.server = flags.server.or(self.server.take());
+        self.token_file = flags.token_file.or(self.token_file.take());
+        self.ca = flags.ca.or(self.ca.take());
+        self.profile = flags.profile.or(self.profile.take());
     }
 }
 

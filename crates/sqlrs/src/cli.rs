@@ -180,6 +180,18 @@ pub(crate) struct GlobalFlags {
     /// Say more (state ids, timings)
     #[arg(short, long, global = true, action = ArgAction::Count)]
     pub(crate) verbose: u8,
+    /// A shared Taidon server instead of the local daemon [env: SQLRS_SERVER]
+    #[arg(long, global = true, value_name = "URL")]
+    pub(crate) server: Option<String>,
+    /// A file holding the server's API token (else SQLRS_TOKEN)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub(crate) token_file: Option<PathBuf>,
+    /// A private CA that signed the server's certificate
+    #[arg(long, global = true, value_name = "FILE")]
+    pub(crate) ca: Option<PathBuf>,
+    /// A profile of ~/.config/sqlrs/config.toml: server, token_file, ca [env: SQLRS_PROFILE]
+    #[arg(long, global = true, value_name = "NAME")]
+    pub(crate) profile: Option<String>,
 }
 
 /// `--output`.

@@ -17,11 +17,24 @@ pub(crate) enum ClientError {
     /// The controller answered with an error.
     #[error(transparent)]
     Api(ApiError),
-    #[error("cannot reach the taidon daemon at {url}: {source}")]
+    #[error("cannot reach {what} at {url}: {}", cause_chain(source))]
     Http {
+        what: &'static str,
         url: String,
         #[source]
         source: reqwest::Error,
+    },
+    #[error("TLS to {url} failed (CA tried: {ca}): {}", cause_chain(source))]
+    Tls {
+        url: String,
+        ca: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("cannot use the CA file {}: {message}", path.display())]
+    Ca {
+        path: std::path::PathBuf,
+        message: String,
     },
     #[error("the taidon daemon answered {url} with {status}: {body}")]
     Status {
@@ -53,11 +66,30 @@ pub(crate) enum BlobSource {
     Bytes(Vec<u8>),
 }
 
-/// A client of one daemon's API.
+/// Every message in an error's chain, once each: reqwest's own says little.
+fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}
+
+/// A client of one daemon's or server's API.
 pub(crate) struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// `the taidon daemon` or `the Taidon server`, for messages.
+    what: &'static str,
+    /// The CA trusted for TLS, for messages.
+    ca: String,
+    remote: bool,
 }
 
 type Chunks = Pin<Box<dyn Stream<Item = Result<Vec<u8>, reqwest::Error>> + Send>>;
@@ -95,6 +127,7 @@ impl PrepareStream {
                 Some(Ok(chunk)) => self.lines.push(&chunk),
                 Some(Err(source)) => {
                     return Err(ClientError::Http {
+                        what: "the controller's event stream",
                         url: self.url.clone(),
                         source,
                     })
@@ -152,7 +185,78 @@ impl Client {
             http,
             base: format!("{}{PREFIX}", daemon.info.api_url.trim_end_matches('/')),
             token: daemon.token.clone(),
+            what: "the taidon daemon",
+            ca: String::new(),
+            remote: false,
         })
+    }
+
+    /// A client of a shared server, trusting `server.ca` alone when given, else the
+    /// system's roots.
+    pub(crate) fn remote(server: &crate::remote::Server) -> Result<Self, ClientError> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .use_rustls_tls();
+        let ca = match &server.ca {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| ClientError::Ca {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                let certs =
+                    reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ClientError::Ca {
+                        path: path.clone(),
+                        message: cause_chain(&e),
+                    })?;
+                if certs.is_empty() {
+                    return Err(ClientError::Ca {
+                        path: path.clone(),
+                        message: "no PEM certificate in it".into(),
+                    });
+                }
+                builder = builder.tls_built_in_root_certs(false);
+                for cert in certs {
+                    builder = builder.add_root_certificate(cert);
+                }
+                path.display().to_string()
+            }
+            None => "the system's roots".to_owned(),
+        };
+        let http = builder.build().map_err(|e| ClientError::Ca {
+            path: server.ca.clone().unwrap_or_default(),
+            message: cause_chain(&e),
+        })?;
+        Ok(Self {
+            http,
+            base: format!("{}{PREFIX}", server.url),
+            token: server.token.clone(),
+            what: "the Taidon server",
+            ca,
+            remote: true,
+        })
+    }
+
+    /// Whether this client talks to a shared server (not the local daemon).
+    pub(crate) fn is_remote(&self) -> bool {
+        self.remote
+    }
+
+    /// The error for a request that got no answer.
+    fn unreachable(&self, url: &str, source: reqwest::Error) -> ClientError {
+        let chain = cause_chain(&source).to_ascii_lowercase();
+        if url.starts_with("https://") && (chain.contains("certificate") || chain.contains("tls")) {
+            ClientError::Tls {
+                url: url.to_owned(),
+                ca: self.ca.clone(),
+                source,
+            }
+        } else {
+            ClientError::Http {
+                what: self.what,
+                url: url.to_owned(),
+                source,
+            }
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -168,10 +272,7 @@ impl Client {
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|source| ClientError::Http {
-                url: url.to_owned(),
-                source,
-            })?;
+            .map_err(|source| self.unreachable(url, source))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -193,10 +294,10 @@ impl Client {
         url: &str,
     ) -> Result<T, ClientError> {
         let resp = self.send(req, url).await?;
-        let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
-            url: url.to_owned(),
-            source,
-        })?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| self.unreachable(url, source))?;
         serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode {
             url: url.to_owned(),
             source,

@@ -56,7 +56,7 @@ pub(crate) fn collect_inputs(psql: &PsqlArgs) -> Result<crate::inputs::Collected
 async fn send_inputs(
     client: &Client,
     inputs: &crate::inputs::Collected,
-    verbose: bool,
+    global: &Global,
 ) -> Result<u64, Error> {
     let all: Vec<String> = inputs.blobs.keys().cloned().collect();
     if all.is_empty() {
@@ -85,7 +85,17 @@ async fn send_inputs(
             }
         };
     }
-    if verbose {
+    if global.verbose > 0 && global.json {
+        err(&format!(
+            "{}\n",
+            serde_json::json!({
+                "event": "inputs",
+                "files": all.len(),
+                "uploaded": missing.len(),
+                "uploaded_bytes": bytes,
+            })
+        ));
+    } else if global.verbose > 0 {
         err(&format!(
             "sqlrs: inputs: {} file{}, {} uploaded ({})\n",
             all.len(),
@@ -97,15 +107,20 @@ async fn send_inputs(
     Ok(bytes)
 }
 
-/// What the command line asks, with the home it works in.
+/// What the command line asks, with the home it works in and the server it names.
 struct Ctx {
     global: Global,
     home: Home,
+    /// A shared server; `None`: the local daemon of `home`.
+    server: Option<crate::remote::Server>,
 }
 
 impl Ctx {
-    /// A client of the daemon, started first if none runs.
+    /// A client of the server, or of the local daemon, started first if none runs.
     async fn client(&self) -> Result<Client, Error> {
+        if let Some(server) = &self.server {
+            return Ok(Client::remote(server)?);
+        }
         let daemon = self.home.find_or_start().await?;
         Ok(Client::new(&daemon).map_err(DaemonError::Http)?)
     }
@@ -116,9 +131,11 @@ pub(crate) async fn execute(cli: Cli) -> Result<i32, Error> {
     let dir = choose_home(cli.global.home.as_deref(), &HomeEnv::from_process())?;
     // The daemon gets this path and may run with another cwd.
     let dir = std::path::absolute(&dir).map_err(Error::Cwd)?;
+    let server = crate::remote::choose(&cli.global, &crate::remote::RemoteEnv::from_process())?;
     let ctx = Ctx {
         global: cli.global,
         home: Home::new(dir)?,
+        server,
     };
     match cli.command {
         Command::Prepare(p) => prepare(&ctx, p).await,
@@ -153,7 +170,7 @@ struct Prepared {
 async fn prepare(ctx: &Ctx, p: Prepare) -> Result<i32, Error> {
     let inputs = collect_inputs(&p.psql)?;
     let client = ctx.client().await?;
-    let uploaded_bytes = send_inputs(&client, &inputs, ctx.global.verbose > 0).await?;
+    let uploaded_bytes = send_inputs(&client, &inputs, &ctx.global).await?;
     let req = PrepareRequest {
         steps: inputs.steps,
         create_instance: true,
@@ -297,6 +314,10 @@ async fn engine_program(client: &Client, name: &str) -> OsString {
     if let Some(p) = find_in_path(name, std::env::var_os("PATH").as_deref()) {
         return p.into_os_string();
     }
+    // A shared server's engine directory is on its machine, not this one.
+    if client.is_remote() {
+        return OsString::from(name);
+    }
     if let Ok(status) = client.status().await {
         let p: PathBuf = status.engine_bin_dir.join(name);
         if p.is_file() {
@@ -386,6 +407,11 @@ async fn status(ctx: &Ctx) -> Result<i32, Error> {
 }
 
 async fn shutdown(ctx: &Ctx) -> Result<i32, Error> {
+    if let Some(server) = &ctx.server {
+        return Err(Error::Remote(crate::remote::RemoteError::NotLocal {
+            url: server.url.clone(),
+        }));
+    }
     let Some(daemon) = ctx.home.find().await? else {
         if ctx.global.json {
             json_line(&serde_json::json!({ "stopped": null }))?;
@@ -481,7 +507,7 @@ async fn warmup(ctx: &Ctx, w: crate::args::Warmup) -> Result<i32, Error> {
     let client = ctx.client().await?;
     let steps = match inputs {
         Some(inputs) => {
-            send_inputs(&client, &inputs, ctx.global.verbose > 0).await?;
+            send_inputs(&client, &inputs, &ctx.global).await?;
             inputs.steps
         }
         None => Vec::new(),

@@ -16,6 +16,9 @@ pub(crate) enum Error {
     Usage(#[from] UsageError),
     #[error(transparent)]
     Prefix(#[from] taidon_core::prefix::PrefixError),
+    /// The server settings are wrong.
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
     /// The inputs cannot be read, hashed or resolved.
     #[error(transparent)]
     Input(#[from] crate::inputs::InputError),
@@ -48,7 +51,7 @@ impl Error {
     /// The process exit code for this failure.
     pub(crate) fn exit_code(&self) -> i32 {
         match self {
-            Error::Usage(_) | Error::Prefix(_) | Error::Input(_) => 2,
+            Error::Usage(_) | Error::Prefix(_) | Error::Input(_) | Error::Remote(_) => 2,
             Error::Api(api) => api.kind.exit_code(),
             Error::Run(e) => e.exit_code(),
             // A reader that went away (`sqlrs ls | head`) is not a failure.

@@ -11,6 +11,7 @@ mod daemon;
 mod error;
 mod inputs;
 mod progress;
+mod remote;
 mod render;
 mod run;
 

@@ -356,7 +356,8 @@ fn verbose_json_progress_is_ndjson_with_the_bytes_of_each_copy() {
         .iter()
         .map(|e| e["event"].as_str().expect("event"))
         .collect();
-    assert_eq!(kinds.first(), Some(&"plan"), "{kinds:?}");
+    assert_eq!(kinds[..2], ["inputs", "plan"], "{kinds:?}");
+    assert_eq!(events[0]["uploaded"], 2, "{}", r.describe());
     assert_eq!(kinds.last(), Some(&"done"), "{kinds:?}");
     assert_eq!(
         kinds.iter().filter(|k| **k == "step_done").count(),

@@ -245,6 +245,7 @@ fn global_flags_go_anywhere_in_a_stage_in_either_form() {
         home: Some("/h".into()),
         json: true,
         verbose: 1,
+        ..Global::default()
     };
     for args in [
         &["--home", "/h", "--json", "-v", "ls"][..],
@@ -279,6 +280,20 @@ fn global_flags_go_anywhere_in_a_stage_in_either_form() {
         }
     );
     assert_eq!(ok(&["-vv", "--verbose", "ls"]).global.verbose, 3);
+    let remote = ok(&[
+        "--server=https://t:7443",
+        "ls",
+        "--token-file",
+        "/t",
+        "--ca=/ca.pem",
+        "--profile",
+        "team",
+    ])
+    .global;
+    assert_eq!(remote.server.as_deref(), Some("https://t:7443"));
+    assert_eq!(remote.token_file, Some(PathBuf::from("/t")));
+    assert_eq!(remote.ca, Some(PathBuf::from("/ca.pem")));
+    assert_eq!(remote.profile.as_deref(), Some("team"));
     assert!(!ok(&["ls", "--output", "text"]).global.json);
 }
 

@@ -248,7 +248,10 @@ fn bench_closure_of_a_thousand_includes() {
     let t = Tree::new(&[]);
     for i in 0..N {
         let body = if i + 1 < N {
-            format!("-- file {i}\ncreate table t{i} (x int);\n\\ir f{}.sql\n", i + 1)
+            format!(
+                "-- file {i}\ncreate table t{i} (x int);\n\\ir f{}.sql\n",
+                i + 1
+            )
         } else {
             format!("create table t{i} (x int);\n")
         };
@@ -279,7 +282,11 @@ fn bench_closure_of_a_thousand_includes() {
     let warm_time = time(&mut warm);
     let with_load = started.elapsed();
     assert_eq!(warm.hashed, 0);
-    fs::write(t.at("f500.sql"), "-- changed\ncreate table t500 (x int);\n\\ir f501.sql\n").unwrap();
+    fs::write(
+        t.at("f500.sql"),
+        "-- changed\ncreate table t500 (x int);\n\\ir f501.sql\n",
+    )
+    .unwrap();
     let mut one = load();
     let one_changed = time(&mut one);
     assert_eq!(one.hashed, 1);
