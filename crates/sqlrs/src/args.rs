@@ -51,7 +51,7 @@ pub(crate) struct Cli {
 /// What a command line asks for: a command to run, or text to print and exit 0.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Parsed {
-    Cli(Cli),
+    Cli(Box<Cli>),
     /// `--help`, `help`, `--version`.
     Print(String),
 }
@@ -271,7 +271,7 @@ where
         Verb::Completions { shell } => Command::Completions(shell),
         Verb::Complete { words } => Command::Complete(words),
     };
-    Ok(Parsed::Cli(Cli { global, command }))
+    Ok(Parsed::Cli(Box::new(Cli { global, command })))
 }
 
 /// The clap tree, uncoloured so that errors and help read the same everywhere.

@@ -34,7 +34,7 @@ fn real_main() -> i32 {
                 .enable_all()
                 .build()
                 .map_err(Error::Output)
-                .and_then(|rt| rt.block_on(commands::execute(cli))),
+                .and_then(|rt| rt.block_on(commands::execute(*cli))),
         },
     };
     match result {

@@ -6,7 +6,7 @@ fn parse_strs(args: &[&str]) -> Result<Parsed, UsageError> {
 
 fn ok(args: &[&str]) -> Cli {
     match parse_strs(args) {
-        Ok(Parsed::Cli(cli)) => cli,
+        Ok(Parsed::Cli(cli)) => *cli,
         Ok(Parsed::Print(text)) => panic!("{args:?} printed {text}"),
         Err(e) => panic!("{args:?}: {e}"),
     }
@@ -853,11 +853,10 @@ fn non_utf8_run_arguments_pass_through_but_psql_arguments_must_be_text() {
         OsString::from("cat"),
         raw.clone(),
     ];
-    let Ok(Parsed::Cli(Cli {
-        command: Command::Run(run),
-        ..
-    })) = parse(args)
-    else {
+    let Ok(Parsed::Cli(cli)) = parse(args) else {
+        panic!()
+    };
+    let Command::Run(run) = cli.command else {
         panic!()
     };
     assert_eq!(run.args[1], raw);
@@ -880,11 +879,10 @@ fn non_utf8_run_arguments_pass_through_but_psql_arguments_must_be_text() {
         OsString::from("cat"),
         raw.clone(),
     ];
-    let Ok(Parsed::Cli(Cli {
-        command: Command::Prepare(p),
-        ..
-    })) = parse(args)
-    else {
+    let Ok(Parsed::Cli(cli)) = parse(args) else {
+        panic!()
+    };
+    let Command::Prepare(p) = cli.command else {
         panic!()
     };
     assert_eq!(p.run.expect("run").args[1], raw);
