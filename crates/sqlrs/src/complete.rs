@@ -479,7 +479,8 @@ mod tests {
         for f in ["--force", "-f", "--home", "--json", "--output", "-v"] {
             assert!(flags.iter().any(|n| n == f), "{f} in {flags:?}");
         }
-        assert_eq!(names("dsn 3f2a9c1e --s"), ["--scope"]);
+        assert_eq!(names("dsn 3f2a9c1e --sc"), ["--scope"]);
+        assert_eq!(names("ls --se"), ["--server"]);
         assert_eq!(names("prepare:psql --k"), ["--keep"]);
         assert!(names("prepare:psql -").contains(&"--".to_owned()));
     }
