@@ -316,3 +316,4 @@ pub fn pagila_dir() -> PathBuf {
         .cloned()
         .unwrap_or_else(|| panic!("pagila fixture not found near {}", manifest.display()))
 }
+pub mod netns;
