@@ -25,8 +25,10 @@
 //! | `POST /v1/unpin` | [`UnpinRequest`] | [`PinsChanged`] |
 //! | `GET /v1/events?state=ID` | | `Vec<`[`EventInfo`]`>` |
 //! | `POST /v1/webhook` | a GitHub event, `X-Hub-Signature-256` | `{...}` (no bearer token) |
+//! | `GET /v1/keys` | | [`PublicKeys`] |
 //!
-//! Errors answer with a 4xx or 5xx status and an [`ApiError`] body.
+//! Errors answer with a 4xx or 5xx status and an [`ApiError`] body: 401 for a missing, wrong,
+//! expired or revoked token, 403 for a token that may not do what it asks (see [`TokenRole`]).
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![deny(clippy::todo, clippy::dbg_macro)]
 
@@ -58,6 +60,9 @@ pub enum ErrorKind {
     Capacity,
     /// The API token is missing or wrong (exit 1).
     Unauthorized,
+    /// The token is good but may not do this: another user's instance, a gateway token on a
+    /// user's route (exit 1).
+    Forbidden,
     /// Anything else inside Taidon (exit 1).
     Internal,
 }
@@ -76,6 +81,7 @@ impl ErrorKind {
         match self {
             ErrorKind::BadInput | ErrorKind::Ambiguous => 400,
             ErrorKind::Unauthorized => 401,
+            ErrorKind::Forbidden => 403,
             ErrorKind::NotFound => 404,
             ErrorKind::StepFailed => 422,
             ErrorKind::Capacity => 503,
@@ -313,6 +319,10 @@ pub struct InstanceInfo {
     pub clone_ms: u64,
     /// How long starting the server took, until it accepted connections.
     pub start_ms: u64,
+    /// The subject of the API token that created it (`admin` for the home's own token); empty
+    /// for standbys and instances from before owners were recorded.
+    #[serde(default)]
+    pub owner: String,
 }
 
 /// `POST /v1/prepare`: build (or find) the state of `steps` and, if asked, start an instance.
@@ -538,6 +548,82 @@ pub struct DaemonInfo {
     pub api_url: String,
     /// `host:port` of the gateway.
     pub gateway: String,
+}
+
+/// What an API token may do. Tokens other than the home's own `api.token` (an admin) are made
+/// with `taidon token create` and kept, hashed, in the controller's metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenRole {
+    /// Everything, on every user's instances.
+    Admin,
+    /// States (shared) and the user's own instances; no resolve, touch, release or shutdown.
+    User,
+    /// A standalone gateway: resolve, touch, release and the public keys, nothing else.
+    Gateway,
+}
+
+impl TokenRole {
+    /// `admin`, `user` or `gateway`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRole::Admin => "admin",
+            TokenRole::User => "user",
+            TokenRole::Gateway => "gateway",
+        }
+    }
+}
+
+impl std::fmt::Display for TokenRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TokenRole {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "admin" => Ok(TokenRole::Admin),
+            "user" => Ok(TokenRole::User),
+            "gateway" => Ok(TokenRole::Gateway),
+            other => Err(format!("unknown token role {other:?}")),
+        }
+    }
+}
+
+/// An API token as `taidon token list` shows it: never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// The token's public id (also its second `_`-separated part).
+    pub id: String,
+    pub sub: String,
+    pub role: TokenRole,
+    pub created_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_ms: Option<u64>,
+}
+
+/// One public key DSN tokens may be signed with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicKey {
+    pub kid: String,
+    /// Always `EdDSA`: HS256 secrets never leave the controller.
+    pub alg: taidon_core::token::Algorithm,
+    /// The Ed25519 public key, 32 bytes in hex.
+    pub public_hex: String,
+}
+
+/// `GET /v1/keys`: what a standalone gateway verifies DSN tokens with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicKeys {
+    /// The installation id tokens must name as `aud`.
+    pub audience: String,
+    /// The `kid` new tokens are signed with.
+    pub current: String,
+    pub keys: Vec<PublicKey>,
 }
 
 #[cfg(test)]

@@ -611,6 +611,22 @@ pub fn rotate_keyset(home: &Home) -> Result<KeysetFile, ControllerError> {
     Ok(file)
 }
 
+/// Makes sure new DSN tokens are signed with Ed25519, which a gateway elsewhere verifies with
+/// the public key alone: a keyset whose current key is HS256 is rotated (the HS256 key stays
+/// accepted, as the previous one). `Some` with the new file if it rotated.
+pub fn ensure_eddsa_current(home: &Home) -> Result<Option<KeysetFile>, ControllerError> {
+    let file = read_or_create_keyset(home)?;
+    let current_alg = file
+        .keys
+        .iter()
+        .find(|k| k.kid == file.current)
+        .map(|k| k.alg);
+    if current_alg == Some(Algorithm::EdDsa) {
+        return Ok(None);
+    }
+    Ok(Some(rotate_keyset(home)?))
+}
+
 fn write_keyset(home: &Home, file: &KeysetFile) -> Result<(), ControllerError> {
     let text = serde_json::to_vec_pretty(file)
         .map_err(|e| ControllerError::Internal(format!("cannot encode the keyset: {e}")))?;
@@ -663,6 +679,34 @@ mod tests {
         assert_eq!(b.keys.len(), 2);
         assert!(b.keys.iter().any(|k| k.kid == a.current));
         assert_eq!(read_or_create_keyset(&home).unwrap(), b);
+    }
+
+    #[test]
+    fn an_hs256_current_key_is_rotated_to_ed25519_and_stays_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(dir.path());
+        let a = read_or_create_keyset(&home).unwrap();
+        assert!(ensure_eddsa_current(&home).unwrap().is_none(), "already EdDSA");
+        let hs = KeyEntry {
+            kid: "hs-old".into(),
+            alg: Algorithm::Hs256,
+            secret_hex: Some(hex::encode(b"0123456789abcdef0123")),
+            private_pkcs8_hex: None,
+            public_hex: None,
+        };
+        write_keyset(
+            &home,
+            &KeysetFile {
+                audience: a.audience.clone(),
+                current: "hs-old".into(),
+                keys: vec![hs],
+            },
+        )
+        .unwrap();
+        let b = ensure_eddsa_current(&home).unwrap().expect("rotated");
+        let current = b.keys.iter().find(|k| k.kid == b.current).unwrap();
+        assert_eq!(current.alg, Algorithm::EdDsa);
+        assert!(b.keys.iter().any(|k| k.kid == "hs-old"));
     }
 
     #[test]

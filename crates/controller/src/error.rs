@@ -9,6 +9,9 @@ pub enum ControllerError {
     BadInput(String),
     #[error("{0}")]
     NotFound(String),
+    /// The caller's token may not do this (another user's instance).
+    #[error("{0}")]
+    Forbidden(String),
     /// A limit of this installation is reached (instances, memory): try later or raise it.
     #[error("{0}")]
     Capacity(String),
@@ -75,6 +78,7 @@ impl ControllerError {
             ControllerError::Prefix(PrefixError::Ambiguous { .. }) => ErrorKind::Ambiguous,
             ControllerError::StepFailed { .. } => ErrorKind::StepFailed,
             ControllerError::Capacity(_) => ErrorKind::Capacity,
+            ControllerError::Forbidden(_) => ErrorKind::Forbidden,
             ControllerError::Engine(_) => ErrorKind::Engine,
             _ => ErrorKind::Internal,
         }

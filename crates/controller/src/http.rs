@@ -12,12 +12,15 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use taidon_api::{
-    ApiError, CreateInstance, DsnRequest, ErrorKind, Health, Leases, PrepareRequest, ResolveRequest,
+    ApiError, CreateInstance, DsnRequest, ErrorKind, Health, Leases, PrepareEvent, PrepareRequest,
+    ResolveRequest, TokenRole,
 };
 
+use crate::tokens::{AuthError, Principal};
 use crate::{Controller, ControllerError};
 
 type Ctl = State<Arc<Controller>>;
+type Caller = axum::Extension<Principal>;
 
 impl IntoResponse for ControllerError {
     fn into_response(self) -> Response {
@@ -31,9 +34,14 @@ fn api_error(err: ApiError) -> Response {
     (status, Json(err)).into_response()
 }
 
-/// The API router, with every route but health behind the bearer token.
+/// The API router. Every route but health and the webhook needs a bearer token, and each
+/// group of routes admits some roles only: a user's routes (admins too), the gateway's
+/// (resolve, touch, release; admins too), the admin's (shutdown), and the public keys (any).
 pub fn router(controller: Arc<Controller>) -> Router {
-    let protected = Router::new()
+    const USERS: &[TokenRole] = &[TokenRole::Admin, TokenRole::User];
+    const GATEWAYS: &[TokenRole] = &[TokenRole::Admin, TokenRole::Gateway];
+    const ADMINS: &[TokenRole] = &[TokenRole::Admin];
+    let users = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/prepare", post(prepare))
         .route("/v1/blobs/missing", post(blobs_missing))
@@ -45,15 +53,25 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/states/{id}", axum::routing::delete(remove_state))
         .route("/v1/instances", get(instances).post(create_instance))
         .route("/v1/instances/{id}", get(instance).delete(delete_instance))
-        .route("/v1/resolve", post(resolve))
-        .route("/v1/touch", post(touch))
-        .route("/v1/release", post(release))
         .route("/v1/dsn", post(dsn))
-        .route("/v1/shutdown", post(shutdown))
         .route("/v1/warmup", post(warmup))
         .route("/v1/pins", post(pin))
         .route("/v1/unpin", post(unpin))
         .route("/v1/events", get(events))
+        .route_layer(middleware::from_fn_with_state(USERS, require_role));
+    let gateways = Router::new()
+        .route("/v1/resolve", post(resolve))
+        .route("/v1/touch", post(touch))
+        .route("/v1/release", post(release))
+        .route_layer(middleware::from_fn_with_state(GATEWAYS, require_role));
+    let admins = Router::new()
+        .route("/v1/shutdown", post(shutdown))
+        .route_layer(middleware::from_fn_with_state(ADMINS, require_role));
+    let protected = Router::new()
+        .route("/v1/keys", get(keys))
+        .merge(users)
+        .merge(gateways)
+        .merge(admins)
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&controller),
             require_token,
@@ -66,24 +84,52 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .with_state(controller)
 }
 
-async fn require_token(State(ctl): Ctl, req: Request, next: Next) -> Response {
+/// Finds who the bearer token belongs to (401 if nobody) and hands it to the handler.
+async fn require_token(State(ctl): Ctl, mut req: Request, next: Next) -> Response {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !constant_time_eq(presented.as_bytes(), ctl.api_token().as_bytes()) {
-        return api_error(ApiError::new(
-            ErrorKind::Unauthorized,
-            "missing or wrong API token (see <home>/api.token)",
-        ));
+        .unwrap_or("")
+        .trim();
+    match ctl.authenticate(presented) {
+        Ok(principal) => {
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
+        Err(e) => {
+            if let AuthError::Meta(_) = e {
+                tracing::warn!(error = %e, "cannot check an API token");
+            }
+            let hint = "the home's api.token, or one from `taidon token create`";
+            api_error(ApiError::new(
+                ErrorKind::Unauthorized,
+                format!("{e} ({hint})"),
+            ))
+        }
     }
-    next.run(req).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Refuses (403) a principal whose role this group of routes does not admit.
+async fn require_role(
+    State(allowed): State<&'static [TokenRole]>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match req.extensions().get::<Principal>() {
+        Some(p) if allowed.contains(&p.role) => next.run(req).await,
+        Some(p) => {
+            let message = format!(
+                "a {} token may not use {} {}",
+                p.role,
+                req.method(),
+                req.uri().path()
+            );
+            api_error(ApiError::new(ErrorKind::Forbidden, message))
+        }
+        None => api_error(ApiError::new(ErrorKind::Unauthorized, "missing API token")),
+    }
 }
 
 async fn health() -> Json<Health> {
@@ -99,12 +145,33 @@ async fn status(State(ctl): Ctl) -> Result<Response, ControllerError> {
 }
 
 /// Streams progress as NDJSON while the build runs in its own task: a client that goes away
-/// does not abort a build half way.
-async fn prepare(State(ctl): Ctl, Json(req): Json<PrepareRequest>) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+/// does not abort a build half way. The instance it ends with is the caller's: it is recorded
+/// as theirs before the client hears of it, client or not.
+async fn prepare(
+    State(ctl): Ctl,
+    axum::Extension(caller): Caller,
+    Json(req): Json<PrepareRequest>,
+) -> Response {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (out, out_rx) = tokio::sync::mpsc::unbounded_channel();
     let task = Arc::clone(&ctl);
     ctl.spawn(async move { task.prepare(req, tx).await });
-    ndjson(rx)
+    let owner = Arc::clone(&ctl);
+    ctl.spawn(async move {
+        while let Some(mut event) = rx.recv().await {
+            if let PrepareEvent::Done {
+                instance: Some(info),
+                ..
+            } = &mut event
+            {
+                if let Err(e) = owner.assign_owner(info, &caller) {
+                    tracing::warn!(instance = %info.instance_id, error = %e, "cannot record the instance's owner");
+                }
+            }
+            let _ = out.send(event);
+        }
+    });
+    ndjson(out_rx)
 }
 
 async fn blobs_missing(
@@ -150,32 +217,47 @@ struct Force {
 
 async fn remove_state(
     State(ctl): Ctl,
+    axum::Extension(caller): Caller,
     Path(id): Path<String>,
     Query(q): Query<Force>,
 ) -> Result<Response, ControllerError> {
+    ctl.authorize_state_removal(&caller, &id, q.force)?;
     Ok(Json(ctl.remove_state(&id, q.force).await?).into_response())
 }
 
-async fn instances(State(ctl): Ctl) -> Result<Response, ControllerError> {
-    Ok(Json(ctl.list_instances()?).into_response())
+async fn instances(
+    State(ctl): Ctl,
+    axum::Extension(caller): Caller,
+) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.list_instances_for(&caller)?).into_response())
 }
 
 async fn create_instance(
     State(ctl): Ctl,
+    axum::Extension(caller): Caller,
     Json(req): Json<CreateInstance>,
 ) -> Result<Response, ControllerError> {
-    Ok(Json(ctl.create_instance(&req.state).await?).into_response())
+    let mut info = ctl.create_instance(&req.state).await?;
+    ctl.assign_owner(&mut info, &caller)?;
+    Ok(Json(info).into_response())
 }
 
-async fn instance(State(ctl): Ctl, Path(id): Path<String>) -> Result<Response, ControllerError> {
-    Ok(Json(ctl.get_instance(&id)?).into_response())
+async fn instance(
+    State(ctl): Ctl,
+    axum::Extension(caller): Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ControllerError> {
+    let iid = ctl.authorize_instance(&caller, &id)?;
+    Ok(Json(ctl.get_instance(&iid.to_string())?).into_response())
 }
 
 async fn delete_instance(
     State(ctl): Ctl,
+    axum::Extension(caller): Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ControllerError> {
-    Ok(Json(ctl.delete_instance_typed(&id).await?).into_response())
+    let iid = ctl.authorize_instance(&caller, &id)?;
+    Ok(Json(ctl.delete_instance_typed(&iid.to_string()).await?).into_response())
 }
 
 async fn resolve(State(ctl): Ctl, Json(req): Json<ResolveRequest>) -> Response {
@@ -192,8 +274,18 @@ async fn release(State(ctl): Ctl, Json(req): Json<Leases>) -> Response {
     Json(serde_json::json!({})).into_response()
 }
 
-async fn dsn(State(ctl): Ctl, Json(req): Json<DsnRequest>) -> Result<Response, ControllerError> {
+async fn dsn(
+    State(ctl): Ctl,
+    axum::Extension(caller): Caller,
+    Json(req): Json<DsnRequest>,
+) -> Result<Response, ControllerError> {
+    ctl.authorize_dsn(&caller, &req.target)?;
     Ok(Json(ctl.mint_dsn(&req)?).into_response())
+}
+
+/// The public keys DSN tokens are verified with; HS256 secrets never leave the controller.
+async fn keys(State(ctl): Ctl) -> Response {
+    Json(ctl.public_keys()).into_response()
 }
 
 async fn shutdown(State(ctl): Ctl) -> Response {

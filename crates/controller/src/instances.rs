@@ -196,7 +196,7 @@ impl Controller {
         Ok(row)
     }
 
-    fn resolve_instance(&self, typed: &str) -> Result<InstanceRow, ControllerError> {
+    pub(crate) fn resolve_instance(&self, typed: &str) -> Result<InstanceRow, ControllerError> {
         let rows = self.meta.instances()?;
         let ids: Vec<String> = rows.iter().map(|r| r.instance_id.to_string()).collect();
         let id = taidon_core::prefix::resolve(typed, ids.iter().map(String::as_str))?;

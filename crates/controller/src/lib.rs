@@ -14,6 +14,8 @@ mod lifecycle;
 pub mod meta;
 mod pins;
 mod prepare;
+pub mod serve;
+pub mod tokens;
 pub mod webhook;
 
 #[cfg(test)]
@@ -31,7 +33,8 @@ use taidon_runtime::{Engine, LocalRuntime, RunAs, Runtime};
 use taidon_store::{LocalStore, Owner, SnapshotStore};
 
 pub use access::{
-    dsn_with_token, generate_ed25519_key, read_or_create_keyset, rotate_keyset, AccessPolicy,
+    dsn_with_token, ensure_eddsa_current, generate_ed25519_key, read_or_create_keyset,
+    rotate_keyset, AccessPolicy,
 };
 pub use error::ControllerError;
 pub use home::Home;
@@ -237,6 +240,38 @@ impl Controller {
     /// The API bearer token.
     pub fn api_token(&self) -> &str {
         &self.api_token
+    }
+
+    /// Who `presented` (a bearer token) belongs to: the home's own token is the admin; the
+    /// others are looked up in the metadata on every call, so a revocation holds at once.
+    pub fn authenticate(&self, presented: &str) -> Result<tokens::Principal, tokens::AuthError> {
+        if presented.is_empty() {
+            return Err(tokens::AuthError::Missing);
+        }
+        if tokens::constant_time_eq(presented.as_bytes(), self.api_token.as_bytes()) {
+            return Ok(tokens::Principal::local_admin());
+        }
+        self.meta.authenticate_token(presented, now_ms())
+    }
+
+    /// The public keys a gateway elsewhere verifies DSN tokens with (no HS256 secret).
+    pub fn public_keys(&self) -> taidon_api::PublicKeys {
+        let keys = self.keys.get();
+        taidon_api::PublicKeys {
+            audience: keys.audience().to_owned(),
+            current: keys.current().map(|(kid, _)| kid.to_owned()).unwrap_or_default(),
+            keys: keys
+                .public_entries()
+                .into_iter()
+                .filter_map(|e| {
+                    Some(taidon_api::PublicKey {
+                        kid: e.kid,
+                        alg: e.alg,
+                        public_hex: e.public_hex?,
+                    })
+                })
+                .collect(),
+        }
     }
 
     /// Where the gateway listens, for the DSNs this controller hands out.
@@ -536,6 +571,7 @@ impl Controller {
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(&row.instance_id);
         Ok(InstanceInfo {
+            owner: self.meta.instance_owner(&row.instance_id)?,
             instance_id: row.instance_id,
             state_id: row.state_id,
             // A live standby is still a standby: it serves nobody until handed out.

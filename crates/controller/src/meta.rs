@@ -121,6 +121,7 @@ impl Meta {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(crate::tokens::SCHEMA)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -293,6 +294,10 @@ impl Meta {
         self.with(|c| {
             c.execute(
                 "DELETE FROM instances WHERE instance_id = ?1",
+                params![id.to_string()],
+            )?;
+            c.execute(
+                "DELETE FROM instance_owners WHERE instance_id = ?1",
                 params![id.to_string()],
             )?;
             Ok(())

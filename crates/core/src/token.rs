@@ -193,6 +193,8 @@ struct Key {
     alg: Algorithm,
     encoding: Option<jsonwebtoken::EncodingKey>,
     decoding: jsonwebtoken::DecodingKey,
+    /// The Ed25519 public key (hex), what a gateway elsewhere may be given; `None` for HS256.
+    public_hex: Option<String>,
 }
 
 /// The default clock-skew leeway for `exp` and `nbf`.
@@ -238,6 +240,7 @@ impl Key {
         if e.kid.is_empty() {
             return Err(bad("empty kid"));
         }
+        let mut public_hex = None;
         let (encoding, decoding) = match e.alg {
             Algorithm::Hs256 => {
                 let secret = unhex(&e.kid, "secret_hex", e.secret_hex.as_ref())?;
@@ -262,6 +265,7 @@ impl Key {
                     )?)),
                     None => None,
                 };
+                public_hex = Some(hex::encode(&public));
                 (encoding, jsonwebtoken::DecodingKey::from_ed_der(&public))
             }
         };
@@ -270,6 +274,7 @@ impl Key {
             alg: e.alg,
             encoding,
             decoding,
+            public_hex,
         })
     }
 }
@@ -284,6 +289,7 @@ impl Keyset {
                 alg: Algorithm::Hs256,
                 encoding: Some(jsonwebtoken::EncodingKey::from_secret(secret)),
                 decoding: jsonwebtoken::DecodingKey::from_secret(secret),
+                public_hex: None,
             }]),
             current: Some(0),
             audience: audience.into(),
@@ -299,19 +305,7 @@ impl Keyset {
 
     /// A keyset from a parsed keyset file.
     pub fn from_file(file: &KeysetFile) -> Result<Self, KeysetError> {
-        if file.audience.trim().is_empty() {
-            return Err(KeysetError::NoAudience);
-        }
-        if file.keys.is_empty() {
-            return Err(KeysetError::Empty);
-        }
-        let mut keys = Vec::with_capacity(file.keys.len());
-        for e in &file.keys {
-            if keys.iter().any(|k: &Key| k.kid == e.kid) {
-                return Err(KeysetError::DuplicateKid(e.kid.clone()));
-            }
-            keys.push(Key::from_entry(e)?);
-        }
+        let keys = Self::keys_of(file)?;
         let current = keys
             .iter()
             .position(|k| k.kid == file.current)
@@ -328,6 +322,60 @@ impl Keyset {
             audience: file.audience.clone(),
             leeway_s: DEFAULT_LEEWAY_S,
         })
+    }
+
+    /// A keyset that only verifies: the public keys a gateway apart from the controller is
+    /// given. None of its keys signs; `file.current` need not be among them.
+    pub fn verify_only(file: &KeysetFile) -> Result<Self, KeysetError> {
+        let keys = Self::keys_of(file)?;
+        Ok(Self {
+            keys: Arc::new(keys.into_iter().map(|k| Key { encoding: None, ..k }).collect()),
+            current: None,
+            audience: file.audience.clone(),
+            leeway_s: DEFAULT_LEEWAY_S,
+        })
+    }
+
+    fn keys_of(file: &KeysetFile) -> Result<Vec<Key>, KeysetError> {
+        if file.audience.trim().is_empty() {
+            return Err(KeysetError::NoAudience);
+        }
+        if file.keys.is_empty() {
+            return Err(KeysetError::Empty);
+        }
+        let mut keys = Vec::with_capacity(file.keys.len());
+        for e in &file.keys {
+            if keys.iter().any(|k: &Key| k.kid == e.kid) {
+                return Err(KeysetError::DuplicateKid(e.kid.clone()));
+            }
+            keys.push(Key::from_entry(e)?);
+        }
+        Ok(keys)
+    }
+
+    /// The `kid` and algorithm of the key new tokens are signed with, if any signs.
+    pub fn current(&self) -> Option<(&str, Algorithm)> {
+        self.current
+            .and_then(|c| self.keys.get(c))
+            .map(|k| (k.kid.as_str(), k.alg))
+    }
+
+    /// The Ed25519 keys as public entries (no private half), current first; HS256 secrets are
+    /// never among them.
+    pub fn public_entries(&self) -> Vec<KeyEntry> {
+        self.kids()
+            .into_iter()
+            .filter_map(|kid| self.keys.iter().find(|k| k.kid == kid))
+            .filter_map(|k| {
+                k.public_hex.as_ref().map(|p| KeyEntry {
+                    kid: k.kid.clone(),
+                    alg: k.alg,
+                    secret_hex: None,
+                    private_pkcs8_hex: None,
+                    public_hex: Some(p.clone()),
+                })
+            })
+            .collect()
     }
 
     /// The same keyset with a clock-skew leeway of `leeway_s` for `exp` and `nbf`.

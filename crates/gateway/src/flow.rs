@@ -181,33 +181,39 @@ pub(crate) struct Verified {
     pub(crate) fingerprint: String,
 }
 
-/// Finds the token — the user name when it has a token's shape, else the password asked for
-/// in clear text — and verifies it at `now_s`.
-pub(crate) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+/// Finds the token: the user name when it has a token's shape, else the password asked for in
+/// clear text.
+pub(crate) async fn read_token<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut Conn<S>,
     user: &str,
+) -> Result<String, GatewayError> {
+    if token::looks_like_jwt(user) {
+        return Ok(user.to_owned());
+    }
+    let mut out = BytesMut::new();
+    codec::authentication_cleartext_password(&mut out);
+    client.send(&out).await.map_err(GatewayError::ClientIo)?;
+    let msg = client
+        .read(|buf| codec::parse_message(buf, codec::MAX_PREAUTH_MESSAGE_LEN))
+        .await
+        .map_err(ReadError::client)?;
+    if msg.tag != b'p' {
+        return Err(GatewayError::UnexpectedMessage {
+            tag: char::from(msg.tag),
+        });
+    }
+    codec::password(&msg.body).map_err(GatewayError::ClientProtocol)
+}
+
+/// Verifies `token` (which `user` logged in with) against `keys` at `now_s`.
+pub(crate) fn verify(
+    user: &str,
+    token: &str,
     keys: &Keyset,
-    now_s: impl FnOnce() -> u64,
+    now_s: u64,
 ) -> Result<Verified, GatewayError> {
-    let token = if token::looks_like_jwt(user) {
-        user.to_owned()
-    } else {
-        let mut out = BytesMut::new();
-        codec::authentication_cleartext_password(&mut out);
-        client.send(&out).await.map_err(GatewayError::ClientIo)?;
-        let msg = client
-            .read(|buf| codec::parse_message(buf, codec::MAX_PREAUTH_MESSAGE_LEN))
-            .await
-            .map_err(ReadError::client)?;
-        if msg.tag != b'p' {
-            return Err(GatewayError::UnexpectedMessage {
-                tag: char::from(msg.tag),
-            });
-        }
-        codec::password(&msg.body).map_err(GatewayError::ClientProtocol)?
-    };
-    let fingerprint = token::fingerprint(&token);
-    match keys.verify(&token, now_s()) {
+    let fingerprint = token::fingerprint(token);
+    match keys.verify(token, now_s) {
         Ok(claims) => Ok(Verified {
             claims,
             fingerprint,

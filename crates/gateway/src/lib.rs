@@ -13,6 +13,7 @@
 mod codec;
 mod error;
 mod flow;
+mod keys;
 mod limits;
 mod relay;
 mod resolve;
@@ -34,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use postgres_protocol::message::frontend;
 use taidon_api::{ResolveResponse, Target};
-use taidon_core::token::SharedKeyset;
+use taidon_core::token::{SharedKeyset, TokenError};
 use taidon_core::InstanceId;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -43,9 +44,10 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 pub use error::{ClientError, ErrorKind, GatewayError, Step};
+pub use keys::{keyset_of, ControllerKeys, KeySource, KeysError};
 pub use limits::RateLimit;
 pub use resolve::{HttpResolver, ResolveError, Resolver};
-pub use tls::{ensure_self_signed, server_config, TlsError, TlsFiles};
+pub use tls::{ensure_self_signed, listen_hosts, server_config, TlsError, TlsFiles};
 
 use flow::{BackendKey, Conn, Startup};
 use limits::{RateLimiter, SessionLimits, Waiting};
@@ -133,8 +135,13 @@ pub struct Gateway {
     config: GatewayConfig,
     keys: Arc<SharedKeyset>,
     resolver: Arc<dyn Resolver>,
+    /// Asked for fresh keys when a token names an unknown key (a gateway apart from the
+    /// controller); `None` when the keyset is kept current otherwise.
+    key_source: Option<Arc<dyn KeySource>>,
     clock: Arc<dyn Clock>,
     tls: Option<TlsAcceptor>,
+    /// Set when the drain is over: every relayed session ends with 57P01.
+    terminate: tokio::sync::watch::Sender<bool>,
     /// The cancel keys handed to clients, by process id.
     cancels: Mutex<HashMap<i32, CancelRoute>>,
     /// The instance of every open session, by connection number, for Touch.
@@ -183,8 +190,10 @@ impl Gateway {
             config,
             keys,
             resolver,
+            key_source: None,
             clock: Arc::new(SystemClock),
             tls: None,
+            terminate: tokio::sync::watch::channel(false).0,
             cancels: Mutex::new(HashMap::new()),
             leases: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
@@ -195,6 +204,12 @@ impl Gateway {
     /// The same gateway checking token times against `clock`.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// The same gateway asking `source` for fresh keys when a token names an unknown key.
+    pub fn with_key_source(mut self, source: Arc<dyn KeySource>) -> Self {
+        self.key_source = Some(source);
         self
     }
 
@@ -210,8 +225,21 @@ impl Gateway {
     }
 
     /// Accepts connections on `listener`, each in its own task, until `shutdown` resolves; then
-    /// stops accepting and closes the connections still open.
+    /// stops accepting and ends the sessions still open with 57P01.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        self.serve_draining(listener, shutdown, Duration::ZERO)
+            .await;
+    }
+
+    /// [`Gateway::serve`], letting open sessions finish for up to `drain` after `shutdown`
+    /// resolves: the listener closes at once (new connections are refused), then the sessions
+    /// still open when the drain is over are ended with a FATAL 57P01 ErrorResponse.
+    pub async fn serve_draining(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+        drain: Duration,
+    ) {
         tokio::pin!(shutdown);
         let mut conns = JoinSet::new();
         let toucher = tokio::spawn(Arc::clone(&self).touch_loop());
@@ -238,6 +266,18 @@ impl Gateway {
                     }
                 },
             }
+        }
+        drop(listener);
+        if !conns.is_empty() && !drain.is_zero() {
+            info!(sessions = conns.len(), drain_s = drain.as_secs_f64(), "draining");
+            let _ = tokio::time::timeout(drain, join_all(&mut conns)).await;
+        }
+        if !conns.is_empty() {
+            info!(sessions = conns.len(), "ending the sessions still open");
+            self.terminate.send_replace(true);
+            // Sessions at a message boundary end at once; one mid-handshake or mid-message is
+            // given a moment, then dropped.
+            let _ = tokio::time::timeout(TERMINATE_GRACE, join_all(&mut conns)).await;
         }
         toucher.abort();
         conns.shutdown().await;
@@ -329,7 +369,7 @@ impl Gateway {
                 .map_err(GatewayError::ClientIo)?;
         }
         // The handshake buffers are not needed while relaying: 1,000 idle sessions stay small.
-        Ok(relay::relay(client.io, backend.io, limits).await)
+        Ok(relay::relay(client.io, backend.io, limits, self.terminate.subscribe()).await)
     }
 
     async fn release(&self, instance: InstanceId) {
@@ -374,13 +414,10 @@ impl Gateway {
                 });
             }
         }
-        let keys = self.keys.get();
-        let verified = self
-            .step(
-                Step::Auth,
-                flow::authenticate(client, &user, &keys, || self.clock.now_s()),
-            )
+        let token = self
+            .step(Step::Auth, flow::read_token(client, &user))
             .await?;
+        let verified = self.step(Step::Auth, self.verify(&user, &token)).await?;
         let claims = &verified.claims;
         if !self.per_subject.allow(&claims.sub, Instant::now()) {
             return Err(GatewayError::RateLimited {
@@ -513,6 +550,25 @@ impl Gateway {
         }
     }
 
+    /// Verifies a token; one naming a key not known yet is tried again after asking the key
+    /// source (if any) for fresh keys, so a rotation is picked up by the first token it signs.
+    async fn verify(&self, user: &str, token: &str) -> Result<flow::Verified, GatewayError> {
+        let first = flow::verify(user, token, &self.keys.get(), self.clock.now_s());
+        match (&first, &self.key_source) {
+            (
+                Err(GatewayError::TokenRefused {
+                    source: TokenError::UnknownKey { .. },
+                    ..
+                }),
+                Some(source),
+            ) => {
+                source.refresh().await;
+                flow::verify(user, token, &self.keys.get(), self.clock.now_s())
+            }
+            _ => first,
+        }
+    }
+
     /// A fresh cancel key no open session has.
     fn new_cancel_key(&self) -> BackendKey {
         let cancels = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
@@ -584,6 +640,14 @@ impl Gateway {
         }
         let _ = tokio::time::timeout(self.config.handshake_timeout, client.send(&out)).await;
     }
+}
+
+/// How long sessions told to end (after the drain) are given to do so before they are dropped.
+const TERMINATE_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits until every task of `set` has finished.
+async fn join_all(set: &mut JoinSet<()>) {
+    while set.join_next().await.is_some() {}
 }
 
 fn log_failure(peer: &str, e: &GatewayError) {

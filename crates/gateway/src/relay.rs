@@ -23,6 +23,8 @@ pub(crate) enum RelayEnd {
     Idle,
     /// Alive past `max_duration`: the client was told so.
     Duration,
+    /// The gateway is shutting down and the drain is over: the client was told so.
+    Shutdown,
 }
 
 /// Where the backend→client stream is in its framing: between messages or inside one.
@@ -77,8 +79,16 @@ fn millis_since(start: Instant) -> u64 {
     start.elapsed().as_millis() as u64
 }
 
-/// Relays until either side closes or a limit ends the session.
-pub(crate) async fn relay<C, B>(client: C, backend: B, limits: SessionLimits) -> RelayEnd
+const SHUTDOWN_MESSAGE: &str = "terminating connection due to administrator command";
+const DURATION_MESSAGE: &str = "terminating connection: the session reached its maximum duration";
+
+/// Relays until either side closes, a limit ends the session, or `terminate` turns true.
+pub(crate) async fn relay<C, B>(
+    client: C,
+    backend: B,
+    limits: SessionLimits,
+    mut terminate: tokio::sync::watch::Receiver<bool>,
+) -> RelayEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -109,7 +119,8 @@ where
         let mut framing = Framing::default();
         // When the backend last became ready for a query.
         let mut ready_at = 0u64;
-        let mut duration_over = false;
+        // A reason to end the session at the next message boundary (57P01, told the client).
+        let mut end_at_boundary: Option<(&str, RelayEnd)> = None;
         loop {
             let deadline = next_deadline(&limits, &framing, ready_at, &last_client, start);
             buf.clear();
@@ -126,21 +137,28 @@ where
                     if cw.write_all(&buf).await.is_err() {
                         return RelayEnd::Client;
                     }
-                    if duration_over && framing.at_boundary() {
-                        tell(&mut cw, "57P01", "terminating connection: the session reached its maximum duration").await;
-                        return RelayEnd::Duration;
+                    if let Some((message, end)) = end_at_boundary.filter(|_| framing.at_boundary()) {
+                        tell(&mut cw, "57P01", message).await;
+                        return end;
                     }
+                }
+                () = turns_true(&mut terminate), if end_at_boundary.is_none() => {
+                    if framing.at_boundary() {
+                        tell(&mut cw, "57P01", SHUTDOWN_MESSAGE).await;
+                        return RelayEnd::Shutdown;
+                    }
+                    end_at_boundary = Some((SHUTDOWN_MESSAGE, RelayEnd::Shutdown));
                 }
                 () = sleep_until(deadline) => {
                     let now = millis_since(start);
                     if let Some(max) = limits.max_duration {
                         if now >= max.as_millis() as u64 {
                             if framing.at_boundary() {
-                                tell(&mut cw, "57P01", "terminating connection: the session reached its maximum duration").await;
+                                tell(&mut cw, "57P01", DURATION_MESSAGE).await;
                                 return RelayEnd::Duration;
                             }
                             // Mid-message: end at the next boundary.
-                            duration_over = true;
+                            end_at_boundary.get_or_insert((DURATION_MESSAGE, RelayEnd::Duration));
                         }
                     }
                     if let Some(max) = limits.max_idle {
@@ -182,6 +200,13 @@ fn next_deadline(
         }
     }
     at.map(|ms| start + Duration::from_millis(ms))
+}
+
+/// Resolves once `rx` holds true; never if its sender goes first.
+async fn turns_true(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    if rx.wait_for(|t| *t).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {

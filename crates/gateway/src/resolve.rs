@@ -1,7 +1,7 @@
 //! Where a verified token's instance runs: asked of the controller.
 
 use futures_util::future::BoxFuture;
-use taidon_api::{ApiError, Leases, ResolveRequest, ResolveResponse};
+use taidon_api::{ApiError, Leases, PublicKeys, ResolveRequest, ResolveResponse};
 use taidon_core::InstanceId;
 
 /// Why the controller could not say where an instance is.
@@ -17,6 +17,8 @@ pub enum ResolveError {
     Status { status: u16, message: String },
     #[error("cannot decode the controller's answer")]
     Decode(#[source] reqwest::Error),
+    #[error("cannot set up the HTTP client for the controller")]
+    Client(#[source] reqwest::Error),
 }
 
 impl ResolveError {
@@ -25,7 +27,7 @@ impl ResolveError {
         match self {
             ResolveError::Unreachable { .. } => true,
             ResolveError::Status { status, .. } => *status == 503,
-            ResolveError::Decode(_) => false,
+            ResolveError::Decode(_) | ResolveError::Client(_) => false,
         }
     }
 }
@@ -66,8 +68,30 @@ impl std::fmt::Debug for HttpResolver {
 impl HttpResolver {
     /// A resolver for the controller at `base_url` (`http://127.0.0.1:PORT`) with its API token.
     pub fn new(base_url: &str, api_token: impl Into<String>) -> Self {
+        Self::with_client(reqwest::Client::new(), base_url, api_token)
+    }
+
+    /// A resolver for a controller whose API speaks TLS under a certificate that `ca_pem` (a
+    /// PEM CA certificate) signs; `None` trusts no CA (plain `http://` only).
+    pub fn with_ca(
+        base_url: &str,
+        api_token: impl Into<String>,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, ResolveError> {
+        let mut builder = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .connect_timeout(std::time::Duration::from_secs(10));
+        if let Some(pem) = ca_pem {
+            let ca = reqwest::Certificate::from_pem(pem).map_err(ResolveError::Client)?;
+            builder = builder.add_root_certificate(ca);
+        }
+        let client = builder.build().map_err(ResolveError::Client)?;
+        Ok(Self::with_client(client, base_url, api_token))
+    }
+
+    fn with_client(client: reqwest::Client, base_url: &str, api_token: impl Into<String>) -> Self {
         Self {
-            client: reqwest::Client::new(),
+            client,
             base: format!("{}{}", base_url.trim_end_matches('/'), taidon_api::PREFIX),
             url: format!(
                 "{}{}/resolve",
@@ -124,6 +148,29 @@ impl HttpResolver {
             });
         }
         Ok(())
+    }
+}
+
+impl HttpResolver {
+    /// `GET /v1/keys`: the public keys DSN tokens are verified with.
+    pub async fn public_keys(&self) -> Result<PublicKeys, ResolveError> {
+        let url = format!("{}/keys", self.base);
+        let resp = self
+            .client
+            .get(&url)
+            .bearer_auth(&self.api_token)
+            .send()
+            .await
+            .map_err(|source| ResolveError::Unreachable { url, source })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            return Err(ResolveError::Status {
+                status: status.as_u16(),
+                message: serde_json_message(&text),
+            });
+        }
+        resp.json().await.map_err(ResolveError::Decode)
     }
 }
 

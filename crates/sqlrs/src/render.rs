@@ -263,6 +263,7 @@ mod tests {
             created_ms: 1_000,
             clone_ms: 5,
             start_ms: 300,
+            owner: String::new(),
         }];
         let out = ls(&states, &instances, 61_000);
         let want = "\

@@ -240,3 +240,31 @@ fn shared_keyset_swaps_whole() {
     ));
     assert_ne!(before.kids(), shared.get().kids());
 }
+
+#[test]
+fn public_entries_carry_no_secret_and_verify_what_the_full_keyset_signs() {
+    let full = Keyset::from_file(&file(
+        "ed-1",
+        vec![ed_entry("ed-1"), hs_entry("hs-1", b"0123456789abcdef0123")],
+    ))
+    .unwrap();
+    let public = full.public_entries();
+    assert_eq!(public.len(), 1, "HS256 is never public");
+    assert_eq!(public[0].kid, "ed-1");
+    assert!(public[0].private_pkcs8_hex.is_none() && public[0].secret_hex.is_none());
+    assert_eq!(full.current(), Some(("ed-1", Algorithm::EdDsa)));
+
+    let verifier = Keyset::verify_only(&KeysetFile {
+        audience: full.audience().to_owned(),
+        current: "ed-1".into(),
+        keys: public,
+    })
+    .unwrap();
+    assert_eq!(verifier.current(), None);
+    let token = full.sign(&claims(&full)).unwrap();
+    assert_eq!(verifier.verify(&token, NOW).unwrap(), claims(&full));
+    assert!(matches!(
+        verifier.sign(&claims(&full)),
+        Err(TokenError::NoSigningKey)
+    ));
+}
