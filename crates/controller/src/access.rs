@@ -686,7 +686,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::new(dir.path());
         let a = read_or_create_keyset(&home).unwrap();
-        assert!(ensure_eddsa_current(&home).unwrap().is_none(), "already EdDSA");
+        assert!(
+            ensure_eddsa_current(&home).unwrap().is_none(),
+            "already EdDSA"
+        );
         let hs = KeyEntry {
             kid: "hs-old".into(),
             alg: Algorithm::Hs256,

@@ -259,7 +259,10 @@ impl Controller {
         let keys = self.keys.get();
         taidon_api::PublicKeys {
             audience: keys.audience().to_owned(),
-            current: keys.current().map(|(kid, _)| kid.to_owned()).unwrap_or_default(),
+            current: keys
+                .current()
+                .map(|(kid, _)| kid.to_owned())
+                .unwrap_or_default(),
             keys: keys
                 .public_entries()
                 .into_iter()
@@ -547,6 +550,30 @@ impl Controller {
                 }
             }
         }
+    }
+
+    /// Lets go of every running server without stopping it, for a controller that exits and
+    /// leaves its instances to the next one, which adopts them as after a crash. How many.
+    pub fn leave_running(&self) -> usize {
+        let live: Vec<_> = self
+            .live
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        let mut left = 0;
+        for (iid, l) in live {
+            // A server being stopped right now is left to that.
+            if let Ok(mut server) = l.server.try_lock() {
+                if let Some(server) = server.take() {
+                    tracing::debug!(instance = %iid, "left running");
+                    // Dropping it would stop it (SIGQUIT).
+                    std::mem::forget(server);
+                    left += 1;
+                }
+            }
+        }
+        left
     }
 
     pub(crate) fn instance_info(

@@ -123,14 +123,7 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-type TokenRow = (
-    String,
-    String,
-    String,
-    i64,
-    Option<i64>,
-    Option<i64>,
-);
+type TokenRow = (String, String, String, i64, Option<i64>, Option<i64>);
 
 fn info_of(row: TokenRow) -> Result<TokenInfo, MetaError> {
     let (id, sub, role, created, expires, revoked) = row;
@@ -370,9 +363,11 @@ impl crate::Controller {
         target: &str,
     ) -> Result<(), crate::ControllerError> {
         // The same lookup `mint_dsn` makes: an instance first, then a state.
-        let instance = self.meta.instances()?.into_iter().find(|r| {
-            target.len() >= 8 && r.instance_id.to_string().starts_with(target)
-        });
+        let instance = self
+            .meta
+            .instances()?
+            .into_iter()
+            .find(|r| target.len() >= 8 && r.instance_id.to_string().starts_with(target));
         match instance {
             Some(row) => self.check_owner(principal, &row.instance_id),
             None => Ok(()),

@@ -329,7 +329,14 @@ impl Keyset {
     pub fn verify_only(file: &KeysetFile) -> Result<Self, KeysetError> {
         let keys = Self::keys_of(file)?;
         Ok(Self {
-            keys: Arc::new(keys.into_iter().map(|k| Key { encoding: None, ..k }).collect()),
+            keys: Arc::new(
+                keys.into_iter()
+                    .map(|k| Key {
+                        encoding: None,
+                        ..k
+                    })
+                    .collect(),
+            ),
             current: None,
             audience: file.audience.clone(),
             leeway_s: DEFAULT_LEEWAY_S,

@@ -269,7 +269,11 @@ impl Gateway {
         }
         drop(listener);
         if !conns.is_empty() && !drain.is_zero() {
-            info!(sessions = conns.len(), drain_s = drain.as_secs_f64(), "draining");
+            info!(
+                sessions = conns.len(),
+                drain_s = drain.as_secs_f64(),
+                "draining"
+            );
             let _ = tokio::time::timeout(drain, join_all(&mut conns)).await;
         }
         if !conns.is_empty() {

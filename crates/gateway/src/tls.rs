@@ -4,8 +4,8 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::net::IpAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -86,7 +86,11 @@ pub fn ensure_self_signed(dir: &Path, hosts: &[&str]) -> Result<TlsFiles, TlsErr
     let complete = files.ca.exists() && files.cert.exists() && files.key.exists();
     if complete {
         all = match fs::read_to_string(&hosts_file) {
-            Ok(text) => text.lines().map(str::to_owned).filter(|l| !l.is_empty()).collect(),
+            Ok(text) => text
+                .lines()
+                .map(str::to_owned)
+                .filter(|l| !l.is_empty())
+                .collect(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 LEGACY_HOSTS.iter().map(|h| (*h).to_owned()).collect()
             }
@@ -125,7 +129,10 @@ pub fn ensure_self_signed(dir: &Path, hosts: &[&str]) -> Result<TlsFiles, TlsErr
         Some(kept) => kept,
         None => {
             let key = rcgen::KeyPair::generate().map_err(TlsError::Generate)?;
-            let pem = ca_params()?.self_signed(&key).map_err(TlsError::Generate)?.pem();
+            let pem = ca_params()?
+                .self_signed(&key)
+                .map_err(TlsError::Generate)?
+                .pem();
             write_file(&ca_key, &key.serialize_pem(), 0o600)?;
             write_file(&files.ca, &pem, 0o644)?;
             (key, pem)
@@ -210,7 +217,9 @@ fn interface_addresses() -> Vec<String> {
             match i32::from((*ifa.ifa_addr).sa_family) {
                 libc::AF_INET => {
                     let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                    Some(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()))
+                    Some(IpAddr::from(
+                        u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                    ))
                 }
                 libc::AF_INET6 => {
                     let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
@@ -292,7 +301,10 @@ mod tests {
             .with_no_client_auth();
         let (a, b) = tokio::io::duplex(64 * 1024);
         let server_side = tokio::spawn(async move {
-            tokio_rustls::TlsAcceptor::from(server).accept(b).await.is_ok()
+            tokio_rustls::TlsAcceptor::from(server)
+                .accept(b)
+                .await
+                .is_ok()
         });
         let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
         let client_side = tokio_rustls::TlsConnector::from(Arc::new(client))
@@ -329,9 +341,16 @@ mod tests {
         assert_eq!(fs::read_to_string(&files.ca).unwrap(), ca_before, "same CA");
         let config = server_config(&files.cert, &files.key).unwrap();
         assert!(handshake(&files.ca, Arc::clone(&config), "198.18.0.1").await);
-        assert!(handshake(&files.ca, config, "localhost").await, "old hosts kept");
+        assert!(
+            handshake(&files.ca, config, "localhost").await,
+            "old hosts kept"
+        );
         assert_eq!(
-            fs::metadata(tls.join("ca.key")).unwrap().permissions().mode() & 0o777,
+            fs::metadata(tls.join("ca.key"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
             0o600
         );
     }

@@ -1,6 +1,11 @@
 //! `taidon`: the server binary. `local` runs the controller and the gateway in one process (the
-//! embedded default `sqlrs` starts); `controller` and `gateway` run them apart.
-#![deny(clippy::unwrap_used, clippy::todo, clippy::dbg_macro)]
+//! embedded default `sqlrs` starts); `controller` and `gateway` run them apart, on one machine
+//! or several; `token` makes and revokes the API tokens of a shared server.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+#![deny(clippy::todo, clippy::dbg_macro)]
+
+mod api_listen;
+mod token_cmd;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,8 +19,15 @@ use taidon_controller::home::{self, DaemonLock, Home};
 use taidon_controller::{Controller, ControllerConfig};
 use taidon_core::token::{Keyset, SharedKeyset};
 use taidon_core::InstanceId;
-use taidon_gateway::{Gateway, GatewayConfig, HttpResolver, ResolveError, Resolver};
+use taidon_gateway::{
+    ControllerKeys, Gateway, GatewayConfig, HttpResolver, KeySource, ResolveError, Resolver,
+};
 use tokio::net::TcpListener;
+
+use api_listen::ApiListeners;
+
+/// The names the local daemon's certificate always covers.
+const LOCAL_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +54,11 @@ enum Command {
         /// The data home.
         #[arg(long, env = "SQLRS_HOME")]
         home: PathBuf,
+    },
+    /// API tokens per user, for a shared controller.
+    Token {
+        #[command(subcommand)]
+        command: token_cmd::TokenCommand,
     },
 }
 
@@ -82,12 +99,20 @@ struct HomeArgs {
     /// Directory holding initdb and postgres (discovered when absent).
     #[arg(long, env = "TAIDON_PG_BIN")]
     pg_bin: Option<PathBuf>,
-    /// Address of the HTTP API.
+    /// Address of the HTTP API. Off loopback it speaks TLS (a loopback port with plain HTTP
+    /// stays open for the local CLI).
     #[arg(long, default_value = "127.0.0.1:0")]
     api_listen: SocketAddr,
     /// The largest input file a client may upload, MiB.
     #[arg(long, env = "TAIDON_MAX_BLOB_MB", default_value_t = taidon_controller::default_max_blob_mb())]
     max_blob_mb: u64,
+    /// The API's TLS certificate chain (PEM); by default <home>/tls/server.pem, made by the
+    /// home's CA to cover the --api-listen address.
+    #[arg(long, requires = "api_tls_key")]
+    api_tls_cert: Option<PathBuf>,
+    /// The API's TLS private key (PEM).
+    #[arg(long, requires = "api_tls_cert")]
+    api_tls_key: Option<PathBuf>,
     #[command(flatten)]
     lifecycle: LifecycleFlags,
 }
@@ -175,12 +200,26 @@ struct GatewayArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:6432")]
     listen: SocketAddr,
-    /// The controller's API (`http://host:port`).
+    /// The controller's API (`http://host:port`, or `https://` with --ca).
     #[arg(long)]
     controller: String,
-    /// The home whose api.token and keyset.json this gateway uses.
-    #[arg(long, env = "SQLRS_HOME")]
-    home: PathBuf,
+    /// A gateway token (`taidon token create --gateway`): the keys are then fetched from the
+    /// controller (GET /v1/keys) and nothing is read from its home.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// The CA certificate (PEM) the controller's API certificate is signed by.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// With --token-file: this gateway's own state directory (its generated TLS files).
+    /// Without: the controller's home, whose api.token and keyset.json are read.
+    #[arg(long)]
+    home: Option<PathBuf>,
+    /// On SIGTERM or SIGINT, how long open sessions may go on before they are ended (57P01).
+    #[arg(long, default_value_t = 30)]
+    drain_s: u64,
+    /// How often the keys are fetched again from the controller, seconds (with --token-file).
+    #[arg(long, default_value_t = 5)]
+    keys_poll_s: u64,
     #[command(flatten)]
     gateway: GatewayOpts,
 }
@@ -208,6 +247,7 @@ fn main() -> std::process::ExitCode {
             Command::Controller(args) => controller(args).await,
             Command::Gateway(args) => gateway(args).await,
             Command::RotateKeys { home } => rotate_keys(&home),
+            Command::Token { command } => token_cmd::run(command),
         }
     });
     match result {
@@ -261,24 +301,55 @@ impl GatewayOpts {
         }
     }
 
-    /// The TLS configuration and the CA that DSNs name, generating a self-signed pair in the
-    /// home on first start unless certificate files were given.
-    fn tls(&self, home: &Home) -> Result<Option<(Arc<rustls::ServerConfig>, Option<PathBuf>)>> {
+    /// The TLS configuration and the CA that DSNs name, generating a self-signed pair under
+    /// `state_dir` (made by its CA, covering the local names and `listen`) unless certificate
+    /// files were given.
+    fn tls(
+        &self,
+        state_dir: Option<&Home>,
+        listen: SocketAddr,
+    ) -> Result<Option<(Arc<rustls::ServerConfig>, Option<PathBuf>)>> {
         if self.no_tls {
             return Ok(None);
         }
-        let (cert, key, ca) = match (&self.tls_cert, &self.tls_key) {
-            (Some(c), Some(k)) => (c.clone(), k.clone(), None),
-            _ => {
-                let files = taidon_gateway::ensure_self_signed(
-                    &home.tls_dir(),
-                    &["localhost", "127.0.0.1", "::1"],
-                )?;
+        let (cert, key, ca) = match (&self.tls_cert, &self.tls_key, state_dir) {
+            (Some(c), Some(k), _) => (c.clone(), k.clone(), None),
+            (_, _, Some(home)) => {
+                let files = self_signed(home, listen)?;
                 (files.cert, files.key, Some(files.ca))
             }
+            _ => bail!(
+                "the gateway's TLS certificate: give --tls-cert and --tls-key, or --home DIR \
+                 to make one there, or --no-tls"
+            ),
         };
         Ok(Some((taidon_gateway::server_config(&cert, &key)?, ca)))
     }
+}
+
+/// The home's TLS files, the server certificate covering the local names and `listen`.
+fn self_signed(home: &Home, listen: SocketAddr) -> Result<taidon_gateway::TlsFiles> {
+    let mut hosts: Vec<String> = LOCAL_HOSTS.iter().map(|h| (*h).to_owned()).collect();
+    if !listen.ip().is_loopback() {
+        hosts.extend(taidon_gateway::listen_hosts(listen.ip()));
+    }
+    let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    Ok(taidon_gateway::ensure_self_signed(&home.tls_dir(), &hosts)?)
+}
+
+/// Binds the API as `--api-listen` says, with TLS from the flags or the home's CA off loopback.
+async fn bind_api(args: &HomeArgs, home: &Home) -> Result<ApiListeners> {
+    ApiListeners::bind(args.api_listen, || {
+        let (cert, key) = match (&args.api_tls_cert, &args.api_tls_key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ => {
+                let files = self_signed(home, args.api_listen)?;
+                (files.cert, files.key)
+            }
+        };
+        Ok(taidon_gateway::server_config(&cert, &key)?)
+    })
+    .await
 }
 
 /// Reads the home's keyset file with the configured leeway.
@@ -362,7 +433,16 @@ async fn bind_gateway(home: &Home, explicit: Option<SocketAddr>) -> Result<TcpLi
     Ok(TcpListener::bind("127.0.0.1:0").await?)
 }
 
+/// Resolves on SIGTERM, SIGINT or a shutdown asked through the API.
 async fn shutdown_signal(controller: Arc<Controller>) {
+    tokio::select! {
+        () = terminate_signal() => {}
+        () = controller.shutdown_requested() => {}
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminate_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(_) => return std::future::pending().await,
@@ -370,7 +450,6 @@ async fn shutdown_signal(controller: Arc<Controller>) {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
-        () = controller.shutdown_requested() => {}
     }
 }
 
@@ -380,12 +459,13 @@ async fn local(args: LocalArgs) -> Result<()> {
     let controller = open_controller(&args.home).await?;
 
     let gateway_listener = bind_gateway(&home, args.gateway_listen).await?;
-    let gateway_addr = gateway_listener.local_addr()?.to_string();
+    let gateway_listen = gateway_listener.local_addr()?;
+    let gateway_addr = gateway_listen.to_string();
     home::write_atomic(&home.gateway_addr_file(), gateway_addr.as_bytes(), 0o600)?;
-    let api_listener = TcpListener::bind(args.home.api_listen).await?;
-    let api_url = format!("http://{}", api_listener.local_addr()?);
+    let api = bind_api(&args.home, &home).await?;
+    let api_url = api.local_url()?;
     controller.set_gateway_addr(gateway_addr.clone());
-    controller.set_api_url(api_url.clone());
+    controller.set_api_url(api.public_url()?);
 
     let keys = controller.keyset();
     keys.replace(load_keyset(&home, args.gateway.token_leeway_s)?);
@@ -399,19 +479,23 @@ async fn local(args: LocalArgs) -> Result<()> {
         keys,
         Arc::new(LocalResolver(Arc::clone(&controller))),
     );
-    if let Some((tls, ca)) = args.gateway.tls(&home)? {
+    if let Some((tls, ca)) = args.gateway.tls(Some(&home), gateway_listen)? {
         gateway = gateway.with_tls(tls);
         controller.set_gateway_tls_root(ca);
     }
     let (stop_gateway, gateway_stopped) = tokio::sync::watch::channel(false);
     let gw = spawn_gateway_thread(Arc::new(gateway), gateway_listener, gateway_stopped)?;
     publish_daemon_info(&home, &api_url, &gateway_addr)?;
-    tracing::info!(api = %api_url, gateway = %gateway_addr, home = %home.root().display(), "taidon local is ready");
+    tracing::info!(api = %api.public_url()?, gateway = %gateway_addr, home = %home.root().display(), "taidon local is ready");
 
-    let served = serve_api(Arc::clone(&controller), api_listener).await;
+    let served = serve_api(Arc::clone(&controller), api).await;
     stop_gateway.send_replace(true);
     let _ = tokio::task::spawn_blocking(move || gw.join()).await;
-    finish(&home, &controller).await;
+    // Clients stop finding this daemon first, then its servers stop. Their data stays and the
+    // next daemon restarts them.
+    let _ = std::fs::remove_file(home.daemon_json());
+    controller.stop_all().await;
+    tracing::info!("taidon stopped");
     served
 }
 
@@ -460,50 +544,95 @@ fn spawn_gateway_thread(
 async fn controller(args: ControllerArgs) -> Result<()> {
     let home = Home::new(&args.home.home);
     let _lock = lock_home(&home)?;
+    // The gateway runs apart and may be on another machine: it verifies DSN tokens with the
+    // public keys alone, so they are signed with Ed25519.
+    if let Some(file) = taidon_controller::ensure_eddsa_current(&home)? {
+        tracing::warn!(current = %file.current, "the current token key was HS256; a new Ed25519 key is current");
+    }
     let controller = open_controller(&args.home).await?;
-    let api_listener = TcpListener::bind(args.home.api_listen).await?;
-    let api_url = format!("http://{}", api_listener.local_addr()?);
+    tokio::spawn(watch_keyset(
+        home.clone(),
+        controller.keyset(),
+        taidon_core::token::DEFAULT_LEEWAY_S,
+    ));
+    let api = bind_api(&args.home, &home).await?;
+    let api_url = api.local_url()?;
     controller.set_gateway_addr(args.gateway_addr.clone());
-    controller.set_api_url(api_url.clone());
+    controller.set_api_url(api.public_url()?);
     publish_daemon_info(&home, &api_url, &args.gateway_addr)?;
-    tracing::info!(api = %api_url, "taidon controller is ready");
-    serve_api(Arc::clone(&controller), api_listener).await?;
-    finish(&home, &controller).await;
-    Ok(())
+    tracing::info!(api = %api.public_url()?, local_api = %api_url, "taidon controller is ready");
+    let served = serve_api(Arc::clone(&controller), api).await;
+    // Clients stop finding this controller first. Its instances keep running, as after a
+    // crash: the next controller for the home adopts them (and their DSNs keep working).
+    let _ = std::fs::remove_file(home.daemon_json());
+    let left = controller.leave_running();
+    tracing::info!(
+        instances = left,
+        "taidon controller stopped; instances left running for the next one"
+    );
+    served
 }
 
 async fn gateway(args: GatewayArgs) -> Result<()> {
-    let home = Home::new(&args.home);
+    let leeway_s = args.gateway.token_leeway_s;
     let read = |p: &Path| -> Result<String> {
         Ok(std::fs::read_to_string(p)
             .with_context(|| format!("cannot read {}", p.display()))?
             .trim()
             .to_owned())
     };
-    let keys = Arc::new(SharedKeyset::new(load_keyset(
-        &home,
-        args.gateway.token_leeway_s,
-    )?));
-    tokio::spawn(watch_keyset(
-        home.clone(),
-        Arc::clone(&keys),
-        args.gateway.token_leeway_s,
-    ));
-    let resolver = HttpResolver::new(&args.controller, read(&home.api_token_file())?);
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, controller = %args.controller, "taidon gateway is ready");
-    let mut gateway = Gateway::new(args.gateway.config(), keys, Arc::new(resolver));
-    if let Some((tls, _)) = args.gateway.tls(&home)? {
+    let listen = listener.local_addr()?;
+    let own_home = args.home.as_ref().map(Home::new);
+    let mut gateway = match &args.token_file {
+        // Apart from the controller: its token and its public keys, fetched and kept fresh.
+        Some(token_file) => {
+            let ca = match &args.ca {
+                Some(p) => {
+                    Some(std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?)
+                }
+                None => None,
+            };
+            let resolver =
+                HttpResolver::with_ca(&args.controller, read(token_file)?, ca.as_deref())?;
+            let keys = ControllerKeys::fetch_first(resolver.clone(), leeway_s)
+                .await
+                .with_context(|| format!("cannot get the keys of {}", args.controller))?;
+            let keys = Arc::new(keys);
+            let every = std::time::Duration::from_secs(args.keys_poll_s.max(1));
+            tokio::spawn(Arc::clone(&keys).poll(every));
+            Gateway::new(args.gateway.config(), keys.keyset(), Arc::new(resolver))
+                .with_key_source(keys as Arc<dyn KeySource>)
+        }
+        // Beside the controller, on its home: its api.token and keyset.json.
+        None => {
+            let Some(home) = &own_home else {
+                bail!("give --token-file (a gateway token), or --home (the controller's home)");
+            };
+            let keys = Arc::new(SharedKeyset::new(load_keyset(home, leeway_s)?));
+            tokio::spawn(watch_keyset(home.clone(), Arc::clone(&keys), leeway_s));
+            let resolver = HttpResolver::new(&args.controller, read(&home.api_token_file())?);
+            Gateway::new(args.gateway.config(), keys, Arc::new(resolver))
+        }
+    };
+    if let Some((tls, _)) = args.gateway.tls(own_home.as_ref(), listen)? {
         gateway = gateway.with_tls(tls);
     }
-    let gateway = Arc::new(gateway);
-    gateway
-        .serve(listener, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+    tracing::info!(%listen, controller = %args.controller, "taidon gateway is ready");
+    let drain = std::time::Duration::from_secs(args.drain_s);
+    Arc::new(gateway)
+        .serve_draining(
+            listener,
+            async {
+                terminate_signal().await;
+                tracing::info!(drain_s = drain.as_secs(), "stopping: no new connections");
+            },
+            drain,
+        )
         .await;
+    tracing::info!("taidon gateway stopped");
     Ok(())
 }
 
@@ -521,18 +650,7 @@ fn publish_daemon_info(home: &Home, api_url: &str, gateway: &str) -> Result<()> 
     Ok(())
 }
 
-async fn serve_api(controller: Arc<Controller>, listener: TcpListener) -> Result<()> {
+async fn serve_api(controller: Arc<Controller>, api: ApiListeners) -> Result<()> {
     let app = taidon_controller::router(Arc::clone(&controller));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal(controller))
-        .await
-        .context("API server")
-}
-
-/// Clean exit: clients stop finding this daemon first, then its servers stop. Their data stays
-/// and the next daemon restarts them.
-async fn finish(home: &Home, controller: &Controller) {
-    let _ = std::fs::remove_file(home.daemon_json());
-    controller.stop_all().await;
-    tracing::info!("taidon stopped");
+    api.serve(app, shutdown_signal(controller)).await
 }
