@@ -2,7 +2,8 @@
 //! gateway and `sqlrs`.
 //!
 //! Every route is under `/v1` and, except `GET /v1/health`, needs `Authorization: Bearer
-//! <token>` with the API token from `<home>/api.token`.
+//! <token>`: the home's `<home>/api.token` (an admin), or a token from `taidon token create`
+//! whose [`TokenRole`] decides which routes it may use.
 //!
 //! | route | body | answer |
 //! |---|---|---|

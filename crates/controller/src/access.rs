@@ -403,6 +403,16 @@ impl Controller {
 
     /// A DSN with a fresh token for a state (`ro` by default) or an instance (`rw`).
     pub fn mint_dsn(&self, req: &DsnRequest) -> Result<DsnResponse, ControllerError> {
+        self.mint_dsn_for(req, None)
+    }
+
+    /// [`Controller::mint_dsn`], the token naming `sub` (the caller) as its subject: what the
+    /// gateway logs and rate-limits by.
+    pub fn mint_dsn_for(
+        &self,
+        req: &DsnRequest,
+        sub: Option<&str>,
+    ) -> Result<DsnResponse, ControllerError> {
         let instances = self.meta.instances()?;
         let typed = req.target.as_str();
         let instance = instances.iter().find(|r| {
@@ -444,6 +454,9 @@ impl Controller {
         let now_s = now_ms() / 1000;
         let ttl_s = req.ttl_s.unwrap_or(self.config.token_ttl_s);
         let mut claims = keys.claims_for(sid, scope, now_s, ttl_s);
+        if let Some(sub) = sub {
+            claims.sub = sub.to_owned();
+        }
         if scope == Scope::Rw {
             claims.iid = iid;
         }

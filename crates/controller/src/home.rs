@@ -6,10 +6,11 @@
 //! <home>/api.token        API bearer token (0600)
 //! <home>/gateway.key      token signing secret (0600)
 //! <home>/keyset.json      token keys: current and previous, Ed25519 or HS256 (0600)
-//! <home>/tls/             the gateway's CA and server certificate and key (key 0600)
+//! <home>/tls/             CA (ca.pem, ca.key 0600) and the server certificate of the gateway
+//!                         and the API (server.pem, server.key 0600, server.hosts it covers)
 //! <home>/installation_id  the `aud` of every token this home mints
 //! <home>/gateway.addr     the gateway's address, kept across restarts so DSNs stay valid
-//! <home>/meta.db          SQLite metadata (WAL)
+//! <home>/meta.db          SQLite metadata (WAL), API tokens (hashed) and instance owners
 //! <home>/snapshots/       the snapshot store
 //! <home>/instances/<id>/  data/ and sock/ of each instance
 //! <home>/run/             socket directories of builds

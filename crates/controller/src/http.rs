@@ -280,7 +280,7 @@ async fn dsn(
     Json(req): Json<DsnRequest>,
 ) -> Result<Response, ControllerError> {
     ctl.authorize_dsn(&caller, &req.target)?;
-    Ok(Json(ctl.mint_dsn(&req)?).into_response())
+    Ok(Json(ctl.mint_dsn_for(&req, Some(&caller.sub))?).into_response())
 }
 
 /// The public keys DSN tokens are verified with; HS256 secrets never leave the controller.

@@ -582,13 +582,17 @@ impl Controller {
     ) -> Result<InstanceInfo, ControllerError> {
         let now_s = now_ms() / 1000;
         let keys = self.keys.get();
-        let claims = keys.claims(
+        let owner = self.meta.instance_owner(&row.instance_id)?;
+        let mut claims = keys.claims(
             row.state_id,
             row.instance_id,
             taidon_core::token::Scope::Rw,
             now_s,
             self.config.token_ttl_s,
         );
+        if !owner.is_empty() {
+            claims.sub = owner.clone();
+        }
         let token = keys
             .sign(&claims)
             .map_err(|e| ControllerError::Internal(format!("cannot sign a token: {e}")))?;
@@ -598,7 +602,7 @@ impl Controller {
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(&row.instance_id);
         Ok(InstanceInfo {
-            owner: self.meta.instance_owner(&row.instance_id)?,
+            owner,
             instance_id: row.instance_id,
             state_id: row.state_id,
             // A live standby is still a standby: it serves nobody until handed out.

@@ -573,6 +573,8 @@ async fn standalone_gateway_rotation_drain_and_a_controller_that_leaves_its_inst
         "{}",
         gateway.log()
     );
+    // A DSN minted by a user names the user as its subject: the gateway logs it.
+    assert!(gateway.log().contains("sub=alice"), "{}", gateway.log());
     // The old key stays accepted (it is the previous one).
     assert_eq!(psql_ok(&dsn, "select 2"), "2");
 
