@@ -51,7 +51,9 @@ impl Net {
             let inner = format!("ti{tag}{i}");
             ip(&["netns", "add", &ns]);
             net.namespaces.push(ns.clone());
-            ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner]);
+            ip(&[
+                "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+            ]);
             ip(&["link", "set", &inner, "netns", &ns]);
             ip(&["link", "set", &outer, "master", &net.bridge, "up"]);
             let addr = format!("{}.{}/24", net.prefix, i + 1);
@@ -82,7 +84,8 @@ impl Net {
     /// `program` to run on `host`.
     pub fn command(&self, host: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", self.namespace(host)]).arg(program);
+        cmd.args(["netns", "exec", self.namespace(host)])
+            .arg(program);
         cmd
     }
 }
