@@ -826,3 +826,65 @@ fn parse_all(raw: &[u8]) -> Vec<(u8, Vec<u8>)> {
     }
     out
 }
+
+/// A key source that, asked, puts `next` in force and counts the asks.
+struct SwapKeys {
+    keys: Arc<SharedKeyset>,
+    next: TokenKey,
+    asked: Mutex<u32>,
+}
+
+impl crate::KeySource for SwapKeys {
+    fn refresh(&self) -> BoxFuture<'_, ()> {
+        *self.asked.lock().unwrap() += 1;
+        self.keys.replace(self.next.clone());
+        Box::pin(async {})
+    }
+}
+
+#[tokio::test]
+async fn a_token_naming_an_unknown_key_has_the_keys_fetched_again_once() {
+    let rotated = TokenKey::hs256(b"fedcba9876543210fedcba9876543210", "install-test");
+    let t = rotated
+        .sign(&rotated.claims(
+            StateId::from_bytes([7; 32]),
+            InstanceId::from_bytes([9; 8]),
+            Scope::Rw,
+            NOW - 5,
+            600,
+        ))
+        .unwrap();
+    // Without a key source: refused.
+    let (gw, resolver) = gateway(Duration::from_secs(5), missing);
+    let (code, _, _, _) = refused(&gw, &resolver, &t, None).await;
+    assert_eq!(code, "28P01");
+
+    // With one: fetched again, then verified (and resolved: 3D000 from the fake).
+    let keys = Arc::new(SharedKeyset::new(key()));
+    let source = Arc::new(SwapKeys {
+        keys: Arc::clone(&keys),
+        next: rotated,
+        asked: Mutex::new(0),
+    });
+    let resolver = Arc::new(FakeResolver {
+        answer: missing,
+        asked: Mutex::new(Vec::new()),
+    });
+    let gw = Arc::new(
+        Gateway::new(GatewayConfig::default(), keys, resolver.clone())
+            .with_clock(Arc::new(FixedClock))
+            .with_key_source(source.clone()),
+    );
+    let (code, _, _, asked) = refused(&gw, &resolver, &t, None).await;
+    assert_eq!(code, "3D000", "verified with the fetched key");
+    assert_eq!((asked, *source.asked.lock().unwrap()), (1, 1));
+    // A token of a known key asks for nothing.
+    let (code, _, _, _) = refused(&gw, &resolver, &t, None).await;
+    assert_eq!(code, "3D000");
+    assert_eq!(*source.asked.lock().unwrap(), 1);
+    // One of the old key, gone after the swap, asks once more and is refused.
+    let old = sign_with(&key(), |_| {});
+    let (code, _, _, _) = refused(&gw, &resolver, &old, None).await;
+    assert_eq!(code, "28P01");
+    assert_eq!(*source.asked.lock().unwrap(), 2);
+}
