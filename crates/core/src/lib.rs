@@ -19,4 +19,4 @@ pub mod token;
 pub use engine::{EngineFingerprint, InitdbOptions};
 pub use id::{InstanceId, ParseIdError, StateId};
 pub use plan::{PsqlInput, PsqlStep, Step};
-pub use store::CloneStrategy;
+pub use store::{CloneStrategy, DataArea};

@@ -3,7 +3,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use taidon_core::StateId;
+use taidon_core::{DataArea, StateId};
 
 /// What went wrong in the snapshot store.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,15 @@ pub enum StoreError {
     /// A build was published without a data directory.
     #[error("build {} has no data directory", .0.display())]
     EmptyBuild(PathBuf),
+    /// A data area (or a build) this store cannot use: another kind of store's or runtime's.
+    #[error("this store cannot use the data area {0}")]
+    ForeignArea(DataArea),
+    /// A restore target already holds data.
+    #[error("the data area {0} is not empty")]
+    AreaInUse(DataArea),
+    /// The blocking thread running a store operation ended without finishing it.
+    #[error("a store task failed: {0}")]
+    Task(String),
 }
 
 /// Attaches the operation and the path to an `io::Error`.

@@ -2,28 +2,35 @@
 //! under a root, and cloned by the fastest means the file system offers (btrfs snapshots,
 //! reflinks, or plain copies).
 //!
-//! All I/O here is blocking `std::fs`; async callers run it on a blocking thread.
+//! [`SnapshotStore`] is the async boundary the controller uses; [`LocalStore`] implements it
+//! with blocking `std::fs` (its inherent methods) run on blocking threads. A `FakeStore`
+//! (in memory) is behind the `testing` feature.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![deny(clippy::todo, clippy::dbg_macro)]
 
 mod clone;
 mod digest;
 mod error;
+#[cfg(any(test, feature = "testing"))]
+mod fake;
 mod local;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 #[cfg(test)]
 mod tests;
 
-use std::path::Path;
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use taidon_core::{CloneStrategy, EngineFingerprint, StateId};
+use taidon_core::{CloneStrategy, DataArea, EngineFingerprint, StateId};
 
 pub use clone::{clone_tree, clone_tree_reporting, detect_strategy, remove_tree, CloneProgress};
 pub use digest::{tree_digest, TreeDigest};
 pub use error::StoreError;
-pub use local::{Build, LocalStore};
+pub use local::{LocalBuild, LocalStore};
 
 /// Who owns data directories: the `postgres` user when the process runs as root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,40 +74,130 @@ pub struct CloneStats {
     pub files: u64,
 }
 
-/// A place that keeps one immutable data directory per state.
+/// A boxed, sendable future, so the trait stays object-safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Told the bytes a copying clone has copied so far and the total, as it goes.
+pub type ByteProgress = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// What `sqlrs status` shows about a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreInfo {
+    /// How snapshots are cloned.
+    pub strategy: CloneStrategy,
+    /// Where the snapshots are, for people: a directory, a bucket.
+    pub location: String,
+}
+
+/// A place that keeps one immutable data directory per state. Async, and with no local path
+/// in its contract: builds and restores name a [`DataArea`] that the store and the runtime
+/// agree on.
 pub trait SnapshotStore: Send + Sync {
-    /// How this store clones snapshots.
-    fn strategy(&self) -> CloneStrategy;
-    /// The directory the store lives in.
-    fn root(&self) -> &Path;
-    /// Whether a snapshot of `id` is published.
-    fn contains(&self, id: &StateId) -> bool;
-    /// The manifest of `id`, if published.
-    fn manifest(&self, id: &StateId) -> Result<Option<Manifest>, StoreError>;
-    /// The manifests of all published snapshots, ordered by state id.
-    fn list(&self) -> Result<Vec<Manifest>, StoreError>;
-    /// A private work area for building `id`: its `data_dir()` is a clone of `parent`'s data,
-    /// or (no parent) an empty directory of mode 0700 owned by the owner, where the caller runs
-    /// initdb.
-    fn begin(&self, id: &StateId, parent: Option<&StateId>) -> Result<Build, StoreError>;
-    /// `begin`, telling `progress` the bytes of the parent's data copied so far.
-    fn begin_reporting(
+    /// How this store clones snapshots and where it keeps them.
+    fn describe(&self) -> StoreInfo;
+    /// Starts building `id`: a private data area holding a clone of `parent`'s snapshot, or
+    /// (no parent) an empty one for the runtime to initialise. A copying clone tells
+    /// `progress` its bytes.
+    fn begin(
         &self,
-        id: &StateId,
-        parent: Option<&StateId>,
-        progress: CloneProgress<'_>,
-    ) -> Result<Build, StoreError> {
-        let _ = progress;
-        self.begin(id, parent)
-    }
-    /// Makes a build durable and visible under its id; if a racing build of the same id won,
-    /// discards this one and returns the winner's manifest.
-    fn publish(&self, build: Build, meta: PublishMeta) -> Result<Manifest, StoreError>;
-    /// Clones `id`'s data directory to `dest` (which must not exist), owned by the owner, mode
-    /// 0700.
-    fn clone_to(&self, id: &StateId, dest: &Path) -> Result<CloneStats, StoreError>;
+        id: StateId,
+        parent: Option<StateId>,
+        progress: Option<ByteProgress>,
+    ) -> BoxFuture<'_, Result<Build, StoreError>>;
+    /// Makes a build durable and visible under its id (its server stopped); if a racing build
+    /// of the same id won, discards this one and returns the winner's manifest.
+    fn publish(
+        &self,
+        build: Build,
+        meta: PublishMeta,
+    ) -> BoxFuture<'_, Result<Manifest, StoreError>>;
+    /// Restores `id`'s data into `target`, a runtime's place for one instance's data (which
+    /// must not hold data yet).
+    fn restore_for<'a>(
+        &'a self,
+        id: StateId,
+        target: &'a DataArea,
+    ) -> BoxFuture<'a, Result<CloneStats, StoreError>>;
+    /// The manifest of `id`, if published.
+    fn manifest(&self, id: StateId) -> BoxFuture<'_, Result<Option<Manifest>, StoreError>>;
+    /// The manifests of all published snapshots, ordered by state id.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Manifest>, StoreError>>;
     /// Deletes the snapshot of `id`; false when there was none.
-    fn remove(&self, id: &StateId) -> Result<bool, StoreError>;
+    fn remove(&self, id: StateId) -> BoxFuture<'_, Result<bool, StoreError>>;
     /// Logical bytes of all published snapshots (shared extents count once per snapshot).
-    fn usage_bytes(&self) -> Result<u64, StoreError>;
+    fn usage(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+    /// The data areas of builds a crashed process left, for the runtime to stop servers on
+    /// (call before starting builds: builds in progress look the same).
+    fn leftover_builds(&self) -> BoxFuture<'_, Result<Vec<DataArea>, StoreError>>;
+    /// Deletes what a crashed process left (builds, half-deleted snapshots, spares); how many
+    /// entries went.
+    fn discard_leftovers(&self) -> BoxFuture<'_, Result<usize, StoreError>>;
+    /// Prepares the next restore of `id` ahead of time, where that saves the next instance a
+    /// wait (a spare copy on a store that copies); true if it did something.
+    fn make_spare(&self, id: StateId) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let _ = id;
+        Box::pin(async { Ok(false) })
+    }
+}
+
+/// A build in progress: a private data area that becomes the snapshot of its state when
+/// published, and is discarded when dropped unpublished.
+pub struct Build {
+    id: StateId,
+    parent: Option<StateId>,
+    area: DataArea,
+    /// The store's own record of the build; dropping it discards the build.
+    inner: Box<dyn Any + Send + Sync>,
+}
+
+impl Build {
+    /// A build of `id` in `area`; `inner` is the store's own handle, which discards the build
+    /// when dropped unpublished.
+    pub fn new(
+        id: StateId,
+        parent: Option<StateId>,
+        area: DataArea,
+        inner: impl Any + Send + Sync,
+    ) -> Self {
+        Self {
+            id,
+            parent,
+            area,
+            inner: Box::new(inner),
+        }
+    }
+
+    /// The state being built.
+    pub fn id(&self) -> &StateId {
+        &self.id
+    }
+
+    /// The state this build was cloned from.
+    pub fn parent(&self) -> Option<&StateId> {
+        self.parent.as_ref()
+    }
+
+    /// Where the build's data is: the runtime runs the build's server there.
+    pub fn area(&self) -> &DataArea {
+        &self.area
+    }
+
+    /// The store's own handle, if the build is of type `T` (another store's build is not).
+    pub fn into_inner<T: Any>(self) -> Result<T, StoreError> {
+        let area = self.area;
+        self.inner
+            .downcast::<T>()
+            .map(|b| *b)
+            .map_err(|_| StoreError::ForeignArea(area))
+    }
+}
+
+impl std::fmt::Debug for Build {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Build")
+            .field("id", &self.id)
+            .field("parent", &self.parent)
+            .field("area", &self.area)
+            .finish_non_exhaustive()
+    }
 }

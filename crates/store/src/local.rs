@@ -23,9 +23,10 @@ use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use taidon_core::{CloneStrategy, StateId};
+use taidon_core::{CloneStrategy, DataArea, StateId};
 
 use crate::clone::{
     chown_to, clone_tree, clone_tree_reporting, create_base_dir, detect_strategy, remove_tree,
@@ -33,7 +34,10 @@ use crate::clone::{
 };
 use crate::digest::tree_digest;
 use crate::error::{IoContext, StoreError};
-use crate::{CloneStats, Manifest, Owner, PublishMeta, SnapshotStore};
+use crate::{
+    BoxFuture, Build, ByteProgress, CloneStats, Manifest, Owner, PublishMeta, SnapshotStore,
+    StoreInfo,
+};
 
 const MANIFEST: &str = "manifest.json";
 const MANIFEST_TMP: &str = "manifest.json.tmp";
@@ -44,21 +48,27 @@ const PROBE: &str = ".probe-";
 const SPARE: &str = ".spare-";
 const SPARING: &str = ".sparing-";
 
-/// Snapshots in a local directory, cloned by btrfs snapshot, reflink or copy.
-#[derive(Debug)]
+/// Snapshots in a local directory, cloned by btrfs snapshot, reflink or copy. Cheap to clone:
+/// clones share one store.
+#[derive(Debug, Clone)]
 pub struct LocalStore {
+    strategy: CloneStrategy,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
     root: PathBuf,
     owner: Option<Owner>,
-    strategy: CloneStrategy,
     /// States whose spare is being copied: a clone waits for it rather than copy a second time.
     sparing: std::sync::Mutex<std::collections::HashSet<StateId>>,
     spare_done: std::sync::Condvar,
 }
 
-/// A build in progress: a private directory that becomes a snapshot when published, and is
-/// deleted when dropped unpublished.
+/// A build in progress in a local store: a private directory that becomes a snapshot when
+/// published, and is deleted when dropped unpublished.
 #[derive(Debug)]
-pub struct Build {
+pub struct LocalBuild {
     id: StateId,
     parent: Option<StateId>,
     dir: PathBuf,
@@ -67,7 +77,7 @@ pub struct Build {
     finished: bool,
 }
 
-impl Build {
+impl LocalBuild {
     /// The state being built.
     pub fn id(&self) -> &StateId {
         &self.id
@@ -96,7 +106,7 @@ impl Build {
     }
 }
 
-impl Drop for Build {
+impl Drop for LocalBuild {
     fn drop(&mut self) {
         if !self.finished {
             self.discard();
@@ -111,7 +121,7 @@ impl LocalStore {
         id: &StateId,
         parent: Option<&StateId>,
         progress: Option<CloneProgress<'_>>,
-    ) -> Result<Build, StoreError> {
+    ) -> Result<LocalBuild, StoreError> {
         if let Some(p) = parent {
             if !self.contains(p) {
                 return Err(StoreError::UnknownState(*p));
@@ -121,7 +131,7 @@ impl LocalStore {
         fs::create_dir(&dir).ctx("create build directory", &dir)?;
         // Only the data directory is private; the owner must be able to reach it.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o711)).ctx("chmod", &dir)?;
-        let build = Build {
+        let build = LocalBuild {
             id: *id,
             parent: parent.copied(),
             data: dir.join(DATA),
@@ -134,11 +144,11 @@ impl LocalStore {
                     &self.data_dir(p),
                     &build.data,
                     self.strategy,
-                    self.owner,
+                    self.shared.owner,
                     progress,
                 )?;
             }
-            None => create_base_dir(&build.data, self.strategy, self.owner)?,
+            None => create_base_dir(&build.data, self.strategy, self.shared.owner)?,
         }
         Ok(build)
     }
@@ -158,11 +168,13 @@ impl LocalStore {
         let strategy = detect_strategy(&root);
         tracing::info!(root = %root.display(), %strategy, "snapshot store opened");
         Ok(Self {
-            root,
-            owner,
             strategy,
-            sparing: Default::default(),
-            spare_done: Default::default(),
+            shared: Arc::new(Shared {
+                root,
+                owner,
+                sparing: Default::default(),
+                spare_done: Default::default(),
+            }),
         })
     }
 
@@ -175,7 +187,7 @@ impl LocalStore {
 
     /// Who owns the data directories.
     pub fn owner(&self) -> Option<Owner> {
-        self.owner
+        self.shared.owner
     }
 
     /// The data directories of builds left by a crash (call before starting builds: builds in
@@ -211,7 +223,7 @@ impl LocalStore {
     }
 
     fn spare_dir(&self, id: &StateId) -> PathBuf {
-        self.root.join(format!("{SPARE}{id}"))
+        self.shared.root.join(format!("{SPARE}{id}"))
     }
 
     /// Makes a spare clone of `id` ahead of time, if clones are plain copies and it has none.
@@ -226,32 +238,35 @@ impl LocalStore {
         }
         let made = self.copy_spare(id, &spare);
         self.lock_sparing().remove(id);
-        self.spare_done.notify_all();
+        self.shared.spare_done.notify_all();
         made
     }
 
     fn lock_sparing(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<StateId>> {
-        self.sparing.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared
+            .sparing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits while a spare of `id` is being copied (at most a minute).
     fn wait_for_spare(&self, id: &StateId) {
         let guard = self.lock_sparing();
-        let _ =
-            self.spare_done
-                .wait_timeout_while(guard, std::time::Duration::from_secs(60), |s| {
-                    s.contains(id)
-                });
+        let _ = self.shared.spare_done.wait_timeout_while(
+            guard,
+            std::time::Duration::from_secs(60),
+            |s| s.contains(id),
+        );
     }
 
     fn copy_spare(&self, id: &StateId, spare: &Path) -> Result<bool, StoreError> {
         let tmp = self.unique(&format!("{SPARING}{id}-"));
-        if let Err(e) = clone_tree(&self.data_dir(id), &tmp, self.strategy, self.owner) {
+        if let Err(e) = clone_tree(&self.data_dir(id), &tmp, self.strategy, self.shared.owner) {
             let _ = remove_tree(&tmp);
             return Err(e);
         }
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700)).ctx("chmod", &tmp)?;
-        chown_to(&tmp, self.owner)?;
+        chown_to(&tmp, self.shared.owner)?;
         match fs::rename(&tmp, spare) {
             Ok(()) => Ok(true),
             // Another spare landed first (a non-empty directory cannot be renamed over).
@@ -279,19 +294,20 @@ impl LocalStore {
     }
 
     fn snapshot_dir(&self, id: &StateId) -> PathBuf {
-        self.root.join(id.to_string())
+        self.shared.root.join(id.to_string())
     }
 
     fn unique(&self, prefix: &str) -> PathBuf {
-        self.root
+        self.shared
+            .root
             .join(format!("{prefix}{:016x}", rand::random::<u64>()))
     }
 
     fn dot_entries(&self) -> Vec<(String, PathBuf)> {
-        let entries = match fs::read_dir(&self.root) {
+        let entries = match fs::read_dir(&self.shared.root) {
             Ok(entries) => entries,
             Err(e) => {
-                tracing::warn!(root = %self.root.display(), error = %e, "cannot list the store");
+                tracing::warn!(root = %self.shared.root.display(), error = %e, "cannot list the store");
                 return Vec::new();
             }
         };
@@ -305,20 +321,25 @@ impl LocalStore {
     }
 }
 
-impl SnapshotStore for LocalStore {
-    fn strategy(&self) -> CloneStrategy {
+/// The blocking operations, which the [`SnapshotStore`] implementation runs on blocking threads.
+impl LocalStore {
+    /// How this store clones snapshots.
+    pub fn strategy(&self) -> CloneStrategy {
         self.strategy
     }
 
-    fn root(&self) -> &Path {
-        &self.root
+    /// The directory the store lives in.
+    pub fn root(&self) -> &Path {
+        &self.shared.root
     }
 
-    fn contains(&self, id: &StateId) -> bool {
+    /// Whether a snapshot of `id` is published.
+    pub fn contains(&self, id: &StateId) -> bool {
         self.snapshot_dir(id).join(MANIFEST).is_file()
     }
 
-    fn manifest(&self, id: &StateId) -> Result<Option<Manifest>, StoreError> {
+    /// The manifest of `id`, if published.
+    pub fn manifest(&self, id: &StateId) -> Result<Option<Manifest>, StoreError> {
         let path = self.snapshot_dir(id).join(MANIFEST);
         let text = match fs::read(&path) {
             Ok(text) => text,
@@ -330,10 +351,11 @@ impl SnapshotStore for LocalStore {
             .map_err(|source| StoreError::Manifest { path, source })
     }
 
-    fn list(&self) -> Result<Vec<Manifest>, StoreError> {
+    /// The manifests of all published snapshots, ordered by state id.
+    pub fn list(&self) -> Result<Vec<Manifest>, StoreError> {
         let mut out = Vec::new();
-        for entry in fs::read_dir(&self.root).ctx("list", &self.root)? {
-            let entry = entry.ctx("list", &self.root)?;
+        for entry in fs::read_dir(&self.shared.root).ctx("list", &self.shared.root)? {
+            let entry = entry.ctx("list", &self.shared.root)?;
             let Some(id) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
                 continue;
             };
@@ -348,20 +370,30 @@ impl SnapshotStore for LocalStore {
         Ok(out)
     }
 
-    fn begin(&self, id: &StateId, parent: Option<&StateId>) -> Result<Build, StoreError> {
+    /// A private work area for building `id`: its `data_dir()` is a clone of `parent`'s data,
+    /// or (no parent) an empty directory of mode 0700 owned by the owner, where the caller runs
+    /// initdb.
+    pub fn begin(&self, id: &StateId, parent: Option<&StateId>) -> Result<LocalBuild, StoreError> {
         self.begin_with(id, parent, None)
     }
 
-    fn begin_reporting(
+    /// `begin`, telling `progress` the bytes of the parent's data copied so far.
+    pub fn begin_reporting(
         &self,
         id: &StateId,
         parent: Option<&StateId>,
         progress: CloneProgress<'_>,
-    ) -> Result<Build, StoreError> {
+    ) -> Result<LocalBuild, StoreError> {
         self.begin_with(id, parent, Some(progress))
     }
 
-    fn publish(&self, mut build: Build, meta: PublishMeta) -> Result<Manifest, StoreError> {
+    /// Makes a build durable and visible under its id; if a racing build of the same id won,
+    /// discards this one and returns the winner's manifest.
+    pub fn publish(
+        &self,
+        mut build: LocalBuild,
+        meta: PublishMeta,
+    ) -> Result<Manifest, StoreError> {
         if let Some(existing) = self.manifest(&build.id)? {
             return Ok(existing);
         }
@@ -370,7 +402,7 @@ impl SnapshotStore for LocalStore {
         }
         let digest = tree_digest(&build.data)?;
         // One syncfs instead of an fsync per file: the data is durable before the manifest is.
-        syncfs(&self.root)?;
+        syncfs(&self.shared.root)?;
         let manifest = Manifest {
             state_id: build.id,
             parent: meta.parent,
@@ -387,7 +419,7 @@ impl SnapshotStore for LocalStore {
         match fs::rename(&build.dir, &target) {
             Ok(()) => {
                 build.finished = true;
-                fsync_dir(&self.root)?;
+                fsync_dir(&self.shared.root)?;
                 tracing::info!(id = %build.id, size = manifest.size_bytes, "snapshot published");
                 Ok(manifest)
             }
@@ -400,7 +432,9 @@ impl SnapshotStore for LocalStore {
         }
     }
 
-    fn clone_to(&self, id: &StateId, dest: &Path) -> Result<CloneStats, StoreError> {
+    /// Clones `id`'s data directory to `dest` (which must not exist), owned by the owner, mode
+    /// 0700.
+    pub fn clone_to(&self, id: &StateId, dest: &Path) -> Result<CloneStats, StoreError> {
         if !self.contains(id) {
             return Err(StoreError::UnknownState(*id));
         }
@@ -415,13 +449,14 @@ impl SnapshotStore for LocalStore {
                 files: 0,
             });
         }
-        let stats = clone_tree(&self.data_dir(id), dest, self.strategy, self.owner)?;
+        let stats = clone_tree(&self.data_dir(id), dest, self.strategy, self.shared.owner)?;
         fs::set_permissions(dest, fs::Permissions::from_mode(0o700)).ctx("chmod", dest)?;
-        chown_to(dest, self.owner)?;
+        chown_to(dest, self.shared.owner)?;
         Ok(stats)
     }
 
-    fn remove(&self, id: &StateId) -> Result<bool, StoreError> {
+    /// Deletes the snapshot of `id`; false when there was none.
+    pub fn remove(&self, id: &StateId) -> Result<bool, StoreError> {
         let _ = remove_tree(&self.spare_dir(id));
         let dir = self.snapshot_dir(id);
         let trash = self.unique(TRASH);
@@ -431,14 +466,107 @@ impl SnapshotStore for LocalStore {
             Err(e) => return Err(e).ctx("move to trash", &dir),
         }
         // The rename is the removal; make it durable before the slow part.
-        fsync_dir(&self.root)?;
+        fsync_dir(&self.shared.root)?;
         remove_tree(&trash)?;
         tracing::info!(%id, "snapshot removed");
         Ok(true)
     }
 
-    fn usage_bytes(&self) -> Result<u64, StoreError> {
+    /// Logical bytes of all published snapshots (shared extents count once per snapshot).
+    pub fn usage_bytes(&self) -> Result<u64, StoreError> {
         Ok(self.list()?.iter().map(|m| m.size_bytes).sum())
+    }
+}
+
+impl LocalStore {
+    /// Runs `f` on a blocking thread: every file system operation of this store blocks.
+    fn blocking<T, F>(&self, f: F) -> BoxFuture<'static, Result<T, StoreError>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&LocalStore) -> Result<T, StoreError> + Send + 'static,
+    {
+        let this = self.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || f(&this))
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))?
+        })
+    }
+}
+
+impl SnapshotStore for LocalStore {
+    fn describe(&self) -> StoreInfo {
+        StoreInfo {
+            strategy: self.strategy,
+            location: self.shared.root.display().to_string(),
+        }
+    }
+
+    fn begin(
+        &self,
+        id: StateId,
+        parent: Option<StateId>,
+        progress: Option<ByteProgress>,
+    ) -> BoxFuture<'_, Result<Build, StoreError>> {
+        self.blocking(move |s| {
+            let report = progress.as_deref().map(|p| p as &(dyn Fn(u64, u64) + Sync));
+            let build = s.begin_with(&id, parent.as_ref(), report)?;
+            let area = DataArea::local(build.data_dir());
+            Ok(Build::new(id, parent, area, build))
+        })
+    }
+
+    fn publish(
+        &self,
+        build: Build,
+        meta: PublishMeta,
+    ) -> BoxFuture<'_, Result<Manifest, StoreError>> {
+        self.blocking(move |s| s.publish(build.into_inner::<LocalBuild>()?, meta))
+    }
+
+    fn restore_for<'a>(
+        &'a self,
+        id: StateId,
+        target: &'a DataArea,
+    ) -> BoxFuture<'a, Result<CloneStats, StoreError>> {
+        let Some(dest) = target.as_local().map(Path::to_path_buf) else {
+            let area = target.clone();
+            return Box::pin(async move { Err(StoreError::ForeignArea(area)) });
+        };
+        self.blocking(move |s| s.clone_to(&id, &dest))
+    }
+
+    fn manifest(&self, id: StateId) -> BoxFuture<'_, Result<Option<Manifest>, StoreError>> {
+        self.blocking(move |s| s.manifest(&id))
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Manifest>, StoreError>> {
+        self.blocking(|s| s.list())
+    }
+
+    fn remove(&self, id: StateId) -> BoxFuture<'_, Result<bool, StoreError>> {
+        self.blocking(move |s| s.remove(&id))
+    }
+
+    fn usage(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        self.blocking(|s| s.usage_bytes())
+    }
+
+    fn leftover_builds(&self) -> BoxFuture<'_, Result<Vec<DataArea>, StoreError>> {
+        self.blocking(|s| {
+            Ok(s.leftover_builds()
+                .into_iter()
+                .map(DataArea::local)
+                .collect())
+        })
+    }
+
+    fn discard_leftovers(&self) -> BoxFuture<'_, Result<usize, StoreError>> {
+        self.blocking(|s| s.discard_leftovers())
+    }
+
+    fn make_spare(&self, id: StateId) -> BoxFuture<'_, Result<bool, StoreError>> {
+        self.blocking(move |s| s.make_spare(&id))
     }
 }
 

@@ -1,4 +1,5 @@
-//! Test helpers: real copy-on-write file systems on loop devices.
+//! Test helpers: real copy-on-write file systems on loop devices, and an in-memory
+//! [`FakeStore`] for the tests of the crates above this one.
 //!
 //! Loop mounts need root and the `mkfs.*` tools. [`cow_fs_or_skip`] turns their absence into a
 //! loud skip, or into a failure when `TAIDON_REQUIRE_COW=1` (as CI sets it).
@@ -9,6 +10,8 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+pub use crate::fake::{fake_engine, FakeStore};
 
 /// A fresh file system in a sparse image file, loop-mounted on `mount`; unmounted and detached
 /// on drop.

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Barrier};
 
 use sha2::{Digest, Sha256};
-use taidon_core::{CloneStrategy, EngineFingerprint, InitdbOptions, StateId};
+use taidon_core::{CloneStrategy, DataArea, EngineFingerprint, InitdbOptions, StateId};
 
 use crate::clone::{fs_magic, is_subvolume};
 use crate::testing::{cow_fs_or_skip, LoopFs};
@@ -352,6 +352,77 @@ fn a_copying_build_reports_its_bytes_up_to_the_total() {
     assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "{seen:?}");
     assert_eq!(seen.last(), Some(&(total, total)));
     drop(build);
+}
+
+/// The async boundary, as the controller sees it: data areas instead of paths, byte progress
+/// through an `Arc`, a build handle only the store that made it accepts.
+#[tokio::test]
+async fn the_trait_builds_restores_and_cleans_up_through_data_areas() {
+    let dir = scratch();
+    let local = LocalStore::open(dir.path().join("store"), owner())
+        .unwrap()
+        .with_strategy(CloneStrategy::Copy);
+    let store: std::sync::Arc<dyn SnapshotStore> = std::sync::Arc::new(local.clone());
+    assert_eq!(store.describe().strategy, CloneStrategy::Copy);
+    assert_eq!(
+        store.describe().location,
+        local.root().display().to_string()
+    );
+
+    let base = store.begin(sid(40), None, None).await.unwrap();
+    let data = base.area().as_local().unwrap().to_path_buf();
+    assert!(data.is_dir() && data.starts_with(local.root()));
+    write_sample_tree(&data);
+    store.publish(base, meta(None)).await.unwrap();
+
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = std::sync::Arc::clone(&seen);
+    let progress: ByteProgress = std::sync::Arc::new(move |done, total| {
+        sink.lock().unwrap().push((done, total));
+    });
+    let child = store
+        .begin(sid(41), Some(sid(40)), Some(progress))
+        .await
+        .unwrap();
+    assert_eq!(child.parent(), Some(&sid(40)));
+    assert_eq!(seen.lock().unwrap().last(), Some(&(100_013, 100_013)));
+    // A build left by a crash is listed by its area, for the runtime to stop a server on.
+    assert_eq!(
+        store.leftover_builds().await.unwrap(),
+        [child.area().clone()]
+    );
+    let child_area = child.area().as_local().unwrap().to_path_buf();
+    drop(child);
+    assert!(!child_area.exists(), "a dropped build is discarded");
+
+    let target = DataArea::local(dir.path().join("instance"));
+    let stats = store.restore_for(sid(40), &target).await.unwrap();
+    assert_eq!(stats.files, 4);
+    assert_eq!(
+        describe(target.as_local().unwrap()),
+        describe(&local.data_dir(&sid(40)))
+    );
+    assert!(matches!(
+        store.restore_for(sid(40), &DataArea::named("pvc-1")).await,
+        Err(StoreError::ForeignArea(_))
+    ));
+    let foreign = crate::testing::FakeStore::new()
+        .begin(sid(42), None, None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.publish(foreign, meta(None)).await,
+        Err(StoreError::ForeignArea(_))
+    ));
+
+    assert_eq!(store.list().await.unwrap().len(), 1);
+    assert_eq!(store.usage().await.unwrap(), local.usage_bytes().unwrap());
+    assert!(store.manifest(sid(40)).await.unwrap().is_some());
+    assert!(store.make_spare(sid(40)).await.unwrap());
+    assert_eq!(store.discard_leftovers().await.unwrap(), 1, "the spare");
+    assert!(store.remove(sid(40)).await.unwrap());
+    assert!(store.list().await.unwrap().is_empty());
+    assert!(dot_entries(local.root()).is_empty());
 }
 
 #[test]
