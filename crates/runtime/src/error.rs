@@ -89,6 +89,12 @@ pub enum RuntimeError {
     },
     #[error("postgres {pid} for {data_dir:?} is still alive after SIGKILL")]
     Unkillable { pid: u32, data_dir: PathBuf },
+    /// A data area of another kind of runtime or store.
+    #[error("this runtime cannot use the data area {0}")]
+    ForeignArea(taidon_core::DataArea),
+    /// The blocking thread running a runtime operation ended without finishing it.
+    #[error("a runtime task failed: {0}")]
+    Task(String),
 }
 
 impl RuntimeError {

@@ -1,6 +1,7 @@
-//! The local runtime: find the PostgreSQL engine, create data directories with initdb, run
-//! `postgres` servers as direct children, apply psql steps, set role passwords, and clean up
-//! servers that a crashed daemon left behind.
+//! The runtime boundary ([`Runtime`]: builds and instances, whatever runs them) and the local
+//! runtime: find the PostgreSQL engine, create data directories with initdb, run `postgres`
+//! servers as direct children, apply psql steps, set role passwords, and clean up servers that
+//! a crashed daemon left behind. A `FakeRuntime` is behind the `testing` feature.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![deny(clippy::todo, clippy::dbg_macro)]
 
@@ -21,5 +22,8 @@ pub use health::{Exit, Health};
 pub use orphan::kill_orphan;
 pub use psql::{run_psql_step, StepError, StepOutput};
 pub use run_as::RunAs;
-pub use runtime::{BoxFuture, Instance, LocalRuntime, Runtime};
+pub use runtime::{
+    BoxFuture, BuildServer, Endpoint, Instance, LocalLayout, LocalRuntime, Reclaimed, Runtime,
+    RuntimeInfo, StepInputs,
+};
 pub use server::{free_port, Server, ServerConfig};

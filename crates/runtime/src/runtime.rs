@@ -1,31 +1,126 @@
-//! The instance boundary: a trait a local or (later) Kubernetes runtime implements.
+//! The runtime boundary: a trait a local or (later) Kubernetes runtime implements. It runs
+//! builds (initdb, a server that applies a step, a clean stop) and instances, and cleans up
+//! after a crash. Data lives in [`DataArea`]s it shares with the snapshot store; nothing in the
+//! contract is a local path, a pid or a loopback address.
 
 use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+
+use taidon_core::{DataArea, EngineFingerprint, InstanceId, PsqlStep, StateId};
+use tokio::io::AsyncRead;
 
 use crate::engine::Engine;
 use crate::error::RuntimeError;
 use crate::health::Health;
+use crate::psql::{StepError, StepOutput};
 use crate::run_as::RunAs;
 use crate::server::{Server, ServerConfig};
 
 /// A boxed, sendable future, so the traits stay object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Something that runs PostgreSQL instances.
+/// What `sqlrs status` shows about a runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeInfo {
+    /// "PostgreSQL 15.18".
+    pub engine_version: String,
+    /// Where the engine's binaries are, where its servers run.
+    pub bin_dir: PathBuf,
+    /// The user servers run as.
+    pub server_user: String,
+}
+
+/// Where clients (the gateway) reach an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+/// What a previous process left of an instance, once [`Runtime::reclaim_instance`] has dealt
+/// with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// The server it stopped (a previous process's), described for the log.
+    pub stopped: Option<String>,
+    /// Whether the instance's data is still there to start a server on.
+    pub has_data: bool,
+}
+
+/// Something that runs PostgreSQL builds and instances.
 pub trait Runtime: Send + Sync {
-    /// Start a server for `cfg` and wait until it accepts connections. The handle it returns
-    /// is how the caller reaches, watches and stops that server.
+    /// The engine whose fingerprint every state's identity starts from.
+    fn engine(&self) -> &EngineFingerprint;
+    /// The engine, its binaries and the server user, for people.
+    fn describe(&self) -> RuntimeInfo;
+
+    /// Makes `data` (an empty area a store began) a new cluster: the base state.
+    fn init_data<'a>(&'a self, data: &'a DataArea) -> BoxFuture<'a, Result<(), RuntimeError>>;
+    /// Starts a server that builds `state` on `data` (a clone of its parent's snapshot),
+    /// reachable by the build only.
+    fn start_build<'a>(
+        &'a self,
+        state: StateId,
+        data: &'a DataArea,
+    ) -> BoxFuture<'a, Result<Box<dyn BuildServer>, RuntimeError>>;
+
+    /// Makes room for instance `iid`'s data: the area a store restores a snapshot into.
+    fn prepare_instance(&self, iid: InstanceId) -> BoxFuture<'_, Result<DataArea, RuntimeError>>;
+    /// Starts a server on `iid`'s data (restored, or kept from an earlier start) and waits
+    /// until it accepts connections. The handle is how the caller reaches, watches and stops
+    /// it.
     fn start_instance(
         &self,
-        cfg: ServerConfig,
+        iid: InstanceId,
     ) -> BoxFuture<'_, Result<Box<dyn Instance>, RuntimeError>>;
+    /// Deletes `iid`'s data, first stopping any server a previous process left on it (its own
+    /// server the caller stops or discards first).
+    fn remove_instance(&self, iid: InstanceId) -> BoxFuture<'_, Result<(), RuntimeError>>;
+
+    /// After a restart: stops the server a previous process left on `iid`'s data, if any, so
+    /// that this one can start it as its own, and says whether the data survived.
+    fn reclaim_instance(&self, iid: InstanceId) -> BoxFuture<'_, Result<Reclaimed, RuntimeError>>;
+    /// After a restart: stops the server a previous process left building on `data` (a build
+    /// the store lists as left over), if any; what it stopped.
+    fn stop_leftover<'a>(
+        &'a self,
+        data: &'a DataArea,
+    ) -> BoxFuture<'a, Result<Option<String>, RuntimeError>>;
+    /// After a restart, once leftover servers are stopped: deletes what builds of a previous
+    /// process left of the runtime's own (sockets, work directories).
+    fn discard_leftovers(&self) -> BoxFuture<'_, Result<(), RuntimeError>>;
+}
+
+/// A running build server: it applies steps to the data it runs on.
+pub trait BuildServer: Send + Sync + std::fmt::Debug {
+    /// Runs `step` with psql (`ON_ERROR_STOP=1`), its input files laid out from `inputs` so
+    /// that `-f` and `\i` find them where the user had them.
+    fn apply<'a>(
+        &'a self,
+        step: &'a PsqlStep,
+        inputs: &'a dyn StepInputs,
+    ) -> BoxFuture<'a, Result<StepOutput, StepError>>;
+    /// Stops cleanly (a fast shutdown writes a checkpoint): the data is then ready to publish,
+    /// and an instance started on a clone of it needs no recovery.
+    fn stop(self: Box<Self>) -> BoxFuture<'static, Result<(), RuntimeError>>;
+}
+
+/// Where a build reads the content of a step's input files: by SHA-256, never by a client's
+/// path.
+pub trait StepInputs: Send + Sync {
+    /// The content of the blob `sha256`.
+    fn open<'a>(
+        &'a self,
+        sha256: &'a str,
+    ) -> BoxFuture<'a, io::Result<Box<dyn AsyncRead + Send + Unpin>>>;
 }
 
 /// A running instance, whatever runs it: the runtime's handle on one server.
 pub trait Instance: Send + Sync + std::fmt::Debug {
-    /// The TCP port clients (the gateway) connect to.
-    fn port(&self) -> u16;
+    /// Where clients (the gateway) connect.
+    fn endpoint(&self) -> Endpoint;
     /// Set `role`'s password; only its SCRAM verifier reaches the server.
     fn set_password<'a>(
         &'a self,
@@ -43,28 +138,311 @@ pub trait Instance: Send + Sync + std::fmt::Debug {
     fn discard(self: Box<Self>) -> BoxFuture<'static, Result<(), RuntimeError>>;
 }
 
-/// Instances as direct child processes of this one.
+/// Where a [`LocalRuntime`] keeps what it owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalLayout {
+    /// `<instances>/<id>/data` and `<instances>/<id>/sock` of each instance.
+    pub instances: PathBuf,
+    /// Socket directories of build servers.
+    pub run: PathBuf,
+    /// `instances/<id>.log` and `builds/<state>.log`.
+    pub logs: PathBuf,
+    /// Where each step's input files are laid out while it runs.
+    pub work: PathBuf,
+}
+
+/// Builds and instances as direct child processes of this one, their data in local
+/// directories.
 #[derive(Debug, Clone)]
 pub struct LocalRuntime {
-    pub engine: Engine,
-    pub run_as: Option<RunAs>,
+    engine: Engine,
+    run_as: Option<RunAs>,
+    layout: LocalLayout,
+}
+
+impl LocalRuntime {
+    /// A runtime running `engine`'s servers as `run_as` (when root), keeping its files where
+    /// `layout` says (the directories are created as needed).
+    pub fn new(engine: Engine, run_as: Option<RunAs>, layout: LocalLayout) -> Self {
+        Self {
+            engine,
+            run_as,
+            layout,
+        }
+    }
+
+    fn instance_dir(&self, iid: &InstanceId) -> PathBuf {
+        self.layout.instances.join(iid.to_string())
+    }
+
+    fn instance_config(&self, iid: &InstanceId) -> ServerConfig {
+        let dir = self.instance_dir(iid);
+        ServerConfig {
+            data_dir: dir.join("data"),
+            socket_dir: dir.join("sock"),
+            tcp: true,
+            port: None,
+            log_file: self
+                .layout
+                .logs
+                .join("instances")
+                .join(format!("{iid}.log")),
+        }
+    }
+
+    /// Runs `f` on a blocking thread (it waits for processes or walks directories).
+    async fn blocking<T, F>(f: F) -> Result<T, RuntimeError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T, RuntimeError> + Send + 'static,
+    {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| RuntimeError::Task(e.to_string()))?
+    }
+}
+
+/// The directory of a local area; another kind of area is not this runtime's.
+fn local_dir(data: &DataArea) -> Result<&Path, RuntimeError> {
+    data.as_local()
+        .ok_or_else(|| RuntimeError::ForeignArea(data.clone()))
+}
+
+fn describe_killed(pid: Option<u32>) -> Option<String> {
+    pid.map(|pid| format!("postgres (pid {pid})"))
+}
+
+/// Creates `dir` and its parents (a missing log directory must not fail a start).
+fn ensure_dir(dir: &Path) -> Result<(), RuntimeError> {
+    std::fs::create_dir_all(dir).map_err(RuntimeError::io("cannot create", dir))
 }
 
 impl Runtime for LocalRuntime {
+    fn engine(&self) -> &EngineFingerprint {
+        &self.engine.fingerprint
+    }
+
+    fn describe(&self) -> RuntimeInfo {
+        RuntimeInfo {
+            engine_version: self.engine.fingerprint.version(),
+            bin_dir: self.engine.bin_dir.clone(),
+            server_user: match &self.run_as {
+                Some(u) => u.user.clone(),
+                None => current_user_name(),
+            },
+        }
+    }
+
+    fn init_data<'a>(&'a self, data: &'a DataArea) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let dir = local_dir(data)?;
+            self.engine.initdb(dir, self.run_as.as_ref()).await
+        })
+    }
+
+    fn start_build<'a>(
+        &'a self,
+        state: StateId,
+        data: &'a DataArea,
+    ) -> BoxFuture<'a, Result<Box<dyn BuildServer>, RuntimeError>> {
+        Box::pin(async move {
+            let data_dir = local_dir(data)?.to_path_buf();
+            let builds_log = self.layout.logs.join("builds");
+            ensure_dir(&self.layout.run)?;
+            ensure_dir(&builds_log)?;
+            let config = ServerConfig {
+                data_dir,
+                socket_dir: self.layout.run.join(format!(
+                    "b-{}-{:08x}",
+                    state.short(),
+                    rand::random::<u32>()
+                )),
+                tcp: false,
+                port: None,
+                log_file: builds_log.join(format!("{state}.log")),
+            };
+            let server = self.engine.start(config, self.run_as.as_ref()).await?;
+            Ok(Box::new(LocalBuild {
+                server,
+                engine: self.engine.clone(),
+                work: self.layout.work.clone(),
+            }) as Box<dyn BuildServer>)
+        })
+    }
+
+    fn prepare_instance(&self, iid: InstanceId) -> BoxFuture<'_, Result<DataArea, RuntimeError>> {
+        Box::pin(async move {
+            let dir = self.instance_dir(&iid);
+            ensure_dir(&dir)?;
+            crate::run_as::chown_to(&dir, self.run_as.as_ref())?;
+            Ok(DataArea::local(dir.join("data")))
+        })
+    }
+
     fn start_instance(
         &self,
-        cfg: ServerConfig,
+        iid: InstanceId,
     ) -> BoxFuture<'_, Result<Box<dyn Instance>, RuntimeError>> {
         Box::pin(async move {
-            let server = self.engine.start(cfg, self.run_as.as_ref()).await?;
+            let config = self.instance_config(&iid);
+            if let Some(logs) = config.log_file.parent() {
+                ensure_dir(logs)?;
+            }
+            let server = self.engine.start(config, self.run_as.as_ref()).await?;
             Ok(Box::new(server) as Box<dyn Instance>)
         })
+    }
+
+    fn remove_instance(&self, iid: InstanceId) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        let dir = self.instance_dir(&iid);
+        Box::pin(Self::blocking(move || {
+            crate::orphan::kill_orphan(&dir.join("data"))?;
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(RuntimeError::io("cannot remove", &dir)(e)),
+            }
+        }))
+    }
+
+    fn reclaim_instance(&self, iid: InstanceId) -> BoxFuture<'_, Result<Reclaimed, RuntimeError>> {
+        let data = self.instance_dir(&iid).join("data");
+        Box::pin(Self::blocking(move || {
+            let stopped = describe_killed(crate::orphan::kill_orphan(&data)?);
+            Ok(Reclaimed {
+                stopped,
+                has_data: data.join("PG_VERSION").exists(),
+            })
+        }))
+    }
+
+    fn stop_leftover<'a>(
+        &'a self,
+        data: &'a DataArea,
+    ) -> BoxFuture<'a, Result<Option<String>, RuntimeError>> {
+        Box::pin(async move {
+            let dir = local_dir(data)?.to_path_buf();
+            Self::blocking(move || Ok(describe_killed(crate::orphan::kill_orphan(&dir)?))).await
+        })
+    }
+
+    fn discard_leftovers(&self) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        let dirs = [self.layout.run.clone(), self.layout.work.clone()];
+        Box::pin(Self::blocking(move || {
+            for dir in dirs {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        std::fs::remove_dir_all(&path)
+                    } else {
+                        std::fs::remove_file(&path)
+                    };
+                    if let Err(e) = removed {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a leftover");
+                    }
+                }
+            }
+            Ok(())
+        }))
+    }
+}
+
+/// A local build: a server on the build's data directory, reachable over its unix socket only.
+#[derive(Debug)]
+struct LocalBuild {
+    server: Server,
+    engine: Engine,
+    work: PathBuf,
+}
+
+impl LocalBuild {
+    /// A fresh directory with the input closure of `step` laid out in it, removed when
+    /// dropped.
+    async fn lay_out(
+        &self,
+        step: &PsqlStep,
+        inputs: &dyn StepInputs,
+    ) -> Result<tempfile::TempDir, String> {
+        tokio::fs::create_dir_all(&self.work)
+            .await
+            .map_err(|e| format!("cannot create {}: {e}", self.work.display()))?;
+        let dir = tempfile::Builder::new()
+            .prefix("step-")
+            .tempdir_in(&self.work)
+            .map_err(|e| format!("cannot make a step's work directory: {e}"))?;
+        let root = dir.path();
+        tokio::fs::create_dir_all(root.join(workdir_of(step)))
+            .await
+            .map_err(|e| format!("cannot make a step's work directory: {e}"))?;
+        for (rel, sha256) in step.input.files() {
+            if rel.is_empty() || rel.starts_with('/') || rel.split('/').any(|p| p == "..") {
+                return Err(format!("input {rel:?} leaves its closure's root"));
+            }
+            let dest = root.join(&rel);
+            if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
+                continue; // a file the closure lists twice
+            }
+            if let Some(parent) = dest.parent() {
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(|e| format!("cannot lay out {rel}: {e}"))?;
+            }
+            let copy = async {
+                let mut content = inputs.open(sha256).await?;
+                let mut file = tokio::fs::File::create(&dest).await?;
+                tokio::io::copy(&mut content, &mut file).await?;
+                io::Result::Ok(())
+            };
+            copy.await
+                .map_err(|e| format!("cannot lay out input {rel} ({sha256}): {e}"))?;
+        }
+        Ok(dir)
+    }
+}
+
+/// Where psql runs for `step`, relative to its closure's root.
+fn workdir_of(step: &PsqlStep) -> &str {
+    match &step.input {
+        taidon_core::PsqlInput::File { workdir, .. } => workdir,
+        taidon_core::PsqlInput::Command { .. } => "",
+    }
+}
+
+impl BuildServer for LocalBuild {
+    fn apply<'a>(
+        &'a self,
+        step: &'a PsqlStep,
+        inputs: &'a dyn StepInputs,
+    ) -> BoxFuture<'a, Result<StepOutput, StepError>> {
+        Box::pin(async move {
+            let work = self
+                .lay_out(step, inputs)
+                .await
+                .map_err(|message| StepError {
+                    message,
+                    output: String::new(),
+                    exit_code: None,
+                })?;
+            let cwd = work.path().join(workdir_of(step));
+            crate::psql::run_psql_step(&self.engine, &self.server, step, &cwd).await
+        })
+    }
+
+    fn stop(self: Box<Self>) -> BoxFuture<'static, Result<(), RuntimeError>> {
+        Box::pin(self.server.stop())
     }
 }
 
 impl Instance for Server {
-    fn port(&self) -> u16 {
-        self.port
+    /// Instances listen on loopback: the gateway, on this machine, is their only client.
+    fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            host: "127.0.0.1".to_owned(),
+            port: self.port,
+        }
     }
 
     fn set_password<'a>(
@@ -91,4 +469,9 @@ impl Instance for Server {
     fn discard(self: Box<Self>) -> BoxFuture<'static, Result<(), RuntimeError>> {
         Box::pin(Server::discard(*self))
     }
+}
+
+fn current_user_name() -> String {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    std::env::var("USER").unwrap_or_else(|_| format!("uid {}", unsafe { libc::geteuid() }))
 }

@@ -2,12 +2,15 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use common::Fixture;
-use taidon_core::InitdbOptions;
+use taidon_core::plan::Included;
+use taidon_core::{DataArea, InitdbOptions, InstanceId, PsqlInput, PsqlStep, StateId};
 use taidon_runtime::{
-    free_port, Engine, EngineError, Exit, Health, LocalRuntime, Runtime, ServerConfig,
+    free_port, BoxFuture, Engine, EngineError, Exit, Health, LocalLayout, LocalRuntime, Runtime,
+    ServerConfig, StepInputs,
 };
 
 #[test]
@@ -245,30 +248,118 @@ async fn a_socket_only_server_does_not_listen_on_tcp() {
     server.stop().await.unwrap();
 }
 
+/// Blobs in memory, by SHA-256, as the controller's input store serves them.
+struct Blobs(HashMap<String, Vec<u8>>);
+
+impl StepInputs for Blobs {
+    fn open<'a>(
+        &'a self,
+        sha256: &'a str,
+    ) -> BoxFuture<'a, std::io::Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>>> {
+        Box::pin(async move {
+            let content = self.0.get(sha256).cloned().ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, sha256.to_owned())
+            })?;
+            Ok(Box::new(std::io::Cursor::new(content))
+                as Box<dyn tokio::io::AsyncRead + Send + Unpin>)
+        })
+    }
+}
+
+/// The whole local runtime through its trait: initdb on an area, a build server that applies
+/// a step whose include closure is laid out from blobs, a clean stop, an instance on that data
+/// reached at its endpoint, a leftover server stopped after a "restart", and the data removed.
 #[tokio::test]
-async fn local_runtime_starts_and_stops_an_instance_through_the_trait() {
+async fn local_runtime_builds_and_runs_instances_through_the_trait() {
     let fx = Fixture::setup();
-    fx.engine
-        .initdb(&fx.data_dir(), fx.run_as.as_ref())
-        .await
-        .unwrap();
-    let runtime: Box<dyn Runtime> = Box::new(LocalRuntime {
-        engine: fx.engine.clone(),
-        run_as: fx.run_as.clone(),
-    });
-    let mut instance = runtime.start_instance(fx.config(true)).await.unwrap();
+    let root = fx.dir.path();
+    let runtime: Box<dyn Runtime> = Box::new(LocalRuntime::new(
+        fx.engine.clone(),
+        fx.run_as.clone(),
+        LocalLayout {
+            instances: root.join("instances"),
+            run: root.join("run"),
+            logs: root.join("logs"),
+            work: root.join("work"),
+        },
+    ));
+    assert_eq!(runtime.engine(), &fx.engine.fingerprint);
+    assert_eq!(runtime.describe().bin_dir, fx.engine.bin_dir);
+    assert!(matches!(
+        runtime.init_data(&DataArea::named("pvc")).await,
+        Err(taidon_runtime::RuntimeError::ForeignArea(_))
+    ));
+
+    // The "store" here is the instance's own area: the runtime does not care who filled it.
+    let iid = InstanceId::from_bytes([7; 8]);
+    let area = runtime.prepare_instance(iid).await.unwrap();
+    runtime.init_data(&area).await.unwrap();
+    let state = StateId::from_bytes([1; 32]);
+    let build = runtime.start_build(state, &area).await.unwrap();
+    let main = b"\\ir lib/t.sql\ninsert into t values (2);\n".to_vec();
+    let lib = b"create table t(x int);\ninsert into t values (1);\n".to_vec();
+    let blobs = Blobs(HashMap::from([
+        ("a".repeat(64), main),
+        ("b".repeat(64), lib),
+    ]));
+    let step = PsqlStep {
+        input: PsqlInput::File {
+            path: "main.sql".into(),
+            sha256: "a".repeat(64),
+            workdir: "db".into(),
+            includes: vec![Included {
+                path: "db/lib/t.sql".into(),
+                sha256: "b".repeat(64),
+            }],
+        },
+        variables: Default::default(),
+        single_transaction: false,
+    };
+    build.apply(&step, &blobs).await.unwrap();
+    let failing = PsqlStep {
+        input: PsqlInput::Command {
+            sql: "select nope".into(),
+        },
+        variables: Default::default(),
+        single_transaction: false,
+    };
+    let err = build.apply(&failing, &blobs).await.unwrap_err();
+    assert!(err.message.contains("ERROR:"), "{err:?}");
+    build.stop().await.unwrap();
+    assert_eq!(
+        std::fs::read_dir(root.join("work")).unwrap().count(),
+        0,
+        "work directories are removed after each step"
+    );
+
+    let mut instance = runtime.start_instance(iid).await.unwrap();
     assert_eq!(instance.health(), Health::Running);
     instance.set_password("postgres", "pw").await.unwrap();
-    let (client, conn) = tcp_config(instance.port(), "postgres", Some("pw"))
+    let endpoint = instance.endpoint();
+    assert_eq!(endpoint.host, "127.0.0.1");
+    let (client, conn) = tcp_config(endpoint.port, "postgres", Some("pw"))
         .connect(tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);
-    let one: i32 = client.query_one("select 1", &[]).await.unwrap().get(0);
-    assert_eq!(one, 1);
+    let sum: i64 = client
+        .query_one("select sum(x) from t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sum, 3);
     drop(client);
-    instance.stop().await.unwrap();
-    assert!(!fx.data_dir().join("postmaster.pid").exists());
+
+    // A "restart": the server is left running, then reclaimed by the next process.
+    std::mem::forget(instance);
+    let reclaimed = runtime.reclaim_instance(iid).await.unwrap();
+    assert!(reclaimed.stopped.is_some(), "{reclaimed:?}");
+    assert!(reclaimed.has_data);
+    runtime.discard_leftovers().await.unwrap();
+    runtime.remove_instance(iid).await.unwrap();
+    assert!(!root.join("instances").join(iid.to_string()).exists());
+    let gone = runtime.reclaim_instance(iid).await.unwrap();
+    assert_eq!((gone.stopped, gone.has_data), (None, false));
 }
 
 #[test]
@@ -327,11 +418,7 @@ async fn a_killed_server_reports_its_signal_and_starts_again_on_its_data() {
         .initdb(&fx.data_dir(), fx.run_as.as_ref())
         .await
         .unwrap();
-    let runtime = LocalRuntime {
-        engine: fx.engine.clone(),
-        run_as: fx.run_as.clone(),
-    };
-    let mut instance = runtime.start_instance(fx.config(true)).await.unwrap();
+    let mut instance = fx.start(true).await;
     instance
         .execute("create table t(x int); insert into t values (7)")
         .await
@@ -370,7 +457,7 @@ async fn a_killed_server_reports_its_signal_and_starts_again_on_its_data() {
     assert!(err.to_string().contains("did not stop cleanly"), "{err}");
 
     // Its committed row survives: the restart recovers from the WAL.
-    let mut again = runtime.start_instance(fx.config(true)).await.unwrap();
+    let mut again = fx.start(true).await;
     assert_eq!(again.health(), Health::Running);
     again
         .execute("do $$ begin if (select sum(x) from t) <> 7 then raise 'lost'; end if; end $$")
@@ -386,11 +473,7 @@ async fn a_restart_waits_for_the_backends_a_killed_server_left() {
         .initdb(&fx.data_dir(), fx.run_as.as_ref())
         .await
         .unwrap();
-    let runtime = LocalRuntime {
-        engine: fx.engine.clone(),
-        run_as: fx.run_as.clone(),
-    };
-    let mut instance = runtime.start_instance(fx.config(false)).await.unwrap();
+    let mut instance = fx.start(false).await;
     let pid_file = fx.data_dir().join("postmaster.pid");
     let pid: i32 = std::fs::read_to_string(&pid_file)
         .unwrap()
@@ -403,7 +486,7 @@ async fn a_restart_waits_for_the_backends_a_killed_server_left() {
     // again, so it outlives the kill by about two seconds, holding the shared memory.
     let (client, connection) = tokio_postgres::Config::new()
         .host_path(fx.config(false).socket_dir)
-        .port(instance.port())
+        .port(instance.port)
         .user("postgres")
         .dbname("postgres")
         .connect(tokio_postgres::NoTls)
@@ -426,7 +509,7 @@ async fn a_restart_waits_for_the_backends_a_killed_server_left() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 
-    let mut again = runtime.start_instance(fx.config(false)).await.unwrap();
+    let mut again = fx.start(false).await;
     assert_eq!(again.health(), Health::Running);
     assert!(
         fx.log().contains("pre-existing shared memory block"),
