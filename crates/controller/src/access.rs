@@ -13,7 +13,6 @@ use taidon_api::{DsnRequest, DsnResponse, ResolveRequest, ResolveResponse, Targe
 use taidon_core::token::{Algorithm, KeyEntry, Keyset, KeysetFile, Scope};
 use taidon_core::{InstanceId, StateId};
 use taidon_runtime::Instance;
-use taidon_store::SnapshotStore;
 
 use crate::home::Home;
 use crate::lock;

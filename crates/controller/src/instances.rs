@@ -1,15 +1,13 @@
 //! Instances: a clone of a snapshot plus a running `postgres`, started and watched through the
 //! [`Runtime`](taidon_runtime::Runtime).
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use rand::RngCore;
 use taidon_api::{InstanceInfo, Target};
 use taidon_core::{InstanceId, StateId};
-use taidon_runtime::{Instance, ServerConfig};
-use taidon_store::SnapshotStore;
+use taidon_runtime::{Endpoint, Instance};
 
 use crate::meta::InstanceRow;
 use crate::{now_ms, Controller, ControllerError};
@@ -20,7 +18,8 @@ pub(crate) const INSTANCE_USER: &str = "postgres";
 /// A running instance, as resolve needs it.
 pub(crate) struct Live {
     pub(crate) state_id: StateId,
-    pub(crate) port: u16,
+    /// Where the gateway reaches it, as its runtime says.
+    endpoint: Endpoint,
     password: String,
     /// The read-only role's password, derived once here rather than on every Resolve.
     ro_password: String,
@@ -32,7 +31,7 @@ impl Live {
     fn new(state_id: StateId, password: String, server: Box<dyn Instance>) -> Self {
         Self {
             state_id,
-            port: server.port(),
+            endpoint: server.endpoint(),
             ro_password: crate::access::ro_password(&password),
             password,
             server: tokio::sync::Mutex::new(Some(server)),
@@ -51,8 +50,8 @@ impl Live {
         };
         Target {
             instance_id,
-            host: "127.0.0.1".into(),
-            port: self.port,
+            host: self.endpoint.host.clone(),
+            port: self.endpoint.port,
             user: user.into(),
             password: password.clone(),
         }
@@ -66,25 +65,6 @@ fn random_hex(bytes: usize) -> String {
 }
 
 impl Controller {
-    pub(crate) fn instance_dir(&self, iid: &InstanceId) -> PathBuf {
-        self.home.instances().join(iid.to_string())
-    }
-
-    fn server_config(&self, iid: &InstanceId, port: Option<u16>) -> ServerConfig {
-        let dir = self.instance_dir(iid);
-        ServerConfig {
-            data_dir: dir.join("data"),
-            socket_dir: dir.join("sock"),
-            tcp: true,
-            port,
-            log_file: self
-                .home
-                .logs()
-                .join("instances")
-                .join(format!("{iid}.log")),
-        }
-    }
-
     /// Creates an instance of a state given by id or prefix.
     pub async fn create_instance(
         self: &Arc<Self>,
@@ -112,10 +92,9 @@ impl Controller {
         }
         self.make_room().await?;
         let iid = InstanceId::from_bytes(rand::random());
-        let dir = self.instance_dir(&iid);
-        let result = self.start_instance(iid, state, &dir).await;
+        let result = self.start_instance(iid, state).await;
         if result.is_err() {
-            remove_dir(&dir).await;
+            self.remove_instance_data(iid).await;
         }
         let row = result?;
         self.meta.insert_instance(&row)?;
@@ -133,35 +112,32 @@ impl Controller {
     /// On a store that copies, prepares the next instance's clone of `state` in the background:
     /// the next instance then starts without waiting for a copy.
     fn make_spare_later(&self, state: StateId) {
-        let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.make_spare(&state) {
+        let store = self.store.shared();
+        self.spawn(async move {
+            if let Err(e) = store.make_spare(state).await {
                 tracing::warn!(state = %state.short(), error = %e, "cannot make a spare clone");
             }
         });
     }
 
+    /// Restores `state` into a new instance's data and starts its server; the caller removes
+    /// the data if this fails.
     pub(crate) async fn start_instance(
         self: &Arc<Self>,
         iid: InstanceId,
         state: StateId,
-        dir: &Path,
     ) -> Result<InstanceRow, ControllerError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| ControllerError::io(format!("cannot create {}", dir.display()), e))?;
-        if let Some(user) = &self.run_as {
-            std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid))
-                .map_err(|e| ControllerError::io(format!("cannot chown {}", dir.display()), e))?;
-        }
         let started = Instant::now();
-        let data = dir.join("data");
-        self.blocking(move |s| s.clone_to(&state, &data)).await?;
+        let area = self.runtime.prepare_instance(iid).await.map_err(|e| {
+            ControllerError::runtime(format!("cannot make room for instance {iid}"), e)
+        })?;
+        self.store.restore_for(state, &area).await?;
         let clone_ms = started.elapsed().as_millis() as u64;
 
         let started = Instant::now();
         let server = self
             .runtime
-            .start_instance(self.server_config(&iid, None))
+            .start_instance(iid)
             .await
             .map_err(|e| ControllerError::runtime(format!("cannot start instance {iid}"), e))?;
         let password = random_hex(24);
@@ -182,9 +158,9 @@ impl Controller {
             instance_id: iid,
             state_id: state,
             status: "running".into(),
-            port: server.port(),
+            port: server.endpoint().port,
             password: password.clone(),
-            data_dir: dir.join("data").display().to_string(),
+            data_dir: area.to_string(),
             created_ms: now_ms(),
             clone_ms,
             start_ms,
@@ -235,9 +211,6 @@ impl Controller {
                     ControllerError::runtime(format!("cannot stop instance {iid}"), e)
                 })?;
             }
-        } else {
-            // Not our child: a server a dead daemon left, if any.
-            let _ = kill_orphan(self.instance_dir(iid).join("data")).await;
         }
         let state = self
             .meta
@@ -247,7 +220,8 @@ impl Controller {
             .map(|r| r.state_id);
         self.meta.delete_instance(iid)?;
         self.forget_instance(iid);
-        remove_dir(&self.instance_dir(iid)).await;
+        // Also stops a server a dead daemon left on its data, if any.
+        self.remove_instance_data(*iid).await;
         if let Some(sid) = &state {
             self.after_instance_gone(sid, None)?;
         }
@@ -281,23 +255,25 @@ impl Controller {
             if row.status == "stopped" {
                 continue; // stopped for being idle: its data waits for sqlrs rm
             }
-            let data = PathBuf::from(&row.data_dir);
-            match kill_orphan(data.clone()).await {
-                Ok(Some(pid)) => {
-                    tracing::warn!(pid, instance = %row.instance_id, "stopped a server left by a previous daemon")
+            let has_data = match self.runtime.reclaim_instance(row.instance_id).await {
+                Ok(reclaimed) => {
+                    if let Some(what) = reclaimed.stopped {
+                        tracing::warn!(instance = %row.instance_id, "stopped a server left by a previous daemon: {what}");
+                    }
+                    reclaimed.has_data
                 }
-                Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(instance = %row.instance_id, error = %e, "checking for a left-over server")
+                    tracing::warn!(instance = %row.instance_id, error = %e, "checking for a left-over server");
+                    true // its restart says whether it can run
                 }
-            }
+            };
             if row.status == "standby" {
                 // A standby holds nothing: the pool starts a fresh one if still wanted.
                 self.meta.delete_instance(&row.instance_id)?;
-                remove_dir(&self.instance_dir(&row.instance_id)).await;
+                self.remove_instance_data(row.instance_id).await;
                 continue;
             }
-            if !data.join("PG_VERSION").exists() {
+            if !has_data {
                 tracing::warn!(instance = %row.instance_id, "instance data is gone; forgetting it");
                 self.meta.delete_instance(&row.instance_id)?;
                 continue;
@@ -318,14 +294,11 @@ impl Controller {
         row: InstanceRow,
         event: &str,
     ) -> Result<(), ControllerError> {
-        let started = self
-            .runtime
-            .start_instance(self.server_config(&row.instance_id, None))
-            .await;
+        let started = self.runtime.start_instance(row.instance_id).await;
         let mut row = row;
         match started {
             Ok(server) => {
-                row.port = server.port();
+                row.port = server.endpoint().port;
                 row.status = "running".into();
                 self.meta.insert_instance(&row)?;
                 self.live.write().unwrap_or_else(|p| p.into_inner()).insert(
@@ -361,23 +334,12 @@ impl Controller {
     }
 }
 
-/// Stops a server a dead daemon left on `data_dir`, off the async threads (it waits for it).
-pub(crate) async fn kill_orphan(data_dir: PathBuf) -> Result<Option<u32>, ControllerError> {
-    tokio::task::spawn_blocking(move || taidon_runtime::kill_orphan(&data_dir))
-        .await
-        .map_err(|e| ControllerError::Internal(format!("orphan check failed: {e}")))?
-        .map_err(|e| ControllerError::runtime("cannot stop a left-over server", e))
-}
-
-/// Removes a directory tree off the async threads; a failure is logged, not fatal.
-async fn remove_dir(dir: &Path) {
-    let dir = dir.to_path_buf();
-    let _ = tokio::task::spawn_blocking(move || {
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove");
-            }
+impl Controller {
+    /// Deletes an instance's data through the runtime; a failure is logged, not fatal (the
+    /// instance is gone from the metadata either way).
+    pub(crate) async fn remove_instance_data(&self, iid: InstanceId) {
+        if let Err(e) = self.runtime.remove_instance(iid).await {
+            tracing::warn!(instance = %iid, error = %e, "cannot remove an instance's data");
         }
-    })
-    .await;
+    }
 }

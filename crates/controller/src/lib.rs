@@ -15,6 +15,7 @@ pub mod meta;
 mod pins;
 mod prepare;
 pub mod serve;
+mod snapshots;
 pub mod tokens;
 pub mod webhook;
 
@@ -28,8 +29,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use taidon_api::{InstanceInfo, StateInfo, StateStatus, Status};
 use taidon_core::token::{Keyset, SharedKeyset};
-use taidon_core::{InitdbOptions, StateId};
-use taidon_runtime::{Engine, LocalRuntime, RunAs, Runtime};
+use taidon_core::{EngineFingerprint, InitdbOptions, StateId};
+use taidon_runtime::{Engine, LocalLayout, LocalRuntime, RunAs, Runtime};
 use taidon_store::{LocalStore, Owner, SnapshotStore};
 
 pub use access::{
@@ -90,15 +91,26 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The time now, in milliseconds since the Unix epoch; injected so tests can set it.
+pub(crate) type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// What the controller works through: the runtime (builds and instances), the snapshot store,
+/// and the clock its lifecycle decisions read.
+pub(crate) struct Seams {
+    pub(crate) runtime: Arc<dyn Runtime>,
+    pub(crate) store: Arc<dyn SnapshotStore>,
+    pub(crate) clock: Clock,
+}
+
 /// The controller of one data home.
 pub struct Controller {
     config: ControllerConfig,
     home: Home,
-    engine: Engine,
-    run_as: Option<RunAs>,
-    /// What runs instances. Builds still start their servers through `engine` directly.
+    /// What runs builds and instances.
     runtime: Arc<dyn Runtime>,
-    store: Arc<LocalStore>,
+    /// Where snapshots are kept, with the set of published states in memory.
+    store: snapshots::Snapshots,
+    clock: Clock,
     /// Every input file a step reads, by content.
     blobs: blobs::BlobStore,
     meta: Meta,
@@ -128,16 +140,9 @@ pub struct Controller {
 impl Controller {
     /// Opens the home (creating it), discovers the engine, and reconciles what a previous
     /// daemon left: unfinished builds are discarded, its servers stopped, its instances
-    /// restarted as children of this process.
+    /// restarted as children of this process. Builds and instances run as local processes,
+    /// snapshots are kept in `<home>/snapshots`.
     pub async fn open(config: ControllerConfig) -> Result<Arc<Self>, ControllerError> {
-        Self::open_with(config, None).await
-    }
-
-    /// [`Controller::open`], with instances run by `runtime` instead of local processes.
-    pub(crate) async fn open_with(
-        config: ControllerConfig,
-        runtime: Option<Arc<dyn Runtime>>,
-    ) -> Result<Arc<Self>, ControllerError> {
         let home = Home::new(&config.home);
         let engine = Engine::discover(config.pg_bin.as_deref(), InitdbOptions::default())?;
         let run_as = RunAs::for_this_process()
@@ -156,6 +161,35 @@ impl Controller {
                 )));
             }
         }
+        let owner = run_as.as_ref().map(|u| Owner {
+            uid: u.uid,
+            gid: u.gid,
+        });
+        let store = LocalStore::open(home.snapshots(), owner)?;
+        let layout = LocalLayout {
+            instances: home.instances(),
+            run: home.run_dir(),
+            logs: home.logs(),
+            work: home.root().join("work"),
+        };
+        let seams = Seams {
+            runtime: Arc::new(LocalRuntime::new(engine, run_as, layout)),
+            store: Arc::new(store),
+            clock: Arc::new(now_ms),
+        };
+        Self::open_with(config, seams).await
+    }
+
+    /// [`Controller::open`] on the given seams: the controller reaches processes and snapshot
+    /// data only through them.
+    pub(crate) async fn open_with(
+        config: ControllerConfig,
+        seams: Seams,
+    ) -> Result<Arc<Self>, ControllerError> {
+        let home = Home::new(&config.home);
+        std::fs::create_dir_all(home.root()).map_err(|e| {
+            ControllerError::io(format!("cannot create home {}", home.root().display()), e)
+        })?;
         let meta = Meta::open(&home.meta_db())?;
         pins::init(&meta)?;
         let lifecycle_config = match &config.lifecycle {
@@ -171,11 +205,6 @@ impl Controller {
             None => home::read_or_create_secret(&home.root().join("webhook.secret"), 32)
                 .map_err(|e| ControllerError::io("cannot read the webhook secret", e))?,
         };
-        let owner = run_as.as_ref().map(|u| Owner {
-            uid: u.uid,
-            gid: u.gid,
-        });
-        let store = Arc::new(LocalStore::open(home.snapshots(), owner)?);
         let blobs = blobs::BlobStore::open(home.root().join("inputs"), config.max_blob_mb)
             .map_err(|e| ControllerError::io("cannot open the input blob store", e))?;
         let keyset = Keyset::from_file(&access::read_or_create_keyset(&home)?)
@@ -183,19 +212,12 @@ impl Controller {
         let api_token = home::read_or_create_secret(&home.api_token_file(), 32)
             .map_err(|e| ControllerError::io("cannot read the API token", e))?;
         let (shutdown, _) = tokio::sync::watch::channel(false);
-        let runtime = runtime.unwrap_or_else(|| {
-            Arc::new(LocalRuntime {
-                engine: engine.clone(),
-                run_as: run_as.clone(),
-            })
-        });
         let controller = Arc::new(Self {
             config,
             home,
-            engine,
-            run_as,
-            runtime,
-            store,
+            runtime: seams.runtime,
+            store: snapshots::Snapshots::new(seams.store),
+            clock: seams.clock,
             blobs,
             meta,
             keys: Arc::new(SharedKeyset::new(keyset)),
@@ -223,8 +245,14 @@ impl Controller {
         &self.blobs
     }
 
-    pub fn engine(&self) -> &Engine {
-        &self.engine
+    /// The engine every state's identity starts from.
+    pub fn engine(&self) -> &EngineFingerprint {
+        self.runtime.engine()
+    }
+
+    /// The time now, as the lifecycle's decisions see it.
+    pub(crate) fn now(&self) -> u64 {
+        (self.clock)()
     }
 
     /// The keyset in force: tokens are signed with its current key.
@@ -318,36 +346,29 @@ impl Controller {
         self.shutdown.send_replace(true);
     }
 
-    async fn blocking<T, F>(&self, f: F) -> Result<T, ControllerError>
-    where
-        F: FnOnce(&LocalStore) -> Result<T, taidon_store::StoreError> + Send + 'static,
-        T: Send + 'static,
-    {
-        let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| ControllerError::Internal(format!("store task failed: {e}")))?
-            .map_err(ControllerError::from)
-    }
-
     /// Brings metadata and processes in line with what is on disk after a restart or crash.
     async fn reconcile(self: &Arc<Self>) -> Result<(), ControllerError> {
-        for data_dir in self.store.leftover_builds() {
-            if let Ok(Some(pid)) = instances::kill_orphan(data_dir.clone()).await {
-                tracing::warn!(pid, dir = %data_dir.display(), "stopped a build server left by a previous daemon");
+        // Servers a dead daemon left building are stopped before their data goes.
+        for area in self.store.leftover_builds().await? {
+            match self.runtime.stop_leftover(&area).await {
+                Ok(Some(what)) => {
+                    tracing::warn!(%area, "stopped a build server left by a previous daemon: {what}")
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(%area, error = %e, "checking for a left-over build server")
+                }
             }
         }
-        let discarded = self.blocking(|s| s.discard_leftovers()).await?;
+        let discarded = self.store.discard_leftovers().await?;
         if discarded > 0 {
             tracing::warn!(discarded, "discarded unfinished builds");
         }
-        if let Ok(entries) = std::fs::read_dir(self.home.run_dir()) {
-            for entry in entries.flatten() {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
+        if let Err(e) = self.runtime.discard_leftovers().await {
+            tracing::warn!(error = %e, "cannot discard what unfinished builds left");
         }
 
-        let manifests = self.blocking(|s| s.list()).await?;
+        let manifests = self.store.refresh().await?;
         let rows = self.meta.states()?;
         let now = now_ms();
         for m in &manifests {
@@ -406,7 +427,9 @@ impl Controller {
 
     /// The status `sqlrs status` shows.
     pub async fn status(&self) -> Result<Status, ControllerError> {
-        let store_bytes = self.blocking(|s| s.usage_bytes()).await?;
+        let store_bytes = self.store.usage().await?;
+        let store = self.store.describe();
+        let runtime = self.runtime.describe();
         let states = self.meta.states()?.len() as u64;
         Ok(Status {
             pid: std::process::id(),
@@ -418,17 +441,14 @@ impl Controller {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             gateway: self.gateway_addr(),
-            engine_version: self.engine.fingerprint.version(),
-            engine_bin_dir: self.engine.bin_dir.clone(),
-            clone_strategy: self.store.strategy(),
-            store_path: self.store.root().to_path_buf(),
+            engine_version: runtime.engine_version,
+            engine_bin_dir: runtime.bin_dir,
+            clone_strategy: store.strategy,
+            store_path: PathBuf::from(store.location),
             store_bytes,
             states,
             instances_running: self.live.read().unwrap_or_else(|p| p.into_inner()).len() as u64,
-            server_user: match &self.run_as {
-                Some(u) => u.user.clone(),
-                None => current_user_name(),
-            },
+            server_user: runtime.server_user,
             store_capacity_bytes: self
                 .lifecycle
                 .config
@@ -510,7 +530,7 @@ impl Controller {
             self.delete_instance(iid).await?;
         }
         let _guard = self.building.lock(id).await;
-        self.blocking(move |s| s.remove(&id)).await?;
+        self.store.remove(id).await?;
         self.meta.delete_state(&id)?;
         self.forget_state_access(&id);
         self.meta
@@ -617,9 +637,4 @@ impl Controller {
             start_ms: row.start_ms,
         })
     }
-}
-
-fn current_user_name() -> String {
-    // SAFETY: geteuid cannot fail and touches no memory.
-    std::env::var("USER").unwrap_or_else(|_| format!("uid {}", unsafe { libc::geteuid() }))
 }

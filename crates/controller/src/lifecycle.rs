@@ -21,7 +21,6 @@ use taidon_core::policy::{
 };
 use taidon_core::{InstanceId, StateId, Step};
 use taidon_runtime::{Exit, Health};
-use taidon_store::SnapshotStore;
 
 use crate::config::Config;
 use crate::instances::Live;
@@ -399,7 +398,7 @@ impl Controller {
         let tree = Tree::new(&facts);
         let pins = pins::pin_states(&self.meta)?;
         let w = &self.lifecycle.config.policy.weights;
-        let now = now_ms();
+        let now = self.now();
         let none = HashSet::new();
         Ok(facts
             .iter()
@@ -563,7 +562,7 @@ impl Controller {
         let Some(limits) = self.lifecycle.config.store_limits() else {
             return Ok(());
         };
-        let used = self.blocking(|s| s.usage_bytes()).await?;
+        let used = self.store.usage().await?;
         if used <= limits.high_water_bytes {
             return Ok(());
         }
@@ -574,7 +573,7 @@ impl Controller {
             &limits,
             &self.lifecycle.config.policy.weights,
             Ranking::Score,
-            now_ms(),
+            self.now(),
         );
         for id in victims {
             // A build or an instance that began since the facts were read keeps it.
@@ -597,7 +596,7 @@ impl Controller {
                 }
                 u.evicting.insert(id);
             }
-            let removed = self.blocking(move |s| s.remove(&id)).await;
+            let removed = self.store.remove(id).await.map_err(ControllerError::from);
             lock(&self.lifecycle.snapshots).evicting.remove(&id);
             let reason = format!(
                 "evicted: store over {} MiB",
@@ -710,7 +709,7 @@ impl Controller {
 
     /// Starts or stops standbys so each state has its target.
     async fn tend_pool(self: &Arc<Self>) -> Result<(), ControllerError> {
-        let now = now_ms();
+        let now = self.now();
         let policy = self.lifecycle.config.policy.standby;
         let facts = self.state_facts()?;
         let holds: HashMap<StateId, u64> = {
@@ -775,12 +774,11 @@ impl Controller {
             )));
         }
         let iid = InstanceId::from_bytes(rand::random());
-        let dir = self.instance_dir(&iid);
-        let result = self.start_instance(iid, state, &dir).await;
+        let result = self.start_instance(iid, state).await;
         let mut row = match result {
             Ok(row) => row,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                self.remove_instance_data(iid).await;
                 return Err(e);
             }
         };
@@ -850,12 +848,12 @@ impl Controller {
             )));
         }
         steps.reverse();
-        let chain = taidon_core::plan::chain(&self.engine.fingerprint, &steps);
+        let chain = taidon_core::plan::chain(self.runtime.engine(), &steps);
         if chain.head() != *id {
             return Err(ControllerError::BadInput(format!(
                 "state {} was built by another engine ({}) and cannot be replayed here",
                 id.short(),
-                self.engine.fingerprint.version()
+                self.runtime.engine().version()
             )));
         }
         Ok(steps)

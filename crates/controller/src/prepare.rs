@@ -1,15 +1,14 @@
 //! The prepare engine: find the nearest existing ancestor of the wanted state, then build each
 //! missing step on a clone of its parent and publish it as a checkpoint.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use taidon_api::{PrepareEvent, PrepareRequest, StateStatus};
 use taidon_core::plan::{chain, Chain};
-use taidon_core::{PsqlInput, StateId, Step};
-use taidon_runtime::{Server, ServerConfig};
-use taidon_store::{PublishMeta, SnapshotStore};
+use taidon_core::{StateId, Step};
+use taidon_runtime::{BoxFuture, StepInputs};
+use taidon_store::{Build, PublishMeta};
 use tokio::sync::mpsc;
 
 use crate::meta::StateRow;
@@ -94,7 +93,7 @@ impl Controller {
     ) -> Result<(StateId, bool), ControllerError> {
         let steps = &steps;
         self.check_inputs(steps)?;
-        let chain = chain(&self.engine.fingerprint, steps);
+        let chain = chain(self.runtime.engine(), steps);
         let total = steps.len();
 
         // The nearest published ancestor: everything after it is built, nothing before.
@@ -157,16 +156,15 @@ impl Controller {
         let _permit = self.build_permit().await;
         send(events, PrepareEvent::Initdb { state_id: id });
         let started = Instant::now();
-        let engine_json = serde_json::to_string(&self.engine.fingerprint).unwrap_or_default();
-        self.record_building(id, None, self.engine.fingerprint.version(), &engine_json)?;
-        let build = self.blocking(move |s| s.begin(&id, None)).await?;
-        if let Err(e) = self
-            .engine
-            .initdb(build.data_dir(), self.run_as.as_ref())
-            .await
-        {
-            self.record_failed(&id, &e.to_string())?;
-            return Err(ControllerError::runtime("initdb failed", e));
+        let engine = self.runtime.engine();
+        let engine_json = serde_json::to_string(engine).unwrap_or_default();
+        self.record_building(id, None, engine.version(), &engine_json)?;
+        let build = match self.store.begin(id, None, None).await {
+            Ok(build) => build,
+            Err(e) => return Err(self.build_failed(&id, e.into())),
+        };
+        if let Err(e) = self.runtime.init_data(build.area()).await {
+            return Err(self.build_failed(&id, ControllerError::runtime("initdb failed", e)));
         }
         self.publish(build, id, None, started).await?;
         Ok(true)
@@ -204,41 +202,51 @@ impl Controller {
         self.record_building(id, Some(parent), label.clone(), &step_json)?;
         let hold = self.hold_snapshot(parent).await;
         let copying = transfer_reporter(events.clone(), format!("copying {}", parent.short()));
-        let build = self
-            .blocking(move |s| s.begin_reporting(&id, Some(&parent), &copying))
-            .await?;
+        let begun = self
+            .store
+            .begin(id, Some(parent), Some(Arc::new(copying)))
+            .await;
         drop(hold);
+        let build = begun.map_err(|e| self.build_failed(&id, e.into()))?;
 
-        let server = self.start_build_server(build.data_dir(), &id).await?;
+        let server = self
+            .runtime
+            .start_build(id, build.area())
+            .await
+            .map_err(|e| {
+                self.build_failed(
+                    &id,
+                    ControllerError::runtime(
+                        format!("cannot start a server to build {}", id.short()),
+                        e,
+                    ),
+                )
+            })?;
         let Step::Psql(psql) = step;
-        let applied = match self.lay_out(psql) {
-            Ok(work) => {
-                let cwd = work.path().join(workdir_of(psql));
-                taidon_runtime::run_psql_step(&self.engine, &server, psql, &cwd).await
-            }
-            Err(e) => Err(taidon_runtime::StepError {
-                message: e.to_string(),
-                output: String::new(),
-                exit_code: None,
-            }),
-        };
+        let applied = server.apply(psql, &self.blobs).await;
         // Stop cleanly either way: a fast shutdown writes a checkpoint, so the published data
-        // directory needs no recovery when an instance starts from it.
+        // needs no recovery when an instance starts from it.
         let stopped = server.stop().await;
         if let Err(e) = applied {
             drop(build);
-            self.record_failed(&id, &e.to_string())?;
-            return Err(ControllerError::StepFailed {
-                index,
-                total,
-                label,
-                message: e.to_string(),
-                output: e.output.clone(),
-            });
+            return Err(self.build_failed(
+                &id,
+                ControllerError::StepFailed {
+                    index,
+                    total,
+                    label,
+                    message: e.to_string(),
+                    output: e.output.clone(),
+                },
+            ));
         }
-        stopped.map_err(|e| {
-            ControllerError::runtime(format!("stopping the server of step {index}"), e)
-        })?;
+        if let Err(e) = stopped {
+            drop(build);
+            return Err(self.build_failed(
+                &id,
+                ControllerError::runtime(format!("stopping the server of step {index}"), e),
+            ));
+        }
         self.publish(build, id, Some(parent), started).await?;
         send(
             events,
@@ -252,46 +260,35 @@ impl Controller {
         Ok(true)
     }
 
-    async fn start_build_server(
-        &self,
-        data_dir: &Path,
-        id: &StateId,
-    ) -> Result<Server, ControllerError> {
-        let socket_dir =
-            self.home
-                .run_dir()
-                .join(format!("b-{}-{:08x}", id.short(), rand::random::<u32>()));
-        let config = ServerConfig {
-            data_dir: data_dir.to_path_buf(),
-            socket_dir,
-            tcp: false,
-            port: None,
-            log_file: self.home.logs().join("builds").join(format!("{id}.log")),
+    /// Records that the build of `id` failed with `e` (which it returns): nothing of it was
+    /// published.
+    fn build_failed(&self, id: &StateId, e: ControllerError) -> ControllerError {
+        let reason = match &e {
+            ControllerError::StepFailed { message, .. } => message.clone(),
+            other => other.to_api().message,
         };
-        self.engine
-            .start(config, self.run_as.as_ref())
-            .await
-            .map_err(|e| {
-                ControllerError::runtime(
-                    format!("cannot start a server to build {}", id.short()),
-                    e,
-                )
-            })
+        if let Err(meta) = self.record_failed(id, &reason) {
+            tracing::warn!(state = %id.short(), error = %meta, "cannot record a failed build");
+        }
+        e
     }
 
     async fn publish(
         &self,
-        build: taidon_store::Build,
+        build: Build,
         id: StateId,
         parent: Option<StateId>,
         started: Instant,
     ) -> Result<(), ControllerError> {
         let meta = PublishMeta {
             parent,
-            engine: self.engine.fingerprint.clone(),
+            engine: self.runtime.engine().clone(),
             build_cost_ms: started.elapsed().as_millis() as u64,
         };
-        let manifest = self.blocking(move |s| s.publish(build, meta)).await?;
+        let manifest = match self.store.publish(build, meta).await {
+            Ok(manifest) => manifest,
+            Err(e) => return Err(self.build_failed(&id, e.into())),
+        };
         let mut row = self
             .meta
             .state(&id)?
@@ -318,7 +315,7 @@ impl Controller {
             parent,
             label,
             inputs_fingerprint: inputs.to_owned(),
-            engine_fingerprint: serde_json::to_string(&self.engine.fingerprint).unwrap_or_default(),
+            engine_fingerprint: serde_json::to_string(self.runtime.engine()).unwrap_or_default(),
             status: StateStatus::Building,
             status_reason: None,
             size_bytes: 0,
@@ -338,14 +335,6 @@ impl Controller {
         self.meta
             .event(now_ms(), "build_failed", Some(id), None, Some(reason))?;
         Ok(())
-    }
-}
-
-/// Where psql runs for `psql`, relative to its closure's root.
-fn workdir_of(psql: &taidon_core::PsqlStep) -> &str {
-    match &psql.input {
-        PsqlInput::File { workdir, .. } => workdir,
-        PsqlInput::Command { .. } => "",
     }
 }
 
@@ -376,22 +365,24 @@ impl Controller {
         }
         Ok(())
     }
+}
 
-    /// A fresh directory with the closure of `psql` laid out in it, removed when dropped.
-    fn lay_out(&self, psql: &taidon_core::PsqlStep) -> Result<tempfile::TempDir, ControllerError> {
-        let parent = self.home.root().join("work");
-        std::fs::create_dir_all(&parent)
-            .map_err(|e| ControllerError::io(format!("cannot create {}", parent.display()), e))?;
-        let dir = tempfile::Builder::new()
-            .prefix("step-")
-            .tempdir_in(&parent)
-            .map_err(|e| ControllerError::io("cannot make a step's work directory", e))?;
-        let root = dir.path();
-        std::fs::create_dir_all(root.join(workdir_of(psql)))
-            .map_err(|e| ControllerError::io("cannot make a step's work directory", e))?;
-        self.blobs
-            .lay_out(root, &psql.input.files())
-            .map_err(|e| ControllerError::io("cannot lay out a step's input files", e))?;
-        Ok(dir)
+/// Builds read their steps' input files from the blobs, by hash: the runtime lays each
+/// closure out where its psql runs.
+impl StepInputs for crate::blobs::BlobStore {
+    fn open<'a>(
+        &'a self,
+        sha256: &'a str,
+    ) -> BoxFuture<'a, std::io::Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>>> {
+        Box::pin(async move {
+            if !crate::blobs::is_sha256(sha256) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{sha256:?} does not name a blob"),
+                ));
+            }
+            let file = tokio::fs::File::open(self.path(sha256)).await?;
+            Ok(Box::new(file) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)
+        })
     }
 }

@@ -1,26 +1,34 @@
-//! The controller over a fake runtime: instances that die, stops that fail, and the maps that
-//! must not outgrow what exists. The store and the metadata are real (in a temporary home);
-//! no PostgreSQL server runs, only engine discovery looks for the binaries.
+//! The controller over its seams' fakes: a fake runtime (builds apply steps by recording them,
+//! instances are table entries a test can kill) and an in-memory snapshot store. The metadata
+//! and the input blobs are real, in a temporary home; no PostgreSQL runs and no engine is
+//! looked for, so every prepare and lifecycle decision here runs anywhere.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use taidon_api::{ResolveRequest, ResolveResponse, StateStatus};
+use taidon_api::{PinReason, PrepareEvent, ResolveRequest, ResolveResponse, StateStatus};
+use taidon_core::plan::{chain, Included};
+use taidon_core::policy::Event;
 use taidon_core::token::Scope;
-use taidon_core::{InstanceId, StateId};
-use taidon_runtime::testing::FakeRuntime;
-use taidon_runtime::Exit;
-use taidon_store::{PublishMeta, SnapshotStore};
+use taidon_core::{InstanceId, PsqlInput, PsqlStep, StateId, Step};
+use taidon_runtime::testing::{instance_area, FakeRuntime};
+use taidon_runtime::{Exit, Runtime};
+use taidon_store::testing::FakeStore;
 
 use crate::config::Config;
 use crate::meta::StateRow;
-use crate::{now_ms, Controller, ControllerConfig};
+use crate::prepare::Events;
+use crate::{now_ms, Controller, ControllerConfig, ControllerError, Seams};
 
 struct Fixture {
     ctl: Arc<Controller>,
     fake: FakeRuntime,
+    store: FakeStore,
+    /// What the controller's clock says; 0: the real time.
+    clock: Arc<AtomicU64>,
+    cfg: ControllerConfig,
     _dir: tempfile::TempDir,
 }
 
@@ -28,42 +36,52 @@ struct Fixture {
 /// tests tick it themselves.
 async fn fixture(config: &str) -> Fixture {
     let dir = tempfile::Builder::new().prefix("ctl").tempdir().unwrap();
-    // The home must be traversable by the server user when the tests run as root.
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     let mut cfg = ControllerConfig::new(dir.path().join("home"));
     let text = format!("[lifecycle]\ntick_ms = 3600000\n{config}");
     cfg.lifecycle = Some(Config::parse(&text, "test").unwrap());
-    let fake = FakeRuntime::new();
-    let ctl = Controller::open_with(cfg, Some(Arc::new(fake.clone())))
-        .await
-        .unwrap();
+    let (fake, store, clock) = (FakeRuntime::new(), FakeStore::new(), Arc::default());
+    let ctl = open(&cfg, &fake, &store, &clock).await;
     Fixture {
         ctl,
         fake,
+        store,
+        clock,
+        cfg,
         _dir: dir,
     }
 }
 
+async fn open(
+    cfg: &ControllerConfig,
+    fake: &FakeRuntime,
+    store: &FakeStore,
+    clock: &Arc<AtomicU64>,
+) -> Arc<Controller> {
+    let at = Arc::clone(clock);
+    let seams = Seams {
+        runtime: Arc::new(fake.clone()),
+        store: Arc::new(store.clone()),
+        clock: Arc::new(move || match at.load(Ordering::Relaxed) {
+            0 => now_ms(),
+            t => t,
+        }),
+    };
+    Controller::open_with(cfg.clone(), seams).await.unwrap()
+}
+
 impl Fixture {
-    /// A published base state whose data is `bytes` long, WARM in the metadata.
-    fn state(&self, tag: u8, bytes: usize) -> StateId {
+    /// The controller after a daemon restart: a new one on the same home, runtime and store.
+    async fn restart(&mut self) {
+        self.ctl.request_shutdown();
+        self.ctl = open(&self.cfg, &self.fake, &self.store, &self.clock).await;
+    }
+
+    /// A published base state whose data is `bytes` long, WARM in the metadata, last used
+    /// `last_access_ms`.
+    async fn state_used_at(&self, tag: u8, bytes: u64, last_access_ms: u64) -> StateId {
         let id = StateId::from_bytes([tag; 32]);
-        let build = self.ctl.store.begin(&id, None).unwrap();
-        std::fs::write(build.data_dir().join("PG_VERSION"), "15\n").unwrap();
-        std::fs::write(build.data_dir().join("filler"), vec![tag; bytes]).unwrap();
-        let manifest = self
-            .ctl
-            .store
-            .publish(
-                build,
-                PublishMeta {
-                    parent: None,
-                    engine: self.ctl.engine.fingerprint.clone(),
-                    build_cost_ms: 1,
-                },
-            )
-            .unwrap();
-        let now = now_ms();
+        let manifest = self.store.put(id, None, bytes);
+        self.ctl.store.refresh().await.unwrap();
         self.ctl
             .meta
             .upsert_state(&StateRow {
@@ -77,16 +95,17 @@ impl Fixture {
                 size_bytes: manifest.size_bytes,
                 build_cost_ms: 1,
                 restore_cost_ms: 0,
-                created_ms: now,
-                last_access_ms: now,
+                created_ms: last_access_ms,
+                last_access_ms,
                 access_count: 0,
             })
             .unwrap();
         id
     }
 
-    fn data_dir(&self, iid: &InstanceId) -> PathBuf {
-        self.ctl.instance_dir(iid).join("data")
+    /// A published base state whose data is `bytes` long, WARM, used now.
+    async fn state(&self, tag: u8, bytes: u64) -> StateId {
+        self.state_used_at(tag, bytes, now_ms()).await
     }
 
     fn status(&self, iid: &InstanceId) -> String {
@@ -114,6 +133,16 @@ impl Fixture {
             .collect()
     }
 
+    /// `(kind, detail)` of the events about state `sid`.
+    fn state_events(&self, sid: &StateId) -> Vec<(String, String)> {
+        self.ctl
+            .events(Some(&sid.to_string()), 1000)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.kind, e.detail.unwrap_or_default()))
+            .collect()
+    }
+
     fn is_live(&self, iid: &InstanceId) -> bool {
         self.ctl
             .live
@@ -135,6 +164,52 @@ impl Fixture {
         }
         panic!("still starting after 5 s");
     }
+
+    /// The ids of the chain of `steps` on the fake engine: base first, then one per step.
+    fn ids(&self, steps: &[Step]) -> Vec<StateId> {
+        let c = chain(self.fake.engine(), steps);
+        std::iter::once(c.base).chain(c.steps).collect()
+    }
+
+    /// Builds `steps` as a prepare does; the head, whether all was cached, and the events.
+    async fn build(
+        &self,
+        steps: &[Step],
+    ) -> (Result<(StateId, bool), ControllerError>, Vec<PrepareEvent>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let result = self.ctl.build_steps(steps.to_vec(), &tx).await;
+        drop(tx);
+        (result, drain(rx))
+    }
+
+    /// Stores `content` as an input blob; its SHA-256.
+    async fn blob(&self, content: &'static [u8]) -> String {
+        use sha2::Digest;
+        let sha = hex::encode(sha2::Sha256::digest(content));
+        let body = futures_util::stream::iter([Ok::<_, std::io::Error>(content)]);
+        self.ctl.blobs.put(&sha, body).await.unwrap();
+        sha
+    }
+}
+
+fn drain(mut rx: tokio::sync::mpsc::UnboundedReceiver<PrepareEvent>) -> Vec<PrepareEvent> {
+    let mut out = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        out.push(e);
+    }
+    out
+}
+
+fn sql(text: &str) -> Step {
+    Step::Psql(PsqlStep {
+        input: PsqlInput::Command { sql: text.into() },
+        variables: BTreeMap::new(),
+        single_transaction: false,
+    })
+}
+
+fn labels(fake: &FakeRuntime) -> Vec<String> {
+    fake.applied().into_iter().map(|a| a.label).collect()
 }
 
 fn rw(sid: StateId, iid: InstanceId) -> ResolveRequest {
@@ -158,13 +233,13 @@ fn ro(sid: StateId) -> ResolveRequest {
 #[tokio::test]
 async fn a_killed_instance_is_failed_with_its_signal_and_resolve_starts_it_again() {
     let fx = fixture("").await;
-    let sid = fx.state(1, 10);
+    let sid = fx.state(1, 10).await;
     let iid = fx.ctl.create_instance_of(sid).await.unwrap().instance_id;
-    let data = fx.data_dir(&iid);
-    assert_eq!(fx.fake.running(), vec![data.clone()]);
+    assert_eq!(fx.fake.running(), vec![iid]);
+    assert_eq!(fx.store.restores(), [(sid, instance_area(&iid))]);
     assert_eq!(fx.state_status(&sid), StateStatus::Hot);
 
-    assert!(fx.fake.kill(&data, Exit::Signal(9)));
+    assert!(fx.fake.kill(&iid, Exit::Signal(9)));
     fx.ctl.lifecycle_tick().await.unwrap();
 
     // One tick: no longer running, and the event says how it ended.
@@ -205,7 +280,7 @@ async fn a_killed_instance_is_failed_with_its_signal_and_resolve_starts_it_again
         ResolveResponse::Starting { .. }
     ));
     assert_eq!(fx.resolve_ready(&req).await, iid);
-    assert_eq!(fx.fake.starts(&data), 2);
+    assert_eq!(fx.fake.starts(&iid), 2);
     assert_eq!(fx.status(&iid), "running");
     assert_eq!(fx.state_status(&sid), StateStatus::Hot);
     assert!(fx
@@ -218,10 +293,10 @@ async fn a_killed_instance_is_failed_with_its_signal_and_resolve_starts_it_again
 #[tokio::test]
 async fn the_shared_read_only_instance_is_started_again_on_its_data_not_replaced() {
     let fx = fixture("").await;
-    let sid = fx.state(1, 10);
+    let sid = fx.state(1, 10).await;
     let iid = fx.resolve_ready(&ro(sid)).await;
     fx.ctl.release(&[iid]);
-    assert!(fx.fake.kill(&fx.data_dir(&iid), Exit::Code(1)));
+    assert!(fx.fake.kill(&iid, Exit::Code(1)));
     fx.ctl.lifecycle_tick().await.unwrap();
     assert_eq!(fx.status(&iid), "failed");
     assert!(fx.events_of(&iid).contains(&(
@@ -231,20 +306,20 @@ async fn the_shared_read_only_instance_is_started_again_on_its_data_not_replaced
 
     assert_eq!(fx.resolve_ready(&ro(sid)).await, iid, "the same instance");
     assert_eq!(fx.ctl.list_instances().unwrap().len(), 1);
-    assert_eq!(fx.fake.starts(&fx.data_dir(&iid)), 2);
+    assert_eq!(fx.fake.starts(&iid), 2);
     fx.ctl.release(&[iid]);
 }
 
 #[tokio::test]
 async fn a_dead_standby_is_removed() {
     let fx = fixture("").await;
-    let sid = fx.state(1, 10);
+    let sid = fx.state(1, 10).await;
     let iid = fx.ctl.start_standby(sid).await.unwrap();
-    assert!(fx.fake.kill(&fx.data_dir(&iid), Exit::Signal(11)));
+    assert!(fx.fake.kill(&iid, Exit::Signal(11)));
     fx.ctl.reap_dead_instances().await;
     assert!(fx.ctl.list_instances().unwrap().is_empty());
     assert_eq!(fx.ctl.standby_count(), 0);
-    assert!(!fx.data_dir(&iid).exists());
+    assert!(!fx.fake.has_data(&iid));
     let kinds: Vec<String> = fx.events_of(&iid).into_iter().map(|(k, _)| k).collect();
     assert!(kinds.contains(&"instance_died".to_owned()), "{kinds:?}");
     assert!(kinds.contains(&"instance_removed".to_owned()), "{kinds:?}");
@@ -254,16 +329,16 @@ async fn a_dead_standby_is_removed() {
 async fn a_failing_stop_does_not_skip_eviction_or_the_standby_pool() {
     // Room for two instances, and a store of 2 MiB.
     let fx = fixture("[instances]\nmax = 2\n[store]\ncapacity_mb = 2\nlow_water = 1.0\n").await;
-    let used = fx.state(1, 10);
-    let big = fx.state(2, 2 << 20);
-    let stuck = fx.state(3, 600 << 10);
-    let spare = fx.state(4, 10);
+    let used = fx.state(1, 10).await;
+    let big = fx.state(2, 2 << 20).await;
+    let stuck = fx.state(3, 600 << 10).await;
+    let spare = fx.state(4, 10).await;
     let held = fx.ctl.create_instance_of(used).await.unwrap().instance_id;
     // Two standbys started past the limit (as a smaller limit after a restart would leave
     // them): the lower-scored (larger) one is stopped first, and that stop fails.
     let stuck_standby = fx.ctl.start_standby(stuck).await.unwrap();
     let spare_standby = fx.ctl.start_standby(spare).await.unwrap();
-    fx.fake.fail_stops(&fx.data_dir(&stuck_standby));
+    fx.fake.fail_stops(&stuck_standby);
 
     fx.ctl.lifecycle_tick().await.unwrap();
 
@@ -280,11 +355,11 @@ async fn a_failing_stop_does_not_skip_eviction_or_the_standby_pool() {
         "{errors:?}"
     );
     // Eviction ran: the big WARM snapshot is gone.
-    assert!(!fx.ctl.store.contains(&big));
+    assert!(!fx.ctl.store.contains(&big) && !fx.store.contains(&big));
     assert_eq!(fx.state_status(&big), StateStatus::Cold);
     // The pool ran: the standby nobody wants (target 0) is stopped.
     assert!(!fx.is_live(&spare_standby));
-    assert!(!fx.fake.running().contains(&fx.data_dir(&spare_standby)));
+    assert!(!fx.fake.running().contains(&spare_standby));
     // The instance in use is untouched.
     assert!(fx.is_live(&held));
 }
@@ -293,7 +368,7 @@ async fn a_failing_stop_does_not_skip_eviction_or_the_standby_pool() {
 async fn maps_keep_no_entry_for_what_is_gone() {
     // No standby wanted, whatever the state's accesses: the test takes its own.
     let fx = fixture("[policy.standby]\npinned = 0\nbusy = 0\nother = 0\n").await;
-    let sid = fx.state(1, 10);
+    let sid = fx.state(1, 10).await;
     let iid = fx.ctl.create_instance_of(sid).await.unwrap().instance_id;
     assert_eq!(fx.resolve_ready(&rw(sid, iid)).await, iid);
     assert_eq!(fx.ctl.access_entries(), [1, 1, 0, 0]);
@@ -324,4 +399,346 @@ async fn maps_keep_no_entry_for_what_is_gone() {
     assert_eq!(removed.states, [sid]);
     assert_eq!(fx.ctl.building.len(), 0);
     assert_eq!(fx.ctl.lifecycle_entries(), [0, 0, 0]);
+}
+
+#[tokio::test]
+async fn the_nearest_cached_ancestor_is_reused_and_only_missing_steps_are_built() {
+    let fx = fixture("").await;
+    let main = fx.blob(b"\\ir lib/t.sql\n").await;
+    let lib = fx.blob(b"create table t();\n").await;
+    let file = Step::Psql(PsqlStep {
+        input: PsqlInput::File {
+            path: "main.sql".into(),
+            sha256: main.clone(),
+            workdir: "db".into(),
+            includes: vec![Included {
+                path: "db/lib/t.sql".into(),
+                sha256: lib,
+            }],
+        },
+        variables: BTreeMap::new(),
+        single_transaction: false,
+    });
+    let two = [sql("select 1"), file.clone()];
+    let [base, s1, s2] = fx.ids(&two)[..] else {
+        unreachable!()
+    };
+
+    let (built, events) = fx.build(&two).await;
+    assert_eq!(built.unwrap(), (s2, false));
+    assert!(matches!(
+        events[0],
+        PrepareEvent::Plan {
+            total: 2,
+            cached: 0,
+            ..
+        }
+    ));
+    assert_eq!(fx.fake.inits().len(), 1);
+    assert_eq!(fx.fake.builds(), [s1, s2]);
+    assert_eq!(
+        fx.store.begun(),
+        [(base, None), (s1, Some(base)), (s2, Some(s1))]
+    );
+    // The step read its closure by content, laid out where psql finds it.
+    let applied = fx.fake.applied();
+    assert_eq!(applied[1].state, s2);
+    assert_eq!(
+        applied[1].files,
+        [
+            ("db/main.sql".to_owned(), b"\\ir lib/t.sql\n".to_vec()),
+            ("db/lib/t.sql".to_owned(), b"create table t();\n".to_vec()),
+        ]
+    );
+
+    // One step more: only it is built, from the head before.
+    let three = [sql("select 1"), file.clone(), sql("select 3")];
+    let s3 = *fx.ids(&three).last().unwrap();
+    let (built, events) = fx.build(&three).await;
+    assert_eq!(built.unwrap(), (s3, false));
+    assert!(matches!(
+        events[0],
+        PrepareEvent::Plan {
+            total: 3,
+            cached: 2,
+            ..
+        }
+    ));
+    assert_eq!(fx.fake.builds(), [s1, s2, s3]);
+    assert_eq!(fx.store.begun().last(), Some(&(s3, Some(s2))));
+
+    // The second step edited: rebuilt from the first, which stays.
+    let edited = [sql("select 1"), sql("select 2")];
+    let e2 = *fx.ids(&edited).last().unwrap();
+    let (built, events) = fx.build(&edited).await;
+    assert_eq!(built.unwrap(), (e2, false));
+    assert!(matches!(
+        events[0],
+        PrepareEvent::Plan {
+            total: 2,
+            cached: 1,
+            ..
+        }
+    ));
+    assert_eq!(fx.store.begun().last(), Some(&(e2, Some(s1))));
+
+    // All cached: nothing runs, and the prepare says so.
+    let before = fx.fake.builds().len();
+    let (built, events) = fx.build(&three).await;
+    assert_eq!(built.unwrap(), (s3, true));
+    assert!(matches!(
+        events[..],
+        [PrepareEvent::Plan {
+            total: 3,
+            cached: 3,
+            ..
+        }]
+    ));
+    assert_eq!(fx.fake.builds().len(), before);
+    assert_eq!(fx.fake.inits().len(), 1, "one initdb in all");
+    assert_eq!(
+        labels(&fx.fake),
+        [
+            "-c 'select 1'",
+            "main.sql",
+            "-c 'select 3'",
+            "-c 'select 2'"
+        ]
+    );
+    assert_eq!(fx.state_status(&s3), StateStatus::Warm);
+}
+
+#[tokio::test]
+async fn a_failing_step_publishes_nothing_and_records_the_failure() {
+    let fx = fixture("").await;
+    fx.fake.fail_steps("boom");
+    let steps = [sql("select 1"), sql("select boom")];
+    let [base, s1, s2] = fx.ids(&steps)[..] else {
+        unreachable!()
+    };
+    let (built, _) = fx.build(&steps).await;
+    match built {
+        Err(ControllerError::StepFailed {
+            index: 2,
+            total: 2,
+            message,
+            output,
+            ..
+        }) => {
+            assert_eq!(message, "ERROR:  the fake fails");
+            assert_eq!(output, "ERROR:  the fake fails\n");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The steps before it are checkpoints; the failed one left nothing behind.
+    assert_eq!(fx.store.published(), {
+        let mut v = vec![base, s1];
+        v.sort();
+        v
+    });
+    assert!(!fx.ctl.store.contains(&s2));
+    assert_eq!(fx.store.in_progress(), 0, "the build was discarded");
+    assert_eq!(fx.fake.builds_running(), 0, "its server was stopped");
+    assert_eq!(fx.state_status(&s2), StateStatus::Failed);
+    let failed = fx.state_events(&s2);
+    assert!(
+        failed.contains(&("build_failed".into(), "ERROR:  the fake fails".into())),
+        "{failed:?}"
+    );
+
+    // initdb failing: nothing published, the base is failed.
+    let fx = fixture("").await;
+    fx.fake.fail_init();
+    let (built, _) = fx.build(&[sql("select 1")]).await;
+    assert!(
+        matches!(built, Err(ControllerError::Runtime { .. })),
+        "{built:?}"
+    );
+    assert!(fx.store.published().is_empty());
+    assert_eq!(fx.store.in_progress(), 0);
+    let base = fx.ids(&[sql("select 1")])[0];
+    assert_eq!(fx.state_status(&base), StateStatus::Failed);
+}
+
+#[tokio::test]
+async fn concurrent_prepares_of_one_state_build_it_once() {
+    let fx = fixture("").await;
+    let steps = vec![sql("create table t()")];
+    let s1 = fx.ids(&steps)[1];
+    fx.fake.hold_steps();
+    let prepare = |steps: Vec<Step>| {
+        let ctl = Arc::clone(&fx.ctl);
+        let (tx, rx): (Events, _) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move { ctl.build_steps(steps, &tx).await });
+        (task, rx)
+    };
+    let (first, _first_events) = prepare(steps.clone());
+    while fx.fake.applying() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (second, mut second_events) = prepare(steps.clone());
+    // The second finds the step being built, and says it waits.
+    loop {
+        match second_events.recv().await.unwrap() {
+            PrepareEvent::Waiting { index, state_id } => {
+                assert_eq!((index, state_id), (1, s1));
+                break;
+            }
+            PrepareEvent::Plan { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    fx.fake.release_steps();
+    assert_eq!(first.await.unwrap().unwrap(), (s1, false));
+    assert_eq!(second.await.unwrap().unwrap(), (s1, true));
+    assert_eq!(fx.fake.builds(), [s1], "built once");
+    assert_eq!(fx.fake.inits().len(), 1);
+    assert_eq!(
+        fx.store.begun().len(),
+        2,
+        "the base and the step, once each"
+    );
+    assert_eq!(fx.ctl.building.len(), 0);
+}
+
+#[tokio::test]
+async fn a_cold_state_is_restored_from_its_nearest_surviving_ancestor() {
+    let fx = fixture("").await;
+    let steps = [sql("select 1"), sql("select 2"), sql("select 3")];
+    let [_, s1, s2, s3] = fx.ids(&steps)[..] else {
+        unreachable!()
+    };
+    fx.build(&steps).await.0.unwrap();
+    // Evicted: the last two snapshots go, and the states are COLD.
+    for id in [s3, s2] {
+        assert!(fx.ctl.store.remove(id).await.unwrap());
+        fx.ctl
+            .record_transition(&id, Event::Evicted, Some("test"))
+            .unwrap();
+        assert_eq!(fx.state_status(&id), StateStatus::Cold);
+    }
+
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    fx.ctl.restore_state(s3, &tx).await.unwrap();
+    drop(tx);
+    let events = drain(rx);
+    assert!(
+        events.contains(&PrepareEvent::Restoring {
+            state_id: s3,
+            from: Some(s1),
+            steps: 2
+        }),
+        "{events:?}"
+    );
+    assert_eq!(fx.fake.builds(), [s1, s2, s3, s2, s3], "s1 was not rebuilt");
+    assert_eq!(fx.store.begun().last(), Some(&(s3, Some(s2))));
+    assert_eq!(fx.fake.inits().len(), 1);
+    assert!(fx
+        .state_events(&s3)
+        .contains(&("restoring".into(), format!("from {}", s1.short()))));
+
+    // An instance of a COLD state asked for by id restores it first, the same way.
+    assert!(fx.ctl.store.remove(s3).await.unwrap());
+    fx.ctl
+        .record_transition(&s3, Event::Evicted, Some("test"))
+        .unwrap();
+    let iid = fx.ctl.create_instance_of(s3).await.unwrap().instance_id;
+    assert_eq!(fx.fake.builds().last(), Some(&s3));
+    assert_eq!(fx.fake.builds().len(), 6, "only s3 again");
+    assert_eq!(fx.store.restores().last(), Some(&(s3, instance_area(&iid))));
+    assert_eq!(fx.state_status(&s3), StateStatus::Hot);
+}
+
+#[tokio::test]
+async fn eviction_picks_by_score_and_never_a_pinned_or_in_use_snapshot() {
+    // 5 MiB of snapshots in a store of 4 MiB that evicts down to 3: two must go.
+    let fx = fixture(
+        "[store]\ncapacity_mb = 4\nlow_water = 0.75\n\
+         [policy.standby]\npinned = 0\nbusy = 0\nother = 0\n",
+    )
+    .await;
+    let now = now_ms();
+    fx.clock.store(now, Ordering::Relaxed);
+    let day = 24 * 3600 * 1000;
+    let mib = 1 << 20;
+    let recent = fx.state_used_at(1, mib, now).await;
+    let week = fx.state_used_at(2, mib, now - 7 * day).await;
+    let month = fx.state_used_at(3, mib, now - 30 * day).await;
+    let pinned = fx.state_used_at(4, mib, now - 60 * day).await;
+    let in_use = fx.state_used_at(5, mib, now - 60 * day).await;
+    fx.ctl
+        .pin(&pinned.to_string(), PinReason::Manual, "")
+        .unwrap();
+    fx.ctl.create_instance_of(in_use).await.unwrap();
+    // Its instance counted as an access: it is old again, for the policy.
+    fx.ctl
+        .meta
+        .touch_state(&in_use, now - 60 * day, None)
+        .unwrap();
+
+    let standings = fx.ctl.standings().unwrap();
+    let score = |id: &StateId| standings[id].score;
+    assert!(score(&month) < score(&week) && score(&week) < score(&recent));
+
+    fx.ctl.lifecycle_tick().await.unwrap();
+    let evicted: Vec<StateId> = fx
+        .ctl
+        .events(None, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "evicted")
+        .filter_map(|e| e.state_id)
+        .collect();
+    assert_eq!(
+        evicted,
+        [month, week],
+        "lowest score first, until under 3 MiB"
+    );
+    assert_eq!(fx.store.published(), {
+        let mut v = vec![recent, pinned, in_use];
+        v.sort();
+        v
+    });
+    assert_eq!(fx.state_status(&month), StateStatus::Cold);
+    assert_eq!(fx.state_status(&pinned), StateStatus::Warm);
+    assert_eq!(fx.state_status(&in_use), StateStatus::Hot);
+
+    // A year on, a large new snapshot takes the store over again: of the two candidates left,
+    // the large one scores lower and goes; the pinned and the used ones, older than both, stay.
+    fx.clock.store(now + 365 * day, Ordering::Relaxed);
+    let large = fx.state_used_at(6, 2 * mib, now).await;
+    fx.ctl.lifecycle_tick().await.unwrap();
+    assert!(!fx.store.contains(&large));
+    assert!(fx.store.contains(&recent));
+    assert!(fx.store.contains(&pinned) && fx.store.contains(&in_use));
+}
+
+#[tokio::test]
+async fn a_restart_stops_leftover_build_servers_and_reclaims_instances() {
+    let mut fx = fixture("").await;
+    let sid = fx.state(1, 10).await;
+    let kept = fx.ctl.create_instance_of(sid).await.unwrap().instance_id;
+    let standby = fx.ctl.start_standby(sid).await.unwrap();
+    // A build the dead daemon left, with its server still running.
+    let leftover = fx.store.leave_build(StateId::from_bytes([2; 32]));
+    fx.fake.leave_build_server(leftover.clone());
+
+    fx.restart().await;
+
+    assert_eq!(fx.fake.leftovers_stopped(), [leftover]);
+    assert!(fx.fake.discarded_leftovers() >= 2, "once per start");
+    // The kept instance runs again under the new daemon; the standby is gone with its data.
+    assert_eq!(fx.fake.starts(&kept), 2);
+    assert!(fx.is_live(&kept));
+    assert_eq!(fx.status(&kept), "running");
+    assert!(fx
+        .events_of(&kept)
+        .iter()
+        .any(|(k, _)| k == "instance_adopted"));
+    assert!(!fx.fake.has_data(&standby));
+    assert_eq!(fx.fake.running(), [kept]);
+    assert!(
+        fx.ctl.store.contains(&sid),
+        "the published set is read back"
+    );
 }
