@@ -587,8 +587,7 @@ impl Controller {
             if let Ok(mut server) = l.server.try_lock() {
                 if let Some(server) = server.take() {
                     tracing::debug!(instance = %iid, "left running");
-                    // Dropping it would stop it (SIGQUIT).
-                    std::mem::forget(server);
+                    server.leave_running();
                     left += 1;
                 }
             }

@@ -722,6 +722,13 @@ async fn a_restart_stops_leftover_build_servers_and_reclaims_instances() {
     // A build the dead daemon left, with its server still running.
     let leftover = fx.store.leave_build(StateId::from_bytes([2; 32]));
     fx.fake.leave_build_server(leftover.clone());
+    // The daemon exits leaving its servers to the next one.
+    assert_eq!(fx.ctl.leave_running(), 2);
+    assert_eq!(fx.fake.running(), {
+        let mut v = vec![kept, standby];
+        v.sort();
+        v
+    });
 
     fx.restart().await;
 

@@ -136,6 +136,9 @@ pub trait Instance: Send + Sync + std::fmt::Debug {
     fn stop(self: Box<Self>) -> BoxFuture<'static, Result<(), RuntimeError>>;
     /// End an instance whose data is about to be deleted: no checkpoint worth waiting for.
     fn discard(self: Box<Self>) -> BoxFuture<'static, Result<(), RuntimeError>>;
+    /// Lets go of the server without stopping it, for a process that exits and leaves it to
+    /// the next one (which reclaims it, see [`Runtime::reclaim_instance`]).
+    fn leave_running(self: Box<Self>);
 }
 
 /// Where a [`LocalRuntime`] keeps what it owns.
@@ -468,6 +471,12 @@ impl Instance for Server {
 
     fn discard(self: Box<Self>) -> BoxFuture<'static, Result<(), RuntimeError>> {
         Box::pin(Server::discard(*self))
+    }
+
+    fn leave_running(self: Box<Self>) {
+        tracing::debug!(pid = self.pid, data_dir = ?self.data_dir, "left running");
+        // Dropping it would stop it (SIGQUIT); the process is about to exit anyway.
+        std::mem::forget(self);
     }
 }
 

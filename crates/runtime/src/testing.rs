@@ -524,4 +524,7 @@ impl Instance for FakeInstance {
     fn discard(self: Box<Self>) -> BoxFuture<'static, Result<(), RuntimeError>> {
         Box::pin(async move { self.end(false) })
     }
+
+    /// The fake server runs on, as far as the table says, until reclaimed.
+    fn leave_running(self: Box<Self>) {}
 }
