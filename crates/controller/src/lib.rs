@@ -55,6 +55,9 @@ pub struct ControllerConfig {
     pub lifecycle: Option<config::Config>,
     /// The largest input blob a client may upload, in MiB.
     pub max_blob_mb: u64,
+    /// Instances also listen on this address and the gateway reaches them there (a gateway
+    /// on another machine); `None`: loopback only.
+    pub instance_host: Option<std::net::IpAddr>,
 }
 
 impl ControllerConfig {
@@ -65,6 +68,7 @@ impl ControllerConfig {
             token_ttl_s: default_token_ttl_s(),
             lifecycle: None,
             max_blob_mb: default_max_blob_mb(),
+            instance_host: None,
         }
     }
 }
@@ -173,7 +177,9 @@ impl Controller {
             work: home.root().join("work"),
         };
         let seams = Seams {
-            runtime: Arc::new(LocalRuntime::new(engine, run_as, layout)),
+            runtime: Arc::new(
+                LocalRuntime::new(engine, run_as, layout).with_instance_host(config.instance_host),
+            ),
             store: Arc::new(store),
             clock: Arc::new(now_ms),
         };

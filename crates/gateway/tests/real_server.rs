@@ -137,6 +137,7 @@ impl Pg {
                     data_dir: data,
                     socket_dir: dir.path().join("sock"),
                     tcp: true,
+                    advertise: None,
                     port: None,
                     log_file: dir.path().join("server.log"),
                 },

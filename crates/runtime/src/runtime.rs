@@ -161,6 +161,8 @@ pub struct LocalRuntime {
     engine: Engine,
     run_as: Option<RunAs>,
     layout: LocalLayout,
+    /// Instances also listen on this address and are reached there.
+    advertise: Option<std::net::IpAddr>,
 }
 
 impl LocalRuntime {
@@ -171,7 +173,15 @@ impl LocalRuntime {
             engine,
             run_as,
             layout,
+            advertise: None,
         }
+    }
+
+    /// Instances also listen on `addr` and report it as their host, for a gateway on another
+    /// machine.
+    pub fn with_instance_host(mut self, addr: Option<std::net::IpAddr>) -> Self {
+        self.advertise = addr;
+        self
     }
 
     fn instance_dir(&self, iid: &InstanceId) -> PathBuf {
@@ -184,6 +194,7 @@ impl LocalRuntime {
             data_dir: dir.join("data"),
             socket_dir: dir.join("sock"),
             tcp: true,
+            advertise: self.advertise,
             port: None,
             log_file: self
                 .layout
@@ -261,6 +272,7 @@ impl Runtime for LocalRuntime {
                     rand::random::<u32>()
                 )),
                 tcp: false,
+                advertise: None,
                 port: None,
                 log_file: builds_log.join(format!("{state}.log")),
             };
@@ -440,10 +452,10 @@ impl BuildServer for LocalBuild {
 }
 
 impl Instance for Server {
-    /// Instances listen on loopback: the gateway, on this machine, is their only client.
+    /// Instances listen on loopback, and on the advertised address when one is set.
     fn endpoint(&self) -> Endpoint {
         Endpoint {
-            host: "127.0.0.1".to_owned(),
+            host: self.host.clone(),
             port: self.port,
         }
     }

@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub socket_dir: PathBuf,
     /// Also listen on 127.0.0.1 (SCRAM only, see pg_hba.conf); else the socket only.
     pub tcp: bool,
+    /// With `tcp`: also listen on this address, and report it as the server's host, for
+    /// clients on other machines (a gateway elsewhere). SCRAM only, as on loopback.
+    pub advertise: Option<std::net::IpAddr>,
     /// The port (for TCP and the socket's name); a free one is chosen when `None`.
     pub port: Option<u16>,
     /// The server's stdout and stderr are appended here.
@@ -52,11 +55,26 @@ pub struct Server {
     pub socket_dir: PathBuf,
     pub data_dir: PathBuf,
     pub tcp: bool,
+    /// The address clients reach it at over TCP: 127.0.0.1, or the advertised one.
+    pub host: String,
     pub log_file: PathBuf,
     child: Child,
     /// How the child ended, once it is reaped: remembered so every later look sees it, and
     /// so Drop does not signal a reused pid.
     exit: Option<ExitStatus>,
+}
+
+/// SCRAM for TCP clients from any address, appended to the data directory's pg_hba.conf once
+/// (an instance's data is its own copy). Trust stays on the unix socket only.
+fn allow_scram_from_anywhere(data_dir: &std::path::Path) -> io::Result<()> {
+    const LINES: &str = "host all all 0.0.0.0/0 scram-sha-256\nhost all all ::/0 scram-sha-256\n";
+    let path = data_dir.join("pg_hba.conf");
+    let current = std::fs::read_to_string(&path)?;
+    if current.contains("0.0.0.0/0") {
+        return Ok(());
+    }
+    let mut file = std::fs::OpenOptions::new().append(true).open(&path)?;
+    std::io::Write::write_all(&mut file, LINES.as_bytes())
 }
 
 /// A free TCP port on 127.0.0.1, as the kernel picks it.
@@ -119,7 +137,19 @@ impl Engine {
 
         let program = self.binary("postgres");
         let mut cmd = tokio::process::Command::new(&program);
-        let listen = if cfg.tcp { "127.0.0.1" } else { "" };
+        let listen = match (cfg.tcp, cfg.advertise) {
+            (false, _) => String::new(),
+            (true, None) => "127.0.0.1".to_owned(),
+            (true, Some(addr)) => {
+                allow_scram_from_anywhere(&cfg.data_dir).map_err(|e| {
+                    StartFailure::Other(RuntimeError::io(
+                        "cannot update",
+                        &cfg.data_dir.join("pg_hba.conf"),
+                    )(e))
+                })?;
+                format!("127.0.0.1,{addr}")
+            }
+        };
         cmd.arg("-D")
             .arg(&cfg.data_dir)
             .arg("-p")
@@ -166,6 +196,10 @@ impl Engine {
             socket_dir: cfg.socket_dir.clone(),
             data_dir: cfg.data_dir.clone(),
             tcp: cfg.tcp,
+            host: match cfg.advertise {
+                Some(addr) => addr.to_string(),
+                None => "127.0.0.1".to_owned(),
+            },
             log_file: cfg.log_file.clone(),
             child,
             exit: None,

@@ -106,6 +106,10 @@ struct HomeArgs {
     /// The largest input file a client may upload, MiB.
     #[arg(long, env = "TAIDON_MAX_BLOB_MB", default_value_t = taidon_controller::default_max_blob_mb())]
     max_blob_mb: u64,
+    /// Instances also listen on this address, where a gateway on another machine reaches
+    /// them (default: loopback only).
+    #[arg(long, value_name = "ADDR")]
+    instance_host: Option<std::net::IpAddr>,
     /// The API's TLS certificate chain (PEM); by default <home>/tls/server.pem, made by the
     /// home's CA to cover the --api-listen address.
     #[arg(long, requires = "api_tls_key")]
@@ -409,6 +413,7 @@ async fn open_controller(args: &HomeArgs) -> Result<Arc<Controller>> {
     let mut config = ControllerConfig::new(&args.home);
     config.pg_bin = args.pg_bin.clone();
     config.max_blob_mb = args.max_blob_mb;
+    config.instance_host = args.instance_host;
     config.lifecycle = Some(args.lifecycle.config(&args.home)?);
     Ok(Controller::open(config).await?)
 }

@@ -38,6 +38,7 @@ impl Fixture {
             data_dir: self.data_dir(),
             socket_dir: self.dir.path().join("sock"),
             tcp,
+            advertise: None,
             port: None,
             log_file: self.dir.path().join("server.log"),
         }
