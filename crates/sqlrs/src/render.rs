@@ -124,11 +124,19 @@ pub(crate) fn ls(states: &[StateInfo], instances: &[InstanceInfo], now_ms: u64) 
                     i.instance_id.to_string(),
                     first12(&i.state_id),
                     i.status.clone(),
+                    if i.owner.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        i.owner.clone()
+                    },
                     age(i.created_ms, now_ms),
                 ]
             })
             .collect();
-        out.push_str(&table(&["ID", "STATE", "STATUS", "CREATED"], &rows));
+        out.push_str(&table(
+            &["ID", "STATE", "STATUS", "OWNER", "CREATED"],
+            &rows,
+        ));
     }
     out
 }
@@ -263,7 +271,7 @@ mod tests {
             created_ms: 1_000,
             clone_ms: 5,
             start_ms: 300,
-            owner: String::new(),
+            owner: "alice".into(),
         }];
         let out = ls(&states, &instances, 61_000);
         let want = "\
@@ -271,8 +279,8 @@ ID            PARENT        STATUS  SIZE     BUILD   RESTORE  ACCESSES  SCORE  P
 aaaaaaaaaaaa  -             HOT     2.0 KiB  1234ms  10ms     7         0.500  main:main  PostgreSQL 15.18
 bbbbbbbbbbbb  aaaaaaaaaaaa  HOT     2.0 KiB  1234ms  10ms     7         0.500  main:main  schema.sql
 
-ID                STATE         STATUS   CREATED
-3f3f3f3f3f3f3f3f  bbbbbbbbbbbb  running  1m ago
+ID                STATE         STATUS   OWNER  CREATED
+3f3f3f3f3f3f3f3f  bbbbbbbbbbbb  running  alice  1m ago
 ";
         assert_eq!(out, want);
         assert_eq!(ls(&[], &[], 0), "no states\n\nno instances\n");
