@@ -234,6 +234,30 @@ impl Hosts {
     }
 }
 
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        // The gateway and the controller go first (their Proc drops kill them); the
+        // controller leaves its instances running for a next one, by design: stop the
+        // postmasters of this test's home with a fast shutdown.
+        self.gateway.take();
+        self.controller.take();
+        let home = format!("-D {}/", self.home.display());
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains("postgres ") && cmdline.contains(&home) {
+                // SAFETY: kill has no memory preconditions.
+                unsafe { libc::kill(pid, libc::SIGINT) };
+            }
+        }
+    }
+}
+
 fn text(out: &Output) -> String {
     format!(
         "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
