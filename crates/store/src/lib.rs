@@ -9,6 +9,7 @@
 #![deny(clippy::todo, clippy::dbg_macro)]
 
 mod clone;
+pub mod dedup;
 mod digest;
 mod error;
 #[cfg(any(test, feature = "testing"))]

@@ -63,6 +63,8 @@ struct Shared {
     /// States whose spare is being copied: a clone waits for it rather than copy a second time.
     sparing: std::sync::Mutex<std::collections::HashSet<StateId>>,
     spare_done: std::sync::Condvar,
+    /// Unique bytes of all snapshots, counted again after a publish or a removal.
+    usage: std::sync::Mutex<Option<u64>>,
 }
 
 /// A build in progress in a local store: a private directory that becomes a snapshot when
@@ -174,6 +176,7 @@ impl LocalStore {
                 owner,
                 sparing: Default::default(),
                 spare_done: Default::default(),
+                usage: Default::default(),
             }),
         })
     }
@@ -400,6 +403,15 @@ impl LocalStore {
         if !build.data.is_dir() {
             return Err(StoreError::EmptyBuild(build.dir.clone()));
         }
+        // Without reflinks every checkpoint would be a full copy: files the step left as they
+        // were become hard links to the parent's (snapshots are never written to).
+        if self.strategy == CloneStrategy::Copy {
+            if let Some(parent) = build.parent.filter(|p| self.contains(p)) {
+                let linked = crate::dedup::link_unchanged(&self.data_dir(&parent), &build.data)?;
+                tracing::debug!(id = %build.id, files = linked.files, bytes = linked.bytes,
+                    "unchanged files shared with the parent");
+            }
+        }
         let digest = tree_digest(&build.data)?;
         // One syncfs instead of an fsync per file: the data is durable before the manifest is.
         syncfs(&self.shared.root)?;
@@ -419,6 +431,7 @@ impl LocalStore {
         match fs::rename(&build.dir, &target) {
             Ok(()) => {
                 build.finished = true;
+                *self.lock_usage() = None;
                 fsync_dir(&self.shared.root)?;
                 tracing::info!(id = %build.id, size = manifest.size_bytes, "snapshot published");
                 Ok(manifest)
@@ -466,15 +479,34 @@ impl LocalStore {
             Err(e) => return Err(e).ctx("move to trash", &dir),
         }
         // The rename is the removal; make it durable before the slow part.
+        *self.lock_usage() = None;
         fsync_dir(&self.shared.root)?;
         remove_tree(&trash)?;
         tracing::info!(%id, "snapshot removed");
         Ok(true)
     }
 
-    /// Logical bytes of all published snapshots (shared extents count once per snapshot).
+    /// Bytes of all published snapshots, each file that snapshots share by hard link counted
+    /// once (shared reflink extents still count once per snapshot).
     pub fn usage_bytes(&self) -> Result<u64, StoreError> {
-        Ok(self.list()?.iter().map(|m| m.size_bytes).sum())
+        if let Some(known) = *self.lock_usage() {
+            return Ok(known);
+        }
+        let dirs: Vec<PathBuf> = self
+            .list()?
+            .iter()
+            .map(|m| self.data_dir(&m.state_id))
+            .collect();
+        let total = crate::dedup::unique_bytes(dirs.iter().map(PathBuf::as_path))?;
+        *self.lock_usage() = Some(total);
+        Ok(total)
+    }
+
+    fn lock_usage(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
+        self.shared
+            .usage
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

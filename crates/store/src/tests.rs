@@ -825,3 +825,37 @@ fn btrfs_store_snapshots_subvolumes() {
     assert!(dot_entries(store.root()).is_empty());
     assert!(!store.contains(&sid(30)));
 }
+
+#[test]
+fn on_a_copy_store_a_child_shares_its_unchanged_files_with_its_parent() {
+    let dir = scratch();
+    let store = LocalStore::open(dir.path().join("store"), None)
+        .unwrap()
+        .with_strategy(CloneStrategy::Copy);
+    let base = publish_sample(&store, sid(5));
+    let build = store.begin(&sid(6), Some(&sid(5))).unwrap();
+    fs::write(build.data_dir().join("base/1/1259"), vec![9u8; 100_000]).unwrap();
+    let child = store.publish(build, meta(Some(sid(5)))).unwrap();
+    let ino = |id: StateId, f: &str| fs::metadata(store.data_dir(&id).join(f)).unwrap().ino();
+    for same in ["PG_VERSION", "run.sh", "base/1/empty"] {
+        assert_eq!(ino(sid(5), same), ino(sid(6), same), "{same}");
+    }
+    assert_ne!(ino(sid(5), "base/1/1259"), ino(sid(6), "base/1/1259"));
+    // Logical sizes are the full trees; usage counts the shared files once.
+    assert_eq!(child.size_bytes, base.size_bytes);
+    let shared = base.size_bytes - 100_000;
+    assert_eq!(
+        store.usage_bytes().unwrap(),
+        base.size_bytes + child.size_bytes - shared
+    );
+    // The checksums still describe the content, and removing the parent leaves the child whole.
+    assert!(store.verify(&sid(6)).unwrap());
+    assert!(store.remove(&sid(5)).unwrap());
+    assert!(store.verify(&sid(6)).unwrap());
+    assert_eq!(store.usage_bytes().unwrap(), child.size_bytes);
+    // An instance's clone is its own copy: writing it leaves the snapshot alone.
+    let inst = dir.path().join("instance");
+    store.clone_to(&sid(6), &inst).unwrap();
+    fs::write(inst.join("PG_VERSION"), "16\n").unwrap();
+    assert!(store.verify(&sid(6)).unwrap());
+}
