@@ -125,6 +125,11 @@ impl Engine {
                 "--auth-local=trust",
                 "--auth-host=scram-sha-256",
                 "--no-sync",
+                // 1 MiB WAL segments, not 16: every checkpoint holds the segment its build
+                // wrote last, and on a store without reflinks that file is the part a child
+                // snapshot cannot share with its parent. A physical setting Taidon fixes, like
+                // fsync: it is not part of the state's identity.
+                "--wal-segsize=1",
             ])
             .args(self.fingerprint.initdb.initdb_args())
             .stdin(Stdio::null())

@@ -165,6 +165,9 @@ impl Engine {
             // as their users left them, passwords included.
             .args(["-c", "fsync=off"])
             .args(["-c", "full_page_writes=off"])
+            // Old WAL segments are deleted, not renamed for reuse: a recycled segment is a
+            // file under a new name that no snapshot could share.
+            .args(["-c", "wal_recycle=off"])
             .args([
                 "-c",
                 "unix_socket_permissions=0700",
