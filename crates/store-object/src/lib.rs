@@ -103,6 +103,11 @@ impl RemoteStore {
         self
     }
 
+    /// The object store underneath (tests use it to damage objects).
+    pub fn objects(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
     fn key(&self, rest: &str) -> Key {
         if self.prefix.is_empty() {
             Key::from(rest)
