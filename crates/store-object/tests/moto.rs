@@ -177,7 +177,9 @@ fn modes(dir: &Path) -> Vec<(PathBuf, u32)> {
 
 #[tokio::test]
 async fn a_snapshot_round_trips_with_contents_and_modes() {
-    let Some(moto) = moto("round trip").await else { return };
+    let Some(moto) = moto("round trip").await else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let id = snapshot(&src, 1);
@@ -211,7 +213,11 @@ async fn a_snapshot_round_trips_with_contents_and_modes() {
     // Again: nothing to upload; and a restore never overwrites.
     let again = remote.upload(&src).await.unwrap();
     assert_eq!(
-        (again.chunks_uploaded, again.chunks_skipped, again.bytes_uploaded),
+        (
+            again.chunks_uploaded,
+            again.chunks_skipped,
+            again.bytes_uploaded
+        ),
         (0, 5, 0)
     );
     assert!(!again.manifest_created);
@@ -220,13 +226,18 @@ async fn a_snapshot_round_trips_with_contents_and_modes() {
     assert!(dst.join("data/PG_VERSION").exists());
 
     let missing = StateId::from_bytes([9; 32]);
-    let err = remote.restore(&missing, &tmp.path().join("x")).await.unwrap_err();
+    let err = remote
+        .restore(&missing, &tmp.path().join("x"))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("no remote snapshot"), "{err}");
 }
 
 #[tokio::test]
 async fn a_child_uploads_only_the_chunks_it_changed() {
-    let Some(moto) = moto("child").await else { return };
+    let Some(moto) = moto("child").await else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let parent = tmp.path().join("parent");
     let parent_id = snapshot(&parent, 1);
@@ -252,7 +263,11 @@ async fn a_child_uploads_only_the_chunks_it_changed() {
     let child_id = seal(&child, 2, Some(1));
 
     let report = remote.upload(&child).await.unwrap();
-    assert_eq!((report.chunks_uploaded, report.chunks_skipped), (2, 4), "{report:?}");
+    assert_eq!(
+        (report.chunks_uploaded, report.chunks_skipped),
+        (2, 4),
+        "{report:?}"
+    );
     // One incompressible 4 MiB chunk and 1000 bytes, plus zstd framing.
     let changed = CHUNK_SIZE + 1000;
     assert!(
@@ -272,7 +287,9 @@ async fn a_child_uploads_only_the_chunks_it_changed() {
 
 #[tokio::test]
 async fn a_corrupt_chunk_fails_the_restore_and_leaves_nothing() {
-    let Some(moto) = moto("corrupt chunk").await else { return };
+    let Some(moto) = moto("corrupt chunk").await else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let id = snapshot(&src, 1);
@@ -292,7 +309,10 @@ async fn a_corrupt_chunk_fails_the_restore_and_leaves_nothing() {
         .unwrap();
     let key = remote.chunk_key(&chunk);
     // Valid zstd of other bytes, then bytes that are not zstd at all.
-    let bodies = [zstd::bulk::compress(b"15\n", 3).unwrap(), b"garbage".to_vec()];
+    let bodies = [
+        zstd::bulk::compress(b"15\n", 3).unwrap(),
+        b"garbage".to_vec(),
+    ];
     for (i, body) in bodies.into_iter().enumerate() {
         remote
             .objects()
@@ -303,13 +323,19 @@ async fn a_corrupt_chunk_fails_the_restore_and_leaves_nothing() {
         let err = remote.restore(&id, &dst).await.unwrap_err().to_string();
         assert!(err.contains("checksum mismatch"), "{err}");
         assert!(err.contains(&id.to_string()), "{err}");
-        assert!(!dst.exists(), "the partial restore is left at {}", dst.display());
+        assert!(
+            !dst.exists(),
+            "the partial restore is left at {}",
+            dst.display()
+        );
     }
 }
 
 #[tokio::test]
 async fn a_corrupt_manifest_fails_the_restore_and_leaves_nothing() {
-    let Some(moto) = moto("corrupt manifest").await else { return };
+    let Some(moto) = moto("corrupt manifest").await else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let id = snapshot(&src, 1);
@@ -317,7 +343,14 @@ async fn a_corrupt_manifest_fails_the_restore_and_leaves_nothing() {
     remote.upload(&src).await.unwrap();
 
     let key = remote.manifest_key(&id);
-    let body = remote.objects().get(&key).await.unwrap().bytes().await.unwrap();
+    let body = remote
+        .objects()
+        .get(&key)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     let text = String::from_utf8(body.to_vec()).unwrap();
     // A mode changed (still valid JSON), then a truncated manifest.
     let edited = text.replacen("\"mode\":384", "\"mode\":511", 1);
@@ -339,7 +372,9 @@ async fn a_corrupt_manifest_fails_the_restore_and_leaves_nothing() {
 
 #[tokio::test]
 async fn racing_uploads_of_a_state_publish_one_manifest_and_the_other_verifies() {
-    let Some(moto) = moto("race").await else { return };
+    let Some(moto) = moto("race").await else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("a");
     let b = tmp.path().join("b");
