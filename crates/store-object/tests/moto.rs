@@ -59,13 +59,15 @@ async fn moto(test: &str) -> Option<Moto> {
         .local_addr()
         .unwrap()
         .port();
+    let log = tempfile::NamedTempFile::new().unwrap();
     let child = Command::new("moto_server")
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log.reopen().unwrap())
         .spawn()
         .expect("start moto_server");
-    let moto = Moto { child, port };
+    let mut moto = Moto { child, port };
+    let log_text = || fs::read_to_string(log.path()).unwrap_or_default();
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -76,10 +78,13 @@ async fn moto(test: &str) -> Option<Moto> {
         match put {
             Ok(resp) if resp.status().is_success() => break,
             Ok(resp) => panic!("{test}: creating the bucket: {}", resp.status()),
-            Err(_) if Instant::now() < deadline => {
+            Err(_) if Instant::now() < deadline && moto.child.try_wait().unwrap().is_none() => {
                 tokio::time::sleep(Duration::from_millis(100)).await
             }
-            Err(e) => panic!("{test}: moto_server did not come up on port {port}: {e}"),
+            Err(e) => panic!(
+                "{test}: moto_server did not come up on port {port}: {e}\n{}",
+                log_text()
+            ),
         }
     }
     Some(moto)
