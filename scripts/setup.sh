@@ -24,6 +24,12 @@ if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import psycopg' >/dev/nul
   python3 -m pip install -q "psycopg[binary]" >/dev/null 2>&1 \
     || python3 -m pip install -q --break-system-packages "psycopg[binary]" >/dev/null
 fi
+# The object-storage tier's tests run against moto's S3 server.
+if command -v python3 >/dev/null 2>&1 && ! command -v moto_server >/dev/null 2>&1; then
+  echo "setup: installing moto[server]" >&2
+  python3 -m pip install -q "moto[server]" >/dev/null 2>&1 \
+    || python3 -m pip install -q --break-system-packages "moto[server]" >/dev/null
+fi
 if ! command -v node >/dev/null 2>&1; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "setup: installing nodejs and npm" >&2
