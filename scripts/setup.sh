@@ -29,6 +29,8 @@ if command -v python3 >/dev/null 2>&1 && ! command -v moto_server >/dev/null 2>&
   echo "setup: installing moto[server]" >&2
   python3 -m pip install -q "moto[server]" >/dev/null 2>&1 \
     || python3 -m pip install -q --break-system-packages "moto[server]" >/dev/null
+  # pyenv only sees a new script after a rehash.
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash 2>/dev/null || true; fi
 fi
 if ! command -v node >/dev/null 2>&1; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
