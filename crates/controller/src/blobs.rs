@@ -1,6 +1,7 @@
 //! Input blobs: every file a prepare step reads, stored once by the SHA-256 of its content in
 //! `<home>/inputs/<sha256>`. Clients upload what the controller lacks; steps are replayed from
-//! here (also long after, to restore a COLD state), never from a client's file system.
+//! here by the runtime (also long after, to restore a COLD state), never from a client's
+//! file system.
 //!
 //! An upload streams into `<home>/inputs/.upload-*`, is hashed as it comes, and only a blob
 //! whose content matches its name is fsynced and renamed into place: a reader sees a whole blob
@@ -157,25 +158,6 @@ impl BlobStore {
             .map_err(|e| BlobError::Io(io::Error::other(e.to_string())))??;
         Ok(true)
     }
-
-    /// Lays the closure `files` (paths relative to the closure's root, with their blobs) out
-    /// under `root`: hard links where the file system allows, else copies.
-    pub fn lay_out(&self, root: &Path, files: &[(String, &str)]) -> io::Result<()> {
-        for (rel, sha) in files {
-            let dest = root.join(rel);
-            if dest.exists() {
-                continue;
-            }
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            let src = self.path(sha);
-            if std::fs::hard_link(&src, &dest).is_err() {
-                std::fs::copy(&src, &dest)?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Whether `path` is a plain relative path that stays under its root: no `..`, not absolute.
@@ -245,23 +227,7 @@ mod tests {
     }
 
     #[test]
-    fn a_closure_is_laid_out_by_its_paths() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path().join("inputs"), 1).unwrap();
-        let a = sha(b"a");
-        std::fs::write(store.path(&a), b"a").unwrap();
-        let root = dir.path().join("work");
-        store
-            .lay_out(
-                &root,
-                &[
-                    ("db/main.sql".into(), a.as_str()),
-                    ("lib/x.sql".into(), a.as_str()),
-                ],
-            )
-            .unwrap();
-        assert_eq!(std::fs::read(root.join("db/main.sql")).unwrap(), b"a");
-        assert_eq!(std::fs::read(root.join("lib/x.sql")).unwrap(), b"a");
+    fn only_plain_relative_paths_stay_under_the_root() {
         assert!(stays_under_root("db/main.sql"));
         assert!(!stays_under_root("../x.sql"));
         assert!(!stays_under_root("/etc/passwd"));
