@@ -14,7 +14,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use taidon_core::include::{scan, IncludeError, IncludeRef};
 use taidon_core::plan::Included;
 use taidon_core::{PsqlInput, PsqlStep, Step};
@@ -168,7 +167,7 @@ impl HashCache {
 }
 
 fn hash_and_scan(content: &[u8], shown: &str) -> Result<(String, Vec<IncludeRef>), InputError> {
-    let sha256 = hex::encode(Sha256::digest(content));
+    let sha256 = taidon_core::identity::content_sha256(content);
     let refs =
         scan(&String::from_utf8_lossy(content)).map_err(|source| InputError::Unresolvable {
             file: shown.to_owned(),

@@ -91,7 +91,8 @@ fn same_content(a: &Path, b: &Path) -> Result<bool, StoreError> {
     }
 }
 
-fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+/// Reads until `buf` is full or the file ends; how many bytes it read.
+pub fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match f.read(&mut buf[filled..]) {
