@@ -154,6 +154,43 @@ pub struct Status {
     /// Pre-started instances waiting to be handed out.
     #[serde(default)]
     pub standby_instances: u64,
+    /// The object-storage tier, when one is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteInfo>,
+}
+
+/// The object-storage tier as `sqlrs status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteInfo {
+    /// `s3://bucket/prefix`.
+    pub url: String,
+    /// Whether the bucket answered just now.
+    pub reachable: bool,
+    /// Why it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Snapshots published here and not yet uploaded.
+    pub pending_uploads: u64,
+    /// Compressed bytes of the chunks in the bucket.
+    pub bytes: u64,
+    /// Snapshots in the bucket.
+    #[serde(default)]
+    pub snapshots: u64,
+    /// Remote eviction starts above this; 0 when the bucket has no limit.
+    #[serde(default)]
+    pub capacity_bytes: u64,
+}
+
+/// `POST /v1/states/{id}/push`: what uploading a state's snapshot did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pushed {
+    pub state_id: StateId,
+    pub url: String,
+    pub chunks_uploaded: u64,
+    pub chunks_skipped: u64,
+    pub bytes_uploaded: u64,
+    /// True when the bucket had the snapshot already.
+    pub already_there: bool,
 }
 
 /// Where a state is.
@@ -206,6 +243,9 @@ pub struct StateInfo {
     /// Why it is COLD or FAILED.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_reason: Option<String>,
+    /// Where its snapshot is: `local`, `remote`, `local+remote`, or `-` (none).
+    #[serde(default)]
+    pub location: String,
 }
 
 /// Why a state is pinned.
@@ -379,6 +419,26 @@ pub enum PrepareEvent {
         total: usize,
         label: String,
         state_id: StateId,
+    },
+    /// A snapshot missing here is downloaded from the bucket instead of being built: step
+    /// `index` (0: the base) of the chain.
+    Downloading {
+        index: usize,
+        state_id: StateId,
+        /// `s3://bucket/prefix`.
+        from: String,
+    },
+    /// The download finished and the snapshot is published here.
+    Downloaded {
+        index: usize,
+        state_id: StateId,
+        bytes: u64,
+        elapsed_ms: u64,
+    },
+    /// Something the user should know that does not stop the prepare (a corrupt snapshot
+    /// in the bucket, skipped): one line.
+    Notice {
+        message: String,
     },
     /// Bytes of a long transfer so far: a snapshot copied for a step or an instance.
     Transfer {

@@ -16,6 +16,17 @@
 //! max_replay_s = 600            # checkpoint rule: no state may need more replay than this
 //! max_parallel_builds = 2       # the store's I/O budget
 //!
+//! [store.remote]                # snapshots also in an S3-compatible bucket (optional)
+//! url = "s3://bucket/prefix"
+//! endpoint = "http://127.0.0.1:9000"   # an S3-compatible server instead of AWS
+//! allow_http = false
+//! region = "us-east-1"          # credentials: the standard AWS variables and files
+//! capacity_mb = 0               # remote eviction starts above this (0: no limit)
+//! low_water = 0.8
+//! gc_grace_s = 3600             # an unreferenced chunk younger than this is kept
+//! gc_every_s = 300              # how often remote eviction and chunk collection run
+//! upload_concurrency = 2        # snapshots uploaded at once
+//!
 //! [lifecycle]
 //! tick_ms = 1000                # how often idle instances, the store and the pool are checked
 //!
@@ -133,6 +144,67 @@ pub struct StoreConfig {
     pub max_replay_s: u64,
     #[serde(default = "default_max_parallel_builds")]
     pub max_parallel_builds: usize,
+    /// `[store.remote]`: the object-storage tier, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteStoreConfig>,
+}
+
+/// `[store.remote]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteStoreConfig {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub allow_http: bool,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default)]
+    pub capacity_mb: u64,
+    #[serde(default = "default_low_water")]
+    pub low_water: f64,
+    #[serde(default = "default_gc_grace_s")]
+    pub gc_grace_s: u64,
+    #[serde(default = "default_gc_every_s")]
+    pub gc_every_s: u64,
+    #[serde(default = "default_upload_concurrency")]
+    pub upload_concurrency: usize,
+}
+
+pub fn default_region() -> String {
+    "us-east-1".to_owned()
+}
+/// An hour: far longer than any upload takes between putting a chunk and its manifest.
+pub fn default_gc_grace_s() -> u64 {
+    3600
+}
+pub fn default_gc_every_s() -> u64 {
+    300
+}
+pub fn default_upload_concurrency() -> usize {
+    2
+}
+
+impl RemoteStoreConfig {
+    /// The bucket's address as the object tier takes it.
+    pub fn bucket(&self) -> taidon_store_object::RemoteConfig {
+        taidon_store_object::RemoteConfig {
+            url: self.url.clone(),
+            endpoint: self.endpoint.clone(),
+            allow_http: self.allow_http,
+            region: self.region.clone(),
+        }
+    }
+
+    /// Remote eviction's thresholds, or `None` without a capacity.
+    pub fn limits(&self) -> Option<StoreLimits> {
+        (self.capacity_mb > 0).then(|| StoreLimits {
+            high_water_bytes: self.capacity_mb * MIB,
+            low_water_bytes: (self.capacity_mb as f64 * self.low_water * MIB as f64) as u64,
+            max_replay_ms: u64::MAX,
+        })
+    }
 }
 
 /// 20 GiB.
@@ -158,6 +230,7 @@ impl Default for StoreConfig {
             low_water: default_low_water(),
             max_replay_s: default_max_replay_s(),
             max_parallel_builds: default_max_parallel_builds(),
+            remote: None,
         }
     }
 }
@@ -256,6 +329,20 @@ impl Config {
                 "instances.memory_budget_mb",
                 "must hold at least one instance (memory_per_instance_mb)",
             );
+        }
+        if let Some(remote) = &self.store.remote {
+            if let Err(e) = remote.bucket().validate() {
+                return bad("store.remote.url", &e.to_string());
+            }
+            if !(remote.low_water > 0.0 && remote.low_water <= 1.0) {
+                return bad("store.remote.low_water", "must be in (0, 1]");
+            }
+            if remote.gc_every_s == 0 {
+                return bad("store.remote.gc_every_s", "must be at least 1");
+            }
+            if remote.upload_concurrency == 0 {
+                return bad("store.remote.upload_concurrency", "must be at least 1");
+            }
         }
         if !(self.store.low_water > 0.0 && self.store.low_water <= 1.0) {
             return bad("store.low_water", "must be in (0, 1]");

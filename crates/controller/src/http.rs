@@ -51,6 +51,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         )
         .route("/v1/states", get(states))
         .route("/v1/states/{id}", axum::routing::delete(remove_state))
+        .route("/v1/states/{id}/push", post(push_state))
         .route("/v1/instances", get(instances).post(create_instance))
         .route("/v1/instances/{id}", get(instance).delete(delete_instance))
         .route("/v1/dsn", post(dsn))
@@ -223,6 +224,10 @@ async fn remove_state(
 ) -> Result<Response, ControllerError> {
     ctl.authorize_state_removal(&caller, &id, q.force)?;
     Ok(Json(ctl.remove_state(&id, q.force).await?).into_response())
+}
+
+async fn push_state(State(ctl): Ctl, Path(id): Path<String>) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.push_state(&id).await?).into_response())
 }
 
 async fn instances(

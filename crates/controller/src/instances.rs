@@ -86,9 +86,10 @@ impl Controller {
         // Held from here until the clone is made: eviction leaves it alone.
         let _hold = self.hold_snapshot(state).await;
         if !self.store.contains(&state) {
-            // A COLD state is rebuilt from its nearest surviving ancestor first.
+            // Downloaded from the bucket, or (COLD) rebuilt from its nearest surviving
+            // ancestor, first.
             let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-            self.restore_state(state, &tx).await?;
+            self.ensure_local(state, &tx).await?;
         }
         self.make_room().await?;
         let iid = InstanceId::from_bytes(rand::random());

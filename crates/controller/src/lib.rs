@@ -14,6 +14,7 @@ mod lifecycle;
 pub mod meta;
 mod pins;
 mod prepare;
+mod remote;
 pub mod serve;
 mod snapshots;
 pub mod tokens;
@@ -81,6 +82,30 @@ pub fn default_max_blob_mb() -> u64 {
 /// Seven days: a kept instance's DSN outlives a working week.
 pub fn default_token_ttl_s() -> u64 {
     7 * 24 * 3600
+}
+
+/// The local store with the bucket of `[store.remote]` behind it.
+fn tiered_store(
+    local: LocalStore,
+    remote: &config::RemoteStoreConfig,
+) -> Result<taidon_store_object::TieredStore, ControllerError> {
+    let mut bucket = remote.bucket();
+    bucket
+        .validate()
+        .map_err(|e| ControllerError::BadInput(format!("[store.remote]: {e}")))?;
+    let grace = std::time::Duration::from_secs(remote.gc_grace_s);
+    let objects = taidon_store_object::RemoteStore::connect(&bucket)
+        .map_err(|e| {
+            ControllerError::BadInput(format!("[store.remote]: {}", config::error_chain(&e)))
+        })?
+        .with_refresh_after(grace / 2);
+    let options = taidon_store_object::TierOptions {
+        upload_concurrency: remote.upload_concurrency,
+        ..Default::default()
+    };
+    Ok(taidon_store_object::TieredStore::new(
+        local, objects, bucket.url, options,
+    ))
 }
 
 /// Locks `m`; a panic elsewhere while it was held leaves plain data behind, still usable.
@@ -170,6 +195,21 @@ impl Controller {
             gid: u.gid,
         });
         let store = LocalStore::open(home.snapshots(), owner)?;
+        // The settings are read once, here: the bucket behind the store is one of them.
+        let mut config = config;
+        let settings = match config.lifecycle.take() {
+            Some(c) => c,
+            None => config::Config::load(&home.root().join("config.toml"))
+                .map_err(|e| ControllerError::BadInput(config::error_chain(&e)))?,
+        };
+        settings
+            .validate()
+            .map_err(|e| ControllerError::BadInput(e.to_string()))?;
+        let store: Arc<dyn SnapshotStore> = match &settings.store.remote {
+            None => Arc::new(store),
+            Some(remote) => Arc::new(tiered_store(store, remote)?),
+        };
+        config.lifecycle = Some(settings);
         let layout = LocalLayout {
             instances: home.instances(),
             run: home.run_dir(),
@@ -180,7 +220,7 @@ impl Controller {
             runtime: Arc::new(
                 LocalRuntime::new(engine, run_as, layout).with_instance_host(config.instance_host),
             ),
-            store: Arc::new(store),
+            store,
             clock: Arc::new(now_ms),
         };
         Self::open_with(config, seams).await
@@ -239,6 +279,7 @@ impl Controller {
         });
         controller.reconcile().await?;
         controller.spawn_lifecycle();
+        controller.spawn_remote_loop();
         Ok(controller)
     }
 
@@ -418,6 +459,10 @@ impl Controller {
                     StateStatus::Failed,
                     "interrupted: the daemon stopped during the build",
                 ),
+                StateStatus::Warm | StateStatus::Hot if self.kept_in_bucket(&r.state_id).await => (
+                    StateStatus::Warm,
+                    "not here: downloaded from the bucket when asked for",
+                ),
                 StateStatus::Warm | StateStatus::Hot => {
                     (StateStatus::Cold, "snapshot is missing from the store")
                 }
@@ -437,6 +482,7 @@ impl Controller {
         let store = self.store.describe();
         let runtime = self.runtime.describe();
         let states = self.meta.states()?.len() as u64;
+        let remote = self.remote_info().await;
         Ok(Status {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -462,6 +508,7 @@ impl Controller {
                 .map_or(0, |l| l.high_water_bytes),
             max_instances: self.lifecycle.config.instance_limits().capacity() as u64,
             standby_instances: self.standby_count() as u64,
+            remote,
         })
     }
 
@@ -469,6 +516,7 @@ impl Controller {
     pub fn list_states(&self) -> Result<Vec<StateInfo>, ControllerError> {
         let counts = self.instance_counts();
         let mut standings = self.standings()?;
+        let in_bucket = self.remote_known();
         Ok(self
             .meta
             .states()?
@@ -498,6 +546,11 @@ impl Controller {
                     score: standing.as_ref().map_or(0.0, |s| s.score),
                     pin: standing.and_then(|s| s.pin),
                     status_reason: r.status_reason,
+                    location: remote::location(
+                        self.store.contains(&r.state_id),
+                        in_bucket.contains(&r.state_id),
+                    )
+                    .to_owned(),
                 }
             })
             .collect())

@@ -566,7 +566,13 @@ impl Controller {
         if used <= limits.high_water_bytes {
             return Ok(());
         }
-        let facts = self.state_facts()?;
+        // Only snapshots kept here can free room here.
+        let mut facts = self.state_facts()?;
+        for f in &mut facts {
+            if f.presence == Presence::Warm && !self.store.contains(&f.id) {
+                f.presence = Presence::Cold;
+            }
+        }
         let victims = policy::choose_evictions(
             &facts,
             used,
@@ -602,10 +608,20 @@ impl Controller {
                 "evicted: store over {} MiB",
                 limits.high_water_bytes / (1024 * 1024)
             );
+            // A state the bucket has stays WARM: getting it back is a download.
+            let in_bucket = removed.is_ok() && self.kept_in_bucket(&id).await;
             let recorded = removed.and_then(|_| {
-                self.record_transition(&id, Event::Evicted, Some(&reason))?;
-                self.meta
-                    .event(now_ms(), "evicted", Some(&id), None, Some(&reason))?;
+                if in_bucket {
+                    let reason = format!("{reason}; kept in the bucket");
+                    self.meta
+                        .set_state_status(&id, StateStatus::Warm, Some(&reason))?;
+                    self.meta
+                        .event(now_ms(), "evicted_local", Some(&id), None, Some(&reason))?;
+                } else {
+                    self.record_transition(&id, Event::Evicted, Some(&reason))?;
+                    self.meta
+                        .event(now_ms(), "evicted", Some(&id), None, Some(&reason))?;
+                }
                 Ok(())
             });
             match recorded {
@@ -930,7 +946,7 @@ impl Controller {
                 if self.store.contains(&id) {
                     (id, true)
                 } else {
-                    self.restore_state(id, events).await?;
+                    self.ensure_local(id, events).await?;
                     (id, false)
                 }
             }

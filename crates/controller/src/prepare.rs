@@ -18,7 +18,7 @@ use crate::{now_ms, Controller, ControllerError};
 /// result is cached for the next prepare.
 pub(crate) type Events = mpsc::UnboundedSender<PrepareEvent>;
 
-fn send(events: &Events, event: PrepareEvent) {
+pub(crate) fn send(events: &Events, event: PrepareEvent) {
     let _ = events.send(event);
 }
 
@@ -27,7 +27,7 @@ const TRANSFER_EVERY: std::time::Duration = std::time::Duration::from_millis(100
 
 /// A store progress callback that sends `Transfer` events, at most one per `TRANSFER_EVERY`
 /// and always the last.
-fn transfer_reporter(events: Events, what: String) -> impl Fn(u64, u64) + Send + Sync {
+pub(crate) fn transfer_reporter(events: Events, what: String) -> impl Fn(u64, u64) + Send + Sync {
     let last = std::sync::Mutex::new(None::<Instant>);
     move |done, total| {
         let now = Instant::now();
@@ -113,6 +113,11 @@ impl Controller {
                 state_id: chain.head(),
             },
         );
+        // What is missing here may be in the bucket: the nearest such state is downloaded.
+        let cached = self.download_nearest(&chain, steps, cached, events).await?;
+        if cached > 0 {
+            have = Some(cached - 1);
+        }
         if let Some(restoring) = self.restoring_event(&chain, cached)? {
             send(events, restoring);
         }
@@ -127,7 +132,7 @@ impl Controller {
     }
 
     /// Single-flight: waits for a concurrent build of `id`, and says so.
-    async fn lock_build(
+    pub(crate) async fn lock_build(
         &self,
         id: &StateId,
         index: usize,

@@ -9,7 +9,8 @@ use std::sync::{Arc, RwLock};
 
 use taidon_core::{DataArea, StateId};
 use taidon_store::{
-    Build, ByteProgress, CloneStats, Manifest, PublishMeta, SnapshotStore, StoreError, StoreInfo,
+    Build, ByteProgress, CloneStats, Manifest, PublishMeta, RemoteTier, SnapshotStore, StoreError,
+    StoreInfo,
 };
 
 pub(crate) struct Snapshots {
@@ -91,6 +92,23 @@ impl Snapshots {
             }
         }
         removed
+    }
+
+    /// The bucket behind the store, if any.
+    pub(crate) fn remote(&self) -> Option<&dyn RemoteTier> {
+        self.store.remote()
+    }
+
+    /// Downloads `id` from the bucket and publishes it here.
+    pub(crate) async fn fetch(
+        &self,
+        id: StateId,
+        progress: Option<ByteProgress>,
+    ) -> Result<Manifest, StoreError> {
+        let remote = self.store.remote().ok_or(StoreError::UnknownState(id))?;
+        let manifest = remote.fetch(id, progress).await?;
+        self.set().insert(id);
+        Ok(manifest)
     }
 
     pub(crate) async fn usage(&self) -> Result<u64, StoreError> {

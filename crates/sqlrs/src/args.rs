@@ -66,6 +66,10 @@ pub(crate) enum Command {
         id: String,
         force: bool,
     },
+    /// `push ID`.
+    Push {
+        id: String,
+    },
     Dsn(Dsn),
     Status,
     Shutdown,
@@ -244,6 +248,7 @@ where
             id: a.id,
             force: a.force,
         },
+        Verb::Push(a) => Command::Push { id: a.id },
         Verb::Dsn(a) => Command::Dsn(Dsn {
             target: a.target,
             scope: a.scope,

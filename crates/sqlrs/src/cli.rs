@@ -87,6 +87,14 @@ Examples:
   sqlrs rm 3f2a9c1e
   sqlrs rm --force 3f2a9c1e00000001";
 
+const PUSH_EXAMPLES: &str = "\
+Uploads the state's snapshot to the bucket of [store.remote] now and waits (snapshots are
+uploaded in the background anyway); only the chunks the bucket lacks are sent.
+
+Examples:
+  sqlrs push 3f2a9c1e
+  sqlrs push 3f2a9c1e --json";
+
 const DSN_EXAMPLES: &str = "\
 For a state, the DSN is read-only (ro) on an instance all its readers share; for an instance,
 read-write (rw). TLS is verified (sslmode=verify-full) unless --plain.
@@ -235,6 +243,9 @@ pub(crate) enum Verb {
     /// Remove a state or an instance
     #[command(after_help = RM_EXAMPLES)]
     Rm(RmArgs),
+    /// Upload a state's snapshot to the object store now
+    #[command(after_help = PUSH_EXAMPLES)]
+    Push(PushArgs),
     /// Print a DSN with a fresh token for a state (ro) or an instance (rw)
     #[command(after_help = DSN_EXAMPLES)]
     Dsn(DsnArgs),
@@ -311,6 +322,14 @@ pub(crate) struct RmArgs {
     /// Remove it even if it is in use
     #[arg(short, long)]
     pub(crate) force: bool,
+}
+
+/// `push`.
+#[derive(Debug, Args)]
+pub(crate) struct PushArgs {
+    /// The state to upload
+    #[arg(value_name = ID_STATE, value_parser = id_prefix)]
+    pub(crate) id: String,
 }
 
 /// `dsn`.

@@ -398,6 +398,12 @@ impl Client {
         self.delete(&format!("/states/{id}"), force).await
     }
 
+    /// `POST /v1/states/{id}/push`: uploads now and waits.
+    pub(crate) async fn push(&self, id: &str) -> Result<taidon_api::Pushed, ClientError> {
+        self.post(&format!("/states/{id}/push"), &serde_json::json!({}))
+            .await
+    }
+
     pub(crate) async fn remove_instance(
         &self,
         id: &str,

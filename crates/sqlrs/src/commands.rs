@@ -142,6 +142,7 @@ pub(crate) async fn execute(cli: Cli) -> Result<i32, Error> {
         Command::Run(r) => run_instance(&ctx, r).await,
         Command::Ls => ls(&ctx).await,
         Command::Rm { id, force } => rm(&ctx, &id, force).await,
+        Command::Push { id } => push(&ctx, &id).await,
         Command::Dsn(d) => dsn(&ctx, d).await,
         Command::Status => status(&ctx).await,
         Command::Shutdown => shutdown(&ctx).await,
@@ -368,6 +369,18 @@ async fn rm(ctx: &Ctx, typed: &str, force: bool) -> Result<i32, Error> {
         json_line(&removed)?;
     } else {
         out(&render::removed(&removed))?;
+    }
+    Ok(0)
+}
+
+async fn push(ctx: &Ctx, typed: &str) -> Result<i32, Error> {
+    taidon_core::prefix::normalize(typed)?;
+    let client = ctx.client().await?;
+    let pushed = client.push(typed).await?;
+    if ctx.global.json {
+        json_line(&pushed)?;
+    } else {
+        out(&render::pushed(&pushed))?;
     }
     Ok(0)
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use taidon_api::PrepareEvent;
 
-use crate::render::secs2;
+use crate::render::{human_size, secs2};
 
 /// How often a spinner moves on a terminal.
 const TICK: Duration = Duration::from_millis(100);
@@ -103,6 +103,37 @@ fn line(event: &PrepareEvent, verbose: bool, tally: &Tally, now: Instant) -> Str
             }
         }
         PrepareEvent::Transfer { .. } => String::new(),
+        PrepareEvent::Downloading {
+            index,
+            state_id,
+            from,
+        } => {
+            let what = if *index == 0 {
+                "base state".to_owned()
+            } else {
+                format!("step {index}: state")
+            };
+            format!(
+                "sqlrs: {what} {} is in {from}: downloading it\n",
+                state_id.short()
+            )
+        }
+        PrepareEvent::Downloaded {
+            state_id,
+            bytes,
+            elapsed_ms,
+            ..
+        } => {
+            let secs = (*elapsed_ms as f64 / 1000.0).max(0.001);
+            format!(
+                "sqlrs: downloaded state {}: {} in {} ({}/s)\n",
+                state_id.short(),
+                human_size(*bytes),
+                secs2(Duration::from_millis(*elapsed_ms)),
+                human_size((*bytes as f64 / secs) as u64)
+            )
+        }
+        PrepareEvent::Notice { message } => format!("sqlrs: {message}\n"),
         PrepareEvent::StepDone {
             index,
             total,
@@ -190,7 +221,7 @@ fn spinner_style() -> ProgressStyle {
 /// A byte count against its total, with a bar where the terminal has room for one.
 fn bytes_style(cols: u16) -> ProgressStyle {
     let template = if cols >= 80 {
-        "{spinner} {prefix}{wide_msg} {bar:20} {binary_bytes}/{binary_total_bytes} {secs}"
+        "{spinner} {prefix}{wide_msg} {bar:20} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {secs}"
     } else {
         "{spinner} {prefix}{wide_msg} {percent}% {secs}"
     };
@@ -271,7 +302,21 @@ impl Bars {
 
     fn event(&mut self, event: &PrepareEvent, plain: &str) {
         match event {
-            PrepareEvent::Plan { .. } | PrepareEvent::Restoring { .. } => self.println(plain),
+            PrepareEvent::Plan { .. }
+            | PrepareEvent::Restoring { .. }
+            | PrepareEvent::Notice { .. } => self.println(plain),
+            PrepareEvent::Downloading { state_id, .. } => {
+                self.end_activity();
+                let bar = self.spinner(
+                    String::new(),
+                    format!("downloading state {}", state_id.short()),
+                );
+                self.activity = Some(bar);
+            }
+            PrepareEvent::Downloaded { .. } => {
+                self.end_activity();
+                self.println(plain);
+            }
             PrepareEvent::Initdb { state_id } => {
                 self.end_activity();
                 let bar = self.spinner(

@@ -101,6 +101,11 @@ pub(crate) fn ls(states: &[StateInfo], instances: &[InstanceInfo], now_ms: u64) 
                     s.access_count.to_string(),
                     format!("{:.3}", s.score),
                     s.pin.clone().unwrap_or_else(|| "-".to_owned()),
+                    if s.location.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        s.location.clone()
+                    },
                     s.label.clone(),
                 ]
             })
@@ -108,7 +113,7 @@ pub(crate) fn ls(states: &[StateInfo], instances: &[InstanceInfo], now_ms: u64) 
         out.push_str(&table(
             &[
                 "ID", "PARENT", "STATUS", "SIZE", "BUILD", "RESTORE", "ACCESSES", "SCORE", "PIN",
-                "LABEL",
+                "WHERE", "LABEL",
             ],
             &rows,
         ));
@@ -175,11 +180,54 @@ pub(crate) fn status(s: &Status) -> String {
         ),
         ("server user", s.server_user.clone()),
     ];
+    let mut pairs = pairs.to_vec();
+    if let Some(r) = &s.remote {
+        pairs.push(("remote", r.url.clone()));
+        pairs.push((
+            "remote status",
+            match &r.error {
+                None if r.reachable => "reachable".to_owned(),
+                Some(e) => format!("unreachable: {e} (working locally)"),
+                None => "unreachable (working locally)".to_owned(),
+            },
+        ));
+        pairs.push((
+            "remote usage",
+            if r.capacity_bytes > 0 {
+                format!(
+                    "{} of {} in {} snapshots",
+                    human_size(r.bytes),
+                    human_size(r.capacity_bytes),
+                    r.snapshots
+                )
+            } else {
+                format!("{} in {} snapshots", human_size(r.bytes), r.snapshots)
+            },
+        ));
+        pairs.push(("pending uploads", r.pending_uploads.to_string()));
+    }
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     pairs
         .iter()
         .map(|(k, v)| format!("{:<width$} {v}\n", format!("{k}:")))
         .collect()
+}
+
+/// What `push` did, one line.
+pub(crate) fn pushed(p: &taidon_api::Pushed) -> String {
+    if p.already_there && p.chunks_uploaded == 0 {
+        format!("state {} is already in {}\n", first12(&p.state_id), p.url)
+    } else {
+        format!(
+            "pushed state {} to {}: {} chunk{} ({}) uploaded, {} already there\n",
+            first12(&p.state_id),
+            p.url,
+            p.chunks_uploaded,
+            if p.chunks_uploaded == 1 { "" } else { "s" },
+            human_size(p.bytes_uploaded),
+            p.chunks_skipped
+        )
+    }
 }
 
 /// What `rm` removed, one line each.

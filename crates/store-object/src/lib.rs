@@ -15,24 +15,30 @@
 mod config;
 mod error;
 mod manifest;
+mod tiered;
 mod tree;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{stream, StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
 use object_store::path::Path as Key;
-use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig,
+};
 use sha2::{Digest, Sha256};
 use taidon_core::StateId;
-use taidon_store::Manifest;
+use taidon_store::{ByteProgress, GcReport, Manifest};
 
 pub use config::RemoteConfig;
 pub use error::RemoteError;
 pub use manifest::{Entry, RemoteManifest, FORMAT};
+pub use tiered::{TierOptions, TieredStore};
 
 use error::IoContext;
 
@@ -63,6 +69,35 @@ pub struct RemoteStore {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     parallelism: usize,
+    /// A chunk an upload finds in the bucket but older than this is put again, so that its
+    /// age restarts: a collection (whose grace period is twice this) cannot delete it while
+    /// the upload that relies on it is in flight.
+    refresh_after: Option<Duration>,
+    /// Manifests are immutable: each is read and verified once.
+    manifests: Arc<Mutex<HashMap<StateId, Arc<RemoteManifest>>>>,
+}
+
+/// Chunks and manifests as one listing of the bucket found them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BucketUsage {
+    pub chunks: u64,
+    /// Compressed bytes of the chunks.
+    pub chunk_bytes: u64,
+    pub manifests: Vec<StateId>,
+}
+
+/// Retries a request that failed with a 5xx or a timeout a few times, within 30 s: an
+/// unreachable endpoint fails in seconds, and the upload queue retries on its own schedule.
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            base: 2.0,
+        },
+        max_retries: 6,
+        retry_timeout: Duration::from_secs(30),
+    }
 }
 
 impl RemoteStore {
@@ -76,7 +111,13 @@ impl RemoteStore {
             .with_bucket_name(bucket)
             .with_region(&config.region)
             .with_allow_http(config.allow_http)
-            .with_conditional_put(S3ConditionalPut::ETagMatch);
+            .with_conditional_put(S3ConditionalPut::ETagMatch)
+            .with_retry(retry_config())
+            .with_client_options(
+                ClientOptions::new()
+                    .with_connect_timeout(Duration::from_secs(5))
+                    .with_timeout(Duration::from_secs(120)),
+            );
         if let Some(endpoint) = &config.endpoint {
             builder = builder.with_endpoint(endpoint);
         }
@@ -94,7 +135,16 @@ impl RemoteStore {
             store,
             prefix: prefix.trim_matches('/').to_owned(),
             parallelism: DEFAULT_PARALLELISM,
+            refresh_after: None,
+            manifests: Arc::default(),
         }
+    }
+
+    /// Puts again any chunk an upload needs that the bucket has but is older than `age`; set
+    /// it to half the garbage collection's grace period.
+    pub fn with_refresh_after(mut self, age: Duration) -> Self {
+        self.refresh_after = Some(age);
+        self
     }
 
     /// Sets how many chunk transfers run at once (at least one).
@@ -232,7 +282,16 @@ impl RemoteStore {
     async fn upload_chunk(&self, source: tree::ChunkSource) -> Result<Option<u64>, RemoteError> {
         let key = self.chunk_key(&source.hash);
         match self.store.head(&key).await {
-            Ok(_) => return Ok(None),
+            Ok(meta) => {
+                let age = (chrono_now_ms() - meta.last_modified.timestamp_millis()).max(0) as u64;
+                let stale = self
+                    .refresh_after
+                    .is_some_and(|limit| Duration::from_millis(age) >= limit);
+                if !stale {
+                    return Ok(None);
+                }
+                tracing::debug!(chunk = %source.hash, "refreshing an old chunk");
+            }
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => {
                 return Err(RemoteError::Request {
@@ -260,13 +319,27 @@ impl RemoteStore {
 
     /// The remote manifest of `id`, checked against its recorded hash; `None` if absent.
     pub async fn manifest(&self, id: &StateId) -> Result<Option<RemoteManifest>, RemoteError> {
+        Ok(self.manifest_shared(id).await?.map(|m| (*m).clone()))
+    }
+
+    async fn manifest_shared(
+        &self,
+        id: &StateId,
+    ) -> Result<Option<Arc<RemoteManifest>>, RemoteError> {
+        if let Some(known) = self.cached_manifest(id) {
+            return Ok(Some(known));
+        }
         let key = self.manifest_key(id);
         let bytes = match self.store.get(&key).await {
             Ok(got) => got.bytes().await,
             Err(e) => Err(e),
         };
         match bytes {
-            Ok(bytes) => RemoteManifest::decode(id, &bytes).map(Some),
+            Ok(bytes) => {
+                let manifest = Arc::new(RemoteManifest::decode(id, &bytes)?);
+                self.lock_manifests().insert(*id, Arc::clone(&manifest));
+                Ok(Some(manifest))
+            }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(source) => Err(RemoteError::Request {
                 op: "get",
@@ -281,7 +354,7 @@ impl RemoteStore {
     /// failure `target` is removed.
     pub async fn restore(&self, id: &StateId, target: &Path) -> Result<Manifest, RemoteError> {
         let manifest = self
-            .manifest(id)
+            .manifest_shared(id)
             .await?
             .ok_or(RemoteError::UnknownState(*id))?;
         tokio::fs::create_dir(target).await.map_err(|e| {
@@ -304,7 +377,7 @@ impl RemoteStore {
                 tracing::warn!(error = %e, "cannot remove a partial restore");
             }
         }
-        result.map(|()| manifest.snapshot)
+        result.map(|()| manifest.snapshot.clone())
     }
 
     async fn restore_into(
@@ -312,23 +385,60 @@ impl RemoteStore {
         manifest: &RemoteManifest,
         target: &Path,
     ) -> Result<(), RemoteError> {
+        self.restore_data(manifest, &target.join("data"), None)
+            .await?;
+        let local = serde_json::to_vec_pretty(&manifest.snapshot).map_err(|source| {
+            RemoteError::LocalManifest {
+                path: target.join("manifest.json"),
+                source,
+            }
+        })?;
+        let path = target.join("manifest.json");
+        tokio::fs::write(&path, local).await.ctx("write", &path)?;
+        Ok(())
+    }
+
+    /// Fills `data` (absent, or an empty directory) with `manifest`'s tree: parallel chunk
+    /// downloads, each decompressed and checked against its hash as it arrives, then the tree
+    /// checksum. The caller removes `data` if this fails. `progress` hears the bytes written.
+    pub async fn restore_data(
+        &self,
+        manifest: &RemoteManifest,
+        data: &Path,
+        progress: Option<ByteProgress>,
+    ) -> Result<(), RemoteError> {
         let id = manifest.snapshot.state_id;
-        let data = target.join("data");
         let writes = {
-            let (data, entries) = (data.clone(), manifest.entries.clone());
+            let (data, entries) = (data.to_path_buf(), manifest.entries.clone());
             let chunk_size = manifest.chunk_size;
             tokio::task::spawn_blocking(move || tree::lay_out(&data, &entries, chunk_size))
                 .await
                 .map_err(|e| RemoteError::Task(e.to_string()))??
         };
+        let total: u64 = writes.iter().map(|w| w.len).sum();
+        let done = AtomicU64::new(0);
+        if let Some(p) = &progress {
+            p(0, total);
+        }
         stream::iter(writes)
-            .map(|write| self.restore_chunk(id, write))
+            .map(|write| {
+                let (done, progress) = (&done, &progress);
+                async move {
+                    let len = write.len;
+                    self.restore_chunk(id, write).await?;
+                    let now = done.fetch_add(len, Ordering::Relaxed) + len;
+                    if let Some(p) = progress {
+                        p(now, total);
+                    }
+                    Ok::<(), RemoteError>(())
+                }
+            })
             .buffer_unordered(self.parallelism)
             .try_collect::<Vec<()>>()
             .await?;
 
         let checksum = {
-            let (data, entries) = (data.clone(), manifest.entries.clone());
+            let (data, entries) = (data.to_path_buf(), manifest.entries.clone());
             let root_mode = manifest.root_mode;
             tokio::task::spawn_blocking(move || {
                 tree::set_modes(&data, root_mode, &entries)?;
@@ -346,15 +456,165 @@ impl RemoteStore {
                 ),
             });
         }
-        let local = serde_json::to_vec_pretty(&manifest.snapshot).map_err(|source| {
-            RemoteError::LocalManifest {
-                path: target.join("manifest.json"),
-                source,
-            }
-        })?;
-        let path = target.join("manifest.json");
-        tokio::fs::write(&path, local).await.ctx("write", &path)?;
         Ok(())
+    }
+
+    /// The verified manifest of `id`, shared; `None` if absent.
+    pub async fn remote_manifest(
+        &self,
+        id: &StateId,
+    ) -> Result<Option<Arc<RemoteManifest>>, RemoteError> {
+        self.manifest_shared(id).await
+    }
+
+    fn cached_manifest(&self, id: &StateId) -> Option<Arc<RemoteManifest>> {
+        self.lock_manifests().get(id).cloned()
+    }
+
+    fn lock_manifests(&self) -> std::sync::MutexGuard<'_, HashMap<StateId, Arc<RemoteManifest>>> {
+        self.manifests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The states with a manifest in the bucket (one listing; nothing is read).
+    pub async fn list_states(&self) -> Result<Vec<StateId>, RemoteError> {
+        let prefix = self.key("manifests");
+        let mut ids = Vec::new();
+        let mut listing = self.store.list(Some(&prefix));
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|source| RemoteError::Request {
+                op: "list",
+                key: prefix.to_string(),
+                source,
+            })?;
+            let name = meta.location.filename().unwrap_or_default();
+            if let Some(id) = name.strip_suffix(".json").and_then(|s| s.parse().ok()) {
+                ids.push(id);
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Whether the bucket has `id`'s manifest (one HEAD; the manifest is not read).
+    pub async fn has_state(&self, id: &StateId) -> Result<bool, RemoteError> {
+        let key = self.manifest_key(id);
+        match self.store.head(&key).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(source) => Err(RemoteError::Request {
+                op: "look up",
+                key: key.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Deletes `id`'s manifest (its chunks stay until a collection); false if it had none.
+    pub async fn remove_state(&self, id: &StateId) -> Result<bool, RemoteError> {
+        let existed = self.has_state(id).await?;
+        let key = self.manifest_key(id);
+        self.lock_manifests().remove(id);
+        match self.store.delete(&key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(existed),
+            Err(source) => Err(RemoteError::Request {
+                op: "delete",
+                key: key.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Deletes one chunk (a corrupt one, so that the next upload puts it again).
+    pub async fn remove_chunk(&self, hash: &str) -> Result<(), RemoteError> {
+        let key = self.chunk_key(hash);
+        match self.store.delete(&key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(RemoteError::Request {
+                op: "delete",
+                key: key.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Counts the chunks and lists the manifests: one listing of each.
+    pub async fn usage(&self) -> Result<BucketUsage, RemoteError> {
+        let chunks = self.list_chunks().await?;
+        Ok(BucketUsage {
+            chunks: chunks.len() as u64,
+            chunk_bytes: chunks.iter().map(|c| c.size).sum(),
+            manifests: self.list_states().await?,
+        })
+    }
+
+    async fn list_chunks(&self) -> Result<Vec<object_store::ObjectMeta>, RemoteError> {
+        let prefix = self.key("chunks");
+        self.store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|source| RemoteError::Request {
+                op: "list",
+                key: prefix.to_string(),
+                source,
+            })
+    }
+
+    /// Mark and sweep: deletes every chunk that no manifest refers to and that is older than
+    /// `grace`. Chunks are listed before manifests, so a chunk put by an upload still in
+    /// flight is younger than the grace period or is referred to by a manifest read here.
+    pub async fn collect_garbage(&self, grace: Duration) -> Result<GcReport, RemoteError> {
+        let chunks = self.list_chunks().await?;
+        let ids = self.list_states().await?;
+        let mut live = HashSet::new();
+        for id in &ids {
+            let Some(manifest) = self.manifest_shared(id).await? else {
+                continue; // removed since the listing
+            };
+            for entry in &manifest.entries {
+                if let Entry::File { chunks, .. } = entry {
+                    live.extend(chunks.iter().cloned());
+                }
+            }
+        }
+        let now = chrono_now_ms();
+        let mut report = GcReport {
+            manifests: ids.len() as u64,
+            chunks: chunks.len() as u64,
+            ..GcReport::default()
+        };
+        let mut doomed = Vec::new();
+        for chunk in chunks {
+            let hash = chunk.location.filename().unwrap_or_default().to_owned();
+            if live.contains(&hash) {
+                continue;
+            }
+            let age = (now - chunk.last_modified.timestamp_millis()).max(0) as u64;
+            if Duration::from_millis(age) < grace {
+                report.chunks_in_grace += 1;
+                continue;
+            }
+            report.bytes_deleted += chunk.size;
+            doomed.push(chunk.location);
+        }
+        report.chunks_deleted = doomed.len() as u64;
+        stream::iter(doomed)
+            .map(|key| async move {
+                match self.store.delete(&key).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(source) => Err(RemoteError::Request {
+                        op: "delete",
+                        key: key.to_string(),
+                        source,
+                    }),
+                }
+            })
+            .buffer_unordered(self.parallelism)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(report)
     }
 
     /// Fetches one chunk, checks it, and writes it where it belongs.
@@ -386,4 +646,12 @@ impl RemoteStore {
         .await
         .map_err(|e| RemoteError::Task(e.to_string()))?
     }
+}
+
+/// Milliseconds since the Unix epoch, to compare with the bucket's modification times.
+fn chrono_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }

@@ -159,7 +159,12 @@ pub(crate) fn lay_out(
     entries: &[Entry],
     chunk_size: u64,
 ) -> Result<Vec<ChunkWrite>, RemoteError> {
-    fs::create_dir(data).ctx("create", data)?;
+    // An empty directory made by the caller (a local build) will do.
+    let empty = || fs::read_dir(data).is_ok_and(|mut d| d.next().is_none());
+    match fs::create_dir(data) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && empty() => {}
+        other => other.ctx("create", data)?,
+    }
     let mut writes = Vec::new();
     // Sorted by path, so a directory comes before what it holds.
     for entry in entries {

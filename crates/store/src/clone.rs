@@ -152,6 +152,22 @@ pub(crate) fn chown_to(path: &Path, owner: Option<Owner>) -> Result<(), StoreErr
     }
 }
 
+/// Gives every entry under `path` (and `path` itself) to `owner`; symlinks themselves, not
+/// what they point at.
+pub(crate) fn chown_tree(path: &Path, owner: Option<Owner>) -> Result<(), StoreError> {
+    let Some(o) = owner else {
+        return Ok(());
+    };
+    std::os::unix::fs::lchown(path, Some(o.uid), Some(o.gid)).ctx("chown", path)?;
+    if fs::symlink_metadata(path).ctx("read", path)?.is_dir() {
+        for entry in fs::read_dir(path).ctx("list", path)? {
+            let entry = entry.ctx("list", path)?;
+            chown_tree(&entry.path(), owner)?;
+        }
+    }
+    Ok(())
+}
+
 /// Whether `path` is the root of a btrfs subvolume.
 pub(crate) fn is_subvolume(path: &Path) -> bool {
     fs::symlink_metadata(path).is_ok_and(|m| m.is_dir() && m.ino() == BTRFS_FIRST_FREE_OBJECTID)

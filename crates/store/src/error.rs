@@ -45,6 +45,17 @@ pub enum StoreError {
     /// A restore target already holds data.
     #[error("the data area {0} is not empty")]
     AreaInUse(DataArea),
+    /// Data does not match its recorded hash (a corrupt chunk or manifest in a bucket): it was
+    /// not used.
+    #[error("checksum mismatch in the snapshot of state {state}: {what}")]
+    Corrupt { state: StateId, what: String },
+    /// The object-storage tier failed (unreachable, refused, or a transfer that broke off).
+    #[error("{message}")]
+    Remote {
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     /// The blocking thread running a store operation ended without finishing it.
     #[error("a store task failed: {0}")]
     Task(String),

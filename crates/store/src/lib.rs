@@ -90,6 +90,84 @@ pub struct StoreInfo {
     pub location: String,
 }
 
+/// What `sqlrs status` shows about the object-storage tier.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RemoteStatus {
+    /// `s3://bucket/prefix`.
+    pub url: String,
+    /// Whether the bucket answered the last probe.
+    pub reachable: bool,
+    /// Why it did not, in one line.
+    pub error: Option<String>,
+    /// Snapshots published here and not yet in the bucket (queued or uploading).
+    pub pending_uploads: u64,
+    /// Compressed bytes of the chunks in the bucket, as of the last probe.
+    pub bytes: u64,
+    /// Snapshots (manifests) in the bucket, as of the last probe.
+    pub snapshots: u64,
+}
+
+/// What an upload to the bucket did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PushReport {
+    /// Chunks put into the bucket.
+    pub chunks_uploaded: u64,
+    /// Distinct chunks the bucket had already.
+    pub chunks_skipped: u64,
+    /// Compressed bytes put.
+    pub bytes_uploaded: u64,
+    /// False when the bucket had the snapshot already.
+    pub manifest_created: bool,
+}
+
+/// What a garbage collection of the bucket's chunks did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GcReport {
+    /// Live snapshots whose chunks were kept.
+    pub manifests: u64,
+    /// Chunks in the bucket before the sweep.
+    pub chunks: u64,
+    /// Unreferenced chunks deleted (older than the grace period).
+    pub chunks_deleted: u64,
+    /// Their compressed bytes.
+    pub bytes_deleted: u64,
+    /// Unreferenced chunks kept because they are younger than the grace period.
+    pub chunks_in_grace: u64,
+}
+
+/// A slower, shared tier behind a local store: snapshots in object storage. Every machine
+/// that points at the same bucket shares what the others uploaded.
+pub trait RemoteTier: Send + Sync {
+    /// Where the snapshots are (`s3://bucket/prefix`).
+    fn url(&self) -> String;
+    /// Probes the bucket and reports on it and on the upload queue.
+    fn status(&self) -> BoxFuture<'_, RemoteStatus>;
+    /// The states with a snapshot in the bucket, as last seen (the probe, uploads, lookups
+    /// refresh it): for listings, never for a decision that needs the truth.
+    fn known(&self) -> std::collections::HashSet<StateId>;
+    /// The manifests of every snapshot in the bucket.
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Manifest>, StoreError>>;
+    /// Whether the bucket has a snapshot of `id` now.
+    fn contains(&self, id: StateId) -> BoxFuture<'_, Result<bool, StoreError>>;
+    /// Uploads the local snapshot of `id` now, and waits.
+    fn push(&self, id: StateId) -> BoxFuture<'_, Result<PushReport, StoreError>>;
+    /// Downloads `id`'s snapshot and publishes it in the local tier (every chunk and the
+    /// tree checksum verified; a failure leaves nothing behind), telling `progress` the bytes.
+    fn fetch(
+        &self,
+        id: StateId,
+        progress: Option<ByteProgress>,
+    ) -> BoxFuture<'_, Result<Manifest, StoreError>>;
+    /// Deletes `id`'s manifest from the bucket (its chunks go at the next collection); false
+    /// when there was none.
+    fn remove(&self, id: StateId) -> BoxFuture<'_, Result<bool, StoreError>>;
+    /// Deletes the chunks no manifest refers to and that are older than `grace`.
+    fn collect_garbage(
+        &self,
+        grace: std::time::Duration,
+    ) -> BoxFuture<'_, Result<GcReport, StoreError>>;
+}
+
 /// A place that keeps one immutable data directory per state. Async, and with no local path
 /// in its contract: builds and restores name a [`DataArea`] that the store and the runtime
 /// agree on.
@@ -138,6 +216,10 @@ pub trait SnapshotStore: Send + Sync {
     fn make_spare(&self, id: StateId) -> BoxFuture<'_, Result<bool, StoreError>> {
         let _ = id;
         Box::pin(async { Ok(false) })
+    }
+    /// The object-storage tier behind this store, if it has one.
+    fn remote(&self) -> Option<&dyn RemoteTier> {
+        None
     }
 }
 

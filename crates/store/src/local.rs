@@ -29,8 +29,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use taidon_core::{CloneStrategy, DataArea, StateId};
 
 use crate::clone::{
-    chown_to, clone_tree, clone_tree_reporting, create_base_dir, detect_strategy, remove_tree,
-    CloneProgress,
+    chown_to, chown_tree, clone_tree, clone_tree_reporting, create_base_dir, detect_strategy,
+    remove_tree, CloneProgress,
 };
 use crate::digest::tree_digest;
 use crate::error::{IoContext, StoreError};
@@ -443,6 +443,67 @@ impl LocalStore {
             }
             Err(e) => Err(e).ctx("publish", &target),
         }
+    }
+
+    /// Starts importing `id` from elsewhere (a bucket): a build with an empty data directory
+    /// for the caller to fill, whose parent (if any) is `parent`. Dropped unpublished, it is
+    /// discarded like any build.
+    pub fn begin_import(
+        &self,
+        id: &StateId,
+        parent: Option<&StateId>,
+    ) -> Result<LocalBuild, StoreError> {
+        let mut build = self.begin_with(id, None, None)?;
+        build.parent = parent.copied();
+        Ok(build)
+    }
+
+    /// Publishes an imported build under the manifest it came with (its checksum already
+    /// verified by the importer): files get the store's owner, files unchanged from a local
+    /// parent become hard links to it, and the directory appears under its id by one rename.
+    pub fn publish_import(
+        &self,
+        mut build: LocalBuild,
+        manifest: &Manifest,
+    ) -> Result<Manifest, StoreError> {
+        if manifest.state_id != build.id {
+            return Err(StoreError::Corrupt {
+                state: build.id,
+                what: format!("imported manifest is of state {}", manifest.state_id),
+            });
+        }
+        if let Some(existing) = self.manifest(&build.id)? {
+            return Ok(existing);
+        }
+        chown_tree(&build.data, self.shared.owner)?;
+        if self.strategy == CloneStrategy::Copy {
+            if let Some(parent) = build.parent.filter(|p| self.contains(p)) {
+                crate::dedup::link_unchanged(&self.data_dir(&parent), &build.data)?;
+            }
+        }
+        syncfs(&self.shared.root)?;
+        write_manifest(&build.dir, manifest)?;
+        let target = self.snapshot_dir(&build.id);
+        match fs::rename(&build.dir, &target) {
+            Ok(()) => {
+                build.finished = true;
+                *self.lock_usage() = None;
+                fsync_dir(&self.shared.root)?;
+                tracing::info!(id = %build.id, size = manifest.size_bytes, "snapshot imported");
+                Ok(manifest.clone())
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
+                build.discard();
+                self.manifest(&build.id)?
+                    .ok_or(StoreError::UnknownState(build.id))
+            }
+            Err(e) => Err(e).ctx("publish", &target),
+        }
+    }
+
+    /// The directory of `id`'s published snapshot (`manifest.json` and `data/`), if any.
+    pub fn snapshot_path(&self, id: &StateId) -> Option<PathBuf> {
+        self.contains(id).then(|| self.snapshot_dir(id))
     }
 
     /// Clones `id`'s data directory to `dest` (which must not exist), owned by the owner, mode
