@@ -566,12 +566,14 @@ impl Controller {
         if used <= limits.high_water_bytes {
             return Ok(());
         }
-        // Only snapshots kept here can free room here.
+        // Only snapshots kept here can free room here, and one still uploading stays.
         let mut facts = self.state_facts()?;
+        let uploading = self.store.remote().map(|r| r.pending()).unwrap_or_default();
         for f in &mut facts {
             if f.presence == Presence::Warm && !self.store.contains(&f.id) {
                 f.presence = Presence::Cold;
             }
+            f.in_use |= uploading.contains(&f.id);
         }
         let victims = policy::choose_evictions(
             &facts,

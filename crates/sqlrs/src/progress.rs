@@ -55,6 +55,7 @@ impl Target {
 struct Tally {
     started: Instant,
     built: usize,
+    downloaded: usize,
 }
 
 /// The plain line for an event (empty when it has none at this verbosity).
@@ -160,7 +161,17 @@ fn line(event: &PrepareEvent, verbose: bool, tally: &Tally, now: Instant) -> Str
             cache_hit,
             instance,
         } => {
-            let how = if *cache_hit {
+            let took = secs2(now.saturating_duration_since(tally.started));
+            let how = if tally.downloaded > 0 && tally.built > 0 {
+                format!(
+                    "downloaded {}, built {} step{} in {took}",
+                    tally.downloaded,
+                    tally.built,
+                    plural(tally.built)
+                )
+            } else if tally.downloaded > 0 {
+                format!("downloaded from the bucket in {took}")
+            } else if *cache_hit {
                 "cached".to_owned()
             } else {
                 format!(
@@ -427,6 +438,7 @@ impl Renderer {
             tally: Tally {
                 started: now,
                 built: 0,
+                downloaded: 0,
             },
             out,
         }
@@ -434,8 +446,10 @@ impl Renderer {
 
     /// Shows one event.
     pub(crate) fn event(&mut self, event: &PrepareEvent, now: Instant) {
-        if let PrepareEvent::StepDone { .. } = event {
-            self.tally.built += 1;
+        match event {
+            PrepareEvent::StepDone { .. } => self.tally.built += 1,
+            PrepareEvent::Downloaded { .. } => self.tally.downloaded += 1,
+            _ => {}
         }
         match &mut self.out {
             Out::Json(w) => {

@@ -302,6 +302,7 @@ mod tests {
             score: 0.5,
             pin: Some("main:main".into()),
             status_reason: None,
+            location: "local+remote".into(),
         }
     }
 
@@ -323,9 +324,9 @@ mod tests {
         }];
         let out = ls(&states, &instances, 61_000);
         let want = "\
-ID            PARENT        STATUS  SIZE     BUILD   RESTORE  ACCESSES  SCORE  PIN        LABEL
-aaaaaaaaaaaa  -             HOT     2.0 KiB  1234ms  10ms     7         0.500  main:main  PostgreSQL 15.18
-bbbbbbbbbbbb  aaaaaaaaaaaa  HOT     2.0 KiB  1234ms  10ms     7         0.500  main:main  schema.sql
+ID            PARENT        STATUS  SIZE     BUILD   RESTORE  ACCESSES  SCORE  PIN        WHERE         LABEL
+aaaaaaaaaaaa  -             HOT     2.0 KiB  1234ms  10ms     7         0.500  main:main  local+remote  PostgreSQL 15.18
+bbbbbbbbbbbb  aaaaaaaaaaaa  HOT     2.0 KiB  1234ms  10ms     7         0.500  main:main  local+remote  schema.sql
 
 ID                STATE         STATUS   OWNER  CREATED
 3f3f3f3f3f3f3f3f  bbbbbbbbbbbb  running  alice  1m ago
@@ -353,6 +354,7 @@ ID                STATE         STATUS   OWNER  CREATED
             store_capacity_bytes: 20 << 20,
             max_instances: 16,
             standby_instances: 0,
+            remote: None,
         };
         let out = status(&s);
         assert!(out.starts_with("daemon pid:        42\n"), "{out}");
@@ -367,6 +369,31 @@ ID                STATE         STATUS   OWNER  CREATED
         );
         assert!(out.ends_with("server user:       postgres\n"), "{out}");
         assert_eq!(out.lines().count(), 13);
+
+        let mut s = s;
+        s.remote = Some(taidon_api::RemoteInfo {
+            url: "s3://snaps/team".into(),
+            reachable: false,
+            error: Some("cannot list s3://snaps/team: 403 Forbidden".into()),
+            pending_uploads: 2,
+            bytes: 3 << 20,
+            snapshots: 4,
+            capacity_bytes: 0,
+        });
+        let out = status(&s);
+        assert!(
+            out.contains("\nremote:            s3://snaps/team\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("\nremote status:     unreachable: cannot list s3://snaps/team: 403 Forbidden (working locally)\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("\nremote usage:      3.0 MiB in 4 snapshots\n"),
+            "{out}"
+        );
+        assert!(out.ends_with("pending uploads:   2\n"), "{out}");
     }
 
     #[test]

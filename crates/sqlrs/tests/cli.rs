@@ -20,6 +20,7 @@ const HELP_PAGES: &[&[&str]] = &[
     &["run:pgbench"],
     &["ls"],
     &["rm"],
+    &["push"],
     &["dsn"],
     &["pin"],
     &["unpin"],

@@ -46,7 +46,7 @@ use error::IoContext;
 pub const CHUNK_SIZE: u64 = 4 * 1024 * 1024;
 
 /// How many chunk transfers run at once by default.
-const DEFAULT_PARALLELISM: usize = 8;
+const DEFAULT_PARALLELISM: usize = 16;
 
 const ZSTD_LEVEL: i32 = 3;
 
@@ -86,17 +86,18 @@ pub struct BucketUsage {
     pub manifests: Vec<StateId>,
 }
 
-/// Retries a request that failed with a 5xx or a timeout a few times, within 30 s: an
-/// unreachable endpoint fails in seconds, and the upload queue retries on its own schedule.
+/// Retries a request that failed with a 5xx or a timeout a few times, within 20 s: an
+/// unreachable endpoint fails in under two seconds, and the upload queue retries on its own
+/// schedule.
 fn retry_config() -> RetryConfig {
     RetryConfig {
         backoff: BackoffConfig {
             init_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(2),
             base: 2.0,
         },
-        max_retries: 6,
-        retry_timeout: Duration::from_secs(30),
+        max_retries: 4,
+        retry_timeout: Duration::from_secs(20),
     }
 }
 
@@ -110,14 +111,15 @@ impl RemoteStore {
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             .with_region(&config.region)
-            .with_allow_http(config.allow_http)
-            .with_conditional_put(S3ConditionalPut::ETagMatch)
-            .with_retry(retry_config())
+            // Client options first: they carry allow_http, which the call after sets.
             .with_client_options(
                 ClientOptions::new()
                     .with_connect_timeout(Duration::from_secs(5))
                     .with_timeout(Duration::from_secs(120)),
-            );
+            )
+            .with_allow_http(config.allow_http)
+            .with_conditional_put(S3ConditionalPut::ETagMatch)
+            .with_retry(retry_config());
         if let Some(endpoint) = &config.endpoint {
             builder = builder.with_endpoint(endpoint);
         }

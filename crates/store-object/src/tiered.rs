@@ -267,7 +267,7 @@ impl Inner {
                 }
                 Err(StoreError::UnknownState(_)) => return,
                 Err(e) => {
-                    tracing::warn!(state = %id.short(), attempt, error = %e, "upload failed");
+                    tracing::warn!(state = %id.short(), attempt, error = %chain(&e), "upload failed");
                     if attempt < self.options.upload_attempts {
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(60));
@@ -532,6 +532,10 @@ impl RemoteTier for TieredStore {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    fn pending(&self) -> HashSet<StateId> {
+        lock(&self.inner.pending).iter().copied().collect()
     }
 
     fn list(&self) -> taidon_store::BoxFuture<'_, Result<Vec<Manifest>, StoreError>> {

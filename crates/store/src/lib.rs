@@ -145,6 +145,9 @@ pub trait RemoteTier: Send + Sync {
     /// The states with a snapshot in the bucket, as last seen (the probe, uploads, lookups
     /// refresh it): for listings, never for a decision that needs the truth.
     fn known(&self) -> std::collections::HashSet<StateId>;
+    /// The states published here whose upload is queued or running: the local tier keeps
+    /// them until they are in the bucket.
+    fn pending(&self) -> std::collections::HashSet<StateId>;
     /// The manifests of every snapshot in the bucket.
     fn list(&self) -> BoxFuture<'_, Result<Vec<Manifest>, StoreError>>;
     /// Whether the bucket has a snapshot of `id` now.
