@@ -418,16 +418,21 @@ impl RemoteStore {
                 .map_err(|e| RemoteError::Task(e.to_string()))??
         };
         let total: u64 = writes.iter().map(|w| w.len).sum();
+        // Each distinct chunk is fetched once and written wherever it occurs.
+        let mut groups: HashMap<String, Vec<tree::ChunkWrite>> = HashMap::new();
+        for write in writes {
+            groups.entry(write.hash.clone()).or_default().push(write);
+        }
         let done = AtomicU64::new(0);
         if let Some(p) = &progress {
             p(0, total);
         }
-        stream::iter(writes)
-            .map(|write| {
+        stream::iter(groups)
+            .map(|(hash, writes)| {
                 let (done, progress) = (&done, &progress);
                 async move {
-                    let len = write.len;
-                    self.restore_chunk(id, write).await?;
+                    let len: u64 = writes.iter().map(|w| w.len).sum();
+                    self.restore_chunk(id, hash, writes).await?;
                     let now = done.fetch_add(len, Ordering::Relaxed) + len;
                     if let Some(p) = progress {
                         p(now, total);
@@ -619,9 +624,14 @@ impl RemoteStore {
         Ok(report)
     }
 
-    /// Fetches one chunk, checks it, and writes it where it belongs.
-    async fn restore_chunk(&self, id: StateId, write: tree::ChunkWrite) -> Result<(), RemoteError> {
-        let key = self.chunk_key(&write.hash);
+    /// Fetches one chunk, checks it, and writes it wherever it belongs.
+    async fn restore_chunk(
+        &self,
+        id: StateId,
+        hash: String,
+        writes: Vec<tree::ChunkWrite>,
+    ) -> Result<(), RemoteError> {
+        let key = self.chunk_key(&hash);
         let compressed: Bytes = match self.store.get(&key).await {
             Ok(got) => got.bytes().await,
             Err(e) => Err(e),
@@ -631,19 +641,19 @@ impl RemoteStore {
             key: key.to_string(),
             source,
         })?;
+        let len = writes.first().map_or(0, |w| w.len);
         tokio::task::spawn_blocking(move || {
             let mismatch = |what: String| RemoteError::ChecksumMismatch { state: id, what };
-            let data = zstd::bulk::decompress(&compressed, write.len as usize)
-                .map_err(|e| mismatch(format!("chunk {} does not decompress ({e})", write.hash)))?;
+            let data = zstd::bulk::decompress(&compressed, len as usize)
+                .map_err(|e| mismatch(format!("chunk {hash} does not decompress ({e})")))?;
             let actual = hex::encode(Sha256::digest(&data));
-            if data.len() as u64 != write.len || actual != write.hash {
+            if data.len() as u64 != len || actual != hash {
                 return Err(mismatch(format!(
-                    "chunk {} holds {} bytes hashing to {actual}",
-                    write.hash,
+                    "chunk {hash} holds {} bytes hashing to {actual}",
                     data.len()
                 )));
             }
-            write.write(&data)
+            writes.iter().try_for_each(|w| w.write(&data))
         })
         .await
         .map_err(|e| RemoteError::Task(e.to_string()))?
