@@ -16,6 +16,7 @@ use taidon_core::{InstanceId, PsqlInput, PsqlStep, StateId, Step};
 use taidon_runtime::testing::{instance_area, FakeRuntime};
 use taidon_runtime::{Exit, Runtime};
 use taidon_store::testing::FakeStore;
+use taidon_store::RemoteTier;
 
 use crate::config::Config;
 use crate::meta::StateRow;
@@ -35,11 +36,16 @@ struct Fixture {
 /// A controller on a fresh home with `config` (TOML); its own lifecycle loop never ticks, the
 /// tests tick it themselves.
 async fn fixture(config: &str) -> Fixture {
+    fixture_on(config, FakeStore::new()).await
+}
+
+/// [`fixture`] on a given fake store (one with a fake bucket behind it).
+async fn fixture_on(config: &str, store: FakeStore) -> Fixture {
     let dir = tempfile::Builder::new().prefix("ctl").tempdir().unwrap();
     let mut cfg = ControllerConfig::new(dir.path().join("home"));
     let text = format!("[lifecycle]\ntick_ms = 3600000\n{config}");
     cfg.lifecycle = Some(Config::parse(&text, "test").unwrap());
-    let (fake, store, clock) = (FakeRuntime::new(), FakeStore::new(), Arc::default());
+    let (fake, clock) = (FakeRuntime::new(), Arc::default());
     let ctl = open(&cfg, &fake, &store, &clock).await;
     Fixture {
         ctl,
@@ -748,4 +754,173 @@ async fn a_restart_stops_leftover_build_servers_and_reclaims_instances() {
         fx.ctl.store.contains(&sid),
         "the published set is read back"
     );
+}
+
+#[tokio::test]
+async fn a_miss_downloads_the_nearest_state_the_bucket_has_and_builds_only_what_follows() {
+    let fx = fixture_on("", FakeStore::new().with_bucket()).await;
+    let three = [sql("select 1"), sql("select 2"), sql("select 3")];
+    let [base, s1, s2, s3] = fx.ids(&three)[..] else {
+        unreachable!()
+    };
+    // Another machine uploaded the chain up to step 2.
+    fx.store.bucket_put(base, None, 10);
+    fx.store.bucket_put(s1, Some(base), 20);
+    fx.store.bucket_put(s2, Some(s1), 30);
+
+    let (built, events) = fx.build(&three).await;
+    assert_eq!(built.unwrap(), (s3, false));
+    assert_eq!(fx.store.fetched(), [s2], "only the nearest is fetched");
+    assert!(fx.fake.inits().is_empty(), "no initdb");
+    assert_eq!(fx.fake.builds(), [s3]);
+    assert_eq!(fx.store.begun(), [(s3, Some(s2))]);
+    assert!(events.iter().any(|e| matches!(
+        e,
+        PrepareEvent::Downloading { index: 2, state_id, .. } if *state_id == s2
+    )));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, PrepareEvent::Downloaded { bytes: 30, .. })));
+    // The downloaded state is WARM here and in the bucket; the new one goes up too.
+    let states = fx.ctl.list_states().unwrap();
+    let row = |id: StateId| states.iter().find(|s| s.state_id == id).unwrap().clone();
+    assert_eq!(row(s2).status, StateStatus::Warm);
+    assert_eq!(row(s2).location, "local+remote");
+    assert_eq!(row(s2).label, "-c 'select 2'");
+    assert_eq!(row(s3).location, "local+remote");
+    assert!(fx
+        .state_events(&s2)
+        .iter()
+        .any(|(kind, _)| kind == "downloaded"));
+
+    // All of it local now: a second prepare neither fetches nor builds.
+    let (built, _) = fx.build(&three).await;
+    assert_eq!(built.unwrap(), (s3, true));
+    assert_eq!(fx.store.fetched(), [s2]);
+}
+
+#[tokio::test]
+async fn a_corrupt_remote_state_is_skipped_with_one_notice_and_rebuilt_from_a_good_ancestor() {
+    let fx = fixture_on("", FakeStore::new().with_bucket()).await;
+    let two = [sql("select 1"), sql("select 2")];
+    let [base, s1, s2] = fx.ids(&two)[..] else {
+        unreachable!()
+    };
+    fx.store.bucket_put(base, None, 10);
+    fx.store.bucket_put(s1, Some(base), 20);
+    fx.store.bucket_put(s2, Some(s1), 30);
+    fx.store.corrupt_in_bucket(s2);
+
+    let (built, events) = fx.build(&two).await;
+    assert_eq!(built.unwrap(), (s2, false));
+    assert_eq!(fx.store.fetched(), [s2, s1]);
+    assert_eq!(fx.fake.builds(), [s2], "rebuilt from step 1");
+    let notices: Vec<&String> = events
+        .iter()
+        .filter_map(|e| match e {
+            PrepareEvent::Notice { message } => Some(message),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(notices.len(), 1, "{events:?}");
+    assert!(
+        notices[0].contains(&s2.short().to_string()),
+        "{}",
+        notices[0]
+    );
+    assert!(notices[0].contains("checksum mismatch"), "{}", notices[0]);
+    assert!(fx
+        .state_events(&s2)
+        .iter()
+        .any(|(kind, _)| kind == "checksum_mismatch"));
+    // The rebuilt state replaced the bad copy in the bucket.
+    assert!(fx.store.bucket_states().contains(&s2));
+}
+
+#[tokio::test]
+async fn a_local_eviction_of_a_state_in_the_bucket_keeps_it_warm_and_a_pending_upload_keeps_it_here(
+) {
+    let store = FakeStore::new().with_bucket();
+    let fx = fixture_on(
+        "[store]\ncapacity_mb = 1\nlow_water = 0.5\n\
+         [policy.standby]\npinned = 0\nbusy = 0\nother = 0\n",
+        store,
+    )
+    .await;
+    let mib = 1 << 20;
+    let up = fx.state(1, mib).await;
+    fx.store.push(up).await.unwrap();
+    fx.store.hold_uploads(true);
+    let one = [sql("select 1")];
+    fx.store.set_size(fx.ids(&one)[1], mib);
+    fx.store.set_size(fx.ids(&one)[0], 1);
+    let (built, _) = fx.build(&one).await;
+    let pending = built.unwrap().0;
+    assert!(fx.store.pending().contains(&pending));
+
+    fx.ctl.lifecycle_tick().await.unwrap();
+    // The uploaded one left the local tier but stays WARM, in the bucket.
+    assert!(!fx.store.contains(&up));
+    assert_eq!(fx.state_status(&up), StateStatus::Warm);
+    let row = fx
+        .ctl
+        .list_states()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.state_id == up)
+        .unwrap();
+    assert_eq!(row.location, "remote");
+    assert!(fx
+        .state_events(&up)
+        .iter()
+        .any(|(kind, _)| kind == "evicted_local"));
+    // The one still uploading stays here.
+    assert!(fx.store.contains(&pending));
+
+    // An instance of the evicted state downloads it first.
+    fx.ctl.create_instance_of(up).await.unwrap();
+    assert_eq!(fx.store.fetched(), [up]);
+    assert!(fx.store.contains(&up));
+}
+
+#[tokio::test]
+async fn the_bucket_is_trimmed_by_score_and_keeps_pins() {
+    let store = FakeStore::new().with_bucket();
+    let fx = fixture_on(
+        "[store.remote]\nurl = \"s3://fake-bucket\"\ncapacity_mb = 3\nlow_water = 0.7\n",
+        store,
+    )
+    .await;
+    let now = now_ms();
+    fx.clock.store(now, Ordering::Relaxed);
+    let day = 24 * 3600 * 1000;
+    let mib = 1 << 20;
+    let recent = fx.state_used_at(1, mib, now).await;
+    let old = fx.state_used_at(2, mib, now - 30 * day).await;
+    let pinned = fx.state_used_at(3, mib, now - 60 * day).await;
+    let older = fx.state_used_at(4, mib, now - 90 * day).await;
+    for id in [recent, old, pinned, older] {
+        fx.store.push(id).await.unwrap();
+    }
+    fx.ctl
+        .pin(&pinned.to_string(), PinReason::Manual, "")
+        .unwrap();
+    // Gone from the local tier: the bucket's eviction leaves it COLD.
+    fx.ctl.store.remove(older).await.unwrap();
+
+    fx.ctl.remote_pass().await.unwrap();
+    let mut left = fx.store.bucket_states();
+    left.sort();
+    let mut want = vec![recent, pinned];
+    want.sort();
+    assert_eq!(
+        left, want,
+        "4 MiB over 3: the two lowest unpinned go (down to 2.1)"
+    );
+    assert_eq!(fx.state_status(&older), StateStatus::Cold);
+    assert_eq!(fx.state_status(&old), StateStatus::Warm, "still here");
+    assert!(fx
+        .state_events(&older)
+        .iter()
+        .any(|(kind, _)| kind == "evicted_remote"));
 }

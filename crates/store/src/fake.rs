@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use taidon_core::{CloneStrategy, DataArea, EngineFingerprint, InitdbOptions, StateId};
 
 use crate::{
-    BoxFuture, Build, ByteProgress, CloneStats, Manifest, PublishMeta, SnapshotStore, StoreError,
-    StoreInfo,
+    BoxFuture, Build, ByteProgress, CloneStats, GcReport, Manifest, PublishMeta, PushReport,
+    RemoteStatus, RemoteTier, SnapshotStore, StoreError, StoreInfo,
 };
 
 /// A store whose snapshots are entries in a table the test can read and change.
@@ -39,6 +39,21 @@ struct Fakes {
     /// The bytes a "copying" clone reports to a build's progress; none when 0.
     copy_bytes: u64,
     spares: Vec<StateId>,
+    /// The fake bucket behind the store, if the test gave it one.
+    bucket: Option<FakeBucket>,
+}
+
+/// A bucket in memory: manifests by state, uploads instant unless held.
+#[derive(Debug, Default)]
+struct FakeBucket {
+    manifests: BTreeMap<StateId, Manifest>,
+    /// Fetching these fails with a checksum mismatch (and deletes them, as the real tier does).
+    corrupt: HashSet<StateId>,
+    /// Every fetch, in order.
+    fetched: Vec<StateId>,
+    /// Published but not uploaded while uploads are held.
+    pending: std::collections::BTreeSet<StateId>,
+    hold_uploads: bool,
 }
 
 fn locked(shared: &Mutex<Fakes>) -> MutexGuard<'_, Fakes> {
@@ -60,6 +75,7 @@ impl Default for FakeStore {
                 default_size: 1024,
                 copy_bytes: 0,
                 spares: Vec::new(),
+                bucket: None,
             })),
         }
     }
@@ -142,6 +158,69 @@ impl FakeStore {
     /// The states a spare was asked for, in order.
     pub fn spares(&self) -> Vec<StateId> {
         locked(&self.shared).spares.clone()
+    }
+
+    /// The same store with an (empty) fake bucket behind it.
+    pub fn with_bucket(self) -> Self {
+        locked(&self.shared).bucket = Some(FakeBucket::default());
+        self
+    }
+
+    fn with_fake_bucket<T>(&self, f: impl FnOnce(&mut FakeBucket) -> T) -> T {
+        let mut fakes = locked(&self.shared);
+        let bucket = fakes
+            .bucket
+            .as_mut()
+            .expect("this FakeStore has no bucket: call with_bucket()");
+        f(bucket)
+    }
+
+    /// Puts a snapshot of `id` in the bucket, as another machine's upload would.
+    pub fn bucket_put(&self, id: StateId, parent: Option<StateId>, size_bytes: u64) {
+        let manifest = Manifest {
+            state_id: id,
+            parent,
+            engine: fake_engine(),
+            size_bytes,
+            checksum: format!("sha256:fake-{id}"),
+            created_ms: 0,
+            build_cost_ms: 1,
+        };
+        self.with_fake_bucket(|b| b.manifests.insert(id, manifest));
+    }
+
+    /// The states in the bucket.
+    pub fn bucket_states(&self) -> Vec<StateId> {
+        self.with_fake_bucket(|b| b.manifests.keys().copied().collect())
+    }
+
+    /// Makes the bucket's copy of `id` fail its checksum when fetched.
+    pub fn corrupt_in_bucket(&self, id: StateId) {
+        self.with_fake_bucket(|b| b.corrupt.insert(id));
+    }
+
+    /// Every fetch from the bucket, in order.
+    pub fn fetched(&self) -> Vec<StateId> {
+        self.with_fake_bucket(|b| b.fetched.clone())
+    }
+
+    /// Holds uploads (they stay pending) until released.
+    pub fn hold_uploads(&self, hold: bool) {
+        self.with_fake_bucket(|b| {
+            b.hold_uploads = hold;
+            if !hold {
+                b.pending.clear();
+            }
+        });
+        if !hold {
+            let published: Vec<Manifest> =
+                locked(&self.shared).snapshots.values().cloned().collect();
+            self.with_fake_bucket(|b| {
+                for m in published {
+                    b.manifests.entry(m.state_id).or_insert(m);
+                }
+            });
+        }
     }
 
     /// Forgets that `area` was restored into: the runtime deleted that instance's data.
@@ -229,6 +308,13 @@ impl SnapshotStore for FakeStore {
                 build_cost_ms: meta.build_cost_ms,
             };
             fakes.snapshots.insert(id, manifest.clone());
+            if let Some(bucket) = fakes.bucket.as_mut() {
+                if bucket.hold_uploads {
+                    bucket.pending.insert(id);
+                } else {
+                    bucket.manifests.insert(id, manifest.clone());
+                }
+            }
             // The build's record drops after the lock: its Drop takes it too.
             drop(fakes);
             drop(inner);
@@ -295,6 +381,113 @@ impl SnapshotStore for FakeStore {
         Box::pin(async move {
             locked(&self.shared).spares.push(id);
             Ok(false)
+        })
+    }
+
+    fn remote(&self) -> Option<&dyn RemoteTier> {
+        locked(&self.shared)
+            .bucket
+            .as_ref()
+            .map(|_| self as &dyn RemoteTier)
+    }
+}
+
+impl RemoteTier for FakeStore {
+    fn url(&self) -> String {
+        "s3://fake-bucket".to_owned()
+    }
+
+    fn status(&self) -> BoxFuture<'_, RemoteStatus> {
+        Box::pin(async move {
+            self.with_fake_bucket(|b| RemoteStatus {
+                url: "s3://fake-bucket".to_owned(),
+                reachable: true,
+                error: None,
+                pending_uploads: b.pending.len() as u64,
+                bytes: b.manifests.values().map(|m| m.size_bytes).sum(),
+                snapshots: b.manifests.len() as u64,
+            })
+        })
+    }
+
+    fn known(&self) -> HashSet<StateId> {
+        self.with_fake_bucket(|b| b.manifests.keys().copied().collect())
+    }
+
+    fn pending(&self) -> HashSet<StateId> {
+        self.with_fake_bucket(|b| b.pending.iter().copied().collect())
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<Manifest>, StoreError>> {
+        Box::pin(
+            async move { Ok(self.with_fake_bucket(|b| b.manifests.values().cloned().collect())) },
+        )
+    }
+
+    fn contains(&self, id: StateId) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move { Ok(self.with_fake_bucket(|b| b.manifests.contains_key(&id))) })
+    }
+
+    fn push(&self, id: StateId) -> BoxFuture<'_, Result<PushReport, StoreError>> {
+        Box::pin(async move {
+            let manifest = locked(&self.shared)
+                .snapshots
+                .get(&id)
+                .cloned()
+                .ok_or(StoreError::UnknownState(id))?;
+            let created = self.with_fake_bucket(|b| {
+                b.pending.remove(&id);
+                b.manifests.insert(id, manifest).is_none()
+            });
+            Ok(PushReport {
+                chunks_uploaded: u64::from(created),
+                manifest_created: created,
+                ..PushReport::default()
+            })
+        })
+    }
+
+    fn fetch(
+        &self,
+        id: StateId,
+        progress: Option<ByteProgress>,
+    ) -> BoxFuture<'_, Result<Manifest, StoreError>> {
+        Box::pin(async move {
+            let got = self.with_fake_bucket(|b| {
+                b.fetched.push(id);
+                if b.corrupt.remove(&id) {
+                    b.manifests.remove(&id);
+                    return Err(StoreError::Corrupt {
+                        state: id,
+                        what: "chunk 00 holds 1 bytes hashing to ff".to_owned(),
+                    });
+                }
+                b.manifests
+                    .get(&id)
+                    .cloned()
+                    .ok_or(StoreError::UnknownState(id))
+            })?;
+            if let Some(p) = progress {
+                p(got.size_bytes, got.size_bytes);
+            }
+            locked(&self.shared).snapshots.insert(id, got.clone());
+            Ok(got)
+        })
+    }
+
+    fn remove(&self, id: StateId) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move { Ok(self.with_fake_bucket(|b| b.manifests.remove(&id).is_some())) })
+    }
+
+    fn collect_garbage(
+        &self,
+        _grace: std::time::Duration,
+    ) -> BoxFuture<'_, Result<GcReport, StoreError>> {
+        Box::pin(async move {
+            Ok(GcReport {
+                manifests: self.with_fake_bucket(|b| b.manifests.len() as u64),
+                ..GcReport::default()
+            })
         })
     }
 }
