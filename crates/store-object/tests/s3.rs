@@ -9,6 +9,7 @@ use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use object_store::PutPayload;
@@ -104,6 +105,9 @@ on_each_backend!(
     racing_uploads_of_a_state_publish_one_manifest_and_the_other_verifies,
     a_wrong_secret_is_refused_and_writes_nothing,
     a_server_failing_one_request_in_five_still_round_trips,
+    listing_and_removal_see_what_is_there,
+    garbage_collection_keeps_young_and_referenced_chunks_and_deletes_old_orphans,
+    garbage_collection_racing_an_upload_never_deletes_what_the_upload_relies_on,
 );
 
 /// Incompressible bytes from a seed.
@@ -412,6 +416,16 @@ fn chain(err: &dyn std::error::Error) -> String {
 }
 
 async fn a_wrong_secret_is_refused_and_writes_nothing(s3: Bucket) {
+    // Plain moto takes any key: this test needs the one that checks.
+    let s3 = match s3.backend() {
+        Backend::Moto => {
+            let server = S3Server::moto_authenticating("a_wrong_secret_is_refused::moto")
+                .expect("moto ran a moment ago");
+            server.create_bucket("snaps");
+            Bucket { server }
+        }
+        Backend::SeaweedFs => s3,
+    };
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     let id = snapshot(&src, 1);
@@ -469,4 +483,133 @@ async fn a_server_failing_one_request_in_five_still_round_trips(s3: Bucket) {
     );
     assert!(failed > 0, "the proxy failed none of {seen} requests");
     assert_eq!(failed, seen / 5);
+}
+
+/// A store like `remote()` that re-puts chunks older than `refresh_after`.
+fn refreshing(s3: &Bucket, refresh_after: Duration) -> RemoteStore {
+    s3.remote().with_refresh_after(refresh_after)
+}
+
+async fn listing_and_removal_see_what_is_there(s3: Bucket) {
+    let tmp = tempfile::tempdir().unwrap();
+    let remote = s3.remote();
+    assert!(remote.list_states().await.unwrap().is_empty());
+    let a = snapshot(&tmp.path().join("a"), 1);
+    remote.upload(&tmp.path().join("a")).await.unwrap();
+    assert_eq!(remote.list_states().await.unwrap(), [a]);
+    assert!(remote.has_state(&a).await.unwrap());
+    let usage = remote.usage().await.unwrap();
+    assert_eq!(usage.manifests, [a]);
+    assert!(usage.chunks > 0 && usage.chunk_bytes > 0, "{usage:?}");
+
+    assert!(remote.remove_state(&a).await.unwrap());
+    assert!(!remote.remove_state(&a).await.unwrap());
+    assert!(!remote.has_state(&a).await.unwrap());
+    assert!(remote.list_states().await.unwrap().is_empty());
+    assert!(remote.manifest(&a).await.unwrap().is_none());
+}
+
+async fn garbage_collection_keeps_young_and_referenced_chunks_and_deletes_old_orphans(s3: Bucket) {
+    let tmp = tempfile::tempdir().unwrap();
+    let remote = s3.remote();
+    let kept = snapshot(&tmp.path().join("kept"), 1);
+    remote.upload(&tmp.path().join("kept")).await.unwrap();
+    // An orphan: a second state whose manifest is gone (an eviction, or an upload killed
+    // before its manifest).
+    let orphan_dir = tmp.path().join("orphan");
+    fs::create_dir(&orphan_dir).unwrap();
+    write(
+        &orphan_dir.join("data/only-mine"),
+        &noise(77, 300_000),
+        0o600,
+    );
+    let orphan = seal(&orphan_dir, 2, None);
+    remote.upload(&orphan_dir).await.unwrap();
+    assert!(remote.remove_state(&orphan).await.unwrap());
+    let before = remote.usage().await.unwrap();
+
+    // Within the grace period nothing goes.
+    let young = remote
+        .collect_garbage(Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(young.chunks_deleted, 0, "{young:?}");
+    assert_eq!(young.chunks_in_grace, 1, "{young:?}");
+    assert_eq!(young.manifests, 1);
+    assert_eq!(remote.usage().await.unwrap(), before);
+
+    // Past it, the orphan's chunk goes and every chunk of the live manifest stays.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let swept = remote
+        .collect_garbage(Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(swept.chunks_deleted, 1, "{swept:?}");
+    assert!(swept.bytes_deleted > 0);
+    let after = remote.usage().await.unwrap();
+    assert_eq!(after.chunks, before.chunks - 1);
+    let dst = tmp.path().join("restored");
+    remote.restore(&kept, &dst).await.unwrap();
+    assert_eq!(
+        tree_digest(&dst.join("data")).unwrap(),
+        tree_digest(&tmp.path().join("kept/data")).unwrap()
+    );
+}
+
+/// An upload that finds a chunk already in the bucket relies on it without putting it. If
+/// that chunk is an old orphan, a collection running meanwhile could delete it: the upload
+/// re-puts any chunk older than half the grace period, so the collection sees it young.
+async fn garbage_collection_racing_an_upload_never_deletes_what_the_upload_relies_on(s3: Bucket) {
+    let grace = Duration::from_secs(4);
+    let tmp = tempfile::tempdir().unwrap();
+    let remote = refreshing(&s3, grace / 2);
+    // An orphan whose chunks the next state shares.
+    let first = tmp.path().join("first");
+    let first_id = snapshot(&first, 1);
+    remote.upload(&first).await.unwrap();
+    assert!(remote.remove_state(&first_id).await.unwrap());
+    // Older than half the grace period, younger than all of it... then older than it, while a
+    // collection runs over and over beside the upload of a state sharing those chunks.
+    tokio::time::sleep(grace + Duration::from_millis(1100)).await;
+    let second = tmp.path().join("second");
+    fs::create_dir(&second).unwrap();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(first.join("data"))
+        .arg(&second)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    write(&second.join("data/base/1/9999"), &noise(9, 5000), 0o600);
+    let second_id = seal(&second, 2, Some(1));
+
+    let collector = {
+        let remote = s3.remote();
+        tokio::spawn(async move {
+            let mut deleted = 0;
+            for _ in 0..20 {
+                deleted += remote.collect_garbage(grace).await.unwrap().chunks_deleted;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            deleted
+        })
+    };
+    let report = remote.upload(&second).await.unwrap();
+    let deleted = collector.await.unwrap();
+    eprintln!(
+        "{}: upload {report:?}; the racing collections deleted {deleted} chunks",
+        s3.backend()
+    );
+    assert_eq!(
+        report.chunks_skipped, 0,
+        "old chunks were relied on: {report:?}"
+    );
+    // Whatever the collections did, the state restores whole, and another pass keeps it.
+    remote.collect_garbage(grace).await.unwrap();
+    let dst = tmp.path().join("restored");
+    remote.restore(&second_id, &dst).await.unwrap();
+    assert_eq!(
+        tree_digest(&dst.join("data")).unwrap(),
+        tree_digest(&second.join("data")).unwrap()
+    );
 }

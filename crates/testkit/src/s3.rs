@@ -125,17 +125,30 @@ impl S3Server {
         }
     }
 
-    /// Starts `moto_server` with authentication on; see [`S3Server::start`].
+    /// Starts `moto_server`; see [`S3Server::start`]. It accepts any credentials: moto's own
+    /// signature check refuses object_store's signed listings with a `/` in the prefix (which
+    /// AWS and SeaweedFS accept), so tests that need credentials refused use
+    /// [`S3Server::moto_authenticating`].
     pub fn moto(test: &str) -> Option<S3Server> {
+        Self::moto_available(test).then(|| start_moto(test, false))
+    }
+
+    /// Starts `moto_server` with authentication on: only [`S3Server::credentials`] are
+    /// accepted (listings with a prefix are refused too, see [`S3Server::moto`]).
+    pub fn moto_authenticating(test: &str) -> Option<S3Server> {
+        Self::moto_available(test).then(|| start_moto(test, true))
+    }
+
+    fn moto_available(test: &str) -> bool {
         static AVAILABLE: OnceLock<bool> = OnceLock::new();
         if !*AVAILABLE.get_or_init(|| runs("moto_server", &["--help"])) {
             prerequisite_missing(
                 test,
                 "moto_server is missing (scripts/setup.sh installs moto[server])",
             );
-            return None;
+            return false;
         }
-        Some(start_moto(test))
+        true
     }
 
     /// Starts a single-process SeaweedFS (`weed server -s3`); see [`S3Server::start`].
@@ -239,6 +252,58 @@ impl S3Server {
         body: &[u8],
     ) -> io::Result<HttpResponse> {
         signed_request(self.addr, &self.credentials, method, target, headers, body)
+    }
+
+    /// A short name of the server for messages (`moto`, `seaweedfs`).
+    pub fn name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// The bytes of `bucket/key`; panics (with the log) unless the server has them.
+    pub fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
+        let target = format!("/{bucket}/{}", encode_path(key));
+        match self.request("GET", &target, &[], b"") {
+            Ok(r) if r.status == 200 => r.body,
+            Ok(r) => self.fail(&format!("GET {target}: {} {}", r.status, r.text())),
+            Err(e) => self.fail(&format!("GET {target}: {e}")),
+        }
+    }
+
+    /// Puts `body` at `bucket/key` (over whatever is there).
+    pub fn put(&self, bucket: &str, key: &str, body: &[u8]) {
+        let target = format!("/{bucket}/{}", encode_path(key));
+        match self.request("PUT", &target, &[], body) {
+            Ok(r) if r.status == 200 => {}
+            Ok(r) => self.fail(&format!("PUT {target}: {} {}", r.status, r.text())),
+            Err(e) => self.fail(&format!("PUT {target}: {e}")),
+        }
+    }
+
+    /// The keys under `prefix` in `bucket`, in order (all pages).
+    pub fn list(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut target = format!(
+                "/{bucket}?list-type=2&prefix={}",
+                crate::sigv4::encode(prefix)
+            );
+            if let Some(t) = &token {
+                target.push_str(&format!("&continuation-token={}", crate::sigv4::encode(t)));
+            }
+            let text = match self.request("GET", &target, &[], b"") {
+                Ok(r) if r.status == 200 => r.text(),
+                Ok(r) => self.fail(&format!("GET {target}: {} {}", r.status, r.text())),
+                Err(e) => self.fail(&format!("GET {target}: {e}")),
+            };
+            keys.extend(xml_values(&text, "Key"));
+            token = xml_values(&text, "NextContinuationToken")
+                .into_iter()
+                .next();
+            if token.is_none() {
+                return keys;
+            }
+        }
     }
 
     fn fail(&self, what: &str) -> ! {
@@ -353,7 +418,7 @@ fn wait_until_ready(server: &mut S3Server, mut ready: impl FnMut(&S3Server) -> R
     }
 }
 
-fn start_moto(test: &str) -> S3Server {
+fn start_moto(test: &str, authenticate: bool) -> S3Server {
     let dir = tempfile::tempdir().expect("create a temporary directory for moto");
     let port = free_ports(1)[0];
     let (log_path, log) = log_file(dir.path());
@@ -393,6 +458,13 @@ fn start_moto(test: &str) -> S3Server {
         }
     });
 
+    if !authenticate {
+        server.credentials = Credentials {
+            access_key: "testing".to_owned(),
+            secret_key: "testing".to_owned(),
+        };
+        return server;
+    }
     // A user allowed everything, its access key, then authentication on for every request.
     let policy =
         r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"*","Resource":"*"}]}"#;
@@ -606,4 +678,32 @@ fn try_start_seaweedfs(test: &str) -> Result<S3Server, String> {
         }
         sleep(Duration::from_millis(100));
     }
+}
+
+/// Percent-encodes each segment of a key, keeping its `/`.
+fn encode_path(key: &str) -> String {
+    key.split('/')
+        .map(crate::sigv4::encode)
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The text of every `<tag>…</tag>` in an XML document (no nesting inside; entities for `&`
+/// `<` `>` undone).
+fn xml_values(xml: &str, tag: &str) -> Vec<String> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(at) = rest.find(&open) {
+        rest = &rest[at + open.len()..];
+        let Some(end) = rest.find(&close) else { break };
+        out.push(
+            rest[..end]
+                .replace("&lt;", "<")
+                .replace("&gt;", ">")
+                .replace("&amp;", "&"),
+        );
+        rest = &rest[end + close.len()..];
+    }
+    out
 }
