@@ -337,6 +337,12 @@ impl Config {
             if !(remote.low_water > 0.0 && remote.low_water <= 1.0) {
                 return bad("store.remote.low_water", "must be in (0, 1]");
             }
+            if remote.gc_grace_s == 0 {
+                return bad(
+                    "store.remote.gc_grace_s",
+                    "must be at least 1: with none, a collection could delete the chunks of an upload in flight",
+                );
+            }
             if remote.gc_every_s == 0 {
                 return bad("store.remote.gc_every_s", "must be at least 1");
             }

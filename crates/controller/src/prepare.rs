@@ -11,7 +11,6 @@ use taidon_runtime::{BoxFuture, StepInputs};
 use taidon_store::{Build, PublishMeta};
 use tokio::sync::mpsc;
 
-use crate::meta::StateRow;
 use crate::{now_ms, Controller, ControllerError};
 
 /// Where progress events go. A closed receiver (the client left) does not stop a build: its
@@ -314,23 +313,11 @@ impl Controller {
         label: String,
         inputs: &str,
     ) -> Result<(), ControllerError> {
-        let now = now_ms();
-        self.meta.upsert_state(&StateRow {
-            state_id: id,
-            parent,
-            label,
-            inputs_fingerprint: inputs.to_owned(),
-            engine_fingerprint: serde_json::to_string(self.runtime.engine()).unwrap_or_default(),
-            status: StateStatus::Building,
-            status_reason: None,
-            size_bytes: 0,
-            build_cost_ms: 0,
-            restore_cost_ms: 0,
-            created_ms: now,
-            last_access_ms: now,
-            access_count: 0,
-        })?;
-        self.meta.event(now, "building", Some(&id), None, None)?;
+        let mut row = self.row_template(id, parent, label, inputs.to_owned());
+        row.status = StateStatus::Building;
+        self.meta.upsert_state(&row)?;
+        self.meta
+            .event(row.created_ms, "building", Some(&id), None, None)?;
         Ok(())
     }
 

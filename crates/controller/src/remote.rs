@@ -106,8 +106,8 @@ impl Controller {
         Ok(cached)
     }
 
-    /// A metadata row for a state about to be downloaded, unless the metadata has one.
-    fn row_template(
+    /// A new metadata row (COLD, used now) for a state about to be built or downloaded.
+    pub(crate) fn row_template(
         &self,
         id: StateId,
         parent: Option<StateId>,

@@ -392,11 +392,7 @@ impl LocalStore {
 
     /// Makes a build durable and visible under its id; if a racing build of the same id won,
     /// discards this one and returns the winner's manifest.
-    pub fn publish(
-        &self,
-        mut build: LocalBuild,
-        meta: PublishMeta,
-    ) -> Result<Manifest, StoreError> {
+    pub fn publish(&self, build: LocalBuild, meta: PublishMeta) -> Result<Manifest, StoreError> {
         if let Some(existing) = self.manifest(&build.id)? {
             return Ok(existing);
         }
@@ -424,6 +420,16 @@ impl LocalStore {
             created_ms: now_ms(),
             build_cost_ms: meta.build_cost_ms,
         };
+        self.rename_into_place(build, manifest)
+    }
+
+    /// Writes a complete build's manifest and renames the build to its id; if a racing
+    /// build got there first, discards this one and returns the winner's manifest.
+    fn rename_into_place(
+        &self,
+        mut build: LocalBuild,
+        manifest: Manifest,
+    ) -> Result<Manifest, StoreError> {
         write_manifest(&build.dir, &manifest)?;
         let target = self.snapshot_dir(&build.id);
         // A published snapshot is never an empty directory, so rename cannot replace one: it
@@ -463,7 +469,7 @@ impl LocalStore {
     /// parent become hard links to it, and the directory appears under its id by one rename.
     pub fn publish_import(
         &self,
-        mut build: LocalBuild,
+        build: LocalBuild,
         manifest: &Manifest,
     ) -> Result<Manifest, StoreError> {
         if manifest.state_id != build.id {
@@ -482,23 +488,7 @@ impl LocalStore {
             }
         }
         syncfs(&self.shared.root)?;
-        write_manifest(&build.dir, manifest)?;
-        let target = self.snapshot_dir(&build.id);
-        match fs::rename(&build.dir, &target) {
-            Ok(()) => {
-                build.finished = true;
-                *self.lock_usage() = None;
-                fsync_dir(&self.shared.root)?;
-                tracing::info!(id = %build.id, size = manifest.size_bytes, "snapshot imported");
-                Ok(manifest.clone())
-            }
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
-                build.discard();
-                self.manifest(&build.id)?
-                    .ok_or(StoreError::UnknownState(build.id))
-            }
-            Err(e) => Err(e).ctx("publish", &target),
-        }
+        self.rename_into_place(build, manifest.clone())
     }
 
     /// The directory of `id`'s published snapshot (`manifest.json` and `data/`), if any.
