@@ -113,14 +113,15 @@ impl Controller {
             },
         );
         // What is missing here may be in the bucket: the nearest such state is downloaded.
-        let cached = self.download_nearest(&chain, steps, cached, events).await?;
+        let (cached, downloaded) = self.download_nearest(&chain, steps, cached, events).await?;
         if cached > 0 {
             have = Some(cached - 1);
         }
         if let Some(restoring) = self.restoring_event(&chain, cached)? {
             send(events, restoring);
         }
-        let mut built_any = false;
+        // A download is no cache hit: the state was not here.
+        let mut built_any = downloaded;
         if have.is_none() {
             built_any |= self.ensure_base(&chain, events).await?;
         }

@@ -51,16 +51,17 @@ fn chain_text(e: &dyn std::error::Error) -> String {
 
 impl Controller {
     /// Before building the chain's missing steps (`cached` of them are local), downloads the
-    /// nearest one the bucket has (or the base). How many steps are local afterwards.
+    /// nearest one the bucket has (or the base). How many steps are local afterwards, and
+    /// whether it downloaded one.
     pub(crate) async fn download_nearest(
         &self,
         chain: &Chain,
         steps: &[Step],
         cached: usize,
         events: &Events,
-    ) -> Result<usize, ControllerError> {
+    ) -> Result<(usize, bool), ControllerError> {
         let Some(remote) = self.store.remote() else {
-            return Ok(cached);
+            return Ok((cached, false));
         };
         let total = steps.len();
         // Step i is index i + 1; the base is index 0.
@@ -79,7 +80,7 @@ impl Controller {
                 Ok(false) => continue,
                 Err(e) => {
                     tracing::warn!(error = %chain_text(&e), "the bucket cannot be searched; building locally");
-                    return Ok(cached);
+                    return Ok((cached, false));
                 }
             }
             let template = if index == 0 {
@@ -100,10 +101,10 @@ impl Controller {
                 )
             };
             if self.download(template, index, events).await? {
-                return Ok(index.max(cached));
+                return Ok((index.max(cached), true));
             }
         }
-        Ok(cached)
+        Ok((cached, false))
     }
 
     /// A new metadata row (COLD, used now) for a state about to be built or downloaded.

@@ -6,10 +6,13 @@
 //!     --snapshot <home>/snapshots/<state-id> [--rounds 3] [--parallelism 16]
 //! ```
 //!
-//! Uploads the snapshot (if the bucket lacks it), then per round: GETs every distinct chunk of
-//! its manifest and drops the bytes (the plain download), and restores it into a temporary
-//! directory (download, decompress, verify every chunk, write, verify the tree). Prints one
-//! JSON line with the best time of each.
+//! Uploads the snapshot (if the bucket lacks it) and, beside it, each of its data files as one
+//! plain object (`<prefix>/plain/<state>/<path>`, uncompressed). Then per round: the plain
+//! download (GET every file object and write it into a directory, as `aws s3 sync` would),
+//! the restore into a directory (download, decompress, verify every chunk, write, verify the
+//! tree checksum), and a GET of every distinct chunk whose bytes are dropped (the transfer
+//! alone). Prints one JSON line with the best time of each; `ratio` is plain / restore time
+//! for the same logical bytes on disk.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -60,10 +63,55 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|h| seen.insert(h.clone()))
         .collect();
 
+    // The same files as plain objects.
+    let data = snapshot.join("data");
+    let mut files = Vec::new();
+    collect_files(&data, &data, &mut files)?;
+    let plain_prefix = format!("plain/{id}");
+    stream::iter(files.iter())
+        .map(|rel| {
+            let key = remote.key_for(&format!("{plain_prefix}/{rel}"));
+            let (objects, path) = (remote.objects().clone(), data.join(rel));
+            async move {
+                if objects.head(&key).await.is_ok() {
+                    return Ok(());
+                }
+                let bytes = tokio::fs::read(&path).await?;
+                objects.put(&key, bytes.into()).await?;
+                Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+            }
+        })
+        .buffer_unordered(parallelism)
+        .try_collect::<Vec<()>>()
+        .await
+        .map_err(|e| e.to_string())?;
+
     let scratch = tempfile::tempdir_in(snapshot.parent().unwrap_or(&snapshot))?;
-    let (mut plain_best, mut restore_best) = (f64::MAX, f64::MAX);
+    let (mut plain_best, mut restore_best, mut chunks_best) = (f64::MAX, f64::MAX, f64::MAX);
     let mut compressed = 0u64;
     for round in 0..rounds {
+        let target = scratch.path().join(format!("plain-{round}"));
+        let started = Instant::now();
+        stream::iter(files.iter())
+            .map(|rel| {
+                let key = remote.key_for(&format!("{plain_prefix}/{rel}"));
+                let (objects, path) = (remote.objects().clone(), target.join(rel));
+                async move {
+                    let bytes = objects.get(&key).await?.bytes().await?;
+                    if let Some(dir) = path.parent() {
+                        tokio::fs::create_dir_all(dir).await?;
+                    }
+                    tokio::fs::write(&path, &bytes).await?;
+                    Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+                }
+            })
+            .buffer_unordered(parallelism)
+            .try_collect::<Vec<()>>()
+            .await
+            .map_err(|e| e.to_string())?;
+        plain_best = plain_best.min(started.elapsed().as_secs_f64());
+        std::fs::remove_dir_all(&target)?;
+
         let started = Instant::now();
         let sizes: Vec<u64> = stream::iter(chunks.iter())
             .map(|hash| {
@@ -77,7 +125,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .buffer_unordered(parallelism)
             .try_collect()
             .await?;
-        plain_best = plain_best.min(started.elapsed().as_secs_f64());
+        chunks_best = chunks_best.min(started.elapsed().as_secs_f64());
         compressed = sizes.iter().sum();
 
         let target = scratch.path().join(format!("round-{round}"));
@@ -95,12 +143,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "chunks": chunks.len(),
             "upload_s": upload_s,
             "chunks_uploaded": report.chunks_uploaded,
+            "files": files.len(),
             "plain_download_s": plain_best,
             "restore_s": restore_best,
-            "plain_mib_s": compressed as f64 / plain_best / 1048576.0,
-            "restore_mib_s": compressed as f64 / restore_best / 1048576.0,
+            "chunk_transfer_s": chunks_best,
+            "plain_mib_s": local.size_bytes as f64 / plain_best / 1048576.0,
+            "restore_mib_s": local.size_bytes as f64 / restore_best / 1048576.0,
             "ratio": plain_best / restore_best,
         })
     );
+    Ok(())
+}
+
+/// The regular files under `dir`, as paths relative to `root`.
+fn collect_files(
+    root: &std::path::Path,
+    dir: &std::path::Path,
+    out: &mut Vec<String>,
+) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            collect_files(root, &path, out)?;
+        } else if kind.is_file() {
+            if let Ok(rel) = path.strip_prefix(root) {
+                out.push(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
     Ok(())
 }

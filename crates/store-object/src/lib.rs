@@ -168,6 +168,11 @@ impl RemoteStore {
         }
     }
 
+    /// The key of `rest` under the store's prefix.
+    pub fn key_for(&self, rest: &str) -> Key {
+        self.key(rest)
+    }
+
     /// The key of a chunk.
     pub fn chunk_key(&self, hash: &str) -> Key {
         self.key(&format!("chunks/{hash}"))
@@ -401,8 +406,9 @@ impl RemoteStore {
     }
 
     /// Fills `data` (absent, or an empty directory) with `manifest`'s tree: parallel chunk
-    /// downloads, each decompressed and checked against its hash as it arrives, then the tree
-    /// checksum. The caller removes `data` if this fails. `progress` hears the bytes written.
+    /// downloads, each decompressed, checked against its hash and written as it arrives, while
+    /// the tree checksum is computed over the same bytes in tree order (so the data is not
+    /// read back). The caller removes `data` if this fails. `progress` hears the bytes written.
     pub async fn restore_data(
         &self,
         manifest: &RemoteManifest,
@@ -410,6 +416,7 @@ impl RemoteStore {
         progress: Option<ByteProgress>,
     ) -> Result<(), RemoteError> {
         let id = manifest.snapshot.state_id;
+        let started = std::time::Instant::now();
         let writes = {
             let (data, entries) = (data.to_path_buf(), manifest.entries.clone());
             let chunk_size = manifest.chunk_size;
@@ -418,42 +425,139 @@ impl RemoteStore {
                 .map_err(|e| RemoteError::Task(e.to_string()))??
         };
         let total: u64 = writes.iter().map(|w| w.len).sum();
-        // Each distinct chunk is fetched once and written wherever it occurs.
-        let mut groups: HashMap<String, Vec<tree::ChunkWrite>> = HashMap::new();
-        for write in writes {
-            groups.entry(write.hash.clone()).or_default().push(write);
+        let mut uses: HashMap<String, usize> = HashMap::new();
+        for w in &writes {
+            *uses.entry(w.hash.clone()).or_default() += 1;
         }
+        // The tree checksum's encoding (see `taidon_store::tree_digest`), in entry order, with
+        // each file's chunks in place: fetched the first time a chunk occurs, reused after.
+        let mut items = Vec::with_capacity(writes.len() + manifest.entries.len());
+        let mut writes = writes.into_iter();
+        let mut seen = HashSet::new();
+        for entry in &manifest.entries {
+            match entry {
+                Entry::Dir { path, .. } => {
+                    items.push(Item::Bytes(tree::digest_header(b'd', path, None)))
+                }
+                Entry::Symlink { path, target } => {
+                    let mut head = tree::digest_header(b'l', path, Some(target.len() as u64));
+                    head.extend_from_slice(target.as_bytes());
+                    items.push(Item::Bytes(head));
+                }
+                Entry::File {
+                    path, size, chunks, ..
+                } => {
+                    items.push(Item::Bytes(tree::digest_header(b'f', path, Some(*size))));
+                    for _ in chunks {
+                        let write = writes
+                            .next()
+                            .ok_or_else(|| RemoteError::Task("chunk list out of step".into()))?;
+                        items.push(if seen.insert(write.hash.clone()) {
+                            Item::Fetch(write)
+                        } else {
+                            Item::Repeat(write)
+                        });
+                    }
+                }
+            }
+        }
+
+        let (pieces, mut rx) = tokio::sync::mpsc::channel::<Bytes>(self.parallelism * 2);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut h = Sha256::new();
+            while let Some(piece) = rx.blocking_recv() {
+                h.update(&piece);
+            }
+            format!("sha256:{}", hex::encode(h.finalize()))
+        });
         let done = AtomicU64::new(0);
         if let Some(p) = &progress {
             p(0, total);
         }
-        stream::iter(groups)
-            .map(|(hash, writes)| {
-                let (done, progress) = (&done, &progress);
-                async move {
-                    let len: u64 = writes.iter().map(|w| w.len).sum();
-                    self.restore_chunk(id, hash, writes).await?;
-                    let now = done.fetch_add(len, Ordering::Relaxed) + len;
-                    if let Some(p) = progress {
-                        p(now, total);
+        let report = |len: u64| {
+            let now = done.fetch_add(len, Ordering::Relaxed) + len;
+            if let Some(p) = &progress {
+                p(now, total);
+            }
+        };
+        let mut kept: HashMap<String, Bytes> = HashMap::new();
+        let fed = stream::iter(items)
+            .map(|item| async {
+                match item {
+                    Item::Bytes(b) => Ok(Fetched::Bytes(Bytes::from(b))),
+                    Item::Fetch(write) => {
+                        let len = write.len;
+                        let hash = write.hash.clone();
+                        let bytes = self.restore_chunk(id, write).await?;
+                        report(len);
+                        Ok(Fetched::Chunk(hash, bytes))
                     }
-                    Ok::<(), RemoteError>(())
+                    Item::Repeat(write) => Ok(Fetched::Repeat(write)),
                 }
             })
-            .buffer_unordered(self.parallelism)
-            .try_collect::<Vec<()>>()
-            .await?;
-
-        let checksum = {
+            .buffered(self.parallelism)
+            .try_for_each(|fetched| {
+                let piece = match fetched {
+                    Fetched::Bytes(b) => Ok(b),
+                    Fetched::Chunk(hash, bytes) => {
+                        if let Some(n) = uses.get_mut(&hash) {
+                            *n -= 1;
+                            if *n > 0 {
+                                kept.insert(hash, bytes.clone());
+                            }
+                        }
+                        Ok(bytes)
+                    }
+                    Fetched::Repeat(write) => {
+                        let left = uses.get_mut(&write.hash).map(|n| {
+                            *n -= 1;
+                            *n
+                        });
+                        let bytes = if left == Some(0) {
+                            kept.remove(&write.hash)
+                        } else {
+                            kept.get(&write.hash).cloned()
+                        };
+                        match bytes {
+                            Some(bytes) => {
+                                report(write.len);
+                                Err((write, bytes))
+                            }
+                            None => Ok(Bytes::new()),
+                        }
+                    }
+                };
+                let pieces = pieces.clone();
+                async move {
+                    let bytes = match piece {
+                        Ok(b) => b,
+                        // A repeated chunk is written here, from the copy kept.
+                        Err((write, bytes)) => {
+                            let copy = bytes.clone();
+                            tokio::task::spawn_blocking(move || write.write(&copy))
+                                .await
+                                .map_err(|e| RemoteError::Task(e.to_string()))??;
+                            bytes
+                        }
+                    };
+                    pieces
+                        .send(bytes)
+                        .await
+                        .map_err(|_| RemoteError::Task("the tree hasher stopped".into()))
+                }
+            })
+            .await;
+        drop(pieces);
+        let checksum = hasher.await.map_err(|e| RemoteError::Task(e.to_string()))?;
+        fed?;
+        tracing::debug!(state = %id.short(), ms = started.elapsed().as_millis() as u64, "chunks written");
+        {
             let (data, entries) = (data.to_path_buf(), manifest.entries.clone());
             let root_mode = manifest.root_mode;
-            tokio::task::spawn_blocking(move || {
-                tree::set_modes(&data, root_mode, &entries)?;
-                Ok::<_, RemoteError>(taidon_store::tree_digest(&data)?.checksum)
-            })
-            .await
-            .map_err(|e| RemoteError::Task(e.to_string()))??
-        };
+            tokio::task::spawn_blocking(move || tree::set_modes(&data, root_mode, &entries))
+                .await
+                .map_err(|e| RemoteError::Task(e.to_string()))??;
+        }
         if checksum != manifest.snapshot.checksum {
             return Err(RemoteError::ChecksumMismatch {
                 state: id,
@@ -624,14 +728,13 @@ impl RemoteStore {
         Ok(report)
     }
 
-    /// Fetches one chunk, checks it, and writes it wherever it belongs.
+    /// Fetches one chunk, checks it, writes it where it first belongs, and returns its bytes.
     async fn restore_chunk(
         &self,
         id: StateId,
-        hash: String,
-        writes: Vec<tree::ChunkWrite>,
-    ) -> Result<(), RemoteError> {
-        let key = self.chunk_key(&hash);
+        write: tree::ChunkWrite,
+    ) -> Result<Bytes, RemoteError> {
+        let key = self.chunk_key(&write.hash);
         let compressed: Bytes = match self.store.get(&key).await {
             Ok(got) => got.bytes().await,
             Err(e) => Err(e),
@@ -641,23 +744,40 @@ impl RemoteStore {
             key: key.to_string(),
             source,
         })?;
-        let len = writes.first().map_or(0, |w| w.len);
         tokio::task::spawn_blocking(move || {
+            let hash = &write.hash;
             let mismatch = |what: String| RemoteError::ChecksumMismatch { state: id, what };
-            let data = zstd::bulk::decompress(&compressed, len as usize)
+            let data = zstd::bulk::decompress(&compressed, write.len as usize)
                 .map_err(|e| mismatch(format!("chunk {hash} does not decompress ({e})")))?;
             let actual = hex::encode(Sha256::digest(&data));
-            if data.len() as u64 != len || actual != hash {
+            if data.len() as u64 != write.len || actual != *hash {
                 return Err(mismatch(format!(
                     "chunk {hash} holds {} bytes hashing to {actual}",
                     data.len()
                 )));
             }
-            writes.iter().try_for_each(|w| w.write(&data))
+            write.write(&data)?;
+            Ok(Bytes::from(data))
         })
         .await
         .map_err(|e| RemoteError::Task(e.to_string()))?
     }
+}
+
+/// One piece of a restore, in tree order.
+enum Item {
+    /// Bytes of the tree checksum's encoding (an entry's header, a symlink's target).
+    Bytes(Vec<u8>),
+    /// The first occurrence of a chunk: fetched, checked, written.
+    Fetch(tree::ChunkWrite),
+    /// A later occurrence: written from the first one's bytes.
+    Repeat(tree::ChunkWrite),
+}
+
+enum Fetched {
+    Bytes(Bytes),
+    Chunk(String, Bytes),
+    Repeat(tree::ChunkWrite),
 }
 
 /// Milliseconds since the Unix epoch, to compare with the bucket's modification times.

@@ -349,10 +349,12 @@ impl Inner {
                 .await
                 .map_err(|e| StoreError::Task(e.to_string()))??
         };
+        let started = Instant::now();
         let filled = self
             .remote
             .restore_data(&manifest, build.data_dir(), progress)
             .await;
+        let downloaded = started.elapsed();
         if let Err(e) = filled {
             if let RemoteError::ChecksumMismatch { what, .. } = &e {
                 self.discard_corrupt_chunks(id, what).await;
@@ -380,6 +382,10 @@ impl Inner {
             .await
             .map_err(|e| StoreError::Task(e.to_string()))??;
         self.remember(id, true);
+        tracing::info!(state = %id.short(), bytes = published.size_bytes,
+            download_ms = downloaded.as_millis() as u64,
+            publish_ms = (started.elapsed() - downloaded).as_millis() as u64,
+            "restored from the bucket");
         Ok(published)
     }
 

@@ -230,3 +230,18 @@ pub(crate) fn set_modes(data: &Path, root_mode: u32, entries: &[Entry]) -> Resul
     fs::set_permissions(data, fs::Permissions::from_mode(root_mode)).ctx("chmod", data)?;
     Ok(())
 }
+
+/// The tree checksum's header of one entry (see `taidon_store::tree_digest`): `kind NUL path
+/// NUL`, then `len NUL` for a file or a symlink.
+pub(crate) fn digest_header(kind: u8, path: &str, len: Option<u64>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(path.len() + 24);
+    out.push(kind);
+    out.push(0);
+    out.extend_from_slice(path.as_bytes());
+    out.push(0);
+    if let Some(len) = len {
+        out.extend_from_slice(len.to_string().as_bytes());
+        out.push(0);
+    }
+    out
+}
