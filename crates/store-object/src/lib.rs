@@ -168,6 +168,17 @@ impl RemoteStore {
         }
     }
 
+    /// The whole object at `key` (the request and the body read tried again as one).
+    async fn get_bytes(&self, key: &Key) -> Result<Bytes, object_store::Error> {
+        again_on_failure(|| async {
+            match self.store.get(key).await {
+                Ok(got) => got.bytes().await,
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
     /// The key of `rest` under the store's prefix.
     pub fn key_for(&self, rest: &str) -> Key {
         self.key(rest)
@@ -337,10 +348,7 @@ impl RemoteStore {
             return Ok(Some(known));
         }
         let key = self.manifest_key(id);
-        let bytes = match self.store.get(&key).await {
-            Ok(got) => got.bytes().await,
-            Err(e) => Err(e),
-        };
+        let bytes = self.get_bytes(&key).await;
         match bytes {
             Ok(bytes) => {
                 let manifest = Arc::new(RemoteManifest::decode(id, &bytes)?);
@@ -611,7 +619,7 @@ impl RemoteStore {
     /// Whether the bucket has `id`'s manifest (one HEAD; the manifest is not read).
     pub async fn has_state(&self, id: &StateId) -> Result<bool, RemoteError> {
         let key = self.manifest_key(id);
-        match self.store.head(&key).await {
+        match again_on_failure(|| self.store.head(&key)).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(source) => Err(RemoteError::Request {
@@ -735,15 +743,14 @@ impl RemoteStore {
         write: tree::ChunkWrite,
     ) -> Result<Bytes, RemoteError> {
         let key = self.chunk_key(&write.hash);
-        let compressed: Bytes = match self.store.get(&key).await {
-            Ok(got) => got.bytes().await,
-            Err(e) => Err(e),
-        }
-        .map_err(|source| RemoteError::Request {
-            op: "get",
-            key: key.to_string(),
-            source,
-        })?;
+        let compressed: Bytes =
+            self.get_bytes(&key)
+                .await
+                .map_err(|source| RemoteError::Request {
+                    op: "get",
+                    key: key.to_string(),
+                    source,
+                })?;
         tokio::task::spawn_blocking(move || {
             let hash = &write.hash;
             let mismatch = |what: String| RemoteError::ChecksumMismatch { state: id, what };
@@ -786,4 +793,28 @@ fn chrono_now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// Runs a read again, twice at most (after 300 ms, then 600 ms), when it failed for a reason
+/// other than a missing object: the client's own retries (see `retry_config`) end after a few
+/// attempts, and a restore or a lookup that gives up makes a machine build what the bucket
+/// has. Reads are idempotent.
+async fn again_on_failure<T, F, Fut>(op: F) -> Result<T, object_store::Error>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, object_store::Error>>,
+{
+    let mut wait = Duration::from_millis(300);
+    for _ in 0..2 {
+        match op().await {
+            Err(e @ object_store::Error::NotFound { .. }) => return Err(e),
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                tracing::debug!(error = %e, "a read failed; trying again");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+    }
+    op().await
 }
