@@ -506,16 +506,21 @@ fn snapshot_dir_exists(home: &Path, id: &str) -> bool {
 #[test]
 fn the_bucket_keeps_its_capacity_by_score_and_keeps_pins() {
     for server in servers("remote_capacity") {
-        let a = home(
-            &server,
-            "capacity_mb = 1\nlow_water = 0.5\ngc_every_s = 1\ngc_grace_s = 30\n",
-        );
+        let a = home(&server, "");
         a.write("schema.sql", SCHEMA);
         a.write("seed.sql", SEED);
         let head = prepare_head(&a, &["schema.sql", "seed.sql"]);
         a.ok(&["pin", &head[..12], "--reason", "main"]);
-        // The three states go up; the remote pass then takes the bucket under 1 MiB by
-        // deleting the unpinned ones and collecting their chunks.
+        wait_uploaded(&a, 3);
+        // Now a capacity far below what the bucket holds: the next daemon's remote pass takes
+        // the bucket under 1 MiB by deleting the unpinned states and collecting their chunks.
+        a.ok(&["shutdown"]);
+        let config = fs::read_to_string(a.home.join("config.toml")).expect("config");
+        fs::write(
+            a.home.join("config.toml"),
+            format!("{config}capacity_mb = 1\nlow_water = 0.5\ngc_every_s = 1\ngc_grace_s = 30\n"),
+        )
+        .expect("config");
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let manifests = objects(&server, "team/manifests/");

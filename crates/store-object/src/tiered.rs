@@ -70,7 +70,13 @@ struct Health {
     failed: Option<(Instant, String)>,
     bytes: u64,
     snapshots: u64,
+    /// When `bytes` was counted (a listing of every chunk); `None` after a change made here.
+    counted: Option<Instant>,
 }
+
+/// How long a count of the bucket's bytes serves `status` (a change made here counts anew
+/// at once): counting lists every chunk, one request per thousand.
+const RECOUNT_EVERY: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for TieredStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -184,6 +190,11 @@ impl Inner {
             .is_some_and(|(at, _)| at.elapsed() < self.options.skip_after_failure)
     }
 
+    /// Makes the next `status` count the bucket's bytes again.
+    fn recount(&self) {
+        lock(&self.health).counted = None;
+    }
+
     fn remember(&self, id: StateId, present: bool) {
         let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
         if present {
@@ -234,6 +245,7 @@ impl Inner {
             Ok(r) => {
                 self.note_success();
                 self.remember(id, true);
+                self.recount();
                 Ok(PushReport {
                     chunks_uploaded: r.chunks_uploaded,
                     chunks_skipped: r.chunks_skipped,
@@ -279,12 +291,30 @@ impl Inner {
 
     async fn probe(&self) -> RemoteStatus {
         let pending = lock(&self.pending).len() as u64;
-        let probe = tokio::time::timeout(Duration::from_secs(10), self.remote.usage()).await;
+        let fresh = lock(&self.health)
+            .counted
+            .is_some_and(|at| at.elapsed() < RECOUNT_EVERY);
+        let probe = tokio::time::timeout(Duration::from_secs(10), async {
+            if fresh {
+                // The manifests only: one listing answers "reachable" and counts snapshots.
+                let manifests = self.remote.list_states().await?;
+                Ok(crate::BucketUsage {
+                    manifests,
+                    ..Default::default()
+                })
+            } else {
+                self.remote.usage().await
+            }
+        })
+        .await;
         let result = match probe {
             Ok(Ok(usage)) => {
                 self.note_success();
                 let mut h = lock(&self.health);
-                h.bytes = usage.chunk_bytes;
+                if !fresh {
+                    h.bytes = usage.chunk_bytes;
+                    h.counted = Some(Instant::now());
+                }
                 h.snapshots = usage.manifests.len() as u64;
                 drop(h);
                 *self.known.write().unwrap_or_else(|p| p.into_inner()) =
@@ -606,6 +636,7 @@ impl RemoteTier for TieredStore {
                     store_error(format!("cannot delete from {}", self.inner.url), e)
                 })?;
             self.inner.remember(id, false);
+            self.inner.recount();
             Ok(removed)
         })
     }
@@ -615,9 +646,18 @@ impl RemoteTier for TieredStore {
         grace: Duration,
     ) -> taidon_store::BoxFuture<'_, Result<GcReport, StoreError>> {
         Box::pin(async move {
-            self.inner.remote.collect_garbage(grace).await.map_err(|e| {
-                store_error(format!("cannot collect garbage in {}", self.inner.url), e)
-            })
+            let report = self
+                .inner
+                .remote
+                .collect_garbage(grace)
+                .await
+                .map_err(|e| {
+                    store_error(format!("cannot collect garbage in {}", self.inner.url), e)
+                })?;
+            if report.chunks_deleted > 0 {
+                self.inner.recount();
+            }
+            Ok(report)
         })
     }
 }
