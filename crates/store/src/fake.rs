@@ -81,6 +81,19 @@ impl Default for FakeStore {
     }
 }
 
+/// The manifest of a snapshot "built long ago" on the fake engine.
+fn old_manifest(id: StateId, parent: Option<StateId>, size_bytes: u64) -> Manifest {
+    Manifest {
+        state_id: id,
+        parent,
+        engine: fake_engine(),
+        size_bytes,
+        checksum: format!("sha256:fake-{id}"),
+        created_ms: 0,
+        build_cost_ms: 1,
+    }
+}
+
 /// The engine the manifests of [`FakeStore::put`] name.
 pub fn fake_engine() -> EngineFingerprint {
     EngineFingerprint {
@@ -97,15 +110,7 @@ impl FakeStore {
 
     /// Publishes a snapshot of `id` directly, as if built long ago.
     pub fn put(&self, id: StateId, parent: Option<StateId>, size_bytes: u64) -> Manifest {
-        let manifest = Manifest {
-            state_id: id,
-            parent,
-            engine: fake_engine(),
-            size_bytes,
-            checksum: format!("sha256:fake-{id}"),
-            created_ms: 0,
-            build_cost_ms: 1,
-        };
+        let manifest = old_manifest(id, parent, size_bytes);
         locked(&self.shared).snapshots.insert(id, manifest.clone());
         manifest
     }
@@ -177,15 +182,7 @@ impl FakeStore {
 
     /// Puts a snapshot of `id` in the bucket, as another machine's upload would.
     pub fn bucket_put(&self, id: StateId, parent: Option<StateId>, size_bytes: u64) {
-        let manifest = Manifest {
-            state_id: id,
-            parent,
-            engine: fake_engine(),
-            size_bytes,
-            checksum: format!("sha256:fake-{id}"),
-            created_ms: 0,
-            build_cost_ms: 1,
-        };
+        let manifest = old_manifest(id, parent, size_bytes);
         self.with_fake_bucket(|b| b.manifests.insert(id, manifest));
     }
 
