@@ -42,6 +42,13 @@ pub enum RemoteError {
     /// of different content.
     #[error("checksum mismatch in the snapshot of state {state}: {what}")]
     ChecksumMismatch { state: StateId, what: String },
+    /// One chunk in the bucket does not hold what its name (its hash) says: it was not used.
+    #[error("checksum mismatch in the snapshot of state {state}: chunk {chunk} {what}")]
+    CorruptChunk {
+        state: StateId,
+        chunk: String,
+        what: String,
+    },
     /// No manifest of this state is in the bucket.
     #[error("no remote snapshot of state {0}")]
     UnknownState(StateId),

@@ -337,10 +337,11 @@ impl RemoteStore {
 
     /// The remote manifest of `id`, checked against its recorded hash; `None` if absent.
     pub async fn manifest(&self, id: &StateId) -> Result<Option<RemoteManifest>, RemoteError> {
-        Ok(self.manifest_shared(id).await?.map(|m| (*m).clone()))
+        Ok(self.remote_manifest(id).await?.map(|m| (*m).clone()))
     }
 
-    async fn manifest_shared(
+    /// The verified manifest of `id`, shared (read once, then kept); `None` if absent.
+    pub async fn remote_manifest(
         &self,
         id: &StateId,
     ) -> Result<Option<Arc<RemoteManifest>>, RemoteError> {
@@ -369,7 +370,7 @@ impl RemoteStore {
     /// failure `target` is removed.
     pub async fn restore(&self, id: &StateId, target: &Path) -> Result<Manifest, RemoteError> {
         let manifest = self
-            .manifest_shared(id)
+            .remote_manifest(id)
             .await?
             .ok_or(RemoteError::UnknownState(*id))?;
         tokio::fs::create_dir(target).await.map_err(|e| {
@@ -489,10 +490,17 @@ impl RemoteStore {
             }
         };
         let mut kept: HashMap<String, Bytes> = HashMap::new();
-        let fed = stream::iter(items)
+        // How many occurrences of `hash` are still to be written, this one taken.
+        let mut take_use = |hash: &str| {
+            uses.get_mut(hash).map_or(0, |n| {
+                *n = n.saturating_sub(1);
+                *n
+            })
+        };
+        let mut fetched = stream::iter(items)
             .map(|item| async {
                 match item {
-                    Item::Bytes(b) => Ok(Fetched::Bytes(Bytes::from(b))),
+                    Item::Bytes(b) => Ok::<_, RemoteError>(Fetched::Bytes(Bytes::from(b))),
                     Item::Fetch(write) => {
                         let len = write.len;
                         let hash = write.hash.clone();
@@ -503,58 +511,43 @@ impl RemoteStore {
                     Item::Repeat(write) => Ok(Fetched::Repeat(write)),
                 }
             })
-            .buffered(self.parallelism)
-            .try_for_each(|fetched| {
-                let piece = match fetched {
-                    Fetched::Bytes(b) => Ok(b),
+            .buffered(self.parallelism);
+        let fed = async {
+            while let Some(next) = fetched.next().await {
+                let bytes = match next? {
+                    Fetched::Bytes(b) => b,
                     Fetched::Chunk(hash, bytes) => {
-                        if let Some(n) = uses.get_mut(&hash) {
-                            *n -= 1;
-                            if *n > 0 {
-                                kept.insert(hash, bytes.clone());
-                            }
+                        if take_use(&hash) > 0 {
+                            kept.insert(hash, bytes.clone());
                         }
-                        Ok(bytes)
+                        bytes
                     }
+                    // A later occurrence is written here, from the copy kept.
                     Fetched::Repeat(write) => {
-                        let left = uses.get_mut(&write.hash).map(|n| {
-                            *n -= 1;
-                            *n
-                        });
-                        let bytes = if left == Some(0) {
+                        let bytes = if take_use(&write.hash) == 0 {
                             kept.remove(&write.hash)
                         } else {
                             kept.get(&write.hash).cloned()
-                        };
-                        match bytes {
-                            Some(bytes) => {
-                                report(write.len);
-                                Err((write, bytes))
-                            }
-                            None => Ok(Bytes::new()),
                         }
+                        .ok_or_else(|| {
+                            RemoteError::Task(format!("chunk {} reused before it came", write.hash))
+                        })?;
+                        let (copy, len) = (bytes.clone(), write.len);
+                        tokio::task::spawn_blocking(move || write.write(&copy))
+                            .await
+                            .map_err(|e| RemoteError::Task(e.to_string()))??;
+                        report(len);
+                        bytes
                     }
                 };
-                let pieces = pieces.clone();
-                async move {
-                    let bytes = match piece {
-                        Ok(b) => b,
-                        // A repeated chunk is written here, from the copy kept.
-                        Err((write, bytes)) => {
-                            let copy = bytes.clone();
-                            tokio::task::spawn_blocking(move || write.write(&copy))
-                                .await
-                                .map_err(|e| RemoteError::Task(e.to_string()))??;
-                            bytes
-                        }
-                    };
-                    pieces
-                        .send(bytes)
-                        .await
-                        .map_err(|_| RemoteError::Task("the tree hasher stopped".into()))
-                }
-            })
-            .await;
+                pieces
+                    .send(bytes)
+                    .await
+                    .map_err(|_| RemoteError::Task("the tree hasher stopped".into()))?;
+            }
+            Ok::<(), RemoteError>(())
+        }
+        .await;
         drop(pieces);
         let checksum = hasher.await.map_err(|e| RemoteError::Task(e.to_string()))?;
         fed?;
@@ -576,14 +569,6 @@ impl RemoteStore {
             });
         }
         Ok(())
-    }
-
-    /// The verified manifest of `id`, shared; `None` if absent.
-    pub async fn remote_manifest(
-        &self,
-        id: &StateId,
-    ) -> Result<Option<Arc<RemoteManifest>>, RemoteError> {
-        self.manifest_shared(id).await
     }
 
     fn cached_manifest(&self, id: &StateId) -> Option<Arc<RemoteManifest>> {
@@ -689,7 +674,7 @@ impl RemoteStore {
         let ids = self.list_states().await?;
         let mut live = HashSet::new();
         for id in &ids {
-            let Some(manifest) = self.manifest_shared(id).await? else {
+            let Some(manifest) = self.remote_manifest(id).await? else {
                 continue; // removed since the listing
             };
             for entry in &manifest.entries {
@@ -752,14 +737,17 @@ impl RemoteStore {
                     source,
                 })?;
         tokio::task::spawn_blocking(move || {
-            let hash = &write.hash;
-            let mismatch = |what: String| RemoteError::ChecksumMismatch { state: id, what };
+            let corrupt = |what: String| RemoteError::CorruptChunk {
+                state: id,
+                chunk: write.hash.clone(),
+                what,
+            };
             let data = zstd::bulk::decompress(&compressed, write.len as usize)
-                .map_err(|e| mismatch(format!("chunk {hash} does not decompress ({e})")))?;
+                .map_err(|e| corrupt(format!("does not decompress ({e})")))?;
             let actual = hex::encode(Sha256::digest(&data));
-            if data.len() as u64 != write.len || actual != *hash {
-                return Err(mismatch(format!(
-                    "chunk {hash} holds {} bytes hashing to {actual}",
+            if data.len() as u64 != write.len || actual != write.hash {
+                return Err(corrupt(format!(
+                    "holds {} bytes hashing to {actual}",
                     data.len()
                 )));
             }

@@ -109,6 +109,10 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 fn store_error(context: String, e: RemoteError) -> StoreError {
     match e {
         RemoteError::ChecksumMismatch { state, what } => StoreError::Corrupt { state, what },
+        RemoteError::CorruptChunk { state, chunk, what } => StoreError::Corrupt {
+            state,
+            what: format!("chunk {chunk} {what}"),
+        },
         RemoteError::Store(inner) => inner,
         other => StoreError::Remote {
             message: context,
@@ -137,33 +141,6 @@ impl TieredStore {
         tokio::spawn(run_queue(Arc::downgrade(&inner), rx));
         tokio::spawn(resync_loop(Arc::downgrade(&inner)));
         Self { inner }
-    }
-
-    /// The local tier.
-    pub fn local(&self) -> &LocalStore {
-        &self.inner.local
-    }
-
-    /// The bucket.
-    pub fn bucket(&self) -> &RemoteStore {
-        &self.inner.remote
-    }
-
-    /// Queues every local snapshot the bucket lacks; how many were queued.
-    pub async fn resync(&self) -> Result<usize, StoreError> {
-        self.inner.resync().await
-    }
-
-    /// Waits until no upload is queued or running, or `timeout` passes; true if idle.
-    pub async fn wait_idle(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while !lock(&self.inner.pending).is_empty() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        true
     }
 }
 
@@ -386,8 +363,12 @@ impl Inner {
             .await;
         let downloaded = started.elapsed();
         if let Err(e) = filled {
-            if let RemoteError::ChecksumMismatch { what, .. } = &e {
-                self.discard_corrupt_chunks(id, what).await;
+            match &e {
+                RemoteError::CorruptChunk { chunk, .. } => {
+                    self.discard_corrupt_chunk(id, chunk).await
+                }
+                RemoteError::ChecksumMismatch { .. } => self.discard_corrupt_manifest(id).await,
+                _ => {}
             }
             // Dropping the build removes the partial restore.
             let dir = build.dir().to_path_buf();
@@ -432,15 +413,10 @@ impl Inner {
     /// A chunk that fails its hash is deleted (the next upload that needs it puts it again),
     /// and so is the manifest that led to it: other states sharing the chunk fail the same
     /// way and are rebuilt and uploaded in turn.
-    async fn discard_corrupt_chunks(&self, id: StateId, what: &str) {
-        if let Some(hash) = what
-            .strip_prefix("chunk ")
-            .and_then(|rest| rest.split_whitespace().next())
-        {
-            tracing::warn!(state = %id.short(), chunk = hash, "deleting a corrupt chunk");
-            if let Err(e) = self.remote.remove_chunk(hash).await {
-                tracing::warn!(error = %e, "cannot delete a corrupt chunk");
-            }
+    async fn discard_corrupt_chunk(&self, id: StateId, chunk: &str) {
+        tracing::warn!(state = %id.short(), chunk, "deleting a corrupt chunk");
+        if let Err(e) = self.remote.remove_chunk(chunk).await {
+            tracing::warn!(error = %e, "cannot delete a corrupt chunk");
         }
         self.discard_corrupt_manifest(id).await;
     }
