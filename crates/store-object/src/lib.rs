@@ -63,6 +63,16 @@ pub struct UploadReport {
     pub manifest_created: bool,
 }
 
+/// What an upload did with one chunk.
+enum ChunkPut {
+    /// The bucket had it, young enough to rely on.
+    Present,
+    /// The bucket lacked it: put, this many compressed bytes.
+    New(u64),
+    /// The bucket had it but old: put again so that its age restarts.
+    Refreshed(u64),
+}
+
 /// Snapshots in an S3-compatible bucket (or any [`ObjectStore`]) under a key prefix.
 #[derive(Debug, Clone)]
 pub struct RemoteStore {
@@ -232,19 +242,26 @@ impl RemoteStore {
             .into_iter()
             .filter(|s| seen.insert(s.hash.clone()))
             .collect();
-        let results: Vec<Option<u64>> = stream::iter(jobs)
-            .map(|source| self.upload_chunk(source))
+        let results: Vec<(ChunkPut, tree::ChunkSource)> = stream::iter(jobs)
+            .map(|source| async move {
+                let put = self.upload_chunk(&source).await?;
+                Ok::<_, RemoteError>((put, source))
+            })
             .buffer_unordered(self.parallelism)
             .try_collect()
             .await?;
         let mut report = UploadReport::default();
-        for put in results {
+        let mut refreshed = Vec::new();
+        for (put, source) in results {
             match put {
-                Some(bytes) => {
+                ChunkPut::Present => report.chunks_skipped += 1,
+                ChunkPut::New(bytes) | ChunkPut::Refreshed(bytes) => {
                     report.chunks_uploaded += 1;
                     report.bytes_uploaded += bytes;
+                    if matches!(put, ChunkPut::Refreshed(_)) {
+                        refreshed.push(source);
+                    }
                 }
-                None => report.chunks_skipped += 1,
             }
         }
 
@@ -293,11 +310,41 @@ impl RemoteStore {
                 })
             }
         }
+        self.restore_refreshed(refreshed).await?;
         Ok(report)
     }
 
-    /// Puts one chunk unless the bucket has it; the compressed bytes put, or `None`.
-    async fn upload_chunk(&self, source: tree::ChunkSource) -> Result<Option<u64>, RemoteError> {
+    /// A collection that listed an old chunk before this upload refreshed it may still delete
+    /// it (S3 has no conditional delete). Now that the manifest protects them from every later
+    /// collection, the refreshed chunks are looked up once more and any that went are put back.
+    async fn restore_refreshed(
+        &self,
+        refreshed: Vec<tree::ChunkSource>,
+    ) -> Result<(), RemoteError> {
+        stream::iter(refreshed)
+            .map(|source| async move {
+                let key = self.chunk_key(&source.hash);
+                match self.store.head(&key).await {
+                    Ok(_) => Ok(()),
+                    Err(object_store::Error::NotFound { .. }) => {
+                        tracing::debug!(chunk = %source.hash, "a collection deleted a refreshed chunk; putting it back");
+                        self.put_chunk(&source).await.map(drop)
+                    }
+                    Err(e) => Err(RemoteError::Request {
+                        op: "look up",
+                        key: key.to_string(),
+                        source: e,
+                    }),
+                }
+            })
+            .buffer_unordered(self.parallelism)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    /// Puts one chunk unless the bucket has it young enough to rely on.
+    async fn upload_chunk(&self, source: &tree::ChunkSource) -> Result<ChunkPut, RemoteError> {
         let key = self.chunk_key(&source.hash);
         match self.store.head(&key).await {
             Ok(meta) => {
@@ -306,20 +353,27 @@ impl RemoteStore {
                     .refresh_after
                     .is_some_and(|limit| Duration::from_millis(age) >= limit);
                 if !stale {
-                    return Ok(None);
+                    return Ok(ChunkPut::Present);
                 }
                 tracing::debug!(chunk = %source.hash, "refreshing an old chunk");
+                self.put_chunk(source).await.map(ChunkPut::Refreshed)
             }
-            Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => {
-                return Err(RemoteError::Request {
-                    op: "look up",
-                    key: key.to_string(),
-                    source: e,
-                })
+            Err(object_store::Error::NotFound { .. }) => {
+                self.put_chunk(source).await.map(ChunkPut::New)
             }
+            Err(e) => Err(RemoteError::Request {
+                op: "look up",
+                key: key.to_string(),
+                source: e,
+            }),
         }
-        let compressed = tokio::task::spawn_blocking(move || source.read_compressed(ZSTD_LEVEL))
+    }
+
+    /// Puts one chunk; its compressed size.
+    async fn put_chunk(&self, source: &tree::ChunkSource) -> Result<u64, RemoteError> {
+        let key = self.chunk_key(&source.hash);
+        let read = source.clone();
+        let compressed = tokio::task::spawn_blocking(move || read.read_compressed(ZSTD_LEVEL))
             .await
             .map_err(|e| RemoteError::Task(e.to_string()))??;
         let len = compressed.len() as u64;
@@ -332,7 +386,7 @@ impl RemoteStore {
                 key: key.to_string(),
                 source: e,
             })?;
-        Ok(Some(len))
+        Ok(len)
     }
 
     /// The remote manifest of `id`, checked against its recorded hash; `None` if absent.
@@ -700,24 +754,45 @@ impl RemoteStore {
                 report.chunks_in_grace += 1;
                 continue;
             }
-            report.bytes_deleted += chunk.size;
-            doomed.push(chunk.location);
+            doomed.push((chunk.location, chunk.size));
         }
-        report.chunks_deleted = doomed.len() as u64;
-        stream::iter(doomed)
-            .map(|key| async move {
+        // The listing may be old by now: an upload may have refreshed a doomed chunk since.
+        // Each is looked at once more right before it goes, which leaves a window of one
+        // round trip; the upload closes it by checking its refreshed chunks after its manifest.
+        let swept: Vec<Option<u64>> = stream::iter(doomed)
+            .map(|(key, size)| async move {
+                let failed = |op, source| RemoteError::Request {
+                    op,
+                    key: key.to_string(),
+                    source,
+                };
+                match self.store.head(&key).await {
+                    Ok(meta) => {
+                        let age = (chrono_now_ms() - meta.last_modified.timestamp_millis()).max(0);
+                        if Duration::from_millis(age as u64) < grace {
+                            return Ok(None);
+                        }
+                    }
+                    Err(object_store::Error::NotFound { .. }) => return Ok(Some(size)),
+                    Err(source) => return Err(failed("look up", source)),
+                }
                 match self.store.delete(&key).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                    Err(source) => Err(RemoteError::Request {
-                        op: "delete",
-                        key: key.to_string(),
-                        source,
-                    }),
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(Some(size)),
+                    Err(source) => Err(failed("delete", source)),
                 }
             })
             .buffer_unordered(self.parallelism)
-            .try_collect::<Vec<()>>()
+            .try_collect()
             .await?;
+        for outcome in swept {
+            match outcome {
+                Some(size) => {
+                    report.chunks_deleted += 1;
+                    report.bytes_deleted += size;
+                }
+                None => report.chunks_in_grace += 1,
+            }
+        }
         Ok(report)
     }
 

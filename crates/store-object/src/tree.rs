@@ -13,7 +13,7 @@ use crate::error::IoContext;
 use crate::{Entry, RemoteError, CHUNK_SIZE};
 
 /// Where one chunk's bytes are in the local tree.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct ChunkSource {
     pub path: PathBuf,
     pub offset: u64,
