@@ -138,7 +138,7 @@ impl Controller {
         let started = Instant::now();
         let server = self
             .runtime
-            .start_instance(iid)
+            .start_instance(iid, state)
             .await
             .map_err(|e| ControllerError::runtime(format!("cannot start instance {iid}"), e))?;
         let password = random_hex(24);
@@ -283,6 +283,22 @@ impl Controller {
                 tracing::warn!(error = %e, "cannot restart an instance");
             }
         }
+        // What runs for no instance this controller knows (a pod of a crashed build, of an
+        // instance whose row went) is ended.
+        let keep: Vec<_> = self
+            .meta
+            .instances()?
+            .iter()
+            .map(|r| r.instance_id)
+            .collect();
+        match self.runtime.end_unadopted(&keep).await {
+            Ok(ended) => {
+                for what in ended {
+                    tracing::warn!("ended {what}: it belongs to no instance");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot end what belongs to no instance"),
+        }
         Ok(())
     }
 
@@ -295,7 +311,10 @@ impl Controller {
         row: InstanceRow,
         event: &str,
     ) -> Result<(), ControllerError> {
-        let started = self.runtime.start_instance(row.instance_id).await;
+        let started = self
+            .runtime
+            .start_instance(row.instance_id, row.state_id)
+            .await;
         let mut row = row;
         match started {
             Ok(server) => {

@@ -226,6 +226,21 @@ impl Controller {
         Self::open_with(config, seams).await
     }
 
+    /// Opens the home with a runtime and a snapshot store made by the caller: the Kubernetes
+    /// runtime, and the bucket its runner pods restore from.
+    pub async fn open_on(
+        config: ControllerConfig,
+        runtime: Arc<dyn Runtime>,
+        store: Arc<dyn SnapshotStore>,
+    ) -> Result<Arc<Self>, ControllerError> {
+        let seams = Seams {
+            runtime,
+            store,
+            clock: Arc::new(now_ms),
+        };
+        Self::open_with(config, seams).await
+    }
+
     /// [`Controller::open`] on the given seams: the controller reaches processes and snapshot
     /// data only through them.
     pub(crate) async fn open_with(

@@ -92,6 +92,10 @@ pub enum RuntimeError {
     /// A data area of another kind of runtime or store.
     #[error("this runtime cannot use the data area {0}")]
     ForeignArea(taidon_core::DataArea),
+    /// A runtime that runs servers elsewhere (runner pods) could not do what was asked; the
+    /// detail names the object and the cause.
+    #[error("{what}: {detail}")]
+    Remote { what: String, detail: String },
     /// The blocking thread running a runtime operation ended without finishing it.
     #[error("a runtime task failed: {0}")]
     Task(String),

@@ -20,10 +20,10 @@ pub use engine::Engine;
 pub use error::{EngineError, RuntimeError};
 pub use health::{Exit, Health};
 pub use orphan::kill_orphan;
-pub use psql::{run_psql_step, StepError, StepOutput};
+pub use psql::{run_psql_step, run_psql_step_at, PsqlTarget, StepError, StepOutput};
 pub use run_as::RunAs;
 pub use runtime::{
-    BoxFuture, BuildServer, Endpoint, Instance, LocalLayout, LocalRuntime, Reclaimed, Runtime,
-    RuntimeInfo, StepInputs,
+    lay_out_step, BoxFuture, BuildServer, Endpoint, Instance, LocalLayout, LocalRuntime,
+    Reclaimed, Runtime, RuntimeInfo, StepInputs,
 };
 pub use server::{free_port, Server, ServerConfig};

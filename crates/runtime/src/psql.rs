@@ -28,11 +28,43 @@ pub struct StepError {
     pub exit_code: Option<i32>,
 }
 
+/// Where psql connects: a socket directory or a host, the port, and the password if the
+/// server asks for one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PsqlTarget {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+}
+
+impl PsqlTarget {
+    /// A local server's unix socket, as the superuser.
+    pub fn local(server: &Server) -> Self {
+        Self {
+            host: server.socket_dir.display().to_string(),
+            port: server.port,
+            user: "postgres".into(),
+            password: None,
+        }
+    }
+}
+
 /// Run `step` with psql against `server` as the current user, in `cwd` (so relative `-f` and
 /// `\i` paths are the user's).
 pub async fn run_psql_step(
     engine: &Engine,
     server: &Server,
+    step: &PsqlStep,
+    cwd: &Path,
+) -> Result<StepOutput, StepError> {
+    run_psql_step_at(engine, &PsqlTarget::local(server), step, cwd).await
+}
+
+/// Run `step` with psql against `target`, in `cwd`.
+pub async fn run_psql_step_at(
+    engine: &Engine,
+    target: &PsqlTarget,
     step: &PsqlStep,
     cwd: &Path,
 ) -> Result<StepOutput, StepError> {
@@ -46,15 +78,20 @@ pub async fn run_psql_step(
         cmd.arg("-v").arg(format!("{name}={value}"));
     }
     cmd.arg("-h")
-        .arg(&server.socket_dir)
+        .arg(&target.host)
         .arg("-p")
-        .arg(server.port.to_string())
-        .args(["-U", "postgres", "-d", "postgres"]);
+        .arg(target.port.to_string())
+        .arg("-U")
+        .arg(&target.user)
+        .args(["-d", "postgres"]);
     match &step.input {
         PsqlInput::File { path, .. } => cmd.arg("-f").arg(path),
         PsqlInput::Command { sql } => cmd.arg("-c").arg(sql),
     };
     remove_pg_env(&mut cmd);
+    if let Some(password) = &target.password {
+        cmd.env("PGPASSWORD", password);
+    }
     cmd.env("PGAPPNAME", "taidon-prepare")
         .current_dir(cwd)
         .stdin(Stdio::null())

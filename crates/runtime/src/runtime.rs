@@ -68,12 +68,13 @@ pub trait Runtime: Send + Sync {
 
     /// Makes room for instance `iid`'s data: the area a store restores a snapshot into.
     fn prepare_instance(&self, iid: InstanceId) -> BoxFuture<'_, Result<DataArea, RuntimeError>>;
-    /// Starts a server on `iid`'s data (restored, or kept from an earlier start) and waits
-    /// until it accepts connections. The handle is how the caller reaches, watches and stops
-    /// it.
+    /// Starts a server on `iid`'s data (restored from `state`'s snapshot, or kept from an
+    /// earlier start) and waits until it accepts connections. The handle is how the caller
+    /// reaches, watches and stops it.
     fn start_instance(
         &self,
         iid: InstanceId,
+        state: StateId,
     ) -> BoxFuture<'_, Result<Box<dyn Instance>, RuntimeError>>;
     /// Deletes `iid`'s data, first stopping any server a previous process left on it (its own
     /// server the caller stops or discards first).
@@ -91,6 +92,15 @@ pub trait Runtime: Send + Sync {
     /// After a restart, once leftover servers are stopped: deletes what builds of a previous
     /// process left of the runtime's own (sockets, work directories).
     fn discard_leftovers(&self) -> BoxFuture<'_, Result<(), RuntimeError>>;
+    /// After a restart, once the instances in `keep` are adopted: ends whatever else the
+    /// runtime runs for this controller (a pod a crashed controller left); what it ended.
+    fn end_unadopted<'a>(
+        &'a self,
+        keep: &'a [InstanceId],
+    ) -> BoxFuture<'a, Result<Vec<String>, RuntimeError>> {
+        let _ = keep;
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }
 
 /// A running build server: it applies steps to the data it runs on.
@@ -297,6 +307,7 @@ impl Runtime for LocalRuntime {
     fn start_instance(
         &self,
         iid: InstanceId,
+        _state: StateId,
     ) -> BoxFuture<'_, Result<Box<dyn Instance>, RuntimeError>> {
         Box::pin(async move {
             let config = self.instance_config(&iid);
@@ -373,49 +384,48 @@ struct LocalBuild {
     work: PathBuf,
 }
 
-impl LocalBuild {
-    /// A fresh directory with the input closure of `step` laid out in it, removed when
-    /// dropped.
-    async fn lay_out(
-        &self,
-        step: &PsqlStep,
-        inputs: &dyn StepInputs,
-    ) -> Result<tempfile::TempDir, String> {
-        tokio::fs::create_dir_all(&self.work)
-            .await
-            .map_err(|e| format!("cannot create {}: {e}", self.work.display()))?;
-        let dir = tempfile::Builder::new()
-            .prefix("step-")
-            .tempdir_in(&self.work)
-            .map_err(|e| format!("cannot make a step's work directory: {e}"))?;
-        let root = dir.path();
-        tokio::fs::create_dir_all(root.join(workdir_of(step)))
-            .await
-            .map_err(|e| format!("cannot make a step's work directory: {e}"))?;
-        for (rel, sha256) in step.input.files() {
-            if rel.is_empty() || rel.starts_with('/') || rel.split('/').any(|p| p == "..") {
-                return Err(format!("input {rel:?} leaves its closure's root"));
-            }
-            let dest = root.join(&rel);
-            if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
-                continue; // a file the closure lists twice
-            }
-            if let Some(parent) = dest.parent() {
-                tokio::fs::create_dir_all(parent)
-                    .await
-                    .map_err(|e| format!("cannot lay out {rel}: {e}"))?;
-            }
-            let copy = async {
-                let mut content = inputs.open(sha256).await?;
-                let mut file = tokio::fs::File::create(&dest).await?;
-                tokio::io::copy(&mut content, &mut file).await?;
-                io::Result::Ok(())
-            };
-            copy.await
-                .map_err(|e| format!("cannot lay out input {rel} ({sha256}): {e}"))?;
+/// A fresh directory under `work` with the input closure of `step` laid out in it (removed
+/// when dropped), and the directory psql runs in.
+pub async fn lay_out_step(
+    work: &Path,
+    step: &PsqlStep,
+    inputs: &dyn StepInputs,
+) -> Result<(tempfile::TempDir, PathBuf), String> {
+    tokio::fs::create_dir_all(work)
+        .await
+        .map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("step-")
+        .tempdir_in(work)
+        .map_err(|e| format!("cannot make a step's work directory: {e}"))?;
+    let root = dir.path();
+    let cwd = root.join(workdir_of(step));
+    tokio::fs::create_dir_all(&cwd)
+        .await
+        .map_err(|e| format!("cannot make a step's work directory: {e}"))?;
+    for (rel, sha256) in step.input.files() {
+        if rel.is_empty() || rel.starts_with('/') || rel.split('/').any(|p| p == "..") {
+            return Err(format!("input {rel:?} leaves its closure's root"));
         }
-        Ok(dir)
+        let dest = root.join(&rel);
+        if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
+            continue; // a file the closure lists twice
+        }
+        if let Some(parent) = dest.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| format!("cannot lay out {rel}: {e}"))?;
+        }
+        let copy = async {
+            let mut content = inputs.open(sha256).await?;
+            let mut file = tokio::fs::File::create(&dest).await?;
+            tokio::io::copy(&mut content, &mut file).await?;
+            io::Result::Ok(())
+        };
+        copy.await
+            .map_err(|e| format!("cannot lay out input {rel} ({sha256}): {e}"))?;
     }
+    Ok((dir, cwd))
 }
 
 /// Where psql runs for `step`, relative to its closure's root.
@@ -433,15 +443,14 @@ impl BuildServer for LocalBuild {
         inputs: &'a dyn StepInputs,
     ) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(async move {
-            let work = self
-                .lay_out(step, inputs)
-                .await
-                .map_err(|message| StepError {
-                    message,
-                    output: String::new(),
-                    exit_code: None,
-                })?;
-            let cwd = work.path().join(workdir_of(step));
+            let (_work, cwd) =
+                lay_out_step(&self.work, step, inputs)
+                    .await
+                    .map_err(|message| StepError {
+                        message,
+                        output: String::new(),
+                        exit_code: None,
+                    })?;
             crate::psql::run_psql_step(&self.engine, &self.server, step, &cwd).await
         })
     }

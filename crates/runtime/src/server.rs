@@ -147,7 +147,13 @@ impl Engine {
                         &cfg.data_dir.join("pg_hba.conf"),
                     )(e))
                 })?;
-                format!("127.0.0.1,{addr}")
+                // A loopback address of its own (one per pod in the fake cluster) is the
+                // only one: 127.0.0.1 on the same port may belong to another server.
+                if addr.is_loopback() {
+                    addr.to_string()
+                } else {
+                    format!("127.0.0.1,{addr}")
+                }
             }
         };
         cmd.arg("-D")

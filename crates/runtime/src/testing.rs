@@ -287,6 +287,7 @@ impl Runtime for FakeRuntime {
     fn start_instance(
         &self,
         iid: InstanceId,
+        _state: StateId,
     ) -> BoxFuture<'_, Result<Box<dyn Instance>, RuntimeError>> {
         Box::pin(async move {
             let mut fakes = locked(&self.shared);

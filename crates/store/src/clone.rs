@@ -154,7 +154,7 @@ pub(crate) fn chown_to(path: &Path, owner: Option<Owner>) -> Result<(), StoreErr
 
 /// Gives every entry under `path` (and `path` itself) to `owner`; symlinks themselves, not
 /// what they point at.
-pub(crate) fn chown_tree(path: &Path, owner: Option<Owner>) -> Result<(), StoreError> {
+pub fn chown_tree(path: &Path, owner: Option<Owner>) -> Result<(), StoreError> {
     let Some(o) = owner else {
         return Ok(());
     };

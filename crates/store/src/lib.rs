@@ -28,7 +28,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use taidon_core::{CloneStrategy, DataArea, EngineFingerprint, StateId};
 
-pub use clone::{clone_tree, clone_tree_reporting, detect_strategy, remove_tree, CloneProgress};
+pub use clone::{
+    chown_tree, clone_tree, clone_tree_reporting, detect_strategy, remove_tree, CloneProgress,
+};
 pub use digest::{tree_digest, TreeDigest};
 pub use error::StoreError;
 pub use local::{LocalBuild, LocalStore};
