@@ -124,7 +124,10 @@ impl RunnerClient {
         let response = self
             .post("/v1/publish", publish, Duration::from_secs(3600))
             .await?;
-        response.json().await.map_err(|source| ControlError::Unreachable { url, source })
+        response
+            .json()
+            .await
+            .map_err(|source| ControlError::Unreachable { url, source })
     }
 
     async fn post<B: Serialize>(

@@ -276,7 +276,7 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// The bearer token, compared in constant time.
-fn authorized(runner: &Runner, headers: &HeaderMap) -> Result<(), Response> {
+fn authorized(runner: &Runner, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -291,7 +291,10 @@ fn authorized(runner: &Runner, headers: &HeaderMap) -> Result<(), Response> {
     if same {
         Ok(())
     } else {
-        Err(refuse(StatusCode::UNAUTHORIZED, "a valid bearer token is required"))
+        Err(Box::new(refuse(
+            StatusCode::UNAUTHORIZED,
+            "a valid bearer token is required",
+        )))
     }
 }
 
@@ -309,7 +312,7 @@ async fn set_password(
     Json(body): Json<SetPassword>,
 ) -> Response {
     if let Err(r) = authorized(&runner, &headers) {
-        return r;
+        return *r;
     }
     let server = runner.server.lock().await;
     let Some(server) = server.as_ref() else {
@@ -327,7 +330,7 @@ async fn execute(
     Json(body): Json<Execute>,
 ) -> Response {
     if let Err(r) = authorized(&runner, &headers) {
-        return r;
+        return *r;
     }
     let server = runner.server.lock().await;
     let Some(server) = server.as_ref() else {
@@ -341,7 +344,7 @@ async fn execute(
 
 async fn stop(State(runner): State<Arc<Runner>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorized(&runner, &headers) {
-        return r;
+        return *r;
     }
     let server = runner.server.lock().await.take();
     match server {
@@ -362,7 +365,7 @@ async fn publish(
     Json(body): Json<Publish>,
 ) -> Response {
     if let Err(r) = authorized(&runner, &headers) {
-        return r;
+        return *r;
     }
     if runner.server.lock().await.is_some() {
         return refuse(StatusCode::CONFLICT, "stop postgres before publishing");
@@ -376,7 +379,10 @@ async fn publish(
         if done.state_id == body.state {
             return Json(done.clone()).into_response();
         }
-        return refuse(StatusCode::CONFLICT, format!("already published {}", done.state_id));
+        return refuse(
+            StatusCode::CONFLICT,
+            format!("already published {}", done.state_id),
+        );
     }
     match publish_snapshot(&runner, &body).await {
         Ok(manifest) => {

@@ -443,14 +443,13 @@ impl BuildServer for LocalBuild {
         inputs: &'a dyn StepInputs,
     ) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(async move {
-            let (_work, cwd) =
-                lay_out_step(&self.work, step, inputs)
-                    .await
-                    .map_err(|message| StepError {
-                        message,
-                        output: String::new(),
-                        exit_code: None,
-                    })?;
+            let (_work, cwd) = lay_out_step(&self.work, step, inputs)
+                .await
+                .map_err(|message| StepError {
+                    message,
+                    output: String::new(),
+                    exit_code: None,
+                })?;
             crate::psql::run_psql_step(&self.engine, &self.server, step, &cwd).await
         })
     }

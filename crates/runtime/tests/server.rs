@@ -332,7 +332,10 @@ async fn local_runtime_builds_and_runs_instances_through_the_trait() {
         "work directories are removed after each step"
     );
 
-    let mut instance = runtime.start_instance(iid, taidon_core::StateId::from_bytes([0; 32])).await.unwrap();
+    let mut instance = runtime
+        .start_instance(iid, taidon_core::StateId::from_bytes([0; 32]))
+        .await
+        .unwrap();
     assert_eq!(instance.health(), Health::Running);
     instance.set_password("postgres", "pw").await.unwrap();
     let endpoint = instance.endpoint();

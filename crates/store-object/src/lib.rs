@@ -38,7 +38,7 @@ use taidon_store::{ByteProgress, GcReport, Manifest};
 pub use config::RemoteConfig;
 pub use error::RemoteError;
 pub use manifest::{Entry, RemoteManifest, FORMAT};
-pub use tiered::{TierOptions, TieredStore};
+pub use tiered::{store_error, TierOptions, TieredStore};
 
 use error::IoContext;
 

@@ -106,7 +106,7 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// A remote failure as the store reports it; a checksum mismatch keeps its kind.
-fn store_error(context: String, e: RemoteError) -> StoreError {
+pub fn store_error(context: String, e: RemoteError) -> StoreError {
     match e {
         RemoteError::ChecksumMismatch { state, what } => StoreError::Corrupt { state, what },
         RemoteError::CorruptChunk { state, chunk, what } => StoreError::Corrupt {

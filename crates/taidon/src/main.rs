@@ -5,6 +5,7 @@
 #![deny(clippy::todo, clippy::dbg_macro)]
 
 mod api_listen;
+mod kube_cmd;
 mod token_cmd;
 
 use std::net::SocketAddr;
@@ -48,6 +49,8 @@ enum Command {
     Controller(ControllerArgs),
     /// The gateway alone, resolving instances through a controller's API.
     Gateway(GatewayArgs),
+    /// The container of a runner pod: restore a snapshot, run postgres, answer the controller.
+    Runner(kube_cmd::RunnerArgs),
     /// Makes a new token key current; the previous one stays accepted (running gateways
     /// reload the keyset by themselves, or on SIGHUP).
     RotateKeys {
@@ -92,7 +95,7 @@ struct GatewayOpts {
 }
 
 #[derive(Args)]
-struct HomeArgs {
+pub(crate) struct HomeArgs {
     /// The data home.
     #[arg(long, env = "SQLRS_HOME")]
     home: PathBuf,
@@ -197,6 +200,8 @@ struct ControllerArgs {
     /// The gateway address the DSNs name (`host:port`).
     #[arg(long)]
     gateway_addr: String,
+    #[command(flatten)]
+    kube: kube_cmd::KubeFlags,
 }
 
 #[derive(Args)]
@@ -250,6 +255,7 @@ fn main() -> std::process::ExitCode {
             Command::Local(args) => local(args).await,
             Command::Controller(args) => controller(args).await,
             Command::Gateway(args) => gateway(args).await,
+            Command::Runner(args) => kube_cmd::runner(args).await,
             Command::RotateKeys { home } => rotate_keys(&home),
             Command::Token { command } => token_cmd::run(command),
         }
@@ -447,7 +453,7 @@ async fn shutdown_signal(controller: Arc<Controller>) {
 }
 
 /// Resolves on SIGTERM or SIGINT.
-async fn terminate_signal() {
+pub(crate) async fn terminate_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(_) => return std::future::pending().await,
@@ -554,7 +560,13 @@ async fn controller(args: ControllerArgs) -> Result<()> {
     if let Some(file) = taidon_controller::ensure_eddsa_current(&home)? {
         tracing::warn!(current = %file.current, "the current token key was HS256; a new Ed25519 key is current");
     }
-    let controller = open_controller(&args.home).await?;
+    let (controller, lease_lost) = match args.kube.runtime {
+        kube_cmd::RuntimeKind::Local => {
+            let pending: BoxFuture<'static, String> = Box::pin(std::future::pending());
+            (open_controller(&args.home).await?, pending)
+        }
+        kube_cmd::RuntimeKind::Kubernetes => kube_cmd::open(&args.kube, &args.home).await?,
+    };
     tokio::spawn(watch_keyset(
         home.clone(),
         controller.keyset(),
@@ -566,7 +578,10 @@ async fn controller(args: ControllerArgs) -> Result<()> {
     controller.set_api_url(api.public_url()?);
     publish_daemon_info(&home, &api_url, &args.gateway_addr)?;
     tracing::info!(api = %api.public_url()?, local_api = %api_url, "taidon controller is ready");
-    let served = serve_api(Arc::clone(&controller), api).await;
+    let served = tokio::select! {
+        served = serve_api(Arc::clone(&controller), api) => served,
+        why = lease_lost => Err(anyhow::anyhow!("stepping down: {why}")),
+    };
     // Clients stop finding this controller first. Its instances keep running, as after a
     // crash: the next controller for the home adopts them (and their DSNs keep working).
     let _ = std::fs::remove_file(home.daemon_json());
