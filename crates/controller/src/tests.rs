@@ -924,3 +924,36 @@ async fn the_bucket_is_trimmed_by_score_and_keeps_pins() {
         .iter()
         .any(|(kind, _)| kind == "evicted_remote"));
 }
+
+/// Benchmark (run by bench/kube.sh): Resolve of a HOT state's instance while the controller
+/// knows 1,000 instances. Prints p50/p99/max in microseconds; asserts nothing about time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: bench/kube.sh"]
+async fn bench_resolve_with_a_thousand_instances() {
+    let fx = fixture("[instances]\nmax = 2000\nmemory_budget_mb = 1000000\n").await;
+    let sid = fx.state(1, 1000).await;
+    let mut ids = Vec::new();
+    for _ in 0..1000 {
+        ids.push(fx.ctl.create_instance_of(sid).await.unwrap().instance_id);
+    }
+    assert_eq!(fx.ctl.list_instances().unwrap().len(), 1000);
+    let hot = ids[500];
+    let req = rw(sid, hot);
+    let mut samples = Vec::with_capacity(20_000);
+    for _ in 0..20_000 {
+        let started = std::time::Instant::now();
+        let answer = fx.ctl.resolve(&req);
+        samples.push(started.elapsed().as_nanos() as u64);
+        assert!(matches!(answer, ResolveResponse::Ready(_)), "{answer:?}");
+        fx.ctl.release(&[hot]);
+    }
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize] as f64 / 1000.0;
+    println!(
+        "resolve with 1000 instances: p50 {:.1} us, p99 {:.1} us, max {:.1} us ({} calls)",
+        at(0.5),
+        at(0.99),
+        at(1.0),
+        samples.len()
+    );
+}
