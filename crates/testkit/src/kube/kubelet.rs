@@ -543,10 +543,10 @@ pub(crate) fn rewrite_paths(text: &str, mounts: &[(String, String)]) -> String {
     'scan: while i < text.len() {
         let rest = &text[i..];
         let prev = text[..i].chars().next_back();
-        if prev.map_or(true, before_ok) {
+        if prev.is_none_or(before_ok) {
             for (path, host) in mounts {
                 if let Some(tail) = rest.strip_prefix(path.as_str()) {
-                    if tail.chars().next().map_or(true, after_ok) {
+                    if tail.chars().next().is_none_or(after_ok) {
                         out.push_str(host);
                         i += path.len();
                         continue 'scan;

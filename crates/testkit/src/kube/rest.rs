@@ -468,7 +468,7 @@ impl Watch {
     }
 
     fn matches(&self, resource: &str, ns: &str) -> bool {
-        resource == self.kind.resource && self.ns.as_deref().map_or(true, |n| n == ns)
+        resource == self.kind.resource && self.ns.as_deref().is_none_or(|n| n == ns)
     }
 
     /// Queues the changes after `seen`; false when the history no longer has them.

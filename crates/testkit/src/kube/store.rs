@@ -162,7 +162,7 @@ impl Store {
     pub fn objects_in(&self, resource: &str, ns: Option<&str>) -> Vec<Value> {
         self.objects
             .iter()
-            .filter(|((r, n, _), _)| r == resource && ns.map_or(true, |ns| ns == n))
+            .filter(|((r, n, _), _)| r == resource && ns.is_none_or(|ns| ns == n))
             .map(|(_, v)| v.clone())
             .collect()
     }
@@ -191,7 +191,7 @@ impl Store {
         loop {
             self.next_ip += 1;
             let n = self.next_ip + 1;
-            if n % 256 == 0 || n % 256 == 255 {
+            if matches!(n % 256, 0 | 255) {
                 continue;
             }
             return std::net::Ipv4Addr::from(0x7f00_0000 + n).to_string();
@@ -478,5 +478,22 @@ mod tests {
             .any(|ip| ip.ends_with(".0") || ip.ends_with(".255")));
         let unique: HashSet<&String> = ips.iter().collect();
         assert_eq!(unique.len(), ips.len());
+    }
+
+    #[test]
+    fn a_watch_from_before_the_history_is_gone() {
+        let mut store = Store::default();
+        for i in 0..HISTORY + 5 {
+            let lease = json!({"metadata": {"name": format!("l{i}")}});
+            store
+                .create("leases", "Lease", "coordination.k8s.io/v1", "ns", lease)
+                .unwrap();
+        }
+        assert_eq!(store.changes_since(1).err(), Some(5));
+        assert_eq!(store.changes_since(4).err(), Some(5));
+        let recent = store.changes_since(5).unwrap();
+        assert_eq!(recent.len(), HISTORY);
+        assert_eq!(recent[0].rv, 6);
+        assert!(store.changes_since(store.rv).unwrap().is_empty());
     }
 }
