@@ -631,3 +631,44 @@ async fn crashes_evictions_secrets_and_dropping_the_server() {
         "a pod's process {pid} outlived the fake"
     );
 }
+
+#[tokio::test]
+async fn config_infer_reads_the_kubeconfig_and_binaries_are_mapped() {
+    let server = FakeApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&path, NS).unwrap();
+    // `Config::infer` reads KUBECONFIG: set it under the testkit's environment lock, on a
+    // runtime of its own (the closure is synchronous).
+    let vars = [("KUBECONFIG".to_owned(), path.display().to_string())];
+    let config = taidon_testkit::with_env(&vars, || {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(Config::infer())
+            })
+            .join()
+            .unwrap()
+        })
+    })
+    .unwrap();
+    assert_eq!(config.cluster_url.to_string(), format!("{}/", server.url()));
+    let pods: Api<Pod> = Api::default_namespaced(Client::try_from(config).unwrap());
+
+    server.with_binary("taidon", Path::new("/bin/sh"));
+    let mut spec = pod("mapped", "m", "echo mapped-binary");
+    spec.spec.as_mut().unwrap().containers[0].command = Some(vec![
+        "taidon".into(),
+        "-c".into(),
+        "echo mapped-binary".into(),
+    ]);
+    pods.create(&PostParams::default(), &spec).await.unwrap();
+    wait_pod(&server, &pods, "mapped", "Succeeded", |p| {
+        phase(p) == "Succeeded"
+    })
+    .await;
+    assert_eq!(server.logs("mapped"), "mapped-binary\n");
+}
