@@ -32,6 +32,13 @@
 //! status like a kubelet would. Its limits and its one trick (emptyDir paths are rewritten) are
 //! documented there.
 //!
+//! # Clients
+//! [`FakeApiServer::write_kubeconfig`] writes a kubeconfig (server `http://127.0.0.1:PORT`, a
+//! dummy token) for `KUBECONFIG` + `kube::Config::infer()`, or `Kubeconfig::read_from` +
+//! `Config::from_custom_kubeconfig`. kube-rs 5 needs nothing special for plain `http://`: with
+//! `rustls-tls` its connector is built `https_or_http()`, and it sends the token over http
+//! without complaint (`crates/testkit/tests/kube_fake.rs` checks both ways in).
+//!
 //! Everything runs on a thread of its own (its own Tokio runtime), so the fake serves
 //! `#[test]`s and `#[tokio::test]`s alike; dropping the [`FakeApiServer`] stops it and kills every
 //! pod's processes.
