@@ -4,6 +4,8 @@
 //! - [`s3`]: real S3-compatible servers (moto, SeaweedFS) on loopback, on free ports, killed
 //!   when dropped.
 //! - [`fault`]: a FAKE — a reverse proxy that fails every Nth request with `503 Slow Down`.
+//! - [`kube`]: a FAKE Kubernetes API server with a process kubelet, for the Kubernetes runtime's
+//!   end-to-end tests (no real API server can run where the tests run).
 //!
 //! A test whose prerequisite (a server binary) is missing is skipped with a loud `SKIP` line on
 //! stderr, or fails when `TAIDON_REQUIRE_COW` is set (as CI sets it): see [`prerequisite_missing`].
@@ -12,6 +14,7 @@
 
 pub mod fault;
 mod http;
+pub mod kube;
 pub mod s3;
 mod sigv4;
 
