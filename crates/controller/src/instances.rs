@@ -173,6 +173,21 @@ impl Controller {
         Ok(row)
     }
 
+    /// Sets the instance user's password and the read-only role's.
+    async fn set_passwords(
+        &self,
+        server: &dyn taidon_runtime::Instance,
+        password: &str,
+    ) -> Result<(), taidon_runtime::RuntimeError> {
+        server.set_password(INSTANCE_USER, password).await?;
+        crate::access::create_ro_role(server, password)
+            .await
+            .map_err(|e| taidon_runtime::RuntimeError::Remote {
+                what: "cannot create the read-only role".into(),
+                detail: e.to_string(),
+            })
+    }
+
     pub(crate) fn resolve_instance(&self, typed: &str) -> Result<InstanceRow, ControllerError> {
         let rows = self.meta.instances()?;
         let ids: Vec<String> = rows.iter().map(|r| r.instance_id.to_string()).collect();
@@ -315,6 +330,18 @@ impl Controller {
             .runtime
             .start_instance(row.instance_id, row.state_id)
             .await;
+        // A runtime that restores the data anew (a runner pod) has lost the passwords; setting
+        // them again is harmless where the data was kept.
+        let started = match started {
+            Ok(server) => match self.set_passwords(server.as_ref(), &row.password).await {
+                Ok(()) => Ok(server),
+                Err(e) => {
+                    let _ = server.discard().await;
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        };
         let mut row = row;
         match started {
             Ok(server) => {

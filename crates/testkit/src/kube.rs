@@ -209,6 +209,11 @@ impl FakeApiServer {
         self.shared.lock().unpullable.insert(image.to_owned());
     }
 
+    /// Makes `image` pullable again (for pods created from now on).
+    pub fn allow_pull(&self, image: &str) {
+        self.shared.lock().unpullable.remove(image);
+    }
+
     /// The pods of namespace `ns`, as stored.
     pub fn pods(&self, ns: &str) -> Vec<Value> {
         self.shared.lock().objects_in("pods", Some(ns))
