@@ -306,22 +306,18 @@ async fn ready(State(runner): State<Arc<Runner>>) -> Response {
     }
 }
 
+/// What the controller asks of the running server.
+enum Call {
+    Password(SetPassword),
+    Execute(Execute),
+}
+
 async fn set_password(
     State(runner): State<Arc<Runner>>,
     headers: HeaderMap,
     Json(body): Json<SetPassword>,
 ) -> Response {
-    if let Err(r) = authorized(&runner, &headers) {
-        return *r;
-    }
-    let server = runner.server.lock().await;
-    let Some(server) = server.as_ref() else {
-        return refuse(StatusCode::CONFLICT, "postgres is not running");
-    };
-    match server.set_password(&body.role, &body.password).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, chain(&e)),
-    }
+    on_server(&runner, &headers, Call::Password(body)).await
 }
 
 async fn execute(
@@ -329,14 +325,22 @@ async fn execute(
     headers: HeaderMap,
     Json(body): Json<Execute>,
 ) -> Response {
-    if let Err(r) = authorized(&runner, &headers) {
+    on_server(&runner, &headers, Call::Execute(body)).await
+}
+
+async fn on_server(runner: &Runner, headers: &HeaderMap, call: Call) -> Response {
+    if let Err(r) = authorized(runner, headers) {
         return *r;
     }
     let server = runner.server.lock().await;
     let Some(server) = server.as_ref() else {
         return refuse(StatusCode::CONFLICT, "postgres is not running");
     };
-    match server.execute(&body.sql).await {
+    let done = match &call {
+        Call::Password(b) => server.set_password(&b.role, &b.password).await,
+        Call::Execute(b) => server.execute(&b.sql).await,
+    };
+    match done {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, chain(&e)),
     }

@@ -281,11 +281,7 @@ impl BuildServer for PodBuild {
         Box::pin(async move {
             let (_work, cwd) = lay_out_step(&self.cluster.work, step, inputs)
                 .await
-                .map_err(|message| StepError {
-                    message,
-                    output: String::new(),
-                    exit_code: None,
-                })?;
+                .map_err(StepError::setup)?;
             run_psql_step_at(&self.cluster.engine, &self.target, step, &cwd).await
         })
     }

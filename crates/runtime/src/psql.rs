@@ -28,6 +28,17 @@ pub struct StepError {
     pub exit_code: Option<i32>,
 }
 
+impl StepError {
+    /// A step that could not be run at all (its inputs not laid out): no psql output.
+    pub fn setup(message: String) -> Self {
+        Self {
+            message,
+            output: String::new(),
+            exit_code: None,
+        }
+    }
+}
+
 /// Where psql connects: a socket directory or a host, the port, and the password if the
 /// server asks for one.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -445,11 +445,7 @@ impl BuildServer for LocalBuild {
         Box::pin(async move {
             let (_work, cwd) = lay_out_step(&self.work, step, inputs)
                 .await
-                .map_err(|message| StepError {
-                    message,
-                    output: String::new(),
-                    exit_code: None,
-                })?;
+                .map_err(StepError::setup)?;
             crate::psql::run_psql_step(&self.engine, &self.server, step, &cwd).await
         })
     }

@@ -518,7 +518,10 @@ fn an_unpullable_image_and_an_unreachable_bucket_are_the_instances_errors() {
 fn bench_standby_hand_out_vs_cold_pod_start() {
     let mut c = Cluster::new("kube-bench");
     // Standbys for pinned states only: the cold rounds get none.
-    let home = c.home_with("home", "\n[policy.standby]\npinned = 1\nbusy = 0\nother = 0\n");
+    let home = c.home_with(
+        "home",
+        "\n[policy.standby]\npinned = 1\nbusy = 0\nother = 0\n",
+    );
     c.start_controller(&home, "ctl-1", free_port());
     let pagila = pagila_dir();
     let schema = pagila.join("pagila-schema.sql");
