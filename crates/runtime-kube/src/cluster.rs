@@ -267,3 +267,30 @@ impl Cluster {
         }
     }
 }
+
+#[cfg(test)]
+impl Cluster {
+    /// Shows `pod` as the watcher would after seeing it added or changed.
+    pub(crate) fn see(&self, pod: Pod) {
+        let name = pod.metadata.name.clone().expect("a pod has a name");
+        self.seen
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, pod);
+        self.bump();
+    }
+
+    /// Forgets pod `name` as the watcher would after seeing it deleted.
+    pub(crate) fn unsee(&self, name: &str) {
+        self.seen
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.bump();
+    }
+
+    /// Marks the pods as listed once, as the watcher does on its first `InitDone`.
+    pub(crate) fn mark_synced(&self) {
+        self.synced.send_replace(true);
+    }
+}
