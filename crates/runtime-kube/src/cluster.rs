@@ -27,11 +27,17 @@ pub(crate) fn api_error(
     e: kube::Error,
 ) -> RuntimeError {
     let detail = match &e {
-        kube::Error::Api(status) if status.code == 403 => format!(
-            "forbidden: the controller's service account may not {verb} {resource} in namespace \
-             {namespace}; grant it in the Role (deploy/kubernetes): {}",
-            status.message
-        ),
+        // RBAC's refusal, not a quota's or an admission policy's (also 403 Forbidden).
+        kube::Error::Api(status)
+            if status.code == 403
+                && status.message.contains(&format!("cannot {verb} resource")) =>
+        {
+            format!(
+                "forbidden: the controller's service account may not {verb} {resource} in \
+                 namespace {namespace}; grant it in the Role (deploy/kubernetes): {}",
+                status.message
+            )
+        }
         kube::Error::Api(status) => format!("{} ({})", status.message, status.code),
         other => other.to_string(),
     };
