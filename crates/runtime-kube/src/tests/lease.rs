@@ -188,7 +188,9 @@ async fn a_forbidden_get_names_the_verb_and_the_resource() {
         api.expect("GET", LEASE).await.fail(
             403,
             "Forbidden",
-            "leases.coordination.k8s.io \"taidon-controller\" is forbidden",
+            "leases.coordination.k8s.io \"taidon-controller\" is forbidden: User \
+             \"system:serviceaccount:taidon:taidon-controller\" cannot get resource \"leases\" in \
+             API group \"coordination.k8s.io\" in the namespace \"taidon\"",
         );
     };
     let (got, ()) = tokio::join!(within(lease.try_acquire()), server);

@@ -278,6 +278,32 @@ async fn a_forbidden_create_names_the_verb_the_resource_and_the_role() {
     api.expect_silence(QUIET).await;
 }
 
+#[tokio::test]
+async fn a_create_over_quota_is_not_blamed_on_the_role() {
+    let (client, mut api) = mock_client();
+    let (runtime, _cluster) = runtime(client);
+    let name = pods::instance_pod_name(&iid(9));
+    let server = async {
+        // A ResourceQuota (or a PodSecurity or LimitRange refusal) is a 403 Forbidden too.
+        api.expect("POST", PODS).await.fail(
+            403,
+            "Forbidden",
+            &format!(
+                "pods \"{name}\" is forbidden: exceeded quota: compute, requested: \
+                 limits.memory=1Gi, used: limits.memory=8Gi, limited: limits.memory=8Gi"
+            ),
+        );
+    };
+    let (started, ()) = tokio::join!(within(runtime.start_instance(iid(9), state(9))), server);
+    let text = started.expect_err("over quota").to_string();
+    assert!(text.contains("cannot create pods"), "{text}");
+    assert!(text.contains("exceeded quota: compute"), "{text}");
+    assert!(
+        !text.contains("Role"),
+        "a quota is not a missing permission: {text}"
+    );
+}
+
 /// Starts an instance whose pod the kubelet then reports with `status`; the start must fail
 /// and delete its pod. Returns the error's text.
 async fn start_failure(
