@@ -27,11 +27,17 @@ pub(crate) fn api_error(
     e: kube::Error,
 ) -> RuntimeError {
     let detail = match &e {
-        kube::Error::Api(status) if status.code == 403 => format!(
-            "forbidden: the controller's service account may not {verb} {resource} in namespace \
-             {namespace}; grant it in the Role (deploy/kubernetes): {}",
-            status.message
-        ),
+        // RBAC's refusal, not a quota's or an admission policy's (also 403 Forbidden).
+        kube::Error::Api(status)
+            if status.code == 403
+                && status.message.contains(&format!("cannot {verb} resource")) =>
+        {
+            format!(
+                "forbidden: the controller's service account may not {verb} {resource} in \
+                 namespace {namespace}; grant it in the Role (deploy/kubernetes): {}",
+                status.message
+            )
+        }
         kube::Error::Api(status) => format!("{} ({})", status.message, status.code),
         other => other.to_string(),
     };
@@ -265,5 +271,32 @@ impl Cluster {
             // A change, or a second: the timeouts are checked either way.
             let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
         }
+    }
+}
+
+#[cfg(test)]
+impl Cluster {
+    /// Shows `pod` as the watcher would after seeing it added or changed.
+    pub(crate) fn see(&self, pod: Pod) {
+        let name = pod.metadata.name.clone().expect("a pod has a name");
+        self.seen
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, pod);
+        self.bump();
+    }
+
+    /// Forgets pod `name` as the watcher would after seeing it deleted.
+    pub(crate) fn unsee(&self, name: &str) {
+        self.seen
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.bump();
+    }
+
+    /// Marks the pods as listed once, as the watcher does on its first `InitDone`.
+    pub(crate) fn mark_synced(&self) {
+        self.synced.send_replace(true);
     }
 }

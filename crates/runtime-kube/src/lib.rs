@@ -14,6 +14,8 @@ pub mod rbac;
 pub mod runner;
 mod runtime;
 mod store;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 use std::sync::Arc;
