@@ -67,6 +67,8 @@ pub(crate) struct Cluster {
     changed: watch::Sender<u64>,
     /// Whether the watcher has listed the pods once.
     synced: watch::Sender<bool>,
+    /// The watcher's last error, for a wait that times out.
+    watch_error: RwLock<Option<String>>,
 }
 
 impl Cluster {
@@ -87,6 +89,7 @@ impl Cluster {
             seen: RwLock::new(HashMap::new()),
             changed: watch::channel(0).0,
             synced: watch::channel(false).0,
+            watch_error: RwLock::new(None),
         })
     }
 
@@ -135,7 +138,11 @@ impl Cluster {
                             this.bump();
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "watching runner pods"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "watching runner pods");
+                        *this.watch_error.write().unwrap_or_else(|p| p.into_inner()) =
+                            Some(e.to_string());
+                    }
                 }
             }
         })
@@ -145,10 +152,24 @@ impl Cluster {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Waits until the watcher has listed the pods once.
-    pub(crate) async fn synced(&self) {
+    /// Waits until the watcher has listed the pods once; past the pending timeout, the
+    /// watcher's last error (a list it may not make, an API server it cannot reach).
+    pub(crate) async fn synced(&self) -> Result<(), RuntimeError> {
         let mut rx = self.synced.subscribe();
-        let _ = rx.wait_for(|s| *s).await;
+        let waited = tokio::time::timeout(self.settings.pending_timeout, rx.wait_for(|s| *s)).await;
+        if matches!(waited, Ok(Ok(_))) {
+            return Ok(());
+        }
+        let detail = self
+            .watch_error
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "no answer from the API server".into());
+        Err(RuntimeError::Remote {
+            what: format!("cannot watch pods in namespace {}", self.namespace()),
+            detail,
+        })
     }
 
     /// The pod `name` as last seen.
@@ -258,12 +279,15 @@ impl Cluster {
                     let why = pods::unscheduled_reason(pod)
                         .unwrap_or_else(|| "the pod has no IP yet".into());
                     return Err(failed(format!(
-                        "still Pending after {} s: {why}",
-                        waited.as_secs()
+                        "still Pending after {:.1} s: {why}",
+                        waited.as_secs_f64()
                     )));
                 }
                 if waited > self.settings.ready_timeout {
-                    return Err(failed(format!("not ready after {} s", waited.as_secs())));
+                    return Err(failed(format!(
+                        "not ready after {:.1} s",
+                        waited.as_secs_f64()
+                    )));
                 }
             } else if started.elapsed() > self.settings.pending_timeout {
                 return Err(failed("the API server never showed it".into()));

@@ -306,10 +306,10 @@ pub enum Phase {
     Gone,
 }
 
-/// Reasons a container waits that do not pass on their own.
+/// Reasons a container waits that do not pass on their own (a first `ErrImagePull` may be a
+/// transient failure; the kubelet says `ImagePullBackOff` once it gives up retrying at once).
 const STUCK: &[&str] = &[
     "ImagePullBackOff",
-    "ErrImagePull",
     "InvalidImageName",
     "CreateContainerConfigError",
     "CreateContainerError",

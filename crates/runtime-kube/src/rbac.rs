@@ -16,7 +16,7 @@ pub const PERMISSIONS: &[Permission] = &[
     Permission {
         group: "",
         resource: "pods",
-        verbs: &["create", "delete", "get", "list", "watch"],
+        verbs: &["create", "delete", "list", "watch"],
     },
     Permission {
         group: "coordination.k8s.io",

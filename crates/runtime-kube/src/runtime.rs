@@ -149,7 +149,7 @@ impl Runtime for KubernetesRuntime {
     ) -> BoxFuture<'_, Result<Box<dyn Instance>, RuntimeError>> {
         Box::pin(async move {
             let name = pods::instance_pod_name(&iid);
-            self.cluster.synced().await;
+            self.cluster.synced().await?;
             let existing = self.cluster.seen(&name);
             let adoptable = existing.as_ref().is_some_and(|pod| {
                 pod.metadata
@@ -161,7 +161,14 @@ impl Runtime for KubernetesRuntime {
             });
             let ip = if adoptable {
                 tracing::info!(pod = %name, "adopting a running pod");
-                self.cluster.wait_ready(&name).await?
+                match self.cluster.wait_ready(&name).await {
+                    Ok(ip) => ip,
+                    Err(e) => {
+                        // Its replacement, at the next start, takes the name.
+                        self.cluster.delete(&name, Some(0)).await?;
+                        return Err(e);
+                    }
+                }
             } else {
                 if existing.is_some() {
                     // Failed, or of another state: its replacement takes the name.

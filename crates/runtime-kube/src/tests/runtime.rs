@@ -477,3 +477,23 @@ async fn a_pod_that_is_not_ready_for_a_moment_still_runs() {
     .await;
     assert_eq!(health, Health::Running);
 }
+
+#[tokio::test]
+async fn a_watch_that_never_lists_fails_the_start_with_its_error() {
+    let (client, _api) = mock_client();
+    let mut settings = super::fixtures::settings();
+    settings.pending_timeout = Duration::from_millis(200);
+    // Never marked synced: the watcher could not list.
+    let cluster = super::fixtures::cluster(client, settings);
+    let runtime = KubernetesRuntime {
+        cluster: std::sync::Arc::clone(&cluster),
+    };
+    let err = within(runtime.start_instance(iid(9), state(9)))
+        .await
+        .expect_err("no listing, no start");
+    assert!(
+        err.to_string()
+            .contains("cannot watch pods in namespace taidon"),
+        "{err}"
+    );
+}
