@@ -27,7 +27,7 @@
 //!
 //! # The process kubelet
 //! See [`ProcessKubelet`]: it watches the store in process (not over HTTP), gives each pod its
-//! own loopback address `127.0.0.N` (so every pod can listen on the same fixed ports), runs the
+//! own loopback address `127.P.x.y` (unique in the process) (so every pod can listen on the same fixed ports), runs the
 //! first container's `command` + `args` as a child process, probes readiness, and reports
 //! status like a kubelet would. Its limits and its one trick (emptyDir paths are rewritten) are
 //! documented there.

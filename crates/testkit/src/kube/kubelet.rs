@@ -42,8 +42,8 @@ const INHERITED_ENV: &[&str] = &["PATH", "HOME", "RUST_LOG", "RUST_BACKTRACE"];
 ///   `metadata.namespace`, `metadata.uid`, `spec.nodeName`) and `secretKeyRef` (from
 ///   [`FakeApiServer::put_secret`](super::FakeApiServer::put_secret); a missing secret or key
 ///   leaves the pod `Pending` with `CreateContainerConfigError`).
-/// - Each pod gets its own loopback address, `127.0.0.N` (N = 2, 3, …, never reused while the
-///   fake lives), as `status.podIP`, so every pod can listen on the same fixed ports. The
+/// - Each pod gets its own loopback address, `127.P.x.y` (never reused in the process, P after
+///   the process id), as `status.podIP`, so every pod can listen on the same fixed ports. The
 ///   process is not confined to it: it must bind `$(POD_IP)` (from `fieldRef: status.podIP`).
 /// - Volumes: an `emptyDir` is a fresh temporary directory (mode 0777, removed with the pod); a
 ///   `hostPath` is its own path; others are ignored. A process cannot see a `mountPath`, so the

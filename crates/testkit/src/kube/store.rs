@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -125,7 +126,6 @@ pub(crate) struct Store {
     pub binaries: HashMap<String, PathBuf>,
     pub log_paths: HashMap<String, PathBuf>,
     pub pods: HashMap<(String, String), PodCtl>,
-    next_ip: u32,
     uids: u64,
 }
 
@@ -186,15 +186,18 @@ impl Store {
         )
     }
 
-    /// The next pod address: 127.0.0.2, 127.0.0.3, …, never reused while the fake lives.
+    /// The next pod address, unique in this process (every fake cluster of a test binary
+    /// draws from one counter, as tests run side by side) and apart from other processes':
+    /// `127.P.x.y`, where P follows the process id.
     pub fn next_pod_ip(&mut self) -> String {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let base = 0x7f00_0000 + (((std::process::id() % 200) + 1) << 16);
         loop {
-            self.next_ip += 1;
-            let n = self.next_ip + 1;
+            let n = NEXT.fetch_add(1, Ordering::Relaxed) + 2;
             if matches!(n % 256, 0 | 255) {
                 continue;
             }
-            return std::net::Ipv4Addr::from(0x7f00_0000 + n).to_string();
+            return std::net::Ipv4Addr::from(base + n).to_string();
         }
     }
 
@@ -472,7 +475,10 @@ mod tests {
     fn pod_ips_skip_network_and_broadcast_octets() {
         let mut store = Store::default();
         let ips: Vec<String> = (0..260).map(|_| store.next_pod_ip()).collect();
-        assert_eq!(ips[0], "127.0.0.2");
+        let second = (std::process::id() % 200) + 1;
+        assert!(ips
+            .iter()
+            .all(|ip| ip.starts_with(&format!("127.{second}."))));
         assert!(!ips
             .iter()
             .any(|ip| ip.ends_with(".0") || ip.ends_with(".255")));
