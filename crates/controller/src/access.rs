@@ -164,6 +164,41 @@ impl Controller {
             .map(|u| u.last_access_ms)
     }
 
+    /// Whether `live`'s server has ended, looked at now (a killed postgres, a failed pod):
+    /// rather than send the client to a dead address, the death is recorded in the
+    /// background as the lifecycle's own check would, and the client waits while the
+    /// instance starts again. A server being stopped counts as ended; one being worked on
+    /// (locked) does not.
+    fn ended_under_us(
+        self: &Arc<Self>,
+        iid: InstanceId,
+        live: &Arc<crate::instances::Live>,
+    ) -> bool {
+        let Ok(mut server) = live.server.try_lock() else {
+            return false;
+        };
+        let exit = match server.as_mut().map(|s| s.health()) {
+            None => return true,
+            Some(taidon_runtime::Health::Running) => return false,
+            Some(taidon_runtime::Health::Exited { status }) => status,
+        };
+        // The handle of an ended server: dropping it signals nothing.
+        server.take();
+        drop(server);
+        let (this, live) = (Arc::clone(self), Arc::clone(live));
+        self.spawn(async move {
+            if let Err(e) = this.instance_died(iid, &live, exit).await {
+                this.object_failed(
+                    "recording a dead instance",
+                    Some(&live.state_id),
+                    Some(&iid),
+                    &e,
+                );
+            }
+        });
+        true
+    }
+
     /// Where the gateway finds what a verified token names; a `Ready` answer counts one more
     /// active connection until [`Controller::release`].
     pub fn resolve(self: &Arc<Self>, req: &ResolveRequest) -> ResolveResponse {
@@ -177,7 +212,14 @@ impl Controller {
                 let target = {
                     let live = self.live.read().unwrap_or_else(|p| p.into_inner());
                     match live.get(&iid) {
-                        Some(l) if l.state_id == req.state_id => l.target(iid, Scope::Rw),
+                        Some(l) if l.state_id == req.state_id => {
+                            if self.ended_under_us(iid, l) {
+                                return ResolveResponse::Starting {
+                                    retry_after_ms: STARTING_RETRY_MS,
+                                };
+                            }
+                            l.target(iid, Scope::Rw)
+                        }
                         Some(_) => {
                             return ResolveResponse::Forbidden {
                                 reason: "the instance is not of the token's state".into(),

@@ -242,7 +242,7 @@ impl Controller {
 
     /// The per-object error policy of the lifecycle: a warning and a `lifecycle_error` event
     /// naming what failed; the caller goes on with the next object.
-    fn object_failed(
+    pub(crate) fn object_failed(
         &self,
         what: &str,
         state: Option<&StateId>,
@@ -305,7 +305,7 @@ impl Controller {
         }
     }
 
-    async fn instance_died(
+    pub(crate) async fn instance_died(
         &self,
         iid: InstanceId,
         live: &Arc<Live>,

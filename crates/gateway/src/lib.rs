@@ -428,11 +428,11 @@ impl Gateway {
                 what: format!("subject {:?}", claims.sub),
             });
         }
-        let (target, resolve_us) = self.resolve(&verified).await?;
+        let (target, resolve_us, stream) = self.resolve_and_dial(&verified).await?;
         let instance = target.instance_id;
         let result = self
             .step(Step::Connect, async {
-                let mut backend = Conn::new(flow::dial(&target).await?);
+                let mut backend = Conn::new(stream);
                 flow::backend_login(&mut backend, &target, &params, claims.scope).await?;
                 let ours = self.new_cancel_key();
                 let (greeting, real) = flow::backend_ready(&mut backend, ours).await?;
@@ -487,6 +487,35 @@ impl Gateway {
             cancel_pid,
             limits,
         }))
+    }
+
+    /// Resolves and connects. An instance that refuses the connection may have just died
+    /// (a killed server, a failed pod): the controller sees it within moments and answers
+    /// STARTING while it starts again, so the connection is tried again, a few times, after
+    /// a pause, from the Resolve.
+    async fn resolve_and_dial(
+        &self,
+        verified: &flow::Verified,
+    ) -> Result<(Target, u64, TcpStream), GatewayError> {
+        const REDIALS: u32 = 15;
+        const REDIAL_PAUSE: Duration = Duration::from_millis(200);
+        let mut redials = 0;
+        loop {
+            let (target, resolve_us) = self.resolve(verified).await?;
+            match flow::dial(&target).await {
+                Ok(stream) => return Ok((target, resolve_us, stream)),
+                Err(e @ GatewayError::BackendConnect { .. }) if redials < REDIALS => {
+                    debug!(error = %e, "instance refused; asking the controller again");
+                    self.release(target.instance_id).await;
+                    redials += 1;
+                    tokio::time::sleep(REDIAL_PAUSE).await;
+                }
+                Err(e) => {
+                    self.release(target.instance_id).await;
+                    return Err(e);
+                }
+            }
+        }
     }
 
     /// Asks the controller where to go, waiting (bounded) while the instance starts. Returns

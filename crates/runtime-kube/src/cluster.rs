@@ -181,6 +181,22 @@ impl Cluster {
             .cloned()
     }
 
+    /// What pod `name` says as last seen: its phase and, once it ended, its exit code;
+    /// `None` if it is gone. Read in place (no copy of the pod): a Resolve asks it.
+    pub(crate) fn phase_seen(&self, name: &str) -> Option<(Phase, Option<i32>)> {
+        let seen = self.seen.read().unwrap_or_else(|p| p.into_inner());
+        let pod = seen.get(name)?;
+        let code = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first())
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.terminated.as_ref())
+            .map(|t| t.exit_code);
+        Some((pods::phase_of(pod), code))
+    }
+
     pub(crate) fn token(&self, pod: &str) -> String {
         pod_token(&self.secret, pod)
     }

@@ -360,27 +360,17 @@ impl Instance for PodInstance {
         if let Some(status) = self.ended {
             return Health::Exited { status };
         }
-        let exit = match self.cluster.seen(&self.pod) {
+        let exit = match self.cluster.phase_seen(&self.pod) {
             None => Some(Exit::Signal(9)),
-            Some(pod) => match pods::phase_of(&pod) {
-                Phase::Ready(_) | Phase::Coming => None,
-                Phase::Gone => Some(Exit::Signal(15)),
-                Phase::Failed(why) => {
-                    tracing::warn!(pod = %self.pod, "runner pod failed: {why}");
-                    let code = pod
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.container_statuses.as_ref())
-                        .and_then(|c| c.first())
-                        .and_then(|c| c.state.as_ref())
-                        .and_then(|s| s.terminated.as_ref())
-                        .map(|t| t.exit_code);
-                    Some(match code {
-                        Some(code) => Exit::Code(code),
-                        None => Exit::Signal(9),
-                    })
-                }
-            },
+            Some((Phase::Ready(_) | Phase::Coming, _)) => None,
+            Some((Phase::Gone, _)) => Some(Exit::Signal(15)),
+            Some((Phase::Failed(why), code)) => {
+                tracing::warn!(pod = %self.pod, "runner pod failed: {why}");
+                Some(match code {
+                    Some(code) => Exit::Code(code),
+                    None => Exit::Signal(9),
+                })
+            }
         };
         match exit {
             Some(status) => {
