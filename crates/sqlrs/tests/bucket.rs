@@ -304,12 +304,14 @@ fn a_daemon_killed_mid_upload_publishes_no_manifest_and_the_next_one_finishes() 
         let pending = remote_status(&a)["pending_uploads"].as_u64().unwrap_or(0);
         unsafe { libc::kill(pid, libc::SIGKILL) };
         assert!(common::wait_gone(pid, Duration::from_secs(10)));
-        eprintln!("{}: killed with {pending} uploads pending", server.name());
-        // Whatever manifests are there are complete: a fresh home restores each.
+        // Whatever manifests are there are complete: a fresh home restores them below. (How
+        // many there are is not asserted: an upload the status saw pending may finish before
+        // the signal lands.)
         let listed = objects(&server, "team/manifests/");
-        assert!(
-            pending == 0 || listed.len() < 3,
-            "all three manifests are there although uploads were pending"
+        eprintln!(
+            "{}: killed with {pending} uploads pending, {} manifests in the bucket",
+            server.name(),
+            listed.len()
         );
         // The next daemon finishes the uploads.
         let uploaded = wait_uploaded(&a, 3);
