@@ -174,17 +174,11 @@ impl Controller {
         iid: InstanceId,
         live: &Arc<crate::instances::Live>,
     ) -> bool {
-        let Ok(mut server) = live.server.try_lock() else {
-            return false;
+        let exit = match live.take_if_ended() {
+            None => return false,
+            Some(None) => return true,
+            Some(Some(exit)) => exit,
         };
-        let exit = match server.as_mut().map(|s| s.health()) {
-            None => return true,
-            Some(taidon_runtime::Health::Running) => return false,
-            Some(taidon_runtime::Health::Exited { status }) => status,
-        };
-        // The handle of an ended server: dropping it signals nothing.
-        server.take();
-        drop(server);
         let (this, live) = (Arc::clone(self), Arc::clone(live));
         self.spawn(async move {
             if let Err(e) = this.instance_died(iid, &live, exit).await {

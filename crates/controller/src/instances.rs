@@ -38,6 +38,21 @@ impl Live {
         }
     }
 
+    /// How its server ended, if it has, looked at now; the handle of an ended server is
+    /// dropped (it signals nothing). `None` while it runs, and while another task holds it
+    /// (being stopped or worked on); `Some(None)` once it is gone from the handle already.
+    pub(crate) fn take_if_ended(&self) -> Option<Option<taidon_runtime::Exit>> {
+        let mut server = self.server.try_lock().ok()?;
+        match server.as_mut().map(|s| s.health()) {
+            None => Some(None),
+            Some(taidon_runtime::Health::Running) => None,
+            Some(taidon_runtime::Health::Exited { status }) => {
+                server.take();
+                Some(Some(status))
+            }
+        }
+    }
+
     /// Where the gateway logs in to this instance for a session of `scope`.
     pub(crate) fn target(
         &self,
@@ -143,14 +158,7 @@ impl Controller {
             .map_err(|e| ControllerError::runtime(format!("cannot start instance {iid}"), e))?;
         let password = random_hex(24);
         // On failure the caller deletes the clone: no checkpoint is worth waiting for.
-        if let Err(e) = server.set_password(INSTANCE_USER, &password).await {
-            let _ = server.discard().await;
-            return Err(ControllerError::runtime(
-                "cannot set the instance password",
-                e,
-            ));
-        }
-        if let Err(e) = crate::access::create_ro_role(server.as_ref(), &password).await {
+        if let Err(e) = set_passwords(server.as_ref(), &password).await {
             let _ = server.discard().await;
             return Err(e);
         }
@@ -171,21 +179,6 @@ impl Controller {
             .unwrap_or_else(|p| p.into_inner())
             .insert(iid, Arc::new(Live::new(state, password, server)));
         Ok(row)
-    }
-
-    /// Sets the instance user's password and the read-only role's.
-    async fn set_passwords(
-        &self,
-        server: &dyn taidon_runtime::Instance,
-        password: &str,
-    ) -> Result<(), taidon_runtime::RuntimeError> {
-        server.set_password(INSTANCE_USER, password).await?;
-        crate::access::create_ro_role(server, password)
-            .await
-            .map_err(|e| taidon_runtime::RuntimeError::Remote {
-                what: "cannot create the read-only role".into(),
-                detail: e.to_string(),
-            })
     }
 
     pub(crate) fn resolve_instance(&self, typed: &str) -> Result<InstanceRow, ControllerError> {
@@ -326,21 +319,24 @@ impl Controller {
         row: InstanceRow,
         event: &str,
     ) -> Result<(), ControllerError> {
-        let started = self
+        let started = match self
             .runtime
             .start_instance(row.instance_id, row.state_id)
-            .await;
-        // A runtime that restores the data anew (a runner pod) has lost the passwords; setting
-        // them again is harmless where the data was kept.
-        let started = match started {
-            Ok(server) => match self.set_passwords(server.as_ref(), &row.password).await {
+            .await
+        {
+            // A runtime that restores the data anew (a runner pod) has lost the passwords;
+            // setting them again is harmless where the data was kept.
+            Ok(server) => match set_passwords(server.as_ref(), &row.password).await {
                 Ok(()) => Ok(server),
                 Err(e) => {
                     let _ = server.discard().await;
                     Err(e)
                 }
             },
-            Err(e) => Err(e),
+            Err(e) => Err(ControllerError::runtime(
+                format!("cannot restart instance {}", row.instance_id),
+                e,
+            )),
         };
         let mut row = row;
         match started {
@@ -361,11 +357,7 @@ impl Controller {
                 )?;
                 Ok(())
             }
-            Err(e) => {
-                let err = ControllerError::runtime(
-                    format!("cannot restart instance {}", row.instance_id),
-                    e,
-                );
+            Err(err) => {
                 row.status = "failed".into();
                 self.meta.insert_instance(&row)?;
                 self.meta.event(
@@ -389,4 +381,14 @@ impl Controller {
             tracing::warn!(instance = %iid, error = %e, "cannot remove an instance's data");
         }
     }
+}
+
+/// Sets the instance user's password and the read-only role's, on a new server or one
+/// started again.
+async fn set_passwords(server: &dyn Instance, password: &str) -> Result<(), ControllerError> {
+    server
+        .set_password(INSTANCE_USER, password)
+        .await
+        .map_err(|e| ControllerError::runtime("cannot set the instance password", e))?;
+    crate::access::create_ro_role(server, password).await
 }

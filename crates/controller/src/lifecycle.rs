@@ -20,7 +20,7 @@ use taidon_core::policy::{
     StateFacts, StopReason, Tree,
 };
 use taidon_core::{InstanceId, StateId, Step};
-use taidon_runtime::{Exit, Health};
+use taidon_runtime::Exit;
 
 use crate::config::Config;
 use crate::instances::Live;
@@ -278,21 +278,8 @@ impl Controller {
             .map(|(i, l)| (*i, Arc::clone(l)))
             .collect();
         for (iid, l) in live {
-            let exited = {
-                // Busy means being stopped: not a death to report.
-                let Ok(mut server) = l.server.try_lock() else {
-                    continue;
-                };
-                match server.as_mut().map(|s| s.health()) {
-                    Some(Health::Exited { status }) => {
-                        // The handle of a reaped server: dropping it signals nothing.
-                        server.take();
-                        Some(status)
-                    }
-                    Some(Health::Running) | None => None,
-                }
-            };
-            if let Some(exit) = exited {
+            // Busy means being stopped: not a death to report.
+            if let Some(Some(exit)) = l.take_if_ended() {
                 if let Err(e) = self.instance_died(iid, &l, exit).await {
                     self.object_failed(
                         "recording a dead instance",
