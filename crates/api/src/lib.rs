@@ -19,6 +19,8 @@
 //! | `POST /v1/resolve` | [`ResolveRequest`] | [`ResolveResponse`] |
 //! | `POST /v1/touch` | [`Leases`] | `{}` |
 //! | `POST /v1/release` | [`Leases`] | `{}` |
+//! | `POST /v1/park` | [`Leases`] | `{}` |
+//! | `POST /v1/unpark` | [`Leases`] | `{}` |
 //! | `POST /v1/dsn` | [`DsnRequest`] | [`DsnResponse`] |
 //! | `POST /v1/shutdown` | | `{}` |
 //! | `POST /v1/warmup` | [`WarmupRequest`] | NDJSON stream of [`PrepareEvent`] |
@@ -502,7 +504,10 @@ fn scope_rw() -> Scope {
     Scope::Rw
 }
 
-/// `POST /v1/touch` (connections still open) and `POST /v1/release` (connections closed).
+/// `POST /v1/touch` (connections still open), `POST /v1/release` (connections closed),
+/// `POST /v1/park` (clients gone, their server sessions kept by the gateway for reuse: they
+/// count against the limits but not as activity) and `POST /v1/unpark` (kept sessions closed,
+/// or handed to a client that Resolve counted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Leases {
     /// One entry per connection: an instance appears as often as it has connections.

@@ -1,5 +1,7 @@
 //! What the gateway asks of the controller on every connection: Resolve (where to go, counted
-//! as one more active connection), Touch (still there) and Release (gone); the read-only role
+//! as one more active connection), Touch (still there) and Release (gone), and of the sessions
+//! it keeps for reuse, Park (client gone, session kept) and Unpark (kept session closed or
+//! handed on); the read-only role
 //! `ro` sessions log in as; DSNs minted for what exists; the keyset file in the home.
 //!
 //! Resolve is the gateway's hot path: for a running instance it reads two in-memory maps and
@@ -46,7 +48,11 @@ impl Default for AccessPolicy {
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Usage {
+    /// Connections with a client.
     active: u32,
+    /// Server sessions the gateway keeps for reuse: they hold a server slot, so they count
+    /// against the limits, but they are not activity.
+    pooled: u32,
     last_access_ms: u64,
     /// The state its connections count against; known from the first one.
     state: Option<StateId>,
@@ -364,8 +370,10 @@ impl Controller {
         let now = now_ms();
         let mut instances = lock(&self.access.instances);
         let mut states = lock(&self.access.states);
-        let active = instances.get(&target.instance_id).map_or(0, |u| u.active);
-        if active >= per_instance {
+        let used = instances
+            .get(&target.instance_id)
+            .map_or(0, |u| u.active + u.pooled);
+        if used >= per_instance {
             return ResolveResponse::TooManyConnections {
                 limit: per_instance,
             };
@@ -414,17 +422,54 @@ impl Controller {
         }
     }
 
+    /// Moves connections whose clients left, and whose sessions the gateway keeps, from
+    /// active to pooled: still counted against the limits, no longer activity.
+    pub fn park(&self, instance_ids: &[InstanceId]) {
+        let now = now_ms();
+        let mut instances = lock(&self.access.instances);
+        for iid in instance_ids {
+            let Some(u) = instances.get_mut(iid) else {
+                continue;
+            };
+            if u.active == 0 {
+                continue;
+            }
+            u.active -= 1;
+            u.pooled += 1;
+            u.last_access_ms = now;
+        }
+    }
+
+    /// Counts out kept sessions that were closed, or handed to a client Resolve counted.
+    pub fn unpark(&self, instance_ids: &[InstanceId]) {
+        let mut instances = lock(&self.access.instances);
+        let mut states = lock(&self.access.states);
+        for iid in instance_ids {
+            let Some(u) = instances.get_mut(iid) else {
+                continue; // removed: its sessions were counted out then
+            };
+            if u.pooled == 0 {
+                continue;
+            }
+            u.pooled -= 1;
+            if let Some(sid) = u.state {
+                count_out(&mut states, &sid, 1);
+            }
+        }
+    }
+
     /// Drops what Resolve, Touch and Release kept about an instance that is removed; its
     /// open connections no longer count against its state.
     pub(crate) fn forget_instance_access(&self, iid: &InstanceId) {
         let usage = lock(&self.access.instances).remove(iid);
         if let Some(Usage {
             active,
+            pooled,
             state: Some(sid),
             ..
         }) = usage
         {
-            count_out(&mut lock(&self.access.states), &sid, active);
+            count_out(&mut lock(&self.access.states), &sid, active + pooled);
         }
         lock(&self.access.waking).remove(iid);
         lock(&self.access.ro).retain(|_, s| !matches!(s, Shared::Ready(i) if i == iid));

@@ -36,7 +36,7 @@ fn api_error(err: ApiError) -> Response {
 
 /// The API router. Every route but health and the webhook needs a bearer token, and each
 /// group of routes admits some roles only: a user's routes (admins too), the gateway's
-/// (resolve, touch, release; admins too), the admin's (shutdown), and the public keys (any).
+/// (resolve, touch, release, park, unpark; admins too), the admin's (shutdown), and the public keys (any).
 pub fn router(controller: Arc<Controller>) -> Router {
     const USERS: &[TokenRole] = &[TokenRole::Admin, TokenRole::User];
     const GATEWAYS: &[TokenRole] = &[TokenRole::Admin, TokenRole::Gateway];
@@ -64,6 +64,8 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/resolve", post(resolve))
         .route("/v1/touch", post(touch))
         .route("/v1/release", post(release))
+        .route("/v1/park", post(park))
+        .route("/v1/unpark", post(unpark))
         .route_layer(middleware::from_fn_with_state(GATEWAYS, require_role));
     let admins = Router::new()
         .route("/v1/shutdown", post(shutdown))
@@ -276,6 +278,16 @@ async fn touch(State(ctl): Ctl, Json(req): Json<Leases>) -> Response {
 
 async fn release(State(ctl): Ctl, Json(req): Json<Leases>) -> Response {
     ctl.release(&req.instance_ids);
+    Json(serde_json::json!({})).into_response()
+}
+
+async fn park(State(ctl): Ctl, Json(req): Json<Leases>) -> Response {
+    ctl.park(&req.instance_ids);
+    Json(serde_json::json!({})).into_response()
+}
+
+async fn unpark(State(ctl): Ctl, Json(req): Json<Leases>) -> Response {
+    ctl.unpark(&req.instance_ids);
     Json(serde_json::json!({})).into_response()
 }
 

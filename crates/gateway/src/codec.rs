@@ -11,8 +11,14 @@ pub(crate) const MAX_STARTUP_LEN: usize = 10 * 1024;
 /// The largest message a client may send before it is authenticated (a password).
 pub(crate) const MAX_PREAUTH_MESSAGE_LEN: usize = 10 * 1024;
 
-/// Protocol 3.0, the only version spoken.
+/// Protocol 3.0.
+#[cfg(test)]
 pub(crate) const PROTOCOL_3_0: u32 = 3 << 16;
+/// The newest minor version of protocol 3 spoken: 3.2 (PostgreSQL 18), whose only change is a
+/// cancel key of up to 256 bytes.
+pub(crate) const NEWEST_MINOR: u16 = 2;
+/// The longest cancel key protocol 3.2 allows.
+pub(crate) const MAX_CANCEL_KEY_LEN: usize = 256;
 const SSL_REQUEST_CODE: u32 = 80_877_103;
 const GSSENC_REQUEST_CODE: u32 = 80_877_104;
 const CANCEL_REQUEST_CODE: u32 = 80_877_102;
@@ -24,18 +30,26 @@ const REQUEST_CODE_MAJOR: u32 = 1234;
 pub(crate) enum StartupPacket {
     SslRequest,
     GssEncRequest,
+    /// A CancelRequest: 4 bytes of key under protocol 3.0, up to 256 under 3.2.
     CancelRequest {
         process_id: i32,
-        secret_key: i32,
+        secret_key: Bytes,
     },
-    Startup(StartupParams),
-    /// A StartupMessage of a protocol version other than 3.0.
+    /// A StartupMessage of protocol 3.`minor`.
+    Startup {
+        minor: u16,
+        params: StartupParams,
+    },
+    /// A StartupMessage of a major version other than 3, or a request code already used.
     UnsupportedVersion(u32),
 }
 
 /// The parameters of a StartupMessage, in the order the client sent them, without duplicates.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub(crate) struct StartupParams(Vec<(String, String)>);
+
+/// The prefix of protocol options (as opposed to server parameters) in a StartupMessage.
+pub(crate) const PROTOCOL_OPTION_PREFIX: &str = "_pq_.";
 
 impl StartupParams {
     /// The value of `name`, if the client sent it.
@@ -49,6 +63,16 @@ impl StartupParams {
     /// Every parameter as sent.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Removes the protocol options (`_pq_.*`) and returns their names: the gateway knows none,
+    /// and none reaches the backend.
+    pub(crate) fn take_protocol_options(&mut self) -> Vec<String> {
+        let (options, params): (Vec<_>, Vec<_>) = std::mem::take(&mut self.0)
+            .into_iter()
+            .partition(|(k, _)| k.starts_with(PROTOCOL_OPTION_PREFIX));
+        self.0 = params;
+        options.into_iter().map(|(k, _)| k).collect()
     }
 
     /// Sets `name`, replacing an earlier value as the server does for a repeated key.
@@ -94,11 +118,16 @@ pub(crate) fn parse_startup(buf: &mut BytesMut) -> io::Result<Option<StartupPack
     let packet = match code {
         SSL_REQUEST_CODE if packet.is_empty() => StartupPacket::SslRequest,
         GSSENC_REQUEST_CODE if packet.is_empty() => StartupPacket::GssEncRequest,
-        CANCEL_REQUEST_CODE if packet.len() == 8 => StartupPacket::CancelRequest {
-            process_id: packet.get_i32(),
-            secret_key: packet.get_i32(),
+        CANCEL_REQUEST_CODE if (8..=4 + MAX_CANCEL_KEY_LEN).contains(&packet.len()) => {
+            StartupPacket::CancelRequest {
+                process_id: packet.get_i32(),
+                secret_key: packet,
+            }
+        }
+        c if c >> 16 == 3 => StartupPacket::Startup {
+            minor: (c & 0xffff) as u16,
+            params: parse_params(packet)?,
         },
-        PROTOCOL_3_0 => StartupPacket::Startup(parse_params(packet)?),
         c if c >> 16 == REQUEST_CODE_MAJOR => {
             return Err(invalid("invalid length or code of a request packet"))
         }
@@ -171,12 +200,61 @@ pub(crate) const REFUSE_ENCRYPTION: &[u8] = b"N";
 /// The answer to an SSLRequest when TLS is configured: go ahead with the TLS handshake.
 pub(crate) const ACCEPT_SSL: &[u8] = b"S";
 
-/// BackendKeyData: the key a client sends back in a CancelRequest.
-pub(crate) fn backend_key_data(process_id: i32, secret_key: i32, buf: &mut BytesMut) {
+/// BackendKeyData: the key a client sends back in a CancelRequest (at most 256 bytes).
+pub(crate) fn backend_key_data(process_id: i32, secret_key: &[u8], buf: &mut BytesMut) {
+    let key = &secret_key[..secret_key.len().min(MAX_CANCEL_KEY_LEN)];
     buf.put_u8(b'K');
-    buf.put_i32(12);
+    buf.put_i32(8 + key.len() as i32);
     buf.put_i32(process_id);
-    buf.put_i32(secret_key);
+    buf.put_slice(key);
+}
+
+/// NegotiateProtocolVersion: the newest minor version of protocol 3 spoken, and the protocol
+/// options of the client's StartupMessage that are not known.
+pub(crate) fn negotiate_protocol_version(
+    newest_minor: u16,
+    unknown_options: &[String],
+    buf: &mut BytesMut,
+) {
+    let start = buf.len();
+    buf.put_u8(b'v');
+    buf.put_i32(0);
+    buf.put_i32(i32::from(newest_minor));
+    buf.put_i32(unknown_options.len() as i32);
+    for name in unknown_options {
+        buf.extend(name.bytes().filter(|&b| b != 0));
+        buf.put_u8(0);
+    }
+    let len = i32::try_from(buf.len() - start - 1).unwrap_or(i32::MAX);
+    buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+}
+
+/// ReadyForQuery with a transaction status (`I`, `T` or `E`).
+pub(crate) fn ready_for_query(status: u8, buf: &mut BytesMut) {
+    buf.put_u8(b'Z');
+    buf.put_i32(5);
+    buf.put_u8(status);
+}
+
+/// ParameterStatus: a server parameter's current value.
+pub(crate) fn parameter_status(name: &str, value: &str, buf: &mut BytesMut) {
+    let start = buf.len();
+    buf.put_u8(b'S');
+    buf.put_i32(0);
+    for s in [name, value] {
+        buf.extend(s.bytes().filter(|&b| b != 0));
+        buf.put_u8(0);
+    }
+    let len = i32::try_from(buf.len() - start - 1).unwrap_or(i32::MAX);
+    buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+}
+
+/// The name and value of a ParameterStatus body.
+pub(crate) fn parse_parameter_status(body: &[u8]) -> Option<(String, String)> {
+    let mut parts = body.split(|&b| b == 0);
+    let name = std::str::from_utf8(parts.next()?).ok()?;
+    let value = std::str::from_utf8(parts.next()?).ok()?;
+    Some((name.to_owned(), value.to_owned()))
 }
 
 fn authentication(code: i32, buf: &mut BytesMut) {
@@ -252,8 +330,9 @@ mod tests {
             ("user", "again"),
         ]);
         buf.extend_from_slice(b"next");
-        let Some(StartupPacket::Startup(params)) = parse_startup(&mut buf).unwrap() else {
-            panic!("not a startup message");
+        let Some(StartupPacket::Startup { minor: 0, params }) = parse_startup(&mut buf).unwrap()
+        else {
+            panic!("not a 3.0 startup message");
         };
         assert_eq!(params.get("user"), Some("again"), "a repeated key replaces");
         assert_eq!(params.get("database"), Some("postgres"));
@@ -291,10 +370,98 @@ mod tests {
             parse_startup(&mut buf).unwrap(),
             Some(StartupPacket::CancelRequest {
                 process_id: 42,
-                secret_key: -7
+                secret_key: Bytes::copy_from_slice(&(-7i32).to_be_bytes()),
             })
         );
         assert!(buf.is_empty());
+    }
+
+    fn cancel_with_key(key_len: usize) -> BytesMut {
+        let mut buf = BytesMut::new();
+        buf.put_u32(12 + key_len as u32);
+        buf.put_u32(CANCEL_REQUEST_CODE);
+        buf.put_i32(42);
+        buf.extend((0..key_len).map(|i| i as u8));
+        buf
+    }
+
+    #[test]
+    fn protocol_3_2_cancel_keys_up_to_256_bytes() {
+        for len in [4, 32, 256] {
+            let Some(StartupPacket::CancelRequest {
+                process_id: 42,
+                secret_key,
+            }) = parse_startup(&mut cancel_with_key(len)).unwrap()
+            else {
+                panic!("key of {len} bytes not parsed");
+            };
+            assert_eq!(secret_key.len(), len);
+            assert_eq!(secret_key[len - 1], (len - 1) as u8);
+        }
+        for len in [0, 3, 257] {
+            assert!(
+                parse_startup(&mut cancel_with_key(len)).is_err(),
+                "key of {len} bytes accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn minor_versions_and_protocol_options_are_parsed_apart() {
+        let mut buf = BytesMut::new();
+        let body = b"user\0u\0_pq_.compression\0on\0database\0d\0\0";
+        buf.put_u32(8 + body.len() as u32);
+        buf.put_u32((3 << 16) | 9);
+        buf.extend_from_slice(body);
+        let Some(StartupPacket::Startup {
+            minor: 9,
+            mut params,
+        }) = parse_startup(&mut buf).unwrap()
+        else {
+            panic!("not a 3.9 startup message");
+        };
+        assert_eq!(params.take_protocol_options(), vec!["_pq_.compression"]);
+        assert_eq!(
+            params.iter().collect::<Vec<_>>(),
+            vec![("user", "u"), ("database", "d")]
+        );
+    }
+
+    #[test]
+    fn negotiate_protocol_version_and_key_data_parse_with_postgres_protocol() {
+        use postgres_protocol::message::backend::Message;
+
+        let mut buf = BytesMut::new();
+        negotiate_protocol_version(2, &["_pq_.a".to_owned(), "_pq_.bc".to_owned()], &mut buf);
+        assert_eq!(
+            &buf[..],
+            b"v\0\0\0\x1b\0\0\0\x02\0\0\0\x02_pq_.a\0_pq_.bc\0"
+        );
+        buf.clear();
+        backend_key_data(7, &[1, 2, 3, 4], &mut buf);
+        ready_for_query(b'I', &mut buf);
+        parameter_status("TimeZone", "UTC", &mut buf);
+        let Some(Message::BackendKeyData(k)) = Message::parse(&mut buf).unwrap() else {
+            panic!("not BackendKeyData");
+        };
+        assert_eq!((k.process_id(), k.secret_key()), (7, 0x0102_0304));
+        let Some(Message::ReadyForQuery(r)) = Message::parse(&mut buf).unwrap() else {
+            panic!("not ReadyForQuery");
+        };
+        assert_eq!(r.status(), b'I');
+        let Some(Message::ParameterStatus(p)) = Message::parse(&mut buf).unwrap() else {
+            panic!("not ParameterStatus");
+        };
+        assert_eq!((p.name().unwrap(), p.value().unwrap()), ("TimeZone", "UTC"));
+        assert_eq!(
+            parse_parameter_status(b"TimeZone\0UTC\0"),
+            Some(("TimeZone".to_owned(), "UTC".to_owned()))
+        );
+        // A 3.2 key of 32 bytes: length 8 + 32.
+        buf.clear();
+        backend_key_data(7, &[9; 32], &mut buf);
+        assert_eq!(&buf[1..5], &40i32.to_be_bytes());
+        assert_eq!(buf.len(), 41);
     }
 
     #[test]
@@ -323,10 +490,10 @@ mod tests {
             Some(StartupPacket::UnsupportedVersion(2 << 16))
         );
         buf.put_u32(8);
-        buf.put_u32((3 << 16) | 2);
+        buf.put_u32(4 << 16);
         assert_eq!(
             parse_startup(&mut buf).unwrap(),
-            Some(StartupPacket::UnsupportedVersion((3 << 16) | 2))
+            Some(StartupPacket::UnsupportedVersion(4 << 16))
         );
     }
 

@@ -174,7 +174,9 @@ impl GatewayError {
             ),
             GatewayError::UnsupportedProtocol { major, minor } => (
                 "08P01",
-                format!("unsupported frontend protocol {major}.{minor}: server supports 3.0"),
+                format!(
+                    "unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.2"
+                ),
             ),
             GatewayError::MissingUser => (
                 "08P01",

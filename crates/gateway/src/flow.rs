@@ -3,7 +3,7 @@
 
 use std::io;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::{Header, Message};
 use postgres_protocol::message::frontend;
@@ -32,7 +32,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     /// The next message `parse` finds, reading more as it asks; EOF first is an error.
-    async fn read<T>(
+    pub(crate) async fn read<T>(
         &mut self,
         mut parse: impl FnMut(&mut BytesMut) -> io::Result<Option<T>>,
     ) -> Result<T, ReadError> {
@@ -60,7 +60,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
-enum ReadError {
+pub(crate) enum ReadError {
     Io(io::Error),
     Protocol(io::Error),
 }
@@ -73,7 +73,7 @@ impl ReadError {
         }
     }
 
-    fn backend(self) -> GatewayError {
+    pub(crate) fn backend(self) -> GatewayError {
         match self {
             ReadError::Io(e) => GatewayError::BackendIo(e),
             ReadError::Protocol(e) => GatewayError::BackendProtocol(e),
@@ -83,22 +83,41 @@ impl ReadError {
 
 /// What the first step found.
 pub(crate) enum Startup {
-    /// A client that wants to log in as `user`.
-    Login { user: String, params: StartupParams },
+    /// A client that wants to log in as `user` under protocol 3.`minor`.
+    Login {
+        user: String,
+        params: StartupParams,
+        minor: u16,
+        /// The `_pq_.` protocol options it asked for (none is known: the client is told so).
+        options: Vec<String>,
+    },
     /// A CancelRequest with the key the gateway gave the client.
-    Cancel { process_id: i32, secret_key: i32 },
+    Cancel { process_id: i32, secret_key: Bytes },
 }
 
 fn protocol_violation(what: &'static str) -> GatewayError {
     GatewayError::ClientProtocol(io::Error::new(io::ErrorKind::InvalidData, what))
 }
 
-/// Reads the startup packet: an SSLRequest switches to TLS when an acceptor is given (else
-/// 'N'), a GSSENCRequest is answered 'N', until a StartupMessage or CancelRequest arrives.
+/// The request code of an SSLRequest (1234.5679) or GSSENCRequest (1234.5680), as the
+/// protocol version PostgreSQL names when one comes a second time.
+fn request_version(packet: &StartupPacket) -> GatewayError {
+    let minor = if matches!(packet, StartupPacket::SslRequest) {
+        5679
+    } else {
+        5680
+    };
+    GatewayError::UnsupportedProtocol { major: 1234, minor }
+}
+
+/// Reads the startup packet until a StartupMessage or CancelRequest arrives. As PostgreSQL
+/// does, an SSLRequest is answered once (TLS when an acceptor is given, else 'N'), a
+/// GSSENCRequest once ('N'), and none after TLS is set up; a request repeated is refused.
 pub(crate) async fn startup<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut Conn<ClientStream<S>>,
     tls: Option<&TlsAcceptor>,
 ) -> Result<Startup, GatewayError> {
+    let (mut ssl_done, mut gss_done) = (false, false);
     loop {
         let packet = client
             .read(codec::parse_startup)
@@ -106,21 +125,27 @@ pub(crate) async fn startup<S: AsyncRead + AsyncWrite + Unpin>(
             .map_err(ReadError::client)?;
         match packet {
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                let is_ssl = matches!(packet, StartupPacket::SslRequest);
+                if (is_ssl && ssl_done) || (!is_ssl && gss_done) {
+                    return Err(request_version(&packet));
+                }
                 // A client that pipelines data after the request would be reading our answer
                 // as something else; PostgreSQL refuses that too (CVE-2021-23222).
                 if !client.buf.is_empty() {
                     return Err(protocol_violation("data sent after an encryption request"));
                 }
-                let acceptor = match (&packet, tls, &client.io) {
-                    (StartupPacket::SslRequest, Some(a), ClientStream::Plain(_)) => a,
-                    (StartupPacket::SslRequest, _, ClientStream::Tls(_)) => {
-                        return Err(protocol_violation("SSLRequest inside TLS"))
-                    }
+                let acceptor = match (is_ssl, tls) {
+                    (true, Some(a)) => a,
                     _ => {
                         client
                             .send(codec::REFUSE_ENCRYPTION)
                             .await
                             .map_err(GatewayError::ClientIo)?;
+                        if is_ssl {
+                            ssl_done = true;
+                        } else {
+                            gss_done = true;
+                        }
                         continue;
                     }
                 };
@@ -138,6 +163,8 @@ pub(crate) async fn startup<S: AsyncRead + AsyncWrite + Unpin>(
                     .await
                     .map_err(GatewayError::TlsHandshake)?;
                 client.io = ClientStream::Tls(Box::new(tls));
+                // Inside TLS, neither request may come again.
+                (ssl_done, gss_done) = (true, true);
             }
             StartupPacket::CancelRequest {
                 process_id,
@@ -154,12 +181,18 @@ pub(crate) async fn startup<S: AsyncRead + AsyncWrite + Unpin>(
                     minor: (v & 0xffff) as u16,
                 })
             }
-            StartupPacket::Startup(params) => {
+            StartupPacket::Startup { minor, mut params } => {
+                let options = params.take_protocol_options();
                 let user = match params.get("user") {
                     Some(u) if !u.is_empty() => u.to_owned(),
                     _ => return Err(GatewayError::MissingUser),
                 };
-                return Ok(Startup::Login { user, params });
+                return Ok(Startup::Login {
+                    user,
+                    params,
+                    minor,
+                    options,
+                });
             }
         }
     }
@@ -249,36 +282,39 @@ pub(crate) async fn dial(target: &Target) -> Result<TcpStream, GatewayError> {
     Ok(stream)
 }
 
-/// Logs in to the instance as `target.user` with the client's other startup parameters, and
+/// The startup parameters the backend is sent, besides `user`: the client's, with a read-only
+/// session's `default_transaction_read_only` forced on. They are also the pool's key.
+pub(crate) fn backend_params(params: &StartupParams, scope: Scope) -> StartupParams {
+    let mut forwarded = StartupParams::default();
+    for (k, v) in params.iter() {
+        // A read-only session may not turn read-only off from its startup packet.
+        if k == "user" || (scope == Scope::Ro && k == "default_transaction_read_only") {
+            continue;
+        }
+        forwarded.set(k.to_owned(), v.to_owned());
+    }
+    if scope == Scope::Ro {
+        // The last -c wins, so this overrides any earlier one in the client's options.
+        const RO: &str = "-c default_transaction_read_only=on";
+        let options = match forwarded.get("options") {
+            Some(v) => format!("{v} {RO}"),
+            None => RO.to_owned(),
+        };
+        forwarded.set("options".to_owned(), options);
+    }
+    forwarded
+}
+
+/// Logs in to the instance as `target.user` with `params` (from [`backend_params`]), and
 /// returns once the backend says AuthenticationOk (its later messages stay in `backend.buf`).
 pub(crate) async fn backend_login<B: AsyncRead + AsyncWrite + Unpin>(
     backend: &mut Conn<B>,
     target: &Target,
     params: &StartupParams,
-    scope: Scope,
 ) -> Result<(), GatewayError> {
     let mut out = BytesMut::new();
-    let mut forwarded: Vec<(&str, String)> = params
-        .iter()
-        .filter(|(k, _)| *k != "user")
-        // A read-only session may not turn read-only off from its startup packet.
-        .filter(|(k, _)| scope == Scope::Rw || *k != "default_transaction_read_only")
-        .map(|(k, v)| (k, v.to_owned()))
-        .collect();
-    if scope == Scope::Ro {
-        // The last -c wins, so this overrides any earlier one in the client's options.
-        const RO: &str = "-c default_transaction_read_only=on";
-        match forwarded.iter_mut().find(|(k, _)| *k == "options") {
-            Some((_, v)) => {
-                v.push(' ');
-                v.push_str(RO);
-            }
-            None => forwarded.push(("options", RO.to_owned())),
-        }
-    }
     frontend::startup_message(
-        std::iter::once(("user", target.user.as_str()))
-            .chain(forwarded.iter().map(|(k, v)| (*k, v.as_str()))),
+        std::iter::once(("user", target.user.as_str())).chain(params.iter()),
         &mut out,
     )
     .map_err(GatewayError::BackendProtocol)?;
@@ -377,8 +413,17 @@ fn take_error_response(buf: &mut BytesMut) -> io::Result<Option<Option<bytes::By
     Ok(Some(Some(buf.split_to(total).freeze())))
 }
 
+/// The SQLSTATE of a raw ErrorResponse.
+pub(crate) fn sqlstate(raw: &[u8]) -> String {
+    codec::error_fields(raw.get(5..).unwrap_or_default())
+        .into_iter()
+        .find(|(f, _)| *f == b'C')
+        .map(|(_, v)| v)
+        .unwrap_or_default()
+}
+
 /// SQLSTATE and message of a raw ErrorResponse, for logs.
-fn summarize_error(raw: &[u8]) -> String {
+pub(crate) fn summarize_error(raw: &[u8]) -> String {
     let fields = codec::error_fields(raw.get(5..).unwrap_or_default());
     let field = |t: u8| {
         fields
@@ -397,16 +442,47 @@ pub(crate) struct BackendKey {
     pub(crate) secret_key: i32,
 }
 
-/// Reads what the backend sends after AuthenticationOk up to its first ReadyForQuery, and
-/// returns it for the client with BackendKeyData replaced by `ours` (and AuthenticationOk
-/// first), plus the backend's real key. An ErrorResponse ends the login.
+/// What a backend said between AuthenticationOk and its first ReadyForQuery.
+#[derive(Debug, Default)]
+pub(crate) struct Welcome {
+    /// Its ParameterStatus values, in order.
+    pub(crate) params: Vec<(String, String)>,
+    /// Its real cancel key (every PostgreSQL sends one).
+    pub(crate) key: Option<BackendKey>,
+    /// Anything else it sent (notices), as raw messages for the client.
+    pub(crate) other: BytesMut,
+}
+
+impl Welcome {
+    /// Sets a ParameterStatus value as the backend reported it.
+    pub(crate) fn set_param(&mut self, name: String, value: String) {
+        match self.params.iter_mut().find(|(k, _)| *k == name) {
+            Some(slot) => slot.1 = value,
+            None => self.params.push((name, value)),
+        }
+    }
+
+    /// What the client is sent after its token is accepted: AuthenticationOk, the notices and
+    /// parameters, BackendKeyData with `process_id` and `secret_key`, ReadyForQuery (idle).
+    pub(crate) fn greeting(&self, process_id: i32, secret_key: &[u8]) -> BytesMut {
+        let mut out = BytesMut::with_capacity(512);
+        codec::authentication_ok(&mut out);
+        out.extend_from_slice(&self.other);
+        for (name, value) in &self.params {
+            codec::parameter_status(name, value, &mut out);
+        }
+        codec::backend_key_data(process_id, secret_key, &mut out);
+        codec::ready_for_query(b'I', &mut out);
+        out
+    }
+}
+
+/// Reads what the backend sends after AuthenticationOk up to its first ReadyForQuery. An
+/// ErrorResponse ends the login.
 pub(crate) async fn backend_ready<B: AsyncRead + AsyncWrite + Unpin>(
     backend: &mut Conn<B>,
-    ours: BackendKey,
-) -> Result<(BytesMut, Option<BackendKey>), GatewayError> {
-    let mut out = BytesMut::with_capacity(512);
-    codec::authentication_ok(&mut out);
-    let mut real = None;
+) -> Result<Welcome, GatewayError> {
+    let mut welcome = Welcome::default();
     loop {
         let raw = backend
             .read(take_message)
@@ -416,29 +492,34 @@ pub(crate) async fn backend_ready<B: AsyncRead + AsyncWrite + Unpin>(
             b'K' if raw.len() == 13 => {
                 let field =
                     |i: usize| i32::from_be_bytes([raw[i], raw[i + 1], raw[i + 2], raw[i + 3]]);
-                real = Some(BackendKey {
+                welcome.key = Some(BackendKey {
                     process_id: field(5),
                     secret_key: field(9),
                 });
-                codec::backend_key_data(ours.process_id, ours.secret_key, &mut out);
             }
+            b'S' => match codec::parse_parameter_status(&raw[5..]) {
+                Some((name, value)) => welcome.set_param(name, value),
+                None => {
+                    return Err(GatewayError::BackendProtocol(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "malformed ParameterStatus",
+                    )))
+                }
+            },
             b'E' => {
                 return Err(GatewayError::BackendRejected {
                     summary: summarize_error(&raw),
                     raw,
                 })
             }
-            b'Z' => {
-                out.extend_from_slice(&raw);
-                return Ok((out, real));
-            }
-            _ => out.extend_from_slice(&raw),
+            b'Z' => return Ok(welcome),
+            _ => welcome.other.extend_from_slice(&raw),
         }
     }
 }
 
 /// Splits off one whole backend message (tag, length and body).
-fn take_message(buf: &mut BytesMut) -> io::Result<Option<bytes::Bytes>> {
+pub(crate) fn take_message(buf: &mut BytesMut) -> io::Result<Option<bytes::Bytes>> {
     let Some(header) = Header::parse(buf)? else {
         return Ok(None);
     };

@@ -4,9 +4,15 @@
 //! name); the gateway reads its startup packet (switching to TLS on an SSLRequest), verifies
 //! the token against its keyset, asks the controller where the token's instance runs (Resolve,
 //! retried while it starts), logs in to that server with credentials the client never sees,
-//! hands the client its own cancel key, and relays bytes both ways until either side closes or
-//! a session limit ends it. The controller hears Touch while the connection lives and Release
-//! when it ends.
+//! hands the client the backend's process id with a cancel key of its own, and relays bytes
+//! both ways until either side closes or a session limit ends it. The controller hears Touch
+//! while the connection lives and Release when it ends.
+//!
+//! A backend session whose client left it idle is reset (`DISCARD ALL`) and kept in a pool
+//! (see `pool`): the next client with the same instance, role and startup parameters gets it
+//! with no backend login. The controller hears Park when a session is kept (it still counts
+//! against the instance's connection limit, but not as activity) and Unpark when it is closed
+//! or handed on.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![deny(clippy::todo, clippy::dbg_macro)]
 
@@ -15,6 +21,7 @@ mod error;
 mod flow;
 mod keys;
 mod limits;
+mod pool;
 mod relay;
 mod resolve;
 mod stream;
@@ -46,11 +53,13 @@ use tracing::{debug, info, warn};
 pub use error::{ClientError, ErrorKind, GatewayError, Step};
 pub use keys::{keyset_of, ControllerKeys, KeySource, KeysError};
 pub use limits::RateLimit;
+pub use pool::PoolConfig;
 pub use resolve::{HttpResolver, ResolveError, Resolver};
 pub use tls::{ensure_self_signed, listen_hosts, server_config, TlsError, TlsFiles};
 
 use flow::{BackendKey, Conn, Startup};
 use limits::{RateLimiter, SessionLimits, Waiting};
+use pool::{BackendSession, Pool, PoolKey};
 use stream::ClientStream;
 
 /// The time tokens are checked against.
@@ -96,6 +105,8 @@ pub struct GatewayConfig {
     pub max_idle: Option<Duration>,
     /// Sessions are ended this long after they start (a token's `max_duration_s` likewise).
     pub max_duration: Option<Duration>,
+    /// Backend sessions kept for reuse after their client leaves; `None` closes every one.
+    pub pool: Option<PoolConfig>,
 }
 
 impl Default for GatewayConfig {
@@ -118,16 +129,24 @@ impl Default for GatewayConfig {
             touch_interval: Duration::from_secs(10),
             max_idle: None,
             max_duration: None,
+            pool: Some(PoolConfig::default()),
         }
     }
 }
 
-/// Where a client's cancel key leads.
+/// Where a client's cancel key leads: the client was given the backend's process id and a
+/// secret of the gateway's own, which the backend's real key stands behind.
 struct CancelRoute {
-    secret_key: i32,
+    secret: Box<[u8]>,
+    conn_id: u64,
     host: String,
     port: u16,
     backend: BackendKey,
+}
+
+/// Compares two secrets in time that depends on their lengths only.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The gateway: verifies each connection's token and relays it to its instance.
@@ -142,8 +161,11 @@ pub struct Gateway {
     tls: Option<TlsAcceptor>,
     /// Set when the drain is over: every relayed session ends with 57P01.
     terminate: tokio::sync::watch::Sender<bool>,
-    /// The cancel keys handed to clients, by process id.
-    cancels: Mutex<HashMap<i32, CancelRoute>>,
+    /// The cancel keys handed to clients, by backend process id (ids of different servers
+    /// may be the same; their secrets tell them apart).
+    cancels: Mutex<HashMap<i32, Vec<CancelRoute>>>,
+    /// Backend sessions kept for the next client; `None` with pooling off.
+    pool: Option<Pool>,
     /// The instance of every open session, by connection number, for Touch.
     leases: Mutex<HashMap<u64, InstanceId>>,
     next_conn: AtomicU64,
@@ -165,11 +187,23 @@ impl std::fmt::Debug for Gateway {
 /// What a successful handshake leaves: the backend, what the client is sent first, and the
 /// bookkeeping to undo when the session ends.
 struct Session {
-    backend: Conn<TcpStream>,
+    backend: BackendSession,
+    /// Backend bytes read past its ReadyForQuery during the login (normally none).
+    leftover: BytesMut,
     greeting: BytesMut,
     instance: InstanceId,
+    state: taidon_core::StateId,
+    conn_id: u64,
     cancel_pid: i32,
     limits: SessionLimits,
+    /// Where the session goes when its client leaves it idle; `None`: it is closed.
+    pool_key: Option<PoolKey>,
+}
+
+/// A backend session for a client: one taken from the pool, or a new login.
+enum Dialed {
+    Pooled(BackendSession),
+    Fresh(TcpStream),
 }
 
 fn is_loopback(peer: Option<SocketAddr>) -> bool {
@@ -187,6 +221,7 @@ impl Gateway {
         Self {
             per_ip: RateLimiter::new(config.rate_per_ip),
             per_subject: RateLimiter::new(config.rate_per_subject),
+            pool: config.pool.map(Pool::new),
             config,
             keys,
             resolver,
@@ -224,6 +259,11 @@ impl Gateway {
         self.leases.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Backend sessions kept for reuse (for tests and status).
+    pub fn pooled(&self) -> usize {
+        self.pool.as_ref().map_or(0, Pool::len)
+    }
+
     /// Accepts connections on `listener`, each in its own task, until `shutdown` resolves; then
     /// stops accepting and ends the sessions still open with 57P01.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
@@ -243,6 +283,7 @@ impl Gateway {
         tokio::pin!(shutdown);
         let mut conns = JoinSet::new();
         let toucher = tokio::spawn(Arc::clone(&self).touch_loop());
+        let reaper = tokio::spawn(Arc::clone(&self).reap_loop());
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
@@ -284,7 +325,36 @@ impl Gateway {
             let _ = tokio::time::timeout(TERMINATE_GRACE, join_all(&mut conns)).await;
         }
         toucher.abort();
+        reaper.abort();
         conns.shutdown().await;
+        if let Some(pool) = &self.pool {
+            self.unpark(pool.clear()).await;
+        }
+    }
+
+    /// Closes kept sessions idle too long or whose backend went away, every second.
+    async fn reap_loop(self: Arc<Self>) {
+        let Some(pool) = &self.pool else { return };
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let closed = pool.reap(Instant::now());
+            if !closed.is_empty() {
+                debug!(sessions = closed.len(), "closed kept sessions");
+                self.unpark(closed).await;
+            }
+        }
+    }
+
+    /// Tells the controller that these kept sessions are closed or handed on.
+    async fn unpark(&self, instances: Vec<InstanceId>) {
+        if instances.is_empty() {
+            return;
+        }
+        if let Err(e) = self.resolver.unpark(instances).await {
+            warn!(error = %e, "cannot tell the controller of closed kept sessions");
+        }
     }
 
     /// Tells the controller, every `touch_interval`, which instances have open sessions.
@@ -324,35 +394,105 @@ impl Gateway {
                 return Err(e);
             }
         };
-        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let conn_id = session.conn_id;
         self.leases
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(conn_id, session.instance);
+        let Session {
+            mut backend,
+            leftover,
+            greeting,
+            instance,
+            state,
+            cancel_pid,
+            limits,
+            pool_key,
+            ..
+        } = session;
         let end = self
-            .run_session(client, session.backend, &session.greeting, session.limits)
+            .run_session(
+                client,
+                &mut backend.stream,
+                &greeting,
+                leftover,
+                limits,
+                pool_key.is_some(),
+            )
             .await;
         self.leases
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&conn_id);
-        self.cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&session.cancel_pid);
-        self.release(session.instance).await;
-        let end = end?;
-        debug!(?end, "session ended");
+        self.forget_cancel(cancel_pid, conn_id);
+        let relayed = end?;
+        debug!(end = ?relayed.end, reusable = relayed.reusable, "session ended");
+        match (pool_key, &self.pool) {
+            (Some(key), Some(pool)) if relayed.reusable => {
+                self.keep(pool, key, state, backend).await;
+            }
+            (Some(_), _) => {
+                // Kept from the Terminate the client sent; the backend hears it now.
+                let _ = backend.stream.try_write(TERMINATE);
+                self.release(instance).await;
+            }
+            _ => self.release(instance).await,
+        }
         Ok(())
+    }
+
+    /// Resets `backend`, which its client left idle, and keeps it for the next client with
+    /// `key`; one that cannot be reset, or that finds the pool full, is closed.
+    async fn keep(
+        &self,
+        pool: &Pool,
+        key: PoolKey,
+        state: taidon_core::StateId,
+        mut backend: BackendSession,
+    ) {
+        let instance = key.instance;
+        let reset = tokio::time::timeout(
+            pool.config().reset_timeout,
+            pool::reset(&mut backend.stream, &mut backend.welcome),
+        )
+        .await;
+        match reset {
+            Ok(Ok(())) => {
+                backend.welcome.other.clear();
+                if pool.put(key, state, backend) {
+                    if let Err(e) = self.resolver.park(vec![instance]).await {
+                        warn!(%instance, error = %e, "cannot tell the controller of a kept session");
+                    }
+                    return;
+                }
+                debug!(%instance, "the pool is full: session closed");
+            }
+            Ok(Err(e)) => debug!(%instance, error = %error_chain(&e), "session not reset: closed"),
+            Err(_) => debug!(%instance, "session reset timed out: closed"),
+        }
+        self.release(instance).await;
+    }
+
+    /// Forgets the cancel key handed out for connection `conn_id`.
+    fn forget_cancel(&self, pid: i32, conn_id: u64) {
+        let mut cancels = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(routes) = cancels.get_mut(&pid) {
+            routes.retain(|r| r.conn_id != conn_id);
+            if routes.is_empty() {
+                cancels.remove(&pid);
+            }
+        }
     }
 
     async fn run_session<S>(
         &self,
         mut client: Conn<ClientStream<S>>,
-        mut backend: Conn<TcpStream>,
+        backend: &mut TcpStream,
         greeting: &[u8],
+        leftover: BytesMut,
         limits: SessionLimits,
-    ) -> Result<relay::RelayEnd, GatewayError>
+        keep: bool,
+    ) -> Result<relay::Relayed, GatewayError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -360,20 +500,21 @@ impl Gateway {
             .send(greeting)
             .await
             .map_err(GatewayError::ClientIo)?;
-        if !client.buf.is_empty() {
-            backend
-                .send(&client.buf)
-                .await
-                .map_err(GatewayError::BackendIo)?;
-        }
-        if !backend.buf.is_empty() {
-            client
-                .send(&backend.buf)
-                .await
-                .map_err(GatewayError::ClientIo)?;
-        }
-        // The handshake buffers are not needed while relaying: 1,000 idle sessions stay small.
-        Ok(relay::relay(client.io, backend.io, limits, self.terminate.subscribe()).await)
+        // Bytes the client sent after its password, and the backend after its ReadyForQuery,
+        // go through the relay's bookkeeping like the rest.
+        let pipelined = std::mem::take(&mut client.buf);
+        Ok(relay::relay(
+            client.io,
+            backend,
+            relay::Opening {
+                up: pipelined,
+                down: leftover,
+            },
+            limits,
+            self.terminate.subscribe(),
+            keep,
+        )
+        .await)
     }
 
     async fn release(&self, instance: InstanceId) {
@@ -394,16 +535,33 @@ impl Gateway {
         let startup = self
             .step(Step::Startup, flow::startup(client, self.tls.as_ref()))
             .await?;
-        let (user, params) = match startup {
-            Startup::Login { user, params } => (user, params),
+        let (user, params, minor, options) = match startup {
+            Startup::Login {
+                user,
+                params,
+                minor,
+                options,
+            } => (user, params, minor, options),
             Startup::Cancel {
                 process_id,
                 secret_key,
             } => {
-                self.step(Step::Connect, self.cancel(process_id, secret_key))
+                self.step(Step::Connect, self.cancel(process_id, &secret_key))
                     .await?;
                 return Ok(None);
             }
+        };
+        if minor > codec::NEWEST_MINOR || !options.is_empty() {
+            // As PostgreSQL answers a newer minor version or protocol options it does not know.
+            let mut out = BytesMut::new();
+            codec::negotiate_protocol_version(codec::NEWEST_MINOR, &options, &mut out);
+            client.send(&out).await.map_err(GatewayError::ClientIo)?;
+        }
+        // Protocol 3.2 carries longer cancel keys; nothing else differs.
+        let secret_len = if minor.min(codec::NEWEST_MINOR) >= 2 {
+            32
+        } else {
+            4
         };
         let tls = client.io.is_tls();
         if self.config.require_tls && !tls && !is_loopback(peer) {
@@ -428,38 +586,60 @@ impl Gateway {
                 what: format!("subject {:?}", claims.sub),
             });
         }
-        let (target, resolve_us, stream) = self.resolve_and_dial(&verified).await?;
+        let backend_params = flow::backend_params(&params, claims.scope);
+        // A replication connection is a different protocol: never kept.
+        let poolable = self.pool.is_some() && params.get("replication").is_none();
+        let (target, resolve_us, dialed) = self
+            .resolve_and_dial(&verified, &backend_params, poolable)
+            .await?;
         let instance = target.instance_id;
+        let pool_key = poolable.then(|| PoolKey {
+            instance,
+            host: target.host.clone(),
+            port: target.port,
+            user: target.user.clone(),
+            params: backend_params.clone(),
+        });
+        let reused = matches!(dialed, Dialed::Pooled(_));
         let result = self
             .step(Step::Connect, async {
-                let mut backend = Conn::new(stream);
-                flow::backend_login(&mut backend, &target, &params, claims.scope).await?;
-                let ours = self.new_cancel_key();
-                let (greeting, real) = flow::backend_ready(&mut backend, ours).await?;
-                if let Some(real) = real {
-                    self.cancels
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(
-                            ours.process_id,
-                            CancelRoute {
-                                secret_key: ours.secret_key,
-                                host: target.host.clone(),
-                                port: target.port,
-                                backend: real,
-                            },
-                        );
-                }
-                Ok((backend, greeting, ours.process_id))
+                let (backend, leftover) = match dialed {
+                    Dialed::Pooled(session) => (session, BytesMut::new()),
+                    Dialed::Fresh(stream) => self.login(stream, &target, &backend_params).await?,
+                };
+                Ok((backend, leftover))
             })
             .await;
-        let (backend, greeting, cancel_pid) = match result {
+        let (backend, leftover) = match result {
             Ok(r) => r,
             Err(e) => {
                 self.release(instance).await;
                 return Err(e);
             }
         };
+        let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let mut secret = vec![0u8; secret_len];
+        rand::Rng::fill(&mut rand::thread_rng(), &mut secret[..]);
+        let cancel_pid = match backend.key {
+            Some(real) => {
+                self.cancels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(real.process_id)
+                    .or_default()
+                    .push(CancelRoute {
+                        secret: secret.clone().into_boxed_slice(),
+                        conn_id,
+                        host: target.host.clone(),
+                        port: target.port,
+                        backend: real,
+                    });
+                real.process_id
+            }
+            // A server that gave no key cannot be cancelled; the client gets a made-up id.
+            None => (rand::random::<u32>() >> 1) as i32,
+        };
+        let greeting = backend.welcome.greeting(cancel_pid, &secret);
         let token_limits = claims.limits.unwrap_or_default();
         let limits = SessionLimits {
             max_idle: self.config.max_idle,
@@ -478,32 +658,104 @@ impl Gateway {
             token = %verified.fingerprint,
             tls,
             resolve_us,
+            reused,
             "client connected",
         );
         Ok(Some(Session {
             backend,
+            leftover,
             greeting,
             instance,
+            state: claims.sid,
+            conn_id,
             cancel_pid,
             limits,
+            pool_key,
         }))
     }
 
-    /// Resolves and connects. An instance that refuses the connection may have just died
-    /// (a killed server, a failed pod): the controller sees it within moments and answers
-    /// STARTING while it starts again, so the connection is tried again, a few times, after
-    /// a pause, from the Resolve.
+    /// Logs in to a new backend session; a server out of connection slots (53300) gets one
+    /// back from the pool, if it holds a session of that instance, and is asked again.
+    async fn login(
+        &self,
+        stream: TcpStream,
+        target: &Target,
+        params: &codec::StartupParams,
+    ) -> Result<(BackendSession, BytesMut), GatewayError> {
+        let mut stream = Some(stream);
+        loop {
+            let fresh = match stream.take() {
+                Some(s) => s,
+                None => flow::dial(target).await?,
+            };
+            let mut conn = Conn::new(fresh);
+            let attempt = async {
+                flow::backend_login(&mut conn, target, params).await?;
+                flow::backend_ready(&mut conn).await
+            }
+            .await;
+            match attempt {
+                Ok(welcome) => {
+                    let leftover = std::mem::take(&mut conn.buf);
+                    return Ok((
+                        BackendSession {
+                            stream: conn.io,
+                            key: welcome.key,
+                            welcome,
+                        },
+                        leftover,
+                    ));
+                }
+                Err(e) => {
+                    let out_of_slots = matches!(
+                        &e,
+                        GatewayError::BackendRejected { raw, .. } if flow::sqlstate(raw) == "53300"
+                    );
+                    let closed = out_of_slots
+                        .then_some(self.pool.as_ref())
+                        .flatten()
+                        .and_then(|p| p.close_one(None, Some(target.instance_id)));
+                    let Some(iid) = closed else { return Err(e) };
+                    debug!(instance = %iid, "server out of slots: a kept session closed for a client");
+                    self.unpark(vec![iid]).await;
+                }
+            }
+        }
+    }
+
+    /// Resolves, then takes a kept session for the client or connects to the instance. An
+    /// instance that refuses the connection may have just died (a killed server, a failed
+    /// pod): the controller sees it within moments and answers STARTING while it starts
+    /// again, so the connection is tried again, a few times, after a pause, from the Resolve.
     async fn resolve_and_dial(
         &self,
         verified: &flow::Verified,
-    ) -> Result<(Target, u64, TcpStream), GatewayError> {
+        params: &codec::StartupParams,
+        poolable: bool,
+    ) -> Result<(Target, u64, Dialed), GatewayError> {
         const REDIALS: u32 = 15;
         const REDIAL_PAUSE: Duration = Duration::from_millis(200);
         let mut redials = 0;
         loop {
             let (target, resolve_us) = self.resolve(verified).await?;
+            if let (true, Some(pool)) = (poolable, &self.pool) {
+                let key = PoolKey {
+                    instance: target.instance_id,
+                    host: target.host.clone(),
+                    port: target.port,
+                    user: target.user.clone(),
+                    params: params.clone(),
+                };
+                let (found, dead) = pool.take(&key);
+                self.unpark(dead).await;
+                if let Some(session) = found {
+                    // Resolve counted the client; the kept session stops counting.
+                    self.unpark(vec![target.instance_id]).await;
+                    return Ok((target, resolve_us, Dialed::Pooled(session)));
+                }
+            }
             match flow::dial(&target).await {
-                Ok(stream) => return Ok((target, resolve_us, stream)),
+                Ok(stream) => return Ok((target, resolve_us, Dialed::Fresh(stream))),
                 Err(e @ GatewayError::BackendConnect { .. }) if redials < REDIALS => {
                     debug!(error = %e, "instance refused; asking the controller again");
                     self.release(target.instance_id).await;
@@ -577,7 +829,18 @@ impl Gateway {
                     })
                 }
                 ResolveResponse::TooManyConnections { limit } => {
-                    return Err(GatewayError::TooManyConnections { limit })
+                    // Kept sessions count against the limit: one gives its slot to a client.
+                    let closed = self
+                        .pool
+                        .as_ref()
+                        .and_then(|p| p.close_one(Some(claims.sid), claims.iid));
+                    match closed {
+                        Some(iid) => {
+                            debug!(instance = %iid, "at the connection limit: a kept session closed for a client");
+                            self.unpark(vec![iid]).await;
+                        }
+                        None => return Err(GatewayError::TooManyConnections { limit }),
+                    }
                 }
             }
         }
@@ -602,29 +865,14 @@ impl Gateway {
         }
     }
 
-    /// A fresh cancel key no open session has.
-    fn new_cancel_key(&self) -> BackendKey {
-        let cancels = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            // Positive, as PostgreSQL's own process ids.
-            let process_id = (rand::random::<u32>() >> 1) as i32;
-            if process_id != 0 && !cancels.contains_key(&process_id) {
-                return BackendKey {
-                    process_id,
-                    secret_key: rand::random(),
-                };
-            }
-        }
-    }
-
-    /// Routes a CancelRequest to the backend with its real key; an unknown key is ignored, as
-    /// PostgreSQL does.
-    async fn cancel(&self, process_id: i32, secret_key: i32) -> Result<(), GatewayError> {
+    /// Routes a CancelRequest to the backend with its real key; an unknown process id or a
+    /// wrong secret is ignored, as PostgreSQL does.
+    async fn cancel(&self, process_id: i32, secret: &[u8]) -> Result<(), GatewayError> {
         let route = {
             let cancels = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
             cancels
                 .get(&process_id)
-                .filter(|r| r.secret_key == secret_key)
+                .and_then(|routes| routes.iter().find(|r| same_secret(&r.secret, secret)))
                 .map(|r| (r.host.clone(), r.port, r.backend))
         };
         let Some((host, port, backend)) = route else {
@@ -674,6 +922,9 @@ impl Gateway {
         let _ = tokio::time::timeout(self.config.handshake_timeout, client.send(&out)).await;
     }
 }
+
+/// Terminate: what the backend of a session not kept is told, since the client's own was held.
+const TERMINATE: &[u8] = &[b'X', 0, 0, 0, 4];
 
 /// How long sessions told to end (after the drain) are given to do so before they are dropped.
 const TERMINATE_GRACE: Duration = Duration::from_secs(2);

@@ -1,11 +1,12 @@
 //! The relay after login: bytes both ways, watching the backend's message boundaries so a
 //! session that is idle too long or lives too long can be ended with a proper ErrorResponse.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::codec;
 use crate::limits::SessionLimits;
@@ -27,13 +28,27 @@ pub(crate) enum RelayEnd {
     Shutdown,
 }
 
-/// Where the backend→client stream is in its framing: between messages or inside one.
+/// How a relay ended, and whether its backend session may serve another client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Relayed {
+    pub(crate) end: RelayEnd,
+    /// The client left with the backend idle: every request answered, outside a transaction,
+    /// COPY or an unsynced extended query, and every byte of both streams at a message
+    /// boundary. Only then may the session be reset and handed to someone else.
+    pub(crate) reusable: bool,
+}
+
+/// Where the backend→client stream is in its framing and in the protocol's cycle.
 #[derive(Debug, Default)]
 pub(crate) struct Framing {
     header: [u8; 5],
     header_len: usize,
     body_left: usize,
     last_tag: u8,
+    /// The transaction status of the last ReadyForQuery (`I`, `T`, `E`).
+    status: u8,
+    /// ReadyForQuery messages seen and not yet taken.
+    ready: u64,
 }
 
 impl Framing {
@@ -42,6 +57,10 @@ impl Framing {
         let mut i = 0;
         while i < chunk.len() {
             if self.body_left > 0 {
+                if self.last_tag == b'Z' && self.body_left == 1 {
+                    self.status = chunk[i];
+                    self.ready += 1;
+                }
                 let take = self.body_left.min(chunk.len() - i);
                 self.body_left -= take;
                 i += take;
@@ -73,6 +92,90 @@ impl Framing {
     pub(crate) fn ready_for_query(&self) -> bool {
         self.at_boundary() && self.last_tag == b'Z'
     }
+
+    /// The ReadyForQuery messages seen since the last call.
+    fn take_ready(&mut self) -> u64 {
+        std::mem::take(&mut self.ready)
+    }
+}
+
+/// Where the client→backend stream is: its framing, the requests the backend will answer with
+/// ReadyForQuery, and whether an extended query waits for its Sync.
+#[derive(Debug, Default)]
+pub(crate) struct Requests {
+    header: [u8; 5],
+    header_len: usize,
+    body_left: usize,
+    /// Extended-query messages sent since the last Sync.
+    unsynced: bool,
+    /// A length no message has: the stream cannot be followed.
+    lost: bool,
+}
+
+/// What a chunk of client bytes held.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Fed {
+    /// Query, Sync and FunctionCall messages: each gets one ReadyForQuery.
+    pub(crate) requests: u64,
+    /// Where a Terminate message starts in the chunk, if one does.
+    pub(crate) terminate_at: Option<usize>,
+}
+
+impl Requests {
+    /// Follows `chunk`, stopping at a Terminate.
+    pub(crate) fn feed(&mut self, chunk: &[u8]) -> Fed {
+        let mut fed = Fed::default();
+        let mut i = 0;
+        while i < chunk.len() {
+            if self.body_left > 0 {
+                let take = self.body_left.min(chunk.len() - i);
+                self.body_left -= take;
+                i += take;
+                continue;
+            }
+            self.header[self.header_len] = chunk[i];
+            self.header_len += 1;
+            i += 1;
+            if self.header_len < 5 {
+                continue;
+            }
+            self.header_len = 0;
+            let len = u32::from_be_bytes([
+                self.header[1],
+                self.header[2],
+                self.header[3],
+                self.header[4],
+            ]) as usize;
+            if len < 4 {
+                self.lost = true;
+            }
+            self.body_left = len.saturating_sub(4);
+            match self.header[0] {
+                b'Q' | b'F' => fed.requests += 1,
+                b'S' => {
+                    fed.requests += 1;
+                    self.unsynced = false;
+                }
+                b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.unsynced = true,
+                b'X' => {
+                    // A Terminate whose header began in an earlier chunk has partly reached
+                    // the backend: that session cannot be handed on.
+                    match i.checked_sub(5) {
+                        Some(at) => fed.terminate_at = Some(at),
+                        None => self.lost = true,
+                    }
+                    return fed;
+                }
+                _ => {}
+            }
+        }
+        fed
+    }
+
+    /// Between two messages, with no extended query waiting for its Sync.
+    fn settled(&self) -> bool {
+        self.header_len == 0 && self.body_left == 0 && !self.unsynced && !self.lost
+    }
 }
 
 fn millis_since(start: Instant) -> u64 {
@@ -82,40 +185,70 @@ fn millis_since(start: Instant) -> u64 {
 const SHUTDOWN_MESSAGE: &str = "terminating connection due to administrator command";
 const DURATION_MESSAGE: &str = "terminating connection: the session reached its maximum duration";
 
+/// Bytes read during the handshake that belong to the relay: what the client pipelined after
+/// its password, and what the backend sent after its first ReadyForQuery.
+#[derive(Debug, Default)]
+pub(crate) struct Opening {
+    pub(crate) up: BytesMut,
+    pub(crate) down: BytesMut,
+}
+
 /// Relays until either side closes, a limit ends the session, or `terminate` turns true.
-pub(crate) async fn relay<C, B>(
+/// With `keep` the client's Terminate is not passed on, so the backend session outlives the
+/// client and [`Relayed::reusable`] says whether it may be handed on.
+pub(crate) async fn relay<C>(
     client: C,
-    backend: B,
+    backend: &mut TcpStream,
+    opening: Opening,
     limits: SessionLimits,
     mut terminate: tokio::sync::watch::Receiver<bool>,
-) -> RelayEnd
+    keep: bool,
+) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
 {
     let start = Instant::now();
     // Milliseconds since `start` of the client's last bytes.
     let last_client = AtomicU64::new(0);
+    // Requests sent and not yet answered with ReadyForQuery.
+    let pending = AtomicI64::new(0);
+    // The backend stream is between messages, and the status of its last ReadyForQuery.
+    let backend_boundary = AtomicBool::new(true);
+    let backend_status = AtomicU8::new(b'I');
     let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut br, mut bw) = tokio::io::split(backend);
+    let (mut br, mut bw) = backend.split();
 
     let up = async {
-        let mut buf = BytesMut::with_capacity(CHUNK);
+        let mut buf = opening.up;
+        buf.reserve(CHUNK);
+        let mut requests = Requests::default();
         loop {
+            if buf.is_empty() {
+                match cr.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return (RelayEnd::Client, requests.settled()),
+                    Ok(_) => {}
+                }
+                last_client.store(millis_since(start), Ordering::Relaxed);
+            }
+            let fed = requests.feed(&buf);
+            pending.fetch_add(fed.requests as i64, Ordering::Relaxed);
+            let send = match fed.terminate_at {
+                Some(at) if keep => &buf[..at],
+                _ => &buf[..],
+            };
+            if bw.write_all(send).await.is_err() {
+                return (RelayEnd::Backend, false);
+            }
+            if fed.terminate_at.is_some() {
+                return (RelayEnd::Client, requests.settled());
+            }
             buf.clear();
-            match cr.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return RelayEnd::Client,
-                Ok(_) => {}
-            }
-            last_client.store(millis_since(start), Ordering::Relaxed);
-            if bw.write_all(&buf).await.is_err() {
-                return RelayEnd::Backend;
-            }
         }
     };
 
     let down = async {
-        let mut buf = BytesMut::with_capacity(CHUNK);
+        let mut buf = opening.down;
+        buf.reserve(CHUNK);
         let mut framing = Framing::default();
         // When the backend last became ready for a query.
         let mut ready_at = 0u64;
@@ -123,18 +256,25 @@ where
         let mut end_at_boundary: Option<(&str, RelayEnd)> = None;
         loop {
             let deadline = next_deadline(&limits, &framing, ready_at, &last_client, start);
-            buf.clear();
             tokio::select! {
-                r = br.read_buf(&mut buf) => {
+                r = read_unless_held(&mut br, &mut buf) => {
                     match r {
                         Ok(0) | Err(_) => return RelayEnd::Backend,
                         Ok(_) => {}
                     }
                     framing.feed(&buf);
+                    let answered = framing.take_ready();
+                    if answered > 0 {
+                        pending.fetch_sub(answered as i64, Ordering::Relaxed);
+                        backend_status.store(framing.status, Ordering::Relaxed);
+                    }
+                    backend_boundary.store(framing.at_boundary(), Ordering::Relaxed);
                     if framing.ready_for_query() {
                         ready_at = millis_since(start);
                     }
-                    if cw.write_all(&buf).await.is_err() {
+                    let written = cw.write_all(&buf).await;
+                    buf.clear();
+                    if written.is_err() {
                         return RelayEnd::Client;
                     }
                     if let Some((message, end)) = end_at_boundary.filter(|_| framing.at_boundary()) {
@@ -173,10 +313,28 @@ where
         }
     };
 
-    tokio::select! {
-        end = up => end,
-        end = down => end,
+    let (end, client_settled) = tokio::select! {
+        (end, settled) = up => (end, settled),
+        end = down => (end, false),
+    };
+    let reusable = keep
+        && end == RelayEnd::Client
+        && client_settled
+        && pending.load(Ordering::Relaxed) == 0
+        && backend_boundary.load(Ordering::Relaxed)
+        && backend_status.load(Ordering::Relaxed) == b'I';
+    Relayed { end, reusable }
+}
+
+/// Reads into `buf` unless it already holds bytes (the opening's), which are then taken as read.
+async fn read_unless_held<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    if !buf.is_empty() {
+        return Ok(buf.len());
     }
+    r.read_buf(buf).await
 }
 
 /// The next moment a limit may end the session, or `None`.

@@ -46,6 +46,17 @@ pub trait Resolver: Send + Sync {
     fn release(&self, _instance_ids: Vec<InstanceId>) -> BoxFuture<'_, Result<(), ResolveError>> {
         Box::pin(async { Ok(()) })
     }
+
+    /// These connections' clients left and their sessions are kept for reuse: they still
+    /// count against the limits, not as activity.
+    fn park(&self, _instance_ids: Vec<InstanceId>) -> BoxFuture<'_, Result<(), ResolveError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// These kept sessions were closed, or handed to a client Resolve counted.
+    fn unpark(&self, _instance_ids: Vec<InstanceId>) -> BoxFuture<'_, Result<(), ResolveError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// A [`Resolver`] that asks the controller's `POST /v1/resolve`, `/v1/touch`, `/v1/release`.
@@ -192,5 +203,13 @@ impl Resolver for HttpResolver {
 
     fn release(&self, ids: Vec<InstanceId>) -> BoxFuture<'_, Result<(), ResolveError>> {
         Box::pin(self.post_leases("release", ids))
+    }
+
+    fn park(&self, ids: Vec<InstanceId>) -> BoxFuture<'_, Result<(), ResolveError>> {
+        Box::pin(self.post_leases("park", ids))
+    }
+
+    fn unpark(&self, ids: Vec<InstanceId>) -> BoxFuture<'_, Result<(), ResolveError>> {
+        Box::pin(self.post_leases("unpark", ids))
     }
 }

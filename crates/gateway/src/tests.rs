@@ -262,6 +262,110 @@ async fn ssl_and_gss_requests_are_refused_then_startup_is_read() {
 }
 
 #[tokio::test]
+async fn each_encryption_request_is_answered_once() {
+    for (first, second, version) in [
+        (80_877_104u32, 80_877_104u32, "1234.5680"),
+        (80_877_103, 80_877_103, "1234.5679"),
+        (80_877_104, 80_877_103, ""),
+    ] {
+        let (gw, _) = gateway(Duration::from_secs(5), missing);
+        let (mut client, task) = start(&gw);
+        let mut answer = [0u8; 1];
+        for (i, code) in [first, second].into_iter().enumerate() {
+            let mut buf = BytesMut::new();
+            buf.put_u32(8);
+            buf.put_u32(code);
+            client.write_all(&buf).await.unwrap();
+            if i == 1 && !version.is_empty() {
+                break;
+            }
+            client.read_exact(&mut answer).await.unwrap();
+            assert_eq!(&answer, b"N");
+        }
+        if version.is_empty() {
+            // GSS refused, then SSL refused: both asked once, the startup goes on.
+            send_startup(&mut client, &[("user", "sqlrs")]).await;
+            let mut header = [0u8; 9];
+            client.read_exact(&mut header).await.unwrap();
+            assert_eq!(header[0], b'R');
+            drop(client);
+            let _ = task.await;
+            continue;
+        }
+        let msgs = read_to_close(&mut client).await;
+        let (_, code, message) = fatal(&msgs);
+        assert_eq!(code, "08P01");
+        assert!(
+            message.contains(&format!("unsupported frontend protocol {version}")),
+            "{message}"
+        );
+        assert!(message.contains("server supports 3.0 to 3.2"), "{message}");
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(GatewayError::UnsupportedProtocol { major: 1234, .. })
+        ));
+    }
+}
+
+#[tokio::test]
+async fn newer_minor_versions_and_protocol_options_are_negotiated_not_refused() {
+    // (minor asked, options, NegotiateProtocolVersion expected)
+    for (minor, options, negotiated) in [
+        (9u32, vec![], Some((2i32, vec![]))),
+        (
+            0,
+            vec!["_pq_.compression"],
+            Some((2, vec!["_pq_.compression"])),
+        ),
+        (
+            2,
+            vec!["_pq_.a", "_pq_.b"],
+            Some((2, vec!["_pq_.a", "_pq_.b"])),
+        ),
+        (2, vec![], None),
+        (1, vec![], None),
+    ] {
+        let (gw, resolver) = gateway(Duration::from_secs(5), missing);
+        let (mut client, task) = start(&gw);
+        let mut body = b"user\0sqlrs\0".to_vec();
+        for o in &options {
+            body.extend_from_slice(o.as_bytes());
+            body.extend_from_slice(b"\0on\0");
+        }
+        body.push(0);
+        let mut buf = BytesMut::new();
+        buf.put_u32(8 + body.len() as u32);
+        buf.put_u32((3 << 16) | minor);
+        buf.extend_from_slice(&body);
+        frontend::password_message(token().as_bytes(), &mut buf).unwrap();
+        client.write_all(&buf).await.unwrap();
+        let msgs = read_to_close(&mut client).await;
+        let rest = match negotiated {
+            Some((newest, names)) => {
+                let (tag, body) = &msgs[0];
+                assert_eq!(*tag, b'v', "3.{minor} {options:?}: {msgs:?}");
+                let mut expected = newest.to_be_bytes().to_vec();
+                expected.extend_from_slice(&(names.len() as i32).to_be_bytes());
+                for n in names {
+                    expected.extend_from_slice(n.as_bytes());
+                    expected.push(0);
+                }
+                assert_eq!(body, &expected);
+                &msgs[1..]
+            }
+            None => &msgs[..],
+        };
+        assert_eq!(rest[0], (AUTH_REQUEST.0, AUTH_REQUEST.1.to_vec()));
+        assert_eq!(fatal(rest).1, "3D000", "3.{minor} {options:?}");
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(GatewayError::Missing { .. })
+        ));
+        assert_eq!(resolver.asked.lock().unwrap().len(), 1);
+    }
+}
+
+#[tokio::test]
 async fn data_pipelined_after_an_ssl_request_is_refused() {
     let (gw, _) = gateway(Duration::from_secs(5), missing);
     let (mut client, task) = start(&gw);
@@ -728,9 +832,14 @@ async fn malformed_packets_table() {
         ("protocol 2.0", [be(8), be(2 << 16)].concat(), Some("08P01")),
         ("protocol 4.0", [be(8), be(4 << 16)].concat(), Some("08P01")),
         (
-            "protocol 3.9",
+            "protocol 3.9 without parameters",
             [be(8), be((3 << 16) | 9)].concat(),
-            Some("08P01"),
+            None,
+        ),
+        (
+            "cancel with a key past 256 bytes",
+            [&be(12 + 257)[..], &be(80_877_102)[..], &[0u8; 261][..]].concat(),
+            None,
         ),
         (
             "unknown request code",

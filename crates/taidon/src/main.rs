@@ -92,6 +92,12 @@ struct GatewayOpts {
     /// New connections allowed per client address and per token subject, per second.
     #[arg(long, default_value_t = 1000)]
     rate_per_s: u32,
+    /// Close every backend session when its client leaves (no pooling).
+    #[arg(long)]
+    no_pool: bool,
+    /// Close backend sessions kept for reuse after this many idle seconds.
+    #[arg(long, default_value_t = 60, conflicts_with = "no_pool")]
+    pool_idle_s: u64,
 }
 
 #[derive(Args)]
@@ -287,6 +293,16 @@ impl Resolver for LocalResolver {
         self.0.release(&ids);
         Box::pin(async { Ok(()) })
     }
+
+    fn park(&self, ids: Vec<InstanceId>) -> BoxFuture<'_, Result<(), ResolveError>> {
+        self.0.park(&ids);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn unpark(&self, ids: Vec<InstanceId>) -> BoxFuture<'_, Result<(), ResolveError>> {
+        self.0.unpark(&ids);
+        Box::pin(async { Ok(()) })
+    }
 }
 
 fn rotate_keys(home: &Path) -> Result<()> {
@@ -307,6 +323,10 @@ impl GatewayOpts {
             max_duration: self.max_duration_s.map(std::time::Duration::from_secs),
             rate_per_ip: rate,
             rate_per_subject: rate,
+            pool: (!self.no_pool).then(|| taidon_gateway::PoolConfig {
+                idle: std::time::Duration::from_secs(self.pool_idle_s),
+                ..taidon_gateway::PoolConfig::default()
+            }),
             ..GatewayConfig::default()
         }
     }
