@@ -718,6 +718,8 @@ impl Gateway {
                     let Some(iid) = closed else { return Err(e) };
                     debug!(instance = %iid, "server out of slots: a kept session closed for a client");
                     self.unpark(vec![iid]).await;
+                    // The closed session's backend needs a moment to exit and free its slot.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
         }

@@ -385,6 +385,7 @@ async fn tell<W: AsyncWrite + Unpin>(w: &mut W, code: &str, message: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn framing_follows_messages_split_anywhere() {
@@ -404,5 +405,216 @@ mod tests {
         f.feed(&stream[..7]);
         assert!(f.at_boundary());
         assert!(!f.ready_for_query());
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn framing_counts_ready_for_query_and_keeps_the_status() {
+        let stream = [
+            msg(b'C', b"BEGIN\0"),
+            msg(b'Z', b"T"),
+            msg(b'C', b"COMMIT\0"),
+            msg(b'Z', b"I"),
+        ]
+        .concat();
+        for cut in 0..stream.len() {
+            let mut f = Framing::default();
+            f.feed(&stream[..cut]);
+            let first = f.take_ready();
+            f.feed(&stream[cut..]);
+            assert_eq!(first + f.take_ready(), 2, "cut {cut}");
+            assert_eq!(f.status, b'I');
+        }
+    }
+
+    #[test]
+    fn requests_count_what_gets_ready_for_query_and_find_terminate() {
+        let q = msg(b'Q', b"select 1\0");
+        let extended = [
+            msg(b'P', b"\0select 1\0\0\0"),
+            msg(b'B', &[0; 8]),
+            msg(b'E', &[0; 5]),
+        ]
+        .concat();
+        let sync = msg(b'S', b"");
+        let x = msg(b'X', b"");
+
+        let mut r = Requests::default();
+        let all = [q.clone(), extended.clone(), sync.clone(), x.clone()].concat();
+        let fed = r.feed(&all);
+        assert_eq!(fed.requests, 2);
+        assert_eq!(fed.terminate_at, Some(all.len() - 5));
+        assert!(r.settled());
+
+        let mut r = Requests::default();
+        r.feed(&extended);
+        assert!(!r.settled(), "an extended query waits for its Sync");
+        assert_eq!(r.feed(&sync).requests, 1);
+        assert!(r.settled());
+
+        // Split anywhere, the same count; mid-message is not settled.
+        let stream = [q.clone(), sync.clone(), q.clone()].concat();
+        for cut in 1..stream.len() {
+            let mut r = Requests::default();
+            let n = r.feed(&stream[..cut]).requests + r.feed(&stream[cut..]).requests;
+            assert_eq!(n, 3, "cut {cut}");
+        }
+        let mut r = Requests::default();
+        r.feed(&q[..3]);
+        assert!(!r.settled());
+
+        // A Terminate whose header began in an earlier chunk cannot be held back.
+        let mut r = Requests::default();
+        assert_eq!(r.feed(&x[..2]).terminate_at, None);
+        assert_eq!(r.feed(&x[2..]).terminate_at, None);
+        assert!(!r.settled());
+
+        // A length below four: lost.
+        let mut r = Requests::default();
+        r.feed(&[b'Q', 0, 0, 0, 2]);
+        assert!(!r.settled());
+    }
+
+    /// Runs the relay between a scripted client and a scripted backend over loopback TCP: the
+    /// client sends `client`, then closes; the backend answers each chunk it reads with the
+    /// next of `answers`. Returns the relay's verdict and what the backend received.
+    async fn scripted(
+        client: Vec<Vec<u8>>,
+        answers: Vec<Vec<u8>>,
+        keep: bool,
+    ) -> (Relayed, Vec<u8>) {
+        use tokio::net::TcpListener;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend_task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut answers = answers.into_iter();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return got,
+                    Ok(Ok(n)) => n,
+                };
+                got.extend_from_slice(&buf[..n]);
+                if let Some(a) = answers.next() {
+                    s.write_all(&a).await.unwrap();
+                }
+            }
+        });
+        let mut backend = TcpStream::connect(addr).await.unwrap();
+        let (mut c, gw_side) = tokio::io::duplex(64 * 1024);
+        let client_task = tokio::spawn(async move {
+            for chunk in client {
+                c.write_all(&chunk).await.unwrap();
+                // Let the backend answer before the next chunk.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            drop(c);
+        });
+        let (_, rx) = tokio::sync::watch::channel(false);
+        let relayed = relay(
+            gw_side,
+            &mut backend,
+            Opening::default(),
+            SessionLimits::default(),
+            rx,
+            keep,
+        )
+        .await;
+        client_task.await.unwrap();
+        drop(backend);
+        (relayed, backend_task.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_relay_keeps_only_sessions_left_idle() {
+        let q = msg(b'Q', b"select 1\0");
+        let x = msg(b'X', b"");
+        let done = [msg(b'C', b"SELECT 1\0"), msg(b'Z', b"I")].concat();
+        let in_tx = [msg(b'C', b"BEGIN\0"), msg(b'Z', b"T")].concat();
+        let failed = [msg(b'E', b"SERROR\0\0"), msg(b'Z', b"E")].concat();
+        let copy_in = msg(b'G', &[0, 0, 0]);
+        let half = done[..3].to_vec();
+        let ext = [
+            msg(b'P', b"\0select 1\0\0\0"),
+            msg(b'B', &[0; 8]),
+            msg(b'E', &[0; 5]),
+        ]
+        .concat();
+        // (what, client chunks, backend answers, reusable)
+        type Case<'a> = (&'a str, Vec<Vec<u8>>, Vec<Vec<u8>>, bool);
+        let cases: Vec<Case> = vec![
+            (
+                "idle after a query",
+                vec![q.clone(), x.clone()],
+                vec![done.clone()],
+                true,
+            ),
+            (
+                "idle, closed without Terminate",
+                vec![q.clone()],
+                vec![done.clone()],
+                true,
+            ),
+            (
+                "in a transaction",
+                vec![q.clone(), x.clone()],
+                vec![in_tx],
+                false,
+            ),
+            (
+                "in a failed transaction",
+                vec![q.clone(), x.clone()],
+                vec![failed],
+                false,
+            ),
+            (
+                "in COPY FROM STDIN",
+                vec![q.clone(), x.clone()],
+                vec![copy_in],
+                false,
+            ),
+            (
+                "query unanswered",
+                vec![q.clone(), x.clone()],
+                vec![],
+                false,
+            ),
+            (
+                "answer cut mid-message",
+                vec![q.clone(), x.clone()],
+                vec![half],
+                false,
+            ),
+            (
+                "extended query without Sync",
+                vec![ext, x.clone()],
+                vec![],
+                false,
+            ),
+        ];
+        for (what, client, answers, reusable) in cases {
+            let (relayed, got) = scripted(client.clone(), answers.clone(), true).await;
+            assert_eq!(relayed.end, RelayEnd::Client, "{what}");
+            assert_eq!(relayed.reusable, reusable, "{what}");
+            assert!(!got.ends_with(&x), "{what}: the Terminate was passed on");
+            // Without pooling nothing is kept, and the backend hears the Terminate.
+            let (relayed, got) = scripted(client.clone(), answers, false).await;
+            assert!(!relayed.reusable, "{what} (no pool)");
+            assert_eq!(
+                got.ends_with(&x),
+                client.last() == Some(&x),
+                "{what} (no pool)"
+            );
+        }
     }
 }

@@ -1,188 +1,19 @@
 //! The gateway between real clients (tokio-postgres, psql) and real PostgreSQL servers started
 //! with taidon-runtime. One initdb per test binary; each test runs its own copy of that cluster.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
-use rand::distributions::{Alphanumeric, DistString};
-use taidon_api::{ResolveRequest, ResolveResponse, Target};
-use taidon_core::token::{Scope, SharedKeyset, TokenKey};
+use taidon_api::{ResolveResponse, Target};
+use taidon_core::token::{Scope, SharedKeyset};
 use taidon_core::{InstanceId, StateId};
-use taidon_gateway::{Clock, Gateway, GatewayConfig, GatewayError, ResolveError, Resolver, Step};
-use taidon_runtime::{Engine, RunAs, Server, ServerConfig};
+use taidon_gateway::{Clock, Gateway, GatewayConfig, GatewayError, Step};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
-const NOW: u64 = 1_800_000_000;
-const TTL: u64 = 600;
-
-struct FixedClock(u64);
-
-impl Clock for FixedClock {
-    fn now_s(&self) -> u64 {
-        self.0
-    }
-}
-
-/// A fake resolver with one fixed answer for every instance.
-struct FakeResolver(ResolveResponse);
-
-impl Resolver for FakeResolver {
-    fn resolve(&self, _: ResolveRequest) -> BoxFuture<'_, Result<ResolveResponse, ResolveError>> {
-        let answer = self.0.clone();
-        Box::pin(async move { Ok(answer) })
-    }
-}
-
-fn key() -> TokenKey {
-    TokenKey::hs256(b"gateway test secret, long enough", "install-gw")
-}
-
-fn token() -> String {
-    let k = key();
-    k.sign(&k.claims(
-        StateId::from_bytes([3; 32]),
-        InstanceId::from_bytes([4; 8]),
-        Scope::Rw,
-        NOW,
-        TTL,
-    ))
-    .unwrap()
-}
-
-fn gateway_with(answer: ResolveResponse, now: u64, timeout: Duration) -> Arc<Gateway> {
-    Arc::new(
-        Gateway::new(
-            GatewayConfig {
-                handshake_timeout: timeout,
-                ..GatewayConfig::default()
-            },
-            Arc::new(SharedKeyset::new(key())),
-            Arc::new(FakeResolver(answer)),
-        )
-        .with_clock(Arc::new(FixedClock(now))),
-    )
-}
-
-fn gateway(answer: ResolveResponse) -> Arc<Gateway> {
-    gateway_with(answer, NOW + 1, Duration::from_secs(10))
-}
-
-fn engine() -> Engine {
-    Engine::discover(None, Default::default()).expect("a PostgreSQL engine")
-}
-
-fn run_as() -> Option<RunAs> {
-    RunAs::for_this_process().unwrap()
-}
-
-fn traversable(dir: &Path) {
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
-}
-
-/// The cluster every test copies: made once per test binary under the target's tmp dir (which
-/// the server user can traverse, unlike /root), replacing one a previous run left.
-async fn template() -> &'static Path {
-    static TEMPLATE: tokio::sync::OnceCell<PathBuf> = tokio::sync::OnceCell::const_new();
-    TEMPLATE
-        .get_or_init(|| async {
-            let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gateway-template");
-            let _ = std::fs::remove_dir_all(&root);
-            std::fs::create_dir_all(&root).unwrap();
-            traversable(&root);
-            let data = root.join("data");
-            engine().initdb(&data, run_as().as_ref()).await.unwrap();
-            data
-        })
-        .await
-}
-
-/// A running copy of the template cluster, with a random password for `postgres`.
-struct Pg {
-    server: Server,
-    password: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Pg {
-    async fn start() -> Pg {
-        Self::start_with_hba("").await
-    }
-
-    /// Starts with `hba_lines` placed before the template's pg_hba.conf rules.
-    async fn start_with_hba(hba_lines: &str) -> Pg {
-        let template = template().await;
-        let dir = tempfile::tempdir().unwrap();
-        traversable(dir.path());
-        let data = dir.path().join("data");
-        let cp = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(template)
-            .arg(&data)
-            .status()
-            .unwrap();
-        assert!(cp.success(), "cp -a of the template failed");
-        if !hba_lines.is_empty() {
-            let hba = data.join("pg_hba.conf");
-            let rest = std::fs::read_to_string(&hba).unwrap();
-            std::fs::write(&hba, format!("{hba_lines}\n{rest}")).unwrap();
-        }
-        let server = engine()
-            .start(
-                ServerConfig {
-                    data_dir: data,
-                    socket_dir: dir.path().join("sock"),
-                    tcp: true,
-                    advertise: None,
-                    port: None,
-                    log_file: dir.path().join("server.log"),
-                },
-                run_as().as_ref(),
-            )
-            .await
-            .unwrap();
-        let password = Alphanumeric.sample_string(&mut rand::thread_rng(), 24);
-        server.set_password("postgres", &password).await.unwrap();
-        Pg {
-            server,
-            password,
-            _dir: dir,
-        }
-    }
-
-    fn target(&self) -> Target {
-        self.target_as("postgres", &self.password)
-    }
-
-    fn target_as(&self, user: &str, password: &str) -> Target {
-        Target {
-            instance_id: InstanceId::from_bytes([4; 8]),
-            host: "127.0.0.1".into(),
-            port: self.server.port,
-            user: user.into(),
-            password: password.into(),
-        }
-    }
-
-    fn ready(&self) -> ResolveResponse {
-        ResolveResponse::Ready(self.target())
-    }
-
-    async fn stop(self) {
-        self.server.stop().await.unwrap();
-    }
-}
-
-/// A tokio-postgres config for the gateway DSN's user and database with `password`.
-fn client_config(password: &str) -> tokio_postgres::Config {
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.user("sqlrs").password(password).dbname("postgres");
-    cfg
-}
+mod common;
+use common::*;
 
 type Handled = tokio::task::JoinHandle<Result<(), GatewayError>>;
 
@@ -495,68 +326,6 @@ async fn psql_through_a_served_port() {
 }
 
 // ---- issue 4: TLS with verify-full, cancel routing, session limits, keyset reload ----
-
-/// The gateway served on a loopback port with TLS from a fresh self-signed pair.
-struct Served {
-    port: u16,
-    tls: taidon_gateway::TlsFiles,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-    _dir: tempfile::TempDir,
-}
-
-impl Served {
-    async fn start(gw: Gateway) -> Served {
-        let dir = tempfile::tempdir().unwrap();
-        traversable(dir.path());
-        let tls = taidon_gateway::ensure_self_signed(
-            &dir.path().join("tls"),
-            &["localhost", "127.0.0.1"],
-        )
-        .unwrap();
-        // psql runs as root here and reads the CA; the server key stays 0600.
-        let gw = Arc::new(gw.with_tls(taidon_gateway::server_config(&tls.cert, &tls.key).unwrap()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(gw.serve(listener, async {
-            let _ = stopped.await;
-        }));
-        Served {
-            port,
-            tls,
-            stop: Some(stop),
-            task,
-            _dir: dir,
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.await.unwrap();
-    }
-}
-
-fn live_token(f: impl FnOnce(&mut taidon_core::token::Claims)) -> String {
-    let k = key();
-    let mut c = k.claims(
-        StateId::from_bytes([3; 32]),
-        InstanceId::from_bytes([4; 8]),
-        Scope::Rw,
-        taidon_gateway::SystemClock.now_s(),
-        TTL,
-    );
-    f(&mut c);
-    k.sign(&c).unwrap()
-}
-
-fn real_clock_gateway(answer: ResolveResponse, config: GatewayConfig) -> Gateway {
-    Gateway::new(
-        config,
-        Arc::new(SharedKeyset::new(key())),
-        Arc::new(FakeResolver(answer)),
-    )
-}
 
 #[tokio::test]
 async fn psql_with_verify_full_and_tokio_postgres_with_rustls() {
