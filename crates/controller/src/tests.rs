@@ -371,6 +371,49 @@ async fn a_failing_stop_does_not_skip_eviction_or_the_standby_pool() {
 }
 
 #[tokio::test]
+async fn kept_sessions_count_against_the_limit_but_not_as_activity() {
+    let fx = fixture("[policy.standby]\npinned = 0\nbusy = 0\nother = 0\n").await;
+    fx.ctl.set_access_policy(crate::AccessPolicy {
+        max_conn_per_instance: 2,
+        max_conn_per_state: 10,
+    });
+    let sid = fx.state(1, 10).await;
+    let iid = fx.ctl.create_instance_of(sid).await.unwrap().instance_id;
+    let req = rw(sid, iid);
+    assert_eq!(fx.resolve_ready(&req).await, iid);
+    assert_eq!(fx.resolve_ready(&req).await, iid);
+    // Both clients leave; the gateway keeps their sessions.
+    fx.ctl.park(&[iid, iid]);
+    assert_eq!(fx.ctl.active_connections(&iid), 0, "not activity");
+    assert_eq!(fx.ctl.active_connections_of_state(&sid), 2);
+    // Still holding the instance's two slots.
+    assert!(matches!(
+        fx.ctl.resolve(&req),
+        ResolveResponse::TooManyConnections { limit: 2 }
+    ));
+    // One kept session is handed to a client (Resolve counts it, Unpark counts the kept one
+    // out), the other is closed.
+    fx.ctl.unpark(&[iid]);
+    assert_eq!(fx.resolve_ready(&req).await, iid);
+    assert_eq!(fx.ctl.active_connections(&iid), 1);
+    fx.ctl.unpark(&[iid]);
+    assert_eq!(fx.ctl.active_connections_of_state(&sid), 1);
+    // Unpark and park past zero count nothing.
+    fx.ctl.unpark(&[iid]);
+    fx.ctl.release(&[iid]);
+    fx.ctl.park(&[iid]);
+    assert_eq!(fx.ctl.active_connections_of_state(&sid), 0);
+    assert_eq!(fx.resolve_ready(&req).await, iid);
+    assert_eq!(fx.resolve_ready(&req).await, iid);
+    // Kept sessions of a removed instance are counted out with it.
+    fx.ctl.park(&[iid]);
+    fx.ctl.delete_instance(&iid).await.unwrap();
+    fx.ctl.unpark(&[iid]);
+    assert_eq!(fx.ctl.active_connections_of_state(&sid), 0);
+    assert_eq!(fx.ctl.access_entries(), [0, 0, 0, 0]);
+}
+
+#[tokio::test]
 async fn maps_keep_no_entry_for_what_is_gone() {
     // No standby wanted, whatever the state's accesses: the test takes its own.
     let fx = fixture("[policy.standby]\npinned = 0\nbusy = 0\nother = 0\n").await;

@@ -140,3 +140,32 @@ async fn error_statuses_unreachable_and_garbage_are_errors() {
     assert!(matches!(err, ResolveError::Unreachable { .. }), "{err:?}");
     assert!(err.is_transient());
 }
+
+#[tokio::test]
+async fn touch_release_park_and_unpark_post_their_instances() {
+    let iid = InstanceId::from_bytes([0xcd; 8]);
+    for route in ["touch", "release", "park", "unpark"] {
+        let (url, seen) = serve_once("200 OK", "{}".into()).await;
+        let resolver = HttpResolver::new(&url, "api-secret");
+        let ids = vec![iid, iid];
+        match route {
+            "touch" => resolver.touch(ids).await,
+            "release" => resolver.release(ids).await,
+            "park" => resolver.park(ids).await,
+            _ => resolver.unpark(ids).await,
+        }
+        .unwrap();
+        let raw = seen.await.unwrap();
+        assert!(
+            raw.starts_with(&format!("POST /v1/{route} HTTP/1.1\r\n")),
+            "{raw}"
+        );
+        let body = &raw[raw.find("\r\n\r\n").unwrap() + 4..];
+        assert_eq!(
+            serde_json::from_str::<taidon_api::Leases>(body).unwrap(),
+            taidon_api::Leases {
+                instance_ids: vec![iid, iid]
+            }
+        );
+    }
+}
