@@ -578,11 +578,19 @@ async fn backend_pid_notify_cancel_and_terminate_behave_as_direct() {
 
     // pg_terminate_backend(backend_pid) from another session ends the client's with 57P01,
     // and that session is not kept.
+    // (It ends a running query, so the client surely reads the 57P01 as its answer.)
+    let sleeper = Arc::clone(&b);
+    let sleeping = tokio::spawn(async move { sleeper.simple_query("select pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         one(&admin, &format!("select pg_terminate_backend({a_pid})")).await,
         "t"
     );
-    let err = b.simple_query("select 1").await.unwrap_err();
+    let err = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
     let code = err
         .as_db_error()
         .map(|e| e.code().clone())
