@@ -90,7 +90,7 @@ struct GatewayOpts {
     #[arg(long)]
     max_duration_s: Option<u64>,
     /// New connections allowed per client address and per token subject, per second.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 5000)]
     rate_per_s: u32,
     /// Close every backend session when its client leaves (no pooling).
     #[arg(long)]
