@@ -597,17 +597,10 @@ impl Gateway {
         let backend_params = flow::backend_params(&params, claims.scope);
         // A replication connection is a different protocol: never kept.
         let poolable = self.pool.is_some() && params.get("replication").is_none();
-        let (target, resolve_us, dialed) = self
+        let (target, resolve_us, dialed, pool_key) = self
             .resolve_and_dial(&verified, &backend_params, poolable)
             .await?;
         let instance = target.instance_id;
-        let pool_key = poolable.then(|| PoolKey {
-            instance,
-            host: target.host.clone(),
-            port: target.port,
-            user: target.user.clone(),
-            params: backend_params.clone(),
-        });
         let reused = matches!(dialed, Dialed::Pooled(_));
         let result = self
             .step(Step::Connect, async {
@@ -742,30 +735,25 @@ impl Gateway {
         verified: &flow::Verified,
         params: &codec::StartupParams,
         poolable: bool,
-    ) -> Result<(Target, u64, Dialed), GatewayError> {
+    ) -> Result<(Target, u64, Dialed, Option<PoolKey>), GatewayError> {
         const REDIALS: u32 = 15;
         const REDIAL_PAUSE: Duration = Duration::from_millis(200);
         let mut redials = 0;
         loop {
             let (target, resolve_us) = self.resolve(verified).await?;
-            if let (true, Some(pool)) = (poolable, &self.pool) {
-                let key = PoolKey {
-                    instance: target.instance_id,
-                    host: target.host.clone(),
-                    port: target.port,
-                    user: target.user.clone(),
-                    params: params.clone(),
-                };
-                let (found, dead) = pool.take(&key);
+            let pool = self.pool.as_ref().filter(|_| poolable);
+            let key = pool.map(|_| PoolKey::new(&target, params));
+            if let (Some(pool), Some(k)) = (pool, &key) {
+                let (found, dead) = pool.take(k);
                 self.unpark(dead).await;
                 if let Some(session) = found {
                     // Resolve counted the client; the kept session stops counting.
                     self.unpark(vec![target.instance_id]).await;
-                    return Ok((target, resolve_us, Dialed::Pooled(session)));
+                    return Ok((target, resolve_us, Dialed::Pooled(session), key));
                 }
             }
             match flow::dial(&target).await {
-                Ok(stream) => return Ok((target, resolve_us, Dialed::Fresh(stream))),
+                Ok(stream) => return Ok((target, resolve_us, Dialed::Fresh(stream), key)),
                 Err(e @ GatewayError::BackendConnect { .. }) if redials < REDIALS => {
                     debug!(error = %e, "instance refused; asking the controller again");
                     self.release(target.instance_id).await;

@@ -50,6 +50,19 @@ pub(crate) struct PoolKey {
     pub(crate) params: StartupParams,
 }
 
+impl PoolKey {
+    /// The key of sessions on `target` logged in with `params`.
+    pub(crate) fn new(target: &taidon_api::Target, params: &StartupParams) -> Self {
+        Self {
+            instance: target.instance_id,
+            host: target.host.clone(),
+            port: target.port,
+            user: target.user.clone(),
+            params: params.clone(),
+        }
+    }
+}
+
 /// A backend session logged in and ready for a query.
 pub(crate) struct BackendSession {
     pub(crate) stream: TcpStream,

@@ -38,12 +38,47 @@ pub(crate) struct Relayed {
     pub(crate) reusable: bool,
 }
 
-/// Where the backend→client stream is in its framing and in the protocol's cycle.
+/// Where one direction's stream is in its message framing, across the chunks it arrives in.
 #[derive(Debug, Default)]
-pub(crate) struct Framing {
+struct Cursor {
     header: [u8; 5],
     header_len: usize,
     body_left: usize,
+}
+
+impl Cursor {
+    /// Consumes bytes of `chunk` from `*i`: the current body's (up to its end), or one byte of
+    /// the next header. Returns the tag and length of a header it completed.
+    fn advance(&mut self, chunk: &[u8], i: &mut usize) -> Option<(u8, usize)> {
+        if self.body_left > 0 {
+            let take = self.body_left.min(chunk.len() - *i);
+            self.body_left -= take;
+            *i += take;
+            return None;
+        }
+        self.header[self.header_len] = chunk[*i];
+        self.header_len += 1;
+        *i += 1;
+        if self.header_len < 5 {
+            return None;
+        }
+        self.header_len = 0;
+        let [tag, a, b, c, d] = self.header;
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        self.body_left = len.saturating_sub(4);
+        Some((tag, len))
+    }
+
+    /// Between two messages.
+    fn at_boundary(&self) -> bool {
+        self.header_len == 0 && self.body_left == 0
+    }
+}
+
+/// Where the backend→client stream is in its framing and in the protocol's cycle.
+#[derive(Debug, Default)]
+pub(crate) struct Framing {
+    cursor: Cursor,
     last_tag: u8,
     /// The transaction status of the last ReadyForQuery (`I`, `T`, `E`).
     status: u8,
@@ -56,36 +91,20 @@ impl Framing {
     pub(crate) fn feed(&mut self, chunk: &[u8]) {
         let mut i = 0;
         while i < chunk.len() {
-            if self.body_left > 0 {
-                if self.last_tag == b'Z' && self.body_left == 1 {
-                    self.status = chunk[i];
-                    self.ready += 1;
-                }
-                let take = self.body_left.min(chunk.len() - i);
-                self.body_left -= take;
-                i += take;
-                continue;
+            // ReadyForQuery's one body byte is the transaction status.
+            if self.last_tag == b'Z' && self.cursor.body_left == 1 {
+                self.status = chunk[i];
+                self.ready += 1;
             }
-            self.header[self.header_len] = chunk[i];
-            self.header_len += 1;
-            i += 1;
-            if self.header_len == 5 {
-                let len = u32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]) as usize;
-                self.last_tag = self.header[0];
-                self.body_left = len.saturating_sub(4);
-                self.header_len = 0;
+            if let Some((tag, _)) = self.cursor.advance(chunk, &mut i) {
+                self.last_tag = tag;
             }
         }
     }
 
     /// Between two messages.
     pub(crate) fn at_boundary(&self) -> bool {
-        self.header_len == 0 && self.body_left == 0
+        self.cursor.at_boundary()
     }
 
     /// The backend's last whole message was ReadyForQuery: no query is running.
@@ -103,9 +122,7 @@ impl Framing {
 /// ReadyForQuery, and whether an extended query waits for its Sync.
 #[derive(Debug, Default)]
 pub(crate) struct Requests {
-    header: [u8; 5],
-    header_len: usize,
-    body_left: usize,
+    cursor: Cursor,
     /// Extended-query messages sent since the last Sync.
     unsynced: bool,
     /// A length no message has: the stream cannot be followed.
@@ -127,30 +144,13 @@ impl Requests {
         let mut fed = Fed::default();
         let mut i = 0;
         while i < chunk.len() {
-            if self.body_left > 0 {
-                let take = self.body_left.min(chunk.len() - i);
-                self.body_left -= take;
-                i += take;
+            let Some((tag, len)) = self.cursor.advance(chunk, &mut i) else {
                 continue;
-            }
-            self.header[self.header_len] = chunk[i];
-            self.header_len += 1;
-            i += 1;
-            if self.header_len < 5 {
-                continue;
-            }
-            self.header_len = 0;
-            let len = u32::from_be_bytes([
-                self.header[1],
-                self.header[2],
-                self.header[3],
-                self.header[4],
-            ]) as usize;
+            };
             if len < 4 {
                 self.lost = true;
             }
-            self.body_left = len.saturating_sub(4);
-            match self.header[0] {
+            match tag {
                 b'Q' | b'F' => fed.requests += 1,
                 b'S' => {
                     fed.requests += 1;
@@ -174,7 +174,7 @@ impl Requests {
 
     /// Between two messages, with no extended query waiting for its Sync.
     fn settled(&self) -> bool {
-        self.header_len == 0 && self.body_left == 0 && !self.unsynced && !self.lost
+        self.cursor.at_boundary() && !self.unsynced && !self.lost
     }
 }
 
