@@ -209,6 +209,23 @@ pub(crate) fn backend_key_data(process_id: i32, secret_key: &[u8], buf: &mut Byt
     buf.put_slice(key);
 }
 
+/// A message with `tag` whose body `body` writes; its length is filled in after.
+fn message(tag: u8, buf: &mut BytesMut, body: impl FnOnce(&mut BytesMut)) {
+    let start = buf.len();
+    buf.put_u8(tag);
+    buf.put_i32(0);
+    body(buf);
+    // Messages are ours and short; a length past i32 cannot happen.
+    let len = i32::try_from(buf.len() - start - 1).unwrap_or(i32::MAX);
+    buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+}
+
+/// A string as a NUL-terminated field; NULs inside would end it early, so they are dropped.
+fn put_cstr(buf: &mut BytesMut, s: &str) {
+    buf.extend(s.bytes().filter(|&b| b != 0));
+    buf.put_u8(0);
+}
+
 /// NegotiateProtocolVersion: the newest minor version of protocol 3 spoken, and the protocol
 /// options of the client's StartupMessage that are not known.
 pub(crate) fn negotiate_protocol_version(
@@ -216,17 +233,13 @@ pub(crate) fn negotiate_protocol_version(
     unknown_options: &[String],
     buf: &mut BytesMut,
 ) {
-    let start = buf.len();
-    buf.put_u8(b'v');
-    buf.put_i32(0);
-    buf.put_i32(i32::from(newest_minor));
-    buf.put_i32(unknown_options.len() as i32);
-    for name in unknown_options {
-        buf.extend(name.bytes().filter(|&b| b != 0));
-        buf.put_u8(0);
-    }
-    let len = i32::try_from(buf.len() - start - 1).unwrap_or(i32::MAX);
-    buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+    message(b'v', buf, |buf| {
+        buf.put_i32(i32::from(newest_minor));
+        buf.put_i32(unknown_options.len() as i32);
+        for name in unknown_options {
+            put_cstr(buf, name);
+        }
+    });
 }
 
 /// ReadyForQuery with a transaction status (`I`, `T` or `E`).
@@ -238,15 +251,10 @@ pub(crate) fn ready_for_query(status: u8, buf: &mut BytesMut) {
 
 /// ParameterStatus: a server parameter's current value.
 pub(crate) fn parameter_status(name: &str, value: &str, buf: &mut BytesMut) {
-    let start = buf.len();
-    buf.put_u8(b'S');
-    buf.put_i32(0);
-    for s in [name, value] {
-        buf.extend(s.bytes().filter(|&b| b != 0));
-        buf.put_u8(0);
-    }
-    let len = i32::try_from(buf.len() - start - 1).unwrap_or(i32::MAX);
-    buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+    message(b'S', buf, |buf| {
+        put_cstr(buf, name);
+        put_cstr(buf, value);
+    });
 }
 
 /// The name and value of a ParameterStatus body.
@@ -276,23 +284,18 @@ pub(crate) fn authentication_ok(buf: &mut BytesMut) {
 /// An ErrorResponse with severity, SQLSTATE and message. NULs would end a field early, so they
 /// are dropped.
 pub(crate) fn error_response(severity: &str, code: &str, message: &str, buf: &mut BytesMut) {
-    let start = buf.len();
-    buf.put_u8(b'E');
-    buf.put_i32(0);
-    for (field, value) in [
-        (b'S', severity),
-        (b'V', severity),
-        (b'C', code),
-        (b'M', message),
-    ] {
-        buf.put_u8(field);
-        buf.extend(value.bytes().filter(|&b| b != 0));
+    self::message(b'E', buf, |buf| {
+        for (field, value) in [
+            (b'S', severity),
+            (b'V', severity),
+            (b'C', code),
+            (b'M', message),
+        ] {
+            buf.put_u8(field);
+            put_cstr(buf, value);
+        }
         buf.put_u8(0);
-    }
-    buf.put_u8(0);
-    // Messages are ours and short; a length past i32 cannot happen.
-    let len = i32::try_from(buf.len() - start - 1).unwrap_or(i32::MAX);
-    buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+    });
 }
 
 /// The fields of an ErrorResponse or NoticeResponse body, as (field type, value), for logs.
