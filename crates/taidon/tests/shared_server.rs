@@ -390,6 +390,12 @@ async fn tokens_roles_owners_and_public_keys() {
             .0,
         403
     );
+    // The gateway's kept sessions (issue 12): its routes, not a user's.
+    for route in ["/v1/park", "/v1/unpark"] {
+        let body = json!({"instance_ids": []});
+        assert_eq!(api.post(route, &gw, body.clone()).await.0, 200, "{route}");
+        assert_eq!(api.post(route, &alice, body).await.0, 403, "{route}");
+    }
     assert_eq!(api.post("/v1/shutdown", &alice, json!({})).await.0, 403);
 
     // GET /v1/keys: public Ed25519 keys only.
