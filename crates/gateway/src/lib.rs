@@ -747,8 +747,15 @@ impl Gateway {
                 let (found, dead) = pool.take(k);
                 self.unpark(dead).await;
                 if let Some(session) = found {
-                    // Resolve counted the client; the kept session stops counting.
-                    self.unpark(vec![target.instance_id]).await;
+                    // Resolve counted the client; the kept session stops counting. Over HTTP
+                    // that is a round trip the client need not wait for.
+                    let resolver = Arc::clone(&self.resolver);
+                    let iid = target.instance_id;
+                    tokio::spawn(async move {
+                        if let Err(e) = resolver.unpark(vec![iid]).await {
+                            warn!(error = %e, "cannot tell the controller of a kept session handed on");
+                        }
+                    });
                     return Ok((target, resolve_us, Dialed::Pooled(session), key));
                 }
             }
