@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![deny(clippy::todo, clippy::dbg_macro)]
 
+pub mod changelog;
 pub mod engine;
 pub mod id;
 pub mod identity;
