@@ -35,6 +35,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![deny(clippy::todo, clippy::dbg_macro)]
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -159,6 +160,9 @@ pub struct Status {
     /// The object-storage tier, when one is configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<RemoteInfo>,
+    /// Every installed engine, the default first.
+    #[serde(default)]
+    pub engines: Vec<EngineStatus>,
 }
 
 /// The object-storage tier as `sqlrs status` shows it.
@@ -333,6 +337,8 @@ pub struct WarmupRequest {
     pub steps: Vec<Step>,
     #[serde(default)]
     pub hot: bool,
+    #[serde(default)]
+    pub engine: EngineRequest,
 }
 
 /// One recorded lifecycle event (`GET /v1/events`).
@@ -368,6 +374,43 @@ pub struct InstanceInfo {
     pub owner: String,
 }
 
+/// The engine a recipe is built on: a PostgreSQL version and server settings. Both are part
+/// of every state id of the recipe.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineRequest {
+    /// `"16"` (the newest 16.x installed) or `"16.4"`; none: the controller's default engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// `NAME = VALUE` server settings, such as `max_prepared_transactions = 10`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, String>,
+}
+
+/// One installed engine, as `GET /v1/status` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineStatus {
+    /// "PostgreSQL 16.14".
+    pub version: String,
+    pub major: u32,
+    pub minor: u32,
+    pub bin_dir: PathBuf,
+    /// Whether a recipe that names no version gets it.
+    pub default: bool,
+}
+
+/// A Liquibase changelog (`prepare:lb`): the controller plans it into one step per pending
+/// changeset (offline, with Liquibase's own checksums) and appends them to the steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiquibaseRequest {
+    /// The master changelog, relative to the closure's root (Liquibase's search path).
+    pub changelog: String,
+    /// Liquibase arguments besides the changelog (`--contexts=…`, `-DNAME=VALUE`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Every file of the changelog's closure, each a blob the controller has.
+    pub files: Vec<taidon_core::plan::Included>,
+}
+
 /// `POST /v1/prepare`: build (or find) the state of `steps` and, if asked, start an instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrepareRequest {
@@ -375,6 +418,11 @@ pub struct PrepareRequest {
     /// `POST /v1/blobs/missing`).
     pub steps: Vec<Step>,
     pub create_instance: bool,
+    #[serde(default)]
+    pub engine: EngineRequest,
+    /// Changesets to build after `steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liquibase: Option<LiquibaseRequest>,
 }
 
 /// `POST /v1/blobs/missing`: which of these content hashes the controller lacks.

@@ -43,6 +43,13 @@ pub enum ControllerError {
         #[source]
         source: std::io::Error,
     },
+    /// A tool a step needs (Liquibase, Java) is missing: the message says how to install it.
+    #[error("{0}")]
+    Tool(String),
+    /// A tool refused the user's input before anything was built (a changelog that does not
+    /// parse): its own message, and all it printed.
+    #[error("{message}")]
+    ToolInput { message: String, output: String },
     #[error("{0}")]
     Internal(String),
 }
@@ -79,7 +86,8 @@ impl ControllerError {
             ControllerError::StepFailed { .. } => ErrorKind::StepFailed,
             ControllerError::Capacity(_) => ErrorKind::Capacity,
             ControllerError::Forbidden(_) => ErrorKind::Forbidden,
-            ControllerError::Engine(_) => ErrorKind::Engine,
+            ControllerError::Engine(_) | ControllerError::Tool(_) => ErrorKind::Engine,
+            ControllerError::ToolInput { .. } => ErrorKind::BadInput,
             _ => ErrorKind::Internal,
         }
     }
@@ -96,7 +104,10 @@ impl ControllerError {
         }
         let err = ApiError::new(self.kind(), message);
         match self {
-            ControllerError::StepFailed { output, .. } if !output.trim().is_empty() => {
+            ControllerError::StepFailed { output, .. }
+            | ControllerError::ToolInput { output, .. }
+                if !output.trim().is_empty() =>
+            {
                 err.with_detail(output.trim_end())
             }
             _ => err,

@@ -173,7 +173,8 @@ impl Controller {
     /// snapshots are kept in `<home>/snapshots`.
     pub async fn open(config: ControllerConfig) -> Result<Arc<Self>, ControllerError> {
         let home = Home::new(&config.home);
-        let engine = Engine::discover(config.pg_bin.as_deref(), InitdbOptions::default())?;
+        let mut engines = Engine::discover_all(config.pg_bin.as_deref(), InitdbOptions::default())?;
+        let engine = engines.remove(0);
         let run_as = RunAs::for_this_process()
             .map_err(|e| ControllerError::runtime("cannot choose the user servers run as", e))?;
         home.create(run_as.is_some()).map_err(|e| {
@@ -218,7 +219,9 @@ impl Controller {
         };
         let seams = Seams {
             runtime: Arc::new(
-                LocalRuntime::new(engine, run_as, layout).with_instance_host(config.instance_host),
+                LocalRuntime::new(engine, run_as, layout)
+                    .with_other_engines(engines)
+                    .with_instance_host(config.instance_host),
             ),
             store,
             clock: Arc::new(now_ms),
@@ -524,6 +527,19 @@ impl Controller {
             max_instances: self.lifecycle.config.instance_limits().capacity() as u64,
             standby_instances: self.standby_count() as u64,
             remote,
+            engines: self
+                .runtime
+                .engines()
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| taidon_api::EngineStatus {
+                    version: format!("PostgreSQL {}.{}", e.major, e.minor),
+                    major: e.major,
+                    minor: e.minor,
+                    bin_dir: e.bin_dir,
+                    default: i == 0,
+                })
+                .collect(),
         })
     }
 

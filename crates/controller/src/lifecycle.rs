@@ -19,7 +19,7 @@ use taidon_core::policy::{
     self, retention_score, transition, Event, InstanceFacts, PinState, Presence, Ranking,
     StateFacts, StopReason, Tree,
 };
-use taidon_core::{InstanceId, StateId, Step};
+use taidon_core::{EngineFingerprint, InstanceId, StateId, Step};
 use taidon_runtime::Exit;
 
 use crate::config::Config;
@@ -807,8 +807,7 @@ impl Controller {
             return true; // initdb
         }
         match serde_json::from_str::<Step>(&row.inputs_fingerprint) {
-            Ok(Step::Psql(p)) => p
-                .input
+            Ok(step) => step
                 .files()
                 .iter()
                 .all(|(_, sha256)| self.blobs.contains(sha256)),
@@ -817,7 +816,10 @@ impl Controller {
     }
 
     /// The steps that make `id`, from the base; their input files are blobs.
-    pub(crate) fn replay_steps(&self, id: &StateId) -> Result<Vec<Step>, ControllerError> {
+    pub(crate) fn replay_steps(
+        &self,
+        id: &StateId,
+    ) -> Result<(EngineFingerprint, Vec<Step>), ControllerError> {
         let rows: HashMap<StateId, StateRow> = self
             .meta
             .states()?
@@ -834,8 +836,7 @@ impl Controller {
                     row.state_id.short()
                 ))
             })?;
-            let Step::Psql(psql) = &step;
-            for (path, sha256) in psql.input.files() {
+            for (path, sha256) in step.files() {
                 if !self.blobs.contains(sha256) {
                     return Err(ControllerError::NotFound(format!(
                         "state {} cannot be restored: input {path} was not kept",
@@ -846,22 +847,26 @@ impl Controller {
             steps.push(step);
             cur = rows.get(&parent);
         }
-        if cur.is_none() {
+        let Some(base) = cur else {
             return Err(ControllerError::NotFound(format!(
                 "state {} is not known",
                 id.short()
             )));
-        }
+        };
         steps.reverse();
-        let chain = taidon_core::plan::chain(self.runtime.engine(), &steps);
+        // A base row records the engine it was made with; rows from before engines were
+        // recorded there hold the default one's.
+        let engine: EngineFingerprint = serde_json::from_str(&base.inputs_fingerprint)
+            .unwrap_or_else(|_| self.runtime.engine().clone());
+        let chain = taidon_core::plan::chain(&engine, &steps);
         if chain.head() != *id {
             return Err(ControllerError::BadInput(format!(
-                "state {} was built by another engine ({}) and cannot be replayed here",
+                "state {} was built by another engine than {} and cannot be replayed here",
                 id.short(),
-                self.runtime.engine().version()
+                engine.version()
             )));
         }
-        Ok(steps)
+        Ok((engine, steps))
     }
 
     /// Rebuilds a COLD state known by id from its nearest surviving ancestor.
@@ -870,8 +875,8 @@ impl Controller {
         id: StateId,
         events: &Events,
     ) -> Result<(), ControllerError> {
-        let steps = self.replay_steps(&id)?;
-        self.build_steps(steps, events).await?;
+        let (engine, steps) = self.replay_steps(&id)?;
+        self.build_steps(&engine, steps, events).await?;
         Ok(())
     }
 
@@ -939,7 +944,10 @@ impl Controller {
                     (id, false)
                 }
             }
-            None => self.build_steps(req.steps, events).await?,
+            None => {
+                let engine = self.engine_for(&req.engine).await?;
+                self.build_steps(&engine, req.steps, events).await?
+            }
         };
         if req.hot {
             let until = now_ms() + self.lifecycle.config.instances.idle_timeout_s * 1000;

@@ -4,10 +4,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use taidon_api::{PrepareEvent, PrepareRequest, StateStatus};
+use taidon_api::{EngineRequest, LiquibaseRequest, PrepareEvent, PrepareRequest, StateStatus};
 use taidon_core::plan::{chain, Chain};
-use taidon_core::{StateId, Step};
-use taidon_runtime::{BoxFuture, StepInputs};
+use taidon_core::{EngineFingerprint, LiquibaseStep, StateId, Step};
+use taidon_runtime::liquibase::{Liquibase, LiquibaseError};
+use taidon_runtime::{lay_out_step, BoxFuture, RuntimeError, StepInputs};
 use taidon_store::{Build, PublishMeta};
 use tokio::sync::mpsc;
 
@@ -49,6 +50,60 @@ pub(crate) fn transfer_reporter(events: Events, what: String) -> impl Fn(u64, u6
 }
 
 impl Controller {
+    /// The engine a recipe asks for: the installed version it names (the newest minor of a
+    /// major), else the default, with its settings, which the engine must accept.
+    pub(crate) async fn engine_for(
+        &self,
+        req: &EngineRequest,
+    ) -> Result<EngineFingerprint, ControllerError> {
+        let installed = self.runtime.engines();
+        let listed = || {
+            installed
+                .iter()
+                .map(|e| format!("{}.{}", e.major, e.minor))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut engine = self.runtime.engine().clone();
+        if let Some(asked) = req.version.as_deref().map(str::trim) {
+            let (major, minor) = parse_version(asked).ok_or_else(|| {
+                ControllerError::BadInput(format!(
+                    "engine version {asked:?}: expected a major such as 16, or major.minor such as 16.4"
+                ))
+            })?;
+            let found = installed
+                .iter()
+                .filter(|e| e.major == major && minor.is_none_or(|m| e.minor == m))
+                .max_by_key(|e| e.minor)
+                .ok_or_else(|| {
+                    ControllerError::BadInput(format!(
+                        "PostgreSQL {asked} is not installed here (installed: {}). Install it \
+                         (Debian: `apt-get install postgresql-{major}`) or add the directory \
+                         holding its initdb and postgres to TAIDON_PG_BIN (a ':'-separated \
+                         list), then restart Taidon",
+                        listed()
+                    ))
+                })?;
+            engine.major = found.major;
+            engine.minor = found.minor;
+        }
+        for name in req.settings.keys() {
+            taidon_core::engine::check_setting_name(name)
+                .map_err(|e| ControllerError::BadInput(e.to_string()))?;
+        }
+        engine.settings = req.settings.clone();
+        self.runtime
+            .check_engine(&engine)
+            .await
+            .map_err(|e| match e {
+                RuntimeError::Setting { .. } | RuntimeError::EngineMissing { .. } => {
+                    ControllerError::BadInput(e.to_string())
+                }
+                other => ControllerError::runtime("cannot check the engine", other),
+            })?;
+        Ok(engine)
+    }
+
     /// Builds (or finds) the state of `req.steps` and starts an instance of it if asked.
     /// Progress goes to `events`; so does the final `Done` or `Failed`.
     pub async fn prepare(self: &Arc<Self>, req: PrepareRequest, events: Events) {
@@ -66,7 +121,12 @@ impl Controller {
         req: PrepareRequest,
         events: &Events,
     ) -> Result<PrepareEvent, ControllerError> {
-        let (head, cache_hit) = self.build_steps(req.steps, events).await?;
+        let engine = self.engine_for(&req.engine).await?;
+        let mut steps = req.steps;
+        if let Some(lb) = &req.liquibase {
+            steps.extend(self.plan_liquibase(lb, events).await?);
+        }
+        let (head, cache_hit) = self.build_steps(&engine, steps, events).await?;
         // Creating an instance counts as the access; a bare prepare counts on its own.
         let instance = if req.create_instance && !events.is_closed() {
             send(events, PrepareEvent::InstanceStarting { state_id: head });
@@ -87,12 +147,13 @@ impl Controller {
     /// was cached.
     pub(crate) async fn build_steps(
         &self,
+        engine: &EngineFingerprint,
         steps: Vec<Step>,
         events: &Events,
     ) -> Result<(StateId, bool), ControllerError> {
         let steps = &steps;
         self.check_inputs(steps)?;
-        let chain = chain(self.runtime.engine(), steps);
+        let chain = chain(engine, steps);
         let total = steps.len();
 
         // The nearest published ancestor: everything after it is built, nothing before.
@@ -161,17 +222,17 @@ impl Controller {
         let _permit = self.build_permit().await;
         send(events, PrepareEvent::Initdb { state_id: id });
         let started = Instant::now();
-        let engine = self.runtime.engine();
+        let engine = &chain.engine;
         let engine_json = serde_json::to_string(engine).unwrap_or_default();
-        self.record_building(id, None, engine.version(), &engine_json)?;
+        self.record_building(id, None, engine.version(), &engine_json, engine)?;
         let build = match self.store.begin(id, None, None).await {
             Ok(build) => build,
             Err(e) => return Err(self.build_failed(&id, e.into())),
         };
-        if let Err(e) = self.runtime.init_data(build.area()).await {
+        if let Err(e) = self.runtime.init_data(build.area(), engine).await {
             return Err(self.build_failed(&id, ControllerError::runtime("initdb failed", e)));
         }
-        self.publish(build, id, None, started).await?;
+        self.publish(build, id, None, started, engine).await?;
         Ok(true)
     }
 
@@ -204,7 +265,7 @@ impl Controller {
         );
         let started = Instant::now();
         let step_json = serde_json::to_string(step).unwrap_or_default();
-        self.record_building(id, Some(parent), label.clone(), &step_json)?;
+        self.record_building(id, Some(parent), label.clone(), &step_json, &chain.engine)?;
         let hold = self.hold_snapshot(parent).await;
         let copying = transfer_reporter(events.clone(), format!("copying {}", parent.short()));
         let begun = self
@@ -227,8 +288,7 @@ impl Controller {
                     ),
                 )
             })?;
-        let Step::Psql(psql) = step;
-        let applied = server.apply(psql, &self.blobs).await;
+        let applied = server.apply(step, &self.blobs).await;
         // Stop cleanly either way: a fast shutdown writes a checkpoint, so the published data
         // needs no recovery when an instance starts from it.
         let stopped = server.stop().await;
@@ -252,7 +312,8 @@ impl Controller {
                 ControllerError::runtime(format!("stopping the server of step {index}"), e),
             ));
         }
-        self.publish(build, id, Some(parent), started).await?;
+        self.publish(build, id, Some(parent), started, &chain.engine)
+            .await?;
         send(
             events,
             PrepareEvent::StepDone {
@@ -284,10 +345,11 @@ impl Controller {
         id: StateId,
         parent: Option<StateId>,
         started: Instant,
+        engine: &EngineFingerprint,
     ) -> Result<(), ControllerError> {
         let meta = PublishMeta {
             parent,
-            engine: self.runtime.engine().clone(),
+            engine: engine.clone(),
             build_cost_ms: started.elapsed().as_millis() as u64,
         };
         let manifest = match self.store.publish(build, meta).await {
@@ -313,8 +375,9 @@ impl Controller {
         parent: Option<StateId>,
         label: String,
         inputs: &str,
+        engine: &EngineFingerprint,
     ) -> Result<(), ControllerError> {
-        let mut row = self.row_template(id, parent, label, inputs.to_owned());
+        let mut row = self.row_template(id, parent, label, inputs.to_owned(), engine);
         row.status = StateStatus::Building;
         self.meta.upsert_state(&row)?;
         self.meta
@@ -341,8 +404,15 @@ impl Controller {
             ));
         }
         for step in steps {
-            let Step::Psql(psql) = step;
-            for (path, sha256) in psql.input.files() {
+            self.check_files(step)?;
+        }
+        Ok(())
+    }
+
+    /// Every file `step` names is a stored blob at a place inside its closure.
+    fn check_files(&self, step: &Step) -> Result<(), ControllerError> {
+        {
+            for (path, sha256) in step.files() {
                 if !crate::blobs::stays_under_root(&path) || path.is_empty() {
                     return Err(ControllerError::BadInput(format!(
                         "input {path:?} of step {} leaves its closure's root",
@@ -377,5 +447,107 @@ impl StepInputs for crate::blobs::BlobStore {
             let file = tokio::fs::File::open(self.path(sha256)).await?;
             Ok(Box::new(file) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)
         })
+    }
+}
+
+impl Controller {
+    /// One step per changeset `lb` would apply to an empty database, with Liquibase's
+    /// checksums. The plan of a closure is kept (`<home>/plans`), so an unchanged changelog is
+    /// not planned again: no JVM starts for a prepare that is all cached.
+    pub(crate) async fn plan_liquibase(
+        &self,
+        lb: &LiquibaseRequest,
+        events: &Events,
+    ) -> Result<Vec<Step>, ControllerError> {
+        let template = LiquibaseStep {
+            id: String::new(),
+            author: String::new(),
+            file: String::new(),
+            checksum: String::new(),
+            changelog: lb.changelog.clone(),
+            args: lb.args.clone(),
+            files: lb.files.clone(),
+        };
+        let template = Step::Liquibase(template);
+        self.check_files(&template)?;
+        let key = taidon_core::identity::content_sha256(
+            serde_json::to_string(lb).unwrap_or_default().as_bytes(),
+        );
+        let plans = self.home.root().join("plans");
+        let kept = plans.join(format!("{key}.json"));
+        let planned: Vec<(String, String, String, String)> = match std::fs::read(&kept)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            Some(planned) => planned,
+            None => {
+                send(
+                    events,
+                    PrepareEvent::Notice {
+                        message: format!("planning {} with Liquibase", lb.changelog),
+                    },
+                );
+                let tool = Liquibase::find().map_err(|e| ControllerError::Tool(e.to_string()))?;
+                let (_dir, cwd) =
+                    lay_out_step(&self.home.root().join("work"), &template, &self.blobs)
+                        .await
+                        .map_err(ControllerError::Internal)?;
+                let plan = tool
+                    .plan(&cwd, &lb.changelog, &lb.args)
+                    .await
+                    .map_err(|e| match e {
+                        LiquibaseError::Failed { message, output } => ControllerError::ToolInput {
+                            message: format!(
+                                "{}: Liquibase cannot plan it: {message}",
+                                lb.changelog
+                            ),
+                            output,
+                        },
+                        LiquibaseError::NotFound { .. } | LiquibaseError::NoJava => {
+                            ControllerError::Tool(e.to_string())
+                        }
+                        other => ControllerError::Internal(other.to_string()),
+                    })?;
+                let planned: Vec<_> = plan
+                    .into_iter()
+                    .map(|c| (c.id, c.author, c.file, c.checksum))
+                    .collect();
+                let json = serde_json::to_vec(&planned).unwrap_or_default();
+                if let Err(e) = std::fs::create_dir_all(&plans)
+                    .and_then(|()| crate::home::write_atomic(&kept, &json, 0o600))
+                {
+                    tracing::warn!(error = %e, "cannot keep a Liquibase plan");
+                }
+                planned
+            }
+        };
+        if planned.is_empty() {
+            return Err(ControllerError::BadInput(format!(
+                "{}: Liquibase finds no changeset to apply",
+                lb.changelog
+            )));
+        }
+        Ok(planned
+            .into_iter()
+            .map(|(id, author, file, checksum)| {
+                Step::Liquibase(LiquibaseStep {
+                    id,
+                    author,
+                    file,
+                    checksum,
+                    changelog: lb.changelog.clone(),
+                    args: lb.args.clone(),
+                    files: lb.files.clone(),
+                })
+            })
+            .collect())
+    }
+}
+
+/// `"16"` or `"16.4"`.
+fn parse_version(text: &str) -> Option<(u32, Option<u32>)> {
+    match text.split_once('.') {
+        Some((major, minor)) => Some((major.parse().ok()?, Some(minor.parse().ok()?))),
+        None => Some((text.parse().ok()?, None)),
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use taidon_api::{PrepareEvent, Pushed, RemoteInfo, StateStatus};
 use taidon_core::plan::Chain;
 use taidon_core::policy::{self, PinState, Presence, Ranking, StateFacts};
-use taidon_core::{StateId, Step};
+use taidon_core::{EngineFingerprint, StateId, Step};
 use taidon_store::StoreError;
 
 use crate::meta::StateRow;
@@ -84,12 +84,13 @@ impl Controller {
                 }
             }
             let template = if index == 0 {
-                let engine = self.runtime.engine();
+                let engine = &chain.engine;
                 self.row_template(
                     id,
                     None,
                     engine.version(),
                     serde_json::to_string(engine).unwrap_or_default(),
+                    engine,
                 )
             } else {
                 let step = &steps[index - 1];
@@ -98,6 +99,7 @@ impl Controller {
                     Some(chain.parent_of(index - 1)),
                     step.label(),
                     serde_json::to_string(step).unwrap_or_default(),
+                    &chain.engine,
                 )
             };
             if self.download(template, index, events).await? {
@@ -114,6 +116,7 @@ impl Controller {
         parent: Option<StateId>,
         label: String,
         inputs: String,
+        engine: &EngineFingerprint,
     ) -> StateRow {
         let now = now_ms();
         StateRow {
@@ -121,7 +124,7 @@ impl Controller {
             parent,
             label,
             inputs_fingerprint: inputs,
-            engine_fingerprint: serde_json::to_string(self.runtime.engine()).unwrap_or_default(),
+            engine_fingerprint: serde_json::to_string(engine).unwrap_or_default(),
             status: StateStatus::Cold,
             status_reason: None,
             size_bytes: 0,

@@ -183,7 +183,10 @@ impl Fixture {
         steps: &[Step],
     ) -> (Result<(StateId, bool), ControllerError>, Vec<PrepareEvent>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let result = self.ctl.build_steps(steps.to_vec(), &tx).await;
+        let result = self
+            .ctl
+            .build_steps(&self.fake.engine().clone(), steps.to_vec(), &tx)
+            .await;
         drop(tx);
         (result, drain(rx))
     }
@@ -617,8 +620,9 @@ async fn concurrent_prepares_of_one_state_build_it_once() {
     fx.fake.hold_steps();
     let prepare = |steps: Vec<Step>| {
         let ctl = Arc::clone(&fx.ctl);
+        let engine = fx.fake.engine().clone();
         let (tx, rx): (Events, _) = tokio::sync::mpsc::unbounded_channel();
-        let task = tokio::spawn(async move { ctl.build_steps(steps, &tx).await });
+        let task = tokio::spawn(async move { ctl.build_steps(&engine, steps, &tx).await });
         (task, rx)
     };
     let (first, _first_events) = prepare(steps.clone());

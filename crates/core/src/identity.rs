@@ -9,7 +9,9 @@
 //!
 //! The fields of a **base** state, in this order:
 //! `kind=base`, `engine.name=postgresql`, `engine.major`, `engine.minor`, `initdb.encoding`,
-//! `initdb.locale`, `initdb.data_checksums` (`on`/`off`).
+//! `initdb.locale`, `initdb.data_checksums` (`on`/`off`), then one `setting.NAME` per server
+//! setting of the recipe, in byte order of NAME (none without settings, so a base without
+//! settings has the id it had before settings existed).
 //!
 //! The fields of a **step** state, in this order: `parent` (the parent's 64-hex id),
 //! `kind` (`psql.file` or `psql.command`), `param.single_transaction` (`on`/`off`), one
@@ -19,6 +21,12 @@
 //! one `input.include.sha256` field per included file, in the order psql reads them (depth
 //! first; a file included twice counts twice). A file without includes has none, so its
 //! record is what it was before includes were hashed.
+//!
+//! The fields of a **Liquibase changeset** state, in this order: `parent`,
+//! `kind=liquibase.changeset`, `changeset.file`, `changeset.id`, `changeset.author`,
+//! `changeset.checksum` (Liquibase's own, `9:…`), then one `param.arg` per Liquibase argument
+//! in the order given. The closure's files are not fields: the checksum covers what the
+//! changeset runs.
 //!
 //! Paths, modification times, the machine and the checkout never enter the record, so equal
 //! inputs give equal ids anywhere. The length prefix makes the encoding injective: no value can
@@ -68,7 +76,7 @@ fn on_off(b: bool) -> &'static str {
 
 /// The id of the base state an engine starts from.
 pub fn base_state_id(engine: &EngineFingerprint) -> StateId {
-    Record::new()
+    let mut rec = Record::new()
         .field("kind", "base")
         .field("engine.name", "postgresql")
         .field("engine.major", &engine.major.to_string())
@@ -78,13 +86,29 @@ pub fn base_state_id(engine: &EngineFingerprint) -> StateId {
         .field(
             "initdb.data_checksums",
             on_off(engine.initdb.data_checksums),
-        )
-        .id()
+        );
+    for (name, value) in &engine.settings {
+        rec = rec.field(&format!("setting.{name}"), value);
+    }
+    rec.id()
 }
 
 /// The id of the state that `step` makes from `parent`.
 pub fn step_state_id(parent: &StateId, step: &Step) -> StateId {
     match step {
+        Step::Liquibase(lb) => {
+            let mut rec = Record::new()
+                .field("parent", &parent.to_string())
+                .field("kind", "liquibase.changeset")
+                .field("changeset.file", &lb.file)
+                .field("changeset.id", &lb.id)
+                .field("changeset.author", &lb.author)
+                .field("changeset.checksum", &lb.checksum);
+            for arg in &lb.args {
+                rec = rec.field("param.arg", arg);
+            }
+            rec.id()
+        }
         Step::Psql(psql) => {
             let kind = match psql.input {
                 PsqlInput::File { .. } => "psql.file",
@@ -133,6 +157,7 @@ mod tests {
             major: 15,
             minor: 18,
             initdb: InitdbOptions::default(),
+            settings: Default::default(),
         }
     }
 
@@ -181,8 +206,49 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_changeset_is_its_identity_and_checksum_not_its_files() {
+        let base = base_state_id(&pg15());
+        let cs = |id: &str, checksum: &str, files: &[&str], args: &[&str]| {
+            Step::Liquibase(crate::plan::LiquibaseStep {
+                id: id.into(),
+                author: "alice".into(),
+                file: "db/changelog.xml".into(),
+                checksum: checksum.into(),
+                changelog: "db/changelog.xml".into(),
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
+                files: files
+                    .iter()
+                    .map(|f| crate::plan::Included {
+                        path: (*f).into(),
+                        sha256: content_sha256(f.as_bytes()),
+                    })
+                    .collect(),
+            })
+        };
+        let one = step_state_id(&base, &cs("1", "9:aa", &["db/changelog.xml"], &[]));
+        // Computed apart: printf 'taidon.state.v1\nparent:64:%s\nkind:19:liquibase.changeset\n
+        // changeset.file:16:db/changelog.xml\nchangeset.id:1:1\nchangeset.author:5:alice\n
+        // changeset.checksum:4:9:aa\n' "$base" | sha256sum
+        assert_eq!(
+            one.to_string(),
+            "e6a1e0a2ff31041c8eac2f205c11939e237e6cbf5c23fc2458840e9d73c3de0c"
+        );
+        let moved = step_state_id(&base, &cs("1", "9:aa", &["other.xml", "x.sql"], &[]));
+        assert_eq!(one, moved);
+        for other in [
+            cs("2", "9:aa", &[], &[]),
+            cs("1", "9:bb", &[], &[]),
+            cs("1", "9:aa", &[], &["--contexts=test"]),
+        ] {
+            assert_ne!(step_state_id(&base, &other), one);
+        }
+    }
+
     fn with_includes(step: Step, includes: &[(&str, &str)]) -> Step {
-        let Step::Psql(mut p) = step;
+        let Step::Psql(mut p) = step else {
+            unreachable!("a psql step")
+        };
         if let PsqlInput::File { includes: inc, .. } = &mut p.input {
             *inc = includes
                 .iter()
@@ -273,11 +339,23 @@ mod tests {
         let mut e = pg15();
         e.initdb.data_checksums = true;
         assert_ne!(base_state_id(&e), base);
+        let mut e = pg15();
+        e.settings
+            .insert("max_prepared_transactions".into(), "10".into());
+        let with_setting = base_state_id(&e);
+        assert_ne!(with_setting, base);
+        e.settings
+            .insert("max_prepared_transactions".into(), "11".into());
+        assert_ne!(base_state_id(&e), with_setting);
 
         let plain = file("s.sql", "select 1");
-        let Step::Psql(mut one_tx) = plain.clone();
+        let Step::Psql(mut one_tx) = plain.clone() else {
+            unreachable!()
+        };
         one_tx.single_transaction = true;
-        let Step::Psql(mut with_var) = plain.clone();
+        let Step::Psql(mut with_var) = plain.clone() else {
+            unreachable!()
+        };
         with_var.variables.insert("v".into(), "1".into());
         let ids = [
             step_state_id(&base, &plain),

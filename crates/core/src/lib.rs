@@ -19,5 +19,5 @@ pub mod token;
 
 pub use engine::{EngineFingerprint, InitdbOptions};
 pub use id::{InstanceId, ParseIdError, StateId};
-pub use plan::{PsqlInput, PsqlStep, Step};
+pub use plan::{LiquibaseStep, PsqlInput, PsqlStep, Step};
 pub use store::{CloneStrategy, DataArea};

@@ -87,14 +87,57 @@ pub struct PsqlStep {
     pub single_transaction: bool,
 }
 
-/// One prepare step. Only psql exists now; migration tools slot in as further variants.
+/// One Liquibase changeset, applied with `liquibase update-count --count=1` to its parent
+/// state (where every changeset before it is applied, so it is the next one pending).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiquibaseStep {
+    /// The changeset's id, author and file, as Liquibase reports them.
+    pub id: String,
+    pub author: String,
+    pub file: String,
+    /// Liquibase's checksum of the changeset's content (`9:…`): it covers referenced SQL
+    /// files and the changelog parameters substituted into it.
+    pub checksum: String,
+    /// The master changelog, relative to the closure's root (Liquibase's search path).
+    pub changelog: String,
+    /// Liquibase arguments besides the changelog (`--contexts`, `--labels`, `-DNAME=VALUE`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Every file of the changelog's closure: the master, included changelogs, SQL and data
+    /// files that changesets reference. Not identity: the checksum is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<Included>,
+}
+
+impl LiquibaseStep {
+    /// `file::id::author`, as Liquibase names a changeset.
+    pub fn name(&self) -> String {
+        format!("{}::{}::{}", self.file, self.id, self.author)
+    }
+}
+
+/// One prepare step: a psql invocation, or one changeset of a migration tool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Step {
     Psql(PsqlStep),
+    Liquibase(LiquibaseStep),
 }
 
 impl Step {
+    /// Every input file the step needs laid out, as (path relative to the closure's root,
+    /// sha256).
+    pub fn files(&self) -> Vec<(String, &str)> {
+        match self {
+            Step::Psql(p) => p.input.files(),
+            Step::Liquibase(l) => l
+                .files
+                .iter()
+                .map(|f| (f.path.clone(), f.sha256.as_str()))
+                .collect(),
+        }
+    }
+
     /// A short label for progress lines and errors: the file as given, or the command.
     pub fn label(&self) -> String {
         match self {
@@ -102,6 +145,7 @@ impl Step {
                 input: PsqlInput::File { path, .. },
                 ..
             }) => path.strip_prefix("./").unwrap_or(path).to_owned(),
+            Step::Liquibase(l) => l.name(),
             Step::Psql(PsqlStep {
                 input: PsqlInput::Command { sql },
                 ..
@@ -121,6 +165,8 @@ impl Step {
 /// The states of a plan: the base first, then one per step, each the child of the one before.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
+    /// The engine (version, initdb options, server settings) the base is made with.
+    pub engine: EngineFingerprint,
     pub base: StateId,
     pub steps: Vec<StateId>,
 }
@@ -152,7 +198,11 @@ pub fn chain(engine: &EngineFingerprint, steps: &[Step]) -> Chain {
             parent
         })
         .collect();
-    Chain { base, steps: ids }
+    Chain {
+        engine: engine.clone(),
+        base,
+        steps: ids,
+    }
 }
 
 #[cfg(test)]
@@ -190,6 +240,7 @@ mod tests {
             major: 15,
             minor: 18,
             initdb: Default::default(),
+            settings: Default::default(),
         };
         let steps = [cmd("create table a()"), cmd("create table b()")];
         let c = chain(&engine, &steps);

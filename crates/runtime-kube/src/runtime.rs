@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
-use taidon_core::{DataArea, EngineFingerprint, InstanceId, PsqlStep, StateId};
+use taidon_core::{DataArea, EngineFingerprint, InstanceId, StateId, Step};
 use taidon_runtime::{
-    lay_out_step, run_psql_step_at, BoxFuture, BuildServer, Endpoint, Exit, Health, Instance,
-    PsqlTarget, Reclaimed, Runtime, RuntimeError, RuntimeInfo, StepError, StepInputs, StepOutput,
+    lay_out_step, run_psql_step_at, BoxFuture, BuildServer, Endpoint, EngineInfo, Exit, Health,
+    Instance, PsqlTarget, Reclaimed, Runtime, RuntimeError, RuntimeInfo, StepError, StepInputs,
+    StepOutput,
 };
 
 use crate::cluster::Cluster;
@@ -87,6 +88,41 @@ impl Runtime for KubernetesRuntime {
         &self.cluster.engine.fingerprint
     }
 
+    fn engines(&self) -> Vec<EngineInfo> {
+        let e = &self.cluster.engine;
+        vec![EngineInfo {
+            major: e.fingerprint.major,
+            minor: e.fingerprint.minor,
+            version_line: e.version_line.clone(),
+            bin_dir: e.bin_dir.clone(),
+        }]
+    }
+
+    /// The runner image holds one engine, and its pods take no recipe settings yet.
+    fn check_engine<'a>(
+        &'a self,
+        engine: &'a EngineFingerprint,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let own = &self.cluster.engine.fingerprint;
+            if (engine.major, engine.minor) != (own.major, own.minor) {
+                return Err(RuntimeError::EngineMissing {
+                    asked: engine.version(),
+                    major: engine.major,
+                    installed: format!("{}.{} (the runner image)", own.major, own.minor),
+                });
+            }
+            if !engine.settings.is_empty() {
+                return Err(RuntimeError::Setting {
+                    engine: engine.version(),
+                    reason: "the Kubernetes runtime does not take server settings in recipes yet"
+                        .into(),
+                });
+            }
+            Ok(())
+        })
+    }
+
     fn describe(&self) -> RuntimeInfo {
         RuntimeInfo {
             engine_version: self.cluster.engine.fingerprint.version(),
@@ -100,8 +136,13 @@ impl Runtime for KubernetesRuntime {
     }
 
     /// A pod that makes the cluster with initdb and waits to publish it.
-    fn init_data<'a>(&'a self, data: &'a DataArea) -> BoxFuture<'a, Result<(), RuntimeError>> {
+    fn init_data<'a>(
+        &'a self,
+        data: &'a DataArea,
+        engine: &'a EngineFingerprint,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
         Box::pin(async move {
+            self.check_engine(engine).await?;
             let area = BuildArea::parse(data)?;
             let role = Role::Build {
                 state: area.state,
@@ -282,14 +323,21 @@ impl std::fmt::Debug for Cluster {
 impl BuildServer for PodBuild {
     fn apply<'a>(
         &'a self,
-        step: &'a PsqlStep,
+        step: &'a Step,
         inputs: &'a dyn StepInputs,
     ) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(async move {
+            let Step::Psql(psql) = step else {
+                return Err(StepError::setup(format!(
+                    "{}: the Kubernetes runtime runs psql steps only; Liquibase steps need the \
+                     local runtime for now",
+                    step.label()
+                )));
+            };
             let (_work, cwd) = lay_out_step(&self.cluster.work, step, inputs)
                 .await
                 .map_err(StepError::setup)?;
-            run_psql_step_at(&self.cluster.engine, &self.target, step, &cwd).await
+            run_psql_step_at(&self.cluster.engine, &self.target, psql, &cwd).await
         })
     }
 

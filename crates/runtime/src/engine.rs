@@ -27,39 +27,168 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Find the engine: `explicit_bin_dir`, else `TAIDON_PG_BIN`, else `pg_config --bindir`,
-    /// else the highest `/usr/lib/postgresql/*/bin`, else the directory of `postgres` on PATH.
-    ///
-    /// An explicit directory or `TAIDON_PG_BIN` is the only place looked when given: silently
-    /// using another engine than the one asked for would make states with another fingerprint.
+    /// The default engine: the first of [`Engine::discover_all`].
     pub fn discover(
         explicit_bin_dir: Option<&Path>,
         initdb: InitdbOptions,
     ) -> Result<Engine, EngineError> {
-        let env_dir = std::env::var_os("TAIDON_PG_BIN")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from);
-        let candidates = match (explicit_bin_dir, env_dir) {
-            (Some(dir), _) => vec![dir.to_path_buf()],
-            (None, Some(dir)) => vec![dir],
-            (None, None) => searched_bin_dirs(),
+        let mut all = Self::discover_all(explicit_bin_dir, initdb)?;
+        Ok(all.remove(0))
+    }
+
+    /// Every PostgreSQL installation, the default first: `explicit_bin_dir`, then each
+    /// directory of `TAIDON_PG_BIN` (a `:`-separated list), then `pg_config --bindir`, every
+    /// `/usr/lib/postgresql/*/bin` (highest first) and the directory of `postgres` on PATH.
+    /// One installation per version is kept, the first found.
+    ///
+    /// A directory named explicitly or in `TAIDON_PG_BIN` must hold a server: silently using
+    /// another engine than the one asked for would make states with another fingerprint.
+    pub fn discover_all(
+        explicit_bin_dir: Option<&Path>,
+        initdb: InitdbOptions,
+    ) -> Result<Vec<Engine>, EngineError> {
+        let mut asked: Vec<PathBuf> = explicit_bin_dir
+            .map(Path::to_path_buf)
+            .into_iter()
+            .collect();
+        if let Some(list) = std::env::var_os("TAIDON_PG_BIN").filter(|v| !v.is_empty()) {
+            asked.extend(std::env::split_paths(&list).filter(|d| !d.as_os_str().is_empty()));
+        }
+        let mut engines: Vec<Engine> = Vec::new();
+        let keep = |engine: Engine, engines: &mut Vec<Engine>| {
+            let same = |e: &Engine| {
+                e.fingerprint.major == engine.fingerprint.major
+                    && e.fingerprint.minor == engine.fingerprint.minor
+            };
+            if !engines.iter().any(same) {
+                engines.push(engine);
+            }
         };
-        let bin_dir = candidates
-            .iter()
-            .find(|dir| holds_server(dir))
-            .cloned()
-            .ok_or_else(|| EngineError::NotFound {
-                looked_in: if candidates.is_empty() {
+        for dir in &asked {
+            if !holds_server(dir) {
+                return Err(EngineError::NotFound {
+                    looked_in: dir.display().to_string(),
+                });
+            }
+            keep(Self::at(dir.clone(), initdb.clone())?, &mut engines);
+        }
+        let searched = searched_bin_dirs();
+        for dir in searched.iter().filter(|d| holds_server(d)) {
+            match Self::at(dir.clone(), initdb.clone()) {
+                Ok(engine) => keep(engine, &mut engines),
+                Err(e) => tracing::debug!(dir = %dir.display(), error = %e, "not an engine"),
+            }
+        }
+        if engines.is_empty() {
+            return Err(EngineError::NotFound {
+                looked_in: if searched.is_empty() {
                     "nowhere: no pg_config, /usr/lib/postgresql or postgres on PATH".to_owned()
                 } else {
-                    candidates
+                    searched
                         .iter()
                         .map(|d| d.display().to_string())
                         .collect::<Vec<_>>()
                         .join(", ")
                 },
-            })?;
-        Self::at(bin_dir, initdb)
+            });
+        }
+        Ok(engines)
+    }
+
+    /// This installation making states of `fingerprint` (same major and minor; its initdb
+    /// options and server settings).
+    pub fn with_fingerprint(&self, fingerprint: &EngineFingerprint) -> Engine {
+        Engine {
+            bin_dir: self.bin_dir.clone(),
+            fingerprint: fingerprint.clone(),
+            version_line: self.version_line.clone(),
+        }
+    }
+
+    /// Asks this engine's `postgres` whether it accepts the fingerprint's settings, without
+    /// starting a server: `postgres -C` parses every `-c` as a server start would. `scratch`
+    /// is an empty directory the server user owns. A library in `shared_preload_libraries`
+    /// must exist in the engine's library directory.
+    pub async fn check_settings(
+        &self,
+        scratch: &Path,
+        run_as: Option<&RunAs>,
+    ) -> Result<(), RuntimeError> {
+        let settings = &self.fingerprint.settings;
+        let Some(first) = settings.keys().next() else {
+            return Ok(());
+        };
+        let program = self.binary("postgres");
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.arg("-D")
+            .arg(scratch)
+            .arg("--config-file=/dev/null")
+            .arg("-C")
+            .arg(first);
+        for (name, value) in settings {
+            cmd.arg("-c").arg(format!("{name}={value}"));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .current_dir(scratch);
+        remove_pg_env(&mut cmd);
+        if let Some(r) = run_as {
+            cmd.uid(r.uid).gid(r.gid);
+        }
+        let out = cmd
+            .output()
+            .await
+            .map_err(|source| RuntimeError::Spawn { program, source })?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let reason = stderr
+                .lines()
+                .find_map(|l| l.split_once("FATAL:").map(|(_, m)| m.trim().to_owned()))
+                .unwrap_or_else(|| stderr.trim().to_owned());
+            return Err(RuntimeError::Setting {
+                engine: self.fingerprint.version(),
+                reason,
+            });
+        }
+        if let Some(libs) = settings.get("shared_preload_libraries") {
+            for lib in libs
+                .split(',')
+                .map(|l| l.trim().trim_matches('"'))
+                .filter(|l| !l.is_empty())
+            {
+                let name = lib.strip_prefix("$libdir/").unwrap_or(lib);
+                if name.contains('/') {
+                    continue;
+                }
+                let dirs = self.library_dirs();
+                let found = dirs
+                    .iter()
+                    .any(|d| d.join(format!("{name}.so")).is_file() || d.join(name).is_file());
+                if !found {
+                    return Err(RuntimeError::Setting {
+                        engine: self.fingerprint.version(),
+                        reason: format!(
+                            "shared_preload_libraries: library \"{name}\" is not installed (looked in {})",
+                            dirs.iter()
+                                .map(|d| d.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the engine's loadable modules are: `../lib/postgresql` (a source build) or
+    /// `../lib` (Debian) beside the binaries.
+    fn library_dirs(&self) -> Vec<PathBuf> {
+        let Some(prefix) = self.bin_dir.parent() else {
+            return Vec::new();
+        };
+        vec![prefix.join("lib").join("postgresql"), prefix.join("lib")]
     }
 
     /// The engine in `bin_dir`, identified by `postgres --version`.
@@ -87,6 +216,7 @@ impl Engine {
                 major,
                 minor,
                 initdb,
+                settings: Default::default(),
             },
             version_line,
         })
@@ -161,6 +291,16 @@ impl Engine {
         // initdb wrote the file as run_as; writing over it keeps its owner and mode.
         let hba = data_dir.join("pg_hba.conf");
         std::fs::write(&hba, PG_HBA).map_err(RuntimeError::io("cannot write", &hba))?;
+        let conf_lines = self.fingerprint.settings_conf();
+        if !conf_lines.is_empty() {
+            let conf = data_dir.join("postgresql.conf");
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&conf)
+                .map_err(RuntimeError::io("cannot open", &conf))?;
+            std::io::Write::write_all(&mut file, conf_lines.as_bytes())
+                .map_err(RuntimeError::io("cannot write", &conf))?;
+        }
         Ok(())
     }
 }

@@ -96,6 +96,16 @@ pub enum RuntimeError {
     /// detail names the object and the cause.
     #[error("{what}: {detail}")]
     Remote { what: String, detail: String },
+    /// A server setting of the recipe that the engine refuses.
+    #[error("{engine} refuses the server settings: {reason}")]
+    Setting { engine: String, reason: String },
+    /// No installed engine of the version a recipe asks for.
+    #[error("{asked} is not installed here (installed: {installed}). Install it (Debian: `apt-get install postgresql-{major}`) or add the directory holding its initdb and postgres to TAIDON_PG_BIN (a ':'-separated list), then restart Taidon")]
+    EngineMissing {
+        asked: String,
+        major: u32,
+        installed: String,
+    },
     /// The blocking thread running a runtime operation ended without finishing it.
     #[error("a runtime task failed: {0}")]
     Task(String),

@@ -8,13 +8,14 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
-use taidon_core::{DataArea, EngineFingerprint, InstanceId, PsqlStep, StateId};
+use taidon_core::{DataArea, EngineFingerprint, InstanceId, LiquibaseStep, StateId, Step};
 use tokio::io::AsyncRead;
 
 use crate::engine::Engine;
 use crate::error::RuntimeError;
 use crate::health::Health;
 use crate::psql::{StepError, StepOutput};
+use crate::run_as::create_private_dir;
 use crate::run_as::RunAs;
 use crate::server::{Server, ServerConfig};
 
@@ -30,6 +31,16 @@ pub struct RuntimeInfo {
     pub bin_dir: PathBuf,
     /// The user servers run as.
     pub server_user: String,
+}
+
+/// One installed PostgreSQL, as `sqlrs status` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineInfo {
+    pub major: u32,
+    pub minor: u32,
+    /// The output of `postgres --version`.
+    pub version_line: String,
+    pub bin_dir: PathBuf,
 }
 
 /// Where clients (the gateway) reach an instance.
@@ -51,13 +62,27 @@ pub struct Reclaimed {
 
 /// Something that runs PostgreSQL builds and instances.
 pub trait Runtime: Send + Sync {
-    /// The engine whose fingerprint every state's identity starts from.
+    /// The default engine: the one a recipe that names none is built on.
     fn engine(&self) -> &EngineFingerprint;
+    /// Every engine this runtime can run, the default first.
+    fn engines(&self) -> Vec<EngineInfo>;
     /// The engine, its binaries and the server user, for people.
     fn describe(&self) -> RuntimeInfo;
+    /// Checks, before anything is built, that `engine` (its major and minor) is installed and
+    /// accepts its server settings.
+    fn check_engine<'a>(
+        &'a self,
+        engine: &'a EngineFingerprint,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>>;
 
-    /// Makes `data` (an empty area a store began) a new cluster: the base state.
-    fn init_data<'a>(&'a self, data: &'a DataArea) -> BoxFuture<'a, Result<(), RuntimeError>>;
+    /// Makes `data` (an empty area a store began) a new cluster of `engine`: the base state.
+    /// The engine's settings go into its `postgresql.conf`, so every server started on a
+    /// descendant of it runs with them.
+    fn init_data<'a>(
+        &'a self,
+        data: &'a DataArea,
+        engine: &'a EngineFingerprint,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>>;
     /// Starts a server that builds `state` on `data` (a clone of its parent's snapshot),
     /// reachable by the build only.
     fn start_build<'a>(
@@ -105,11 +130,12 @@ pub trait Runtime: Send + Sync {
 
 /// A running build server: it applies steps to the data it runs on.
 pub trait BuildServer: Send + Sync + std::fmt::Debug {
-    /// Runs `step` with psql (`ON_ERROR_STOP=1`), its input files laid out from `inputs` so
-    /// that `-f` and `\i` find them where the user had them.
+    /// Runs `step`: psql (`ON_ERROR_STOP=1`) or Liquibase, its input files laid out from
+    /// `inputs` so that `-f`, `\i` and the changelog's includes find them where the user had
+    /// them.
     fn apply<'a>(
         &'a self,
-        step: &'a PsqlStep,
+        step: &'a Step,
         inputs: &'a dyn StepInputs,
     ) -> BoxFuture<'a, Result<StepOutput, StepError>>;
     /// Stops cleanly (a fast shutdown writes a checkpoint): the data is then ready to publish,
@@ -168,7 +194,8 @@ pub struct LocalLayout {
 /// directories.
 #[derive(Debug, Clone)]
 pub struct LocalRuntime {
-    engine: Engine,
+    /// Every installed engine, the default first; never empty.
+    engines: Vec<Engine>,
     run_as: Option<RunAs>,
     layout: LocalLayout,
     /// Instances also listen on this address and are reached there.
@@ -180,11 +207,64 @@ impl LocalRuntime {
     /// `layout` says (the directories are created as needed).
     pub fn new(engine: Engine, run_as: Option<RunAs>, layout: LocalLayout) -> Self {
         Self {
-            engine,
+            engines: vec![engine],
             run_as,
             layout,
             advertise: None,
         }
+    }
+
+    /// Also runs these engines (beside the default one `new` was given), for recipes that
+    /// name another version.
+    pub fn with_other_engines(mut self, others: Vec<Engine>) -> Self {
+        self.engines.extend(others);
+        self
+    }
+
+    fn default_engine(&self) -> &Engine {
+        &self.engines[0]
+    }
+
+    /// The installation that makes `fingerprint`'s states, carrying its settings.
+    fn engine_for(&self, fingerprint: &EngineFingerprint) -> Result<Engine, RuntimeError> {
+        self.engines
+            .iter()
+            .find(|e| {
+                e.fingerprint.major == fingerprint.major && e.fingerprint.minor == fingerprint.minor
+            })
+            .map(|e| e.with_fingerprint(fingerprint))
+            .ok_or_else(|| RuntimeError::EngineMissing {
+                asked: fingerprint.version(),
+                major: fingerprint.major,
+                installed: self
+                    .engines
+                    .iter()
+                    .map(|e| format!("{}.{}", e.fingerprint.major, e.fingerprint.minor))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// The installation that runs the cluster in `data_dir`: the one of its `PG_VERSION`
+    /// (the default when the file cannot be read; the server then says what is wrong).
+    fn engine_of(&self, data_dir: &Path) -> Result<&Engine, RuntimeError> {
+        let Ok(text) = std::fs::read_to_string(data_dir.join("PG_VERSION")) else {
+            return Ok(self.default_engine());
+        };
+        let major: u32 = text.trim().parse().unwrap_or(0);
+        self.engines
+            .iter()
+            .find(|e| e.fingerprint.major == major)
+            .ok_or_else(|| RuntimeError::EngineMissing {
+                asked: format!("PostgreSQL {major}"),
+                major,
+                installed: self
+                    .engines
+                    .iter()
+                    .map(|e| format!("{}.{}", e.fingerprint.major, e.fingerprint.minor))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     /// Instances also listen on `addr` and report it as their host, for a gateway on another
@@ -243,13 +323,48 @@ fn ensure_dir(dir: &Path) -> Result<(), RuntimeError> {
 
 impl Runtime for LocalRuntime {
     fn engine(&self) -> &EngineFingerprint {
-        &self.engine.fingerprint
+        &self.default_engine().fingerprint
+    }
+
+    fn engines(&self) -> Vec<EngineInfo> {
+        self.engines
+            .iter()
+            .map(|e| EngineInfo {
+                major: e.fingerprint.major,
+                minor: e.fingerprint.minor,
+                version_line: e.version_line.clone(),
+                bin_dir: e.bin_dir.clone(),
+            })
+            .collect()
+    }
+
+    fn check_engine<'a>(
+        &'a self,
+        engine: &'a EngineFingerprint,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let installed = self.engine_for(engine)?;
+            if engine.settings.is_empty() {
+                return Ok(());
+            }
+            ensure_dir(&self.layout.run)?;
+            let scratch = self
+                .layout
+                .run
+                .join(format!("check-{:08x}", rand::random::<u32>()));
+            create_private_dir(&scratch, self.run_as.as_ref())?;
+            let checked = installed
+                .check_settings(&scratch, self.run_as.as_ref())
+                .await;
+            let _ = std::fs::remove_dir_all(&scratch);
+            checked
+        })
     }
 
     fn describe(&self) -> RuntimeInfo {
         RuntimeInfo {
-            engine_version: self.engine.fingerprint.version(),
-            bin_dir: self.engine.bin_dir.clone(),
+            engine_version: self.default_engine().fingerprint.version(),
+            bin_dir: self.default_engine().bin_dir.clone(),
             server_user: match &self.run_as {
                 Some(u) => u.user.clone(),
                 None => current_user_name(),
@@ -257,10 +372,16 @@ impl Runtime for LocalRuntime {
         }
     }
 
-    fn init_data<'a>(&'a self, data: &'a DataArea) -> BoxFuture<'a, Result<(), RuntimeError>> {
+    fn init_data<'a>(
+        &'a self,
+        data: &'a DataArea,
+        engine: &'a EngineFingerprint,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
         Box::pin(async move {
             let dir = local_dir(data)?;
-            self.engine.initdb(dir, self.run_as.as_ref()).await
+            self.engine_for(engine)?
+                .initdb(dir, self.run_as.as_ref())
+                .await
         })
     }
 
@@ -281,15 +402,18 @@ impl Runtime for LocalRuntime {
                     state.short(),
                     rand::random::<u32>()
                 )),
-                tcp: false,
+                // Loopback TCP too, for tools that cannot use a socket (Liquibase's JDBC).
+                // SCRAM only, and the superuser has no password unless a step sets one.
+                tcp: true,
                 advertise: None,
                 port: None,
                 log_file: builds_log.join(format!("{state}.log")),
             };
-            let server = self.engine.start(config, self.run_as.as_ref()).await?;
+            let engine = self.engine_of(&config.data_dir)?.clone();
+            let server = engine.start(config, self.run_as.as_ref()).await?;
             Ok(Box::new(LocalBuild {
                 server,
-                engine: self.engine.clone(),
+                engine,
                 work: self.layout.work.clone(),
             }) as Box<dyn BuildServer>)
         })
@@ -314,7 +438,8 @@ impl Runtime for LocalRuntime {
             if let Some(logs) = config.log_file.parent() {
                 ensure_dir(logs)?;
             }
-            let server = self.engine.start(config, self.run_as.as_ref()).await?;
+            let engine = self.engine_of(&config.data_dir)?;
+            let server = engine.start(config, self.run_as.as_ref()).await?;
             Ok(Box::new(server) as Box<dyn Instance>)
         })
     }
@@ -385,10 +510,10 @@ struct LocalBuild {
 }
 
 /// A fresh directory under `work` with the input closure of `step` laid out in it (removed
-/// when dropped), and the directory psql runs in.
+/// when dropped), and the directory the step's tool runs in.
 pub async fn lay_out_step(
     work: &Path,
-    step: &PsqlStep,
+    step: &Step,
     inputs: &dyn StepInputs,
 ) -> Result<(tempfile::TempDir, PathBuf), String> {
     tokio::fs::create_dir_all(work)
@@ -403,7 +528,7 @@ pub async fn lay_out_step(
     tokio::fs::create_dir_all(&cwd)
         .await
         .map_err(|e| format!("cannot make a step's work directory: {e}"))?;
-    for (rel, sha256) in step.input.files() {
+    for (rel, sha256) in step.files() {
         if rel.is_empty() || rel.starts_with('/') || rel.split('/').any(|p| p == "..") {
             return Err(format!("input {rel:?} leaves its closure's root"));
         }
@@ -428,30 +553,106 @@ pub async fn lay_out_step(
     Ok((dir, cwd))
 }
 
-/// Where psql runs for `step`, relative to its closure's root.
-fn workdir_of(step: &PsqlStep) -> &str {
-    match &step.input {
-        taidon_core::PsqlInput::File { workdir, .. } => workdir,
-        taidon_core::PsqlInput::Command { .. } => "",
+/// Where the step's tool runs, relative to its closure's root: psql where the user ran it,
+/// Liquibase in its search path (the root).
+fn workdir_of(step: &Step) -> &str {
+    match step {
+        Step::Psql(p) => match &p.input {
+            taidon_core::PsqlInput::File { workdir, .. } => workdir,
+            taidon_core::PsqlInput::Command { .. } => "",
+        },
+        Step::Liquibase(_) => "",
     }
 }
 
 impl BuildServer for LocalBuild {
     fn apply<'a>(
         &'a self,
-        step: &'a PsqlStep,
+        step: &'a Step,
         inputs: &'a dyn StepInputs,
     ) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(async move {
             let (_work, cwd) = lay_out_step(&self.work, step, inputs)
                 .await
                 .map_err(StepError::setup)?;
-            crate::psql::run_psql_step(&self.engine, &self.server, step, &cwd).await
+            match step {
+                Step::Psql(psql) => {
+                    crate::psql::run_psql_step(&self.engine, &self.server, psql, &cwd).await
+                }
+                Step::Liquibase(lb) => self.apply_changeset(lb, &cwd).await,
+            }
         })
     }
 
     fn stop(self: Box<Self>) -> BoxFuture<'static, Result<(), RuntimeError>> {
         Box::pin(self.server.stop())
+    }
+}
+
+impl LocalBuild {
+    /// Applies one changeset with Liquibase over loopback TCP: the superuser gets a password
+    /// for the run and loses it after, so none is published with the snapshot.
+    async fn apply_changeset(
+        &self,
+        lb: &LiquibaseStep,
+        cwd: &Path,
+    ) -> Result<StepOutput, StepError> {
+        let tool =
+            crate::liquibase::Liquibase::find().map_err(|e| StepError::setup(e.to_string()))?;
+        let password = format!("{:032x}", rand::random::<u128>());
+        self.server
+            .set_password("postgres", &password)
+            .await
+            .map_err(|e| StepError::setup(format!("cannot prepare the build server: {e}")))?;
+        let url = format!(
+            "jdbc:postgresql://{}:{}/postgres",
+            self.server.host, self.server.port
+        );
+        let ran = tool
+            .update_one(cwd, &lb.changelog, &lb.args, &url, "postgres", &password)
+            .await;
+        let forget = self
+            .server
+            .execute("ALTER ROLE postgres PASSWORD NULL")
+            .await;
+        let stdout = changeset_outcome(lb, ran)?;
+        forget.map_err(|e| StepError::setup(format!("cannot reset the build password: {e}")))?;
+        Ok(StepOutput {
+            stdout,
+            stderr: String::new(),
+        })
+    }
+}
+
+/// What one Liquibase run means for `lb`'s step: it must have run exactly the planned
+/// changeset.
+pub fn changeset_outcome(
+    lb: &LiquibaseStep,
+    ran: Result<(String, Option<String>), crate::liquibase::LiquibaseError>,
+) -> Result<String, StepError> {
+    let who = format!(
+        "changeset {} (id {}, author {}, file {})",
+        lb.name(),
+        lb.id,
+        lb.author,
+        lb.file
+    );
+    match ran {
+        Ok((output, Some(name))) if name == lb.name() => Ok(output),
+        Ok((output, other)) => Err(StepError {
+            message: format!(
+                "{who}: Liquibase applied {} instead; did the changelog change while it ran?",
+                other.as_deref().unwrap_or("no changeset")
+            ),
+            output,
+            exit_code: Some(0),
+        }),
+        Err(crate::liquibase::LiquibaseError::Failed { message, output }) => Err(StepError {
+            message: format!("{who} failed: {message}"),
+            output,
+            exit_code: Some(1),
+        }),
+        Err(other) => Err(StepError::setup(format!("{who}: {other}"))),
     }
 }
 

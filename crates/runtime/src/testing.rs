@@ -88,6 +88,7 @@ impl Default for FakeRuntime {
                 major: 15,
                 minor: 0,
                 initdb: InitdbOptions::default(),
+                settings: Default::default(),
             },
             gate: Arc::new(tokio::sync::Semaphore::new(
                 tokio::sync::Semaphore::MAX_PERMITS,
@@ -236,6 +237,18 @@ impl Runtime for FakeRuntime {
         &self.engine
     }
 
+    fn engines(&self) -> Vec<crate::EngineInfo> {
+        vec![crate::EngineInfo {
+            major: self.engine.major,
+            minor: self.engine.minor,
+            version_line: format!(
+                "postgres (PostgreSQL) {}.{}",
+                self.engine.major, self.engine.minor
+            ),
+            bin_dir: PathBuf::from("/fake/bin"),
+        }]
+    }
+
     fn describe(&self) -> RuntimeInfo {
         RuntimeInfo {
             engine_version: self.engine.version(),
@@ -244,7 +257,34 @@ impl Runtime for FakeRuntime {
         }
     }
 
-    fn init_data<'a>(&'a self, data: &'a DataArea) -> BoxFuture<'a, Result<(), RuntimeError>> {
+    /// The fake runs its one engine only, and refuses a setting named `fake_refused`.
+    fn check_engine<'a>(
+        &'a self,
+        engine: &'a EngineFingerprint,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            if (engine.major, engine.minor) != (self.engine.major, self.engine.minor) {
+                return Err(RuntimeError::EngineMissing {
+                    asked: engine.version(),
+                    major: engine.major,
+                    installed: format!("{}.{}", self.engine.major, self.engine.minor),
+                });
+            }
+            if engine.settings.contains_key("fake_refused") {
+                return Err(RuntimeError::Setting {
+                    engine: engine.version(),
+                    reason: "unrecognized configuration parameter \"fake_refused\"".into(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn init_data<'a>(
+        &'a self,
+        data: &'a DataArea,
+        _engine: &'a EngineFingerprint,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
         Box::pin(async move {
             let mut fakes = locked(&self.shared);
             if fakes.fail_init {
@@ -382,11 +422,11 @@ struct FakeBuild {
 impl FakeBuild {
     /// Reads every input file, as laying the closure out would.
     async fn read_inputs(
-        step: &PsqlStep,
+        step: &Step,
         inputs: &dyn StepInputs,
     ) -> io::Result<Vec<(String, Vec<u8>)>> {
         let mut files = Vec::new();
-        for (path, sha256) in step.input.files() {
+        for (path, sha256) in step.files() {
             let mut content = Vec::new();
             inputs.open(sha256).await?.read_to_end(&mut content).await?;
             files.push((path, content));
@@ -398,14 +438,14 @@ impl FakeBuild {
 impl BuildServer for FakeBuild {
     fn apply<'a>(
         &'a self,
-        step: &'a PsqlStep,
+        step: &'a Step,
         inputs: &'a dyn StepInputs,
     ) -> BoxFuture<'a, Result<StepOutput, StepError>> {
         Box::pin(async move {
             locked(&self.shared).applying += 1;
             let permit = self.gate.acquire().await;
             drop(permit);
-            let label = Step::Psql(step.clone()).label();
+            let label = step.label();
             let files = Self::read_inputs(step, inputs).await;
             let mut fakes = locked(&self.shared);
             fakes.applying -= 1;
@@ -415,11 +455,12 @@ impl BuildServer for FakeBuild {
                 exit_code: None,
             })?;
             if fakes.failing.iter().any(|f| label.contains(f.as_str())) {
-                let line = match &step.input {
-                    PsqlInput::File { path, .. } => {
-                        format!("psql:{path}:1: ERROR:  the fake fails")
-                    }
-                    PsqlInput::Command { .. } => "ERROR:  the fake fails".to_owned(),
+                let line = match step {
+                    Step::Psql(PsqlStep {
+                        input: PsqlInput::File { path, .. },
+                        ..
+                    }) => format!("psql:{path}:1: ERROR:  the fake fails"),
+                    _ => "ERROR:  the fake fails".to_owned(),
                 };
                 return Err(StepError {
                     message: line.clone(),

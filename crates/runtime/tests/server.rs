@@ -7,7 +7,7 @@ use std::path::Path;
 
 use common::Fixture;
 use taidon_core::plan::Included;
-use taidon_core::{DataArea, InitdbOptions, InstanceId, PsqlInput, PsqlStep, StateId};
+use taidon_core::{DataArea, InitdbOptions, InstanceId, PsqlInput, PsqlStep, StateId, Step};
 use taidon_runtime::{
     free_port, BoxFuture, Engine, EngineError, Exit, Health, LocalLayout, LocalRuntime, Runtime,
     ServerConfig, StepInputs,
@@ -286,14 +286,19 @@ async fn local_runtime_builds_and_runs_instances_through_the_trait() {
     assert_eq!(runtime.engine(), &fx.engine.fingerprint);
     assert_eq!(runtime.describe().bin_dir, fx.engine.bin_dir);
     assert!(matches!(
-        runtime.init_data(&DataArea::named("pvc")).await,
+        runtime
+            .init_data(&DataArea::named("pvc"), &fx.engine.fingerprint)
+            .await,
         Err(taidon_runtime::RuntimeError::ForeignArea(_))
     ));
 
     // The "store" here is the instance's own area: the runtime does not care who filled it.
     let iid = InstanceId::from_bytes([7; 8]);
     let area = runtime.prepare_instance(iid).await.unwrap();
-    runtime.init_data(&area).await.unwrap();
+    runtime
+        .init_data(&area, &fx.engine.fingerprint)
+        .await
+        .unwrap();
     let state = StateId::from_bytes([1; 32]);
     let build = runtime.start_build(state, &area).await.unwrap();
     let main = b"\\ir lib/t.sql\ninsert into t values (2);\n".to_vec();
@@ -315,7 +320,7 @@ async fn local_runtime_builds_and_runs_instances_through_the_trait() {
         variables: Default::default(),
         single_transaction: false,
     };
-    build.apply(&step, &blobs).await.unwrap();
+    build.apply(&Step::Psql(step), &blobs).await.unwrap();
     let failing = PsqlStep {
         input: PsqlInput::Command {
             sql: "select nope".into(),
@@ -323,7 +328,7 @@ async fn local_runtime_builds_and_runs_instances_through_the_trait() {
         variables: Default::default(),
         single_transaction: false,
     };
-    let err = build.apply(&failing, &blobs).await.unwrap_err();
+    let err = build.apply(&Step::Psql(failing), &blobs).await.unwrap_err();
     assert!(err.message.contains("ERROR:"), "{err:?}");
     build.stop().await.unwrap();
     assert_eq!(

@@ -126,12 +126,46 @@ pub(crate) enum DsnForm {
     User,
 }
 
-/// `prepare[:psql] [--keep] -- <psql args> [run ...]`.
+/// `prepare[:KIND] [--keep] [--engine V] [--pg-setting N=V] -- <tool args> [run ...]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Prepare {
     pub(crate) keep: bool,
-    pub(crate) psql: PsqlArgs,
+    pub(crate) engine: EngineArgs,
+    pub(crate) what: PrepareWhat,
     pub(crate) run: Option<Run>,
+}
+
+#[cfg(test)]
+impl Prepare {
+    /// The psql arguments of a `prepare:psql`.
+    pub(crate) fn psql(&self) -> &PsqlArgs {
+        match &self.what {
+            PrepareWhat::Psql(p) => p,
+            other => panic!("not a psql prepare: {other:?}"),
+        }
+    }
+}
+
+/// What a prepare builds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PrepareWhat {
+    Psql(PsqlArgs),
+    Liquibase(LbArgs),
+}
+
+/// `--engine` and `--pg-setting`, checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct EngineArgs {
+    pub(crate) version: Option<String>,
+    pub(crate) settings: BTreeMap<String, String>,
+}
+
+/// `prepare:lb -- update --changelog-file FILE [args]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LbArgs {
+    pub(crate) changelog: String,
+    /// Everything else, in order, for Liquibase.
+    pub(crate) args: Vec<String>,
 }
 
 /// The psql arguments of a prepare, before any file is read.
@@ -197,6 +231,7 @@ fn help_hint(verb: &str) -> String {
 }
 
 const PREPARE: &str = "prepare:psql";
+const PREPARE_LB: &str = "prepare:lb";
 
 /// Parses the arguments after the program name.
 pub(crate) fn parse<I>(args: I) -> Result<Parsed, UsageError>
@@ -233,7 +268,34 @@ where
             };
             Command::Prepare(Prepare {
                 keep: a.keep,
-                psql,
+                engine: engine_args(a.engine, PREPARE)?,
+                what: PrepareWhat::Psql(psql),
+                run,
+            })
+        }
+        Verb::PrepareLb(a) => {
+            if !stages.separator {
+                return Err(UsageError::new(
+                    PREPARE_LB,
+                    "prepare:lb needs '--' and Liquibase arguments: sqlrs prepare:lb -- update --changelog-file FILE",
+                ));
+            }
+            let lb = lb_args(&a.lb)?;
+            let run = match stages.run {
+                None => None,
+                Some(run) => {
+                    let run = match clap_parse(run, &stages.run_verb)? {
+                        Ok(parsed) => parsed,
+                        Err(print) => return Ok(Parsed::Print(print)),
+                    };
+                    global.merge(run.global);
+                    Some(run_stage(run.verb, true)?)
+                }
+            };
+            Command::Prepare(Prepare {
+                keep: a.keep,
+                engine: engine_args(a.engine, PREPARE_LB)?,
+                what: PrepareWhat::Liquibase(lb),
                 run,
             })
         }
@@ -532,7 +594,15 @@ fn split(args: &[OsString]) -> Result<Stages, UsageError> {
             stages.first = args;
             return Ok(stages);
         };
-        let end = sep + 1 + psql_len(&args[sep + 1..]);
+        let end = if verb == PREPARE_LB {
+            // Liquibase's arguments run up to a run stage.
+            args[sep + 1..]
+                .iter()
+                .position(|a| a.to_str().is_some_and(is_run_stage))
+                .map_or(args.len(), |n| sep + 1 + n)
+        } else {
+            sep + 1 + psql_len(&args[sep + 1..])
+        };
         stages.separator = true;
         stages.first = args[..end].to_vec();
         if end < args.len() {
@@ -767,6 +837,107 @@ fn psql_args(args: &[OsString]) -> Result<(PsqlArgs, usize), UsageError> {
         ));
     }
     Ok((out, pos))
+}
+
+/// `--engine` and `--pg-setting`, checked (a setting PostgreSQL itself refuses is refused by
+/// the controller, before any build).
+fn engine_args(flags: cli::EngineFlags, verb: &str) -> Result<EngineArgs, UsageError> {
+    let mut out = EngineArgs {
+        version: flags.engine,
+        settings: BTreeMap::new(),
+    };
+    if let Some(v) = &out.version {
+        let ok = match v.split_once('.') {
+            Some((major, minor)) => major.parse::<u32>().is_ok() && minor.parse::<u32>().is_ok(),
+            None => v.parse::<u32>().is_ok(),
+        };
+        if !ok {
+            return Err(UsageError::new(
+                verb,
+                format!("--engine {v:?}: expected a major such as 16, or major.minor such as 16.4"),
+            ));
+        }
+    }
+    for s in flags.pg_setting {
+        let (name, value) = taidon_core::engine::parse_setting(&s)
+            .map_err(|e| UsageError::new(verb, e.to_string()))?;
+        out.settings.insert(name, value);
+    }
+    Ok(out)
+}
+
+/// Liquibase's arguments: `update`, `--changelog-file FILE`, and what Liquibase may be told
+/// besides; what would point it at another database is refused.
+fn lb_args(args: &[OsString]) -> Result<LbArgs, UsageError> {
+    let mut words = Vec::with_capacity(args.len());
+    for a in args {
+        words.push(
+            a.to_str()
+                .ok_or_else(|| {
+                    UsageError::new(
+                        PREPARE_LB,
+                        format!("prepare:lb: argument is not valid UTF-8: {a:?}"),
+                    )
+                })?
+                .to_owned(),
+        );
+    }
+    let mut it = words.into_iter().peekable();
+    match it.next().as_deref() {
+        Some("update") => {}
+        Some(other) => {
+            return Err(UsageError::new(
+                PREPARE_LB,
+                format!(
+                    "prepare:lb runs Liquibase's 'update' (one changeset at a time), not '{other}'"
+                ),
+            ))
+        }
+        None => {
+            return Err(UsageError::new(
+                PREPARE_LB,
+                "prepare:lb needs Liquibase arguments: update --changelog-file FILE",
+            ))
+        }
+    }
+    let mut changelog = None;
+    let mut rest = Vec::new();
+    while let Some(word) = it.next() {
+        let (name, inline) = match word.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
+            _ => (word.clone(), None),
+        };
+        let normal = name.to_ascii_lowercase().replace(['-', '_'], "");
+        match normal.as_str() {
+            "changelogfile" => {
+                let v = match inline {
+                    Some(v) => v,
+                    None => it.next().ok_or_else(|| {
+                        UsageError::new(PREPARE_LB, "prepare:lb: --changelog-file needs a file")
+                    })?,
+                };
+                changelog = Some(v);
+            }
+            "url" | "username" | "password" | "referenceurl" | "referenceusername"
+            | "referencepassword" | "searchpath" | "defaultsfile" | "count" => {
+                return Err(UsageError::new(
+                    PREPARE_LB,
+                    format!("prepare:lb does not take '{name}': Taidon supplies the database, the files and the count"),
+                ))
+            }
+            _ => rest.push(word),
+        }
+    }
+    let changelog = changelog.filter(|c| !c.is_empty()).ok_or_else(|| {
+        UsageError::new(
+            PREPARE_LB,
+            "prepare:lb needs --changelog-file FILE: update --changelog-file db/changelog.xml",
+        )
+    })?;
+    Ok(LbArgs {
+        changelog,
+        args: rest,
+    })
 }
 
 fn file_input(path: String) -> Result<Input, UsageError> {

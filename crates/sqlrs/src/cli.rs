@@ -45,11 +45,30 @@ Without a run stage, prints DSN=postgres://... of a new instance, which keeps ru
 one, runs the command against it, then removes the instance if the command succeeded (unless
 --keep).
 
+--engine and --pg-setting are part of the state's identity, as the steps are; without them,
+the [engine] section of sqlrs.toml (found by walking up from the working directory) applies.
+
 Examples:
   sqlrs prepare:psql -- -f schema.sql -f seed.sql
   sqlrs prepare:psql -- -v schema=app -1 -f schema.sql -c 'analyze'
   sqlrs prepare:psql --keep -- -f schema.sql run:psql -- -c 'select 1'
+  sqlrs prepare:psql --engine 16 --pg-setting max_prepared_transactions=10 -- -f schema.sql
   sqlrs prepare -- -f schema.sql run -- pytest -q";
+
+const PREPARE_LB_EXAMPLES: &str = "\
+Liquibase arguments (after '--'): update --changelog-file FILE [--contexts=...] [--labels=...]
+[-DNAME=VALUE ...]. Taidon supplies the database (--url, --username, --password).
+
+The changelog and every file it pulls in (include, includeAll, sqlFile, loadData) are hashed
+and sent. Liquibase plans the pending changesets offline; each changeset is applied on its own
+(update-count --count=1) and leaves a checkpoint: a state whose id covers the changeset's id,
+author, file and checksum, and its parent. Liquibase is SQLRS_LIQUIBASE, else `liquibase` on
+PATH, where Taidon runs.
+
+Examples:
+  sqlrs prepare:lb -- update --changelog-file db/changelog.xml
+  sqlrs prepare:lb --engine 16 -- update --changelog-file db/changelog.xml --contexts=test
+  sqlrs prepare:lb -- update --changelog-file db/changelog.xml run -- pytest -q";
 
 const RUN_EXAMPLES: &str = "\
 The command gets DATABASE_URL, PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE (and the TLS
@@ -228,6 +247,13 @@ pub(crate) enum Verb {
         override_usage = "sqlrs prepare:psql [OPTIONS] -- <PSQL_ARGS>... [run[:KIND] [OPTIONS] [-- <ARGS>...]]"
     )]
     PreparePsql(PrepareArgs),
+    /// Build (or find) the state a Liquibase changelog makes, one checkpoint per changeset
+    #[command(
+        name = "prepare:lb",
+        after_help = PREPARE_LB_EXAMPLES,
+        override_usage = "sqlrs prepare:lb [OPTIONS] -- update --changelog-file FILE [LIQUIBASE_ARGS]... [run[:KIND] [OPTIONS] [-- <ARGS>...]]"
+    )]
+    PrepareLb(PrepareLbArgs),
     /// Run a command against an instance
     #[command(name = "run", after_help = RUN_EXAMPLES)]
     Run(RunArgs),
@@ -294,9 +320,36 @@ pub(crate) struct PrepareArgs {
     /// Keep the instance after a run stage, even when the command succeeds
     #[arg(long)]
     pub(crate) keep: bool,
+    #[command(flatten)]
+    pub(crate) engine: EngineFlags,
     /// psql arguments: -f FILE, -c SQL, -v NAME=VALUE, -1 (see below)
     #[arg(last = true, value_name = "PSQL_ARGS")]
     pub(crate) psql: Vec<OsString>,
+}
+
+/// The engine flags of every prepare kind.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct EngineFlags {
+    /// The PostgreSQL version: a major (16) or major.minor (16.4); default: sqlrs.toml's, else
+    /// the newest installed
+    #[arg(long, value_name = "VERSION")]
+    pub(crate) engine: Option<String>,
+    /// A server setting for the build servers and every instance (repeatable)
+    #[arg(long = "pg-setting", value_name = "NAME=VALUE")]
+    pub(crate) pg_setting: Vec<String>,
+}
+
+/// `prepare:lb`.
+#[derive(Debug, Args)]
+pub(crate) struct PrepareLbArgs {
+    /// Keep the instance after a run stage, even when the command succeeds
+    #[arg(long)]
+    pub(crate) keep: bool,
+    #[command(flatten)]
+    pub(crate) engine: EngineFlags,
+    /// Liquibase arguments: update --changelog-file FILE [...] (see below)
+    #[arg(last = true, value_name = "LIQUIBASE_ARGS")]
+    pub(crate) lb: Vec<OsString>,
 }
 
 /// `run`, `run:psql`, `run:pgbench`.

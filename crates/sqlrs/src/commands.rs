@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use taidon_api::{InstanceInfo, PrepareEvent, PrepareRequest};
 use taidon_core::StateId;
 
-use crate::args::{Cli, Command, Global, Prepare, PsqlArgs, Run, RunKind};
+use crate::args::{Cli, Command, Global, Prepare, PrepareWhat, PsqlArgs, Run, RunKind};
 use crate::client::{Client, ClientError};
 use crate::daemon::{choose_home, find_in_path, DaemonError, Home, HomeEnv};
 use crate::error::Error;
@@ -169,12 +169,28 @@ struct Prepared {
 }
 
 async fn prepare(ctx: &Ctx, p: Prepare) -> Result<i32, Error> {
-    let inputs = collect_inputs(&p.psql)?;
+    let (inputs, liquibase) = match &p.what {
+        PrepareWhat::Psql(psql) => (collect_inputs(psql)?, None),
+        PrepareWhat::Liquibase(lb) => {
+            let cwd = std::env::current_dir().map_err(Error::Cwd)?;
+            let (req, blobs) = crate::changelog::collect(&cwd, lb)?;
+            let inputs = crate::inputs::Collected {
+                steps: Vec::new(),
+                blobs,
+            };
+            (inputs, Some(req))
+        }
+    };
     let client = ctx.client().await?;
     let uploaded_bytes = send_inputs(&client, &inputs, &ctx.global).await?;
     let req = PrepareRequest {
         steps: inputs.steps,
         create_instance: true,
+        engine: taidon_api::EngineRequest {
+            version: p.engine.version.clone(),
+            settings: p.engine.settings.clone(),
+        },
+        liquibase,
     };
     let prepared = stream_prepare(&client, &req, &ctx.global).await?;
     let instance = prepared.instance;
@@ -529,6 +545,7 @@ async fn warmup(ctx: &Ctx, w: crate::args::Warmup) -> Result<i32, Error> {
         state: w.id.clone(),
         steps,
         hot: w.hot,
+        engine: Default::default(),
     };
     let events = client.warmup(&req).await?;
     let PrepareEvent::Done {

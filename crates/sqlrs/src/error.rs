@@ -22,6 +22,9 @@ pub(crate) enum Error {
     /// The inputs cannot be read, hashed or resolved.
     #[error(transparent)]
     Input(#[from] crate::inputs::InputError),
+    /// A changelog's closure cannot be read.
+    #[error(transparent)]
+    Changelog(#[from] taidon_core::changelog::ChangelogError),
     /// The controller said no.
     #[error(transparent)]
     Api(ApiError),
@@ -51,7 +54,11 @@ impl Error {
     /// The process exit code for this failure.
     pub(crate) fn exit_code(&self) -> i32 {
         match self {
-            Error::Usage(_) | Error::Prefix(_) | Error::Input(_) | Error::Remote(_) => 2,
+            Error::Usage(_)
+            | Error::Prefix(_)
+            | Error::Input(_)
+            | Error::Remote(_)
+            | Error::Changelog(_) => 2,
             Error::Api(api) => api.kind.exit_code(),
             Error::Run(e) => e.exit_code(),
             // A reader that went away (`sqlrs ls | head`) is not a failure.

@@ -3,6 +3,7 @@
 #![deny(clippy::todo, clippy::dbg_macro)]
 
 mod args;
+mod changelog;
 mod cli;
 mod client;
 mod commands;

@@ -156,6 +156,26 @@ pub(crate) fn status(s: &Status) -> String {
         ("gateway", s.gateway.clone()),
         ("engine", s.engine_version.clone()),
         ("engine bin dir", s.engine_bin_dir.display().to_string()),
+        (
+            "engines",
+            if s.engines.is_empty() {
+                "-".to_owned()
+            } else {
+                s.engines
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{}.{}{} ({})",
+                            e.major,
+                            e.minor,
+                            if e.default { " default" } else { "" },
+                            e.bin_dir.display()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ),
         ("clone strategy", s.clone_strategy.to_string()),
         ("store", s.store_path.display().to_string()),
         (
@@ -355,6 +375,7 @@ ID                STATE         STATUS   OWNER  CREATED
             max_instances: 16,
             standby_instances: 0,
             remote: None,
+            engines: Vec::new(),
         };
         let out = status(&s);
         assert!(out.starts_with("daemon pid:        42\n"), "{out}");

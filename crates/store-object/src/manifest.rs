@@ -147,6 +147,7 @@ mod tests {
                     major: 16,
                     minor: 4,
                     initdb: InitdbOptions::default(),
+                    settings: Default::default(),
                 },
                 size_bytes: 3,
                 checksum: "sha256:00".to_owned(),

@@ -140,6 +140,7 @@ fn seal(dir: &Path, id: u8, parent: Option<u8>) -> StateId {
             major: 16,
             minor: 4,
             initdb: InitdbOptions::default(),
+            settings: Default::default(),
         },
         size_bytes: digest.size_bytes,
         checksum: digest.checksum,

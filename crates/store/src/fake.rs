@@ -100,6 +100,7 @@ pub fn fake_engine() -> EngineFingerprint {
         major: 15,
         minor: 0,
         initdb: InitdbOptions::default(),
+        settings: Default::default(),
     }
 }
 

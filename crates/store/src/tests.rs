@@ -41,6 +41,7 @@ fn meta(parent: Option<StateId>) -> PublishMeta {
             major: 15,
             minor: 18,
             initdb: InitdbOptions::default(),
+            settings: Default::default(),
         },
         build_cost_ms: 1234,
     }

@@ -94,7 +94,7 @@ pub(crate) struct RunnerArgs {
     #[arg(long, env = "TAIDON_BUCKET_REGION", default_value = "us-east-1")]
     bucket_region: String,
     /// Directory holding initdb and postgres (discovered when absent).
-    #[arg(long, env = "TAIDON_PG_BIN")]
+    #[arg(long)]
     pg_bin: Option<PathBuf>,
 }
 

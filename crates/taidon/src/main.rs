@@ -106,7 +106,7 @@ pub(crate) struct HomeArgs {
     #[arg(long, env = "SQLRS_HOME")]
     home: PathBuf,
     /// Directory holding initdb and postgres (discovered when absent).
-    #[arg(long, env = "TAIDON_PG_BIN")]
+    #[arg(long)]
     pg_bin: Option<PathBuf>,
     /// Address of the HTTP API. Off loopback it speaks TLS (a loopback port with plain HTTP
     /// stays open for the local CLI).

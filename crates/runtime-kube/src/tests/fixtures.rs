@@ -38,6 +38,7 @@ pub(crate) fn engine() -> Engine {
             major: 17,
             minor: 5,
             initdb: InitdbOptions::default(),
+            settings: Default::default(),
         },
         version_line: "postgres (PostgreSQL) 17.5".into(),
     }

@@ -124,7 +124,8 @@ async fn builds_create_their_golden_pods() {
             built.expect("a build server");
         } else {
             let area = DataArea::named(format!("pod:{name}:{state}:initdb"));
-            let (made, ()) = tokio::join!(within(runtime.init_data(&area)), kubelet);
+            let (made, ()) =
+                tokio::join!(within(runtime.init_data(&area, runtime.engine())), kubelet);
             made.expect("initdb");
         }
     }

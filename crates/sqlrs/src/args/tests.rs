@@ -63,7 +63,7 @@ fn the_first_example_is_a_prepare_with_a_psql_run_stage() {
     let Command::Prepare(p) = cli.command else {
         panic!("{cli:?}")
     };
-    assert_eq!(p.psql.inputs, [file("schema.sql"), file("seed.sql")]);
+    assert_eq!(p.psql().inputs, [file("schema.sql"), file("seed.sql")]);
     assert!(!p.keep);
     assert_eq!(
         p.run,
@@ -100,7 +100,7 @@ fn plain_run_stage_runs_any_command_with_all_its_arguments() {
 #[test]
 fn prepare_without_kind_or_run_stage_is_psql_only() {
     let p = prep(&["prepare", "--", "-f", "schema.sql"]);
-    assert_eq!(p.psql.inputs, [file("schema.sql")]);
+    assert_eq!(p.psql().inputs, [file("schema.sql")]);
     assert_eq!(p.run, None);
     assert_eq!(
         prep(&["prepare", "--", "-f", "schema.sql"]),
@@ -129,7 +129,7 @@ fn every_file_and_command_form_is_one_step_in_order() {
         "e.sql",
     ]);
     assert_eq!(
-        p.psql.inputs,
+        p.psql().inputs,
         [
             file("a.sql"),
             file("b.sql"),
@@ -142,8 +142,8 @@ fn every_file_and_command_form_is_one_step_in_order() {
             file("e.sql"),
         ]
     );
-    assert!(p.psql.variables.is_empty());
-    assert!(!p.psql.single_transaction);
+    assert!(p.psql().variables.is_empty());
+    assert!(!p.psql().single_transaction);
 }
 
 #[test]
@@ -164,9 +164,9 @@ fn variables_and_single_transaction_apply_to_all_steps() {
         "--variable=a=last",
         "-1",
     ]);
-    assert_eq!(p.psql.inputs, [file("x.sql")]);
+    assert_eq!(p.psql().inputs, [file("x.sql")]);
     let vars: Vec<(&str, &str)> = p
-        .psql
+        .psql()
         .variables
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -181,10 +181,10 @@ fn variables_and_single_transaction_apply_to_all_steps() {
             ("e", "")
         ]
     );
-    assert!(p.psql.single_transaction);
+    assert!(p.psql().single_transaction);
     assert!(
         prep(&["prepare", "--", "--single-transaction", "-c", "x"])
-            .psql
+            .psql()
             .single_transaction
     );
 }
@@ -192,8 +192,8 @@ fn variables_and_single_transaction_apply_to_all_steps() {
 #[test]
 fn short_options_cluster_like_getopt() {
     let p = prep(&["prepare", "--", "-1f", "x.sql", "-1cselect 1"]);
-    assert!(p.psql.single_transaction);
-    assert_eq!(p.psql.inputs, [file("x.sql"), cmd("select 1")]);
+    assert!(p.psql().single_transaction);
+    assert_eq!(p.psql().inputs, [file("x.sql"), cmd("select 1")]);
 }
 
 #[test]
@@ -202,10 +202,10 @@ fn values_are_values_even_when_they_look_like_a_stage_or_an_option() {
         "prepare", "--", "-c", "run", "-c", "run:psql", "-f", "--", "-c", "-1", "-v", "x=run",
     ]);
     assert_eq!(
-        p.psql.inputs,
+        p.psql().inputs,
         [cmd("run"), cmd("run:psql"), file("--"), cmd("-1")]
     );
-    assert!(!p.psql.single_transaction);
+    assert!(!p.psql().single_transaction);
     assert_eq!(p.run, None);
 }
 
@@ -332,12 +332,12 @@ fn the_separator_after_prepare_is_optional() {
     let Command::Prepare(p) = cli.command else {
         panic!()
     };
-    assert_eq!(p.psql.variables.get("x").map(String::as_str), Some("1"));
-    assert_eq!(p.psql.inputs, [file("a.sql")]);
+    assert_eq!(p.psql().variables.get("x").map(String::as_str), Some("1"));
+    assert_eq!(p.psql().inputs, [file("a.sql")]);
     let p = prep(&["prepare", "--keep", "--json", "-1", "-f", "a.sql"]);
-    assert!(p.keep && p.psql.single_transaction);
+    assert!(p.keep && p.psql().single_transaction);
     // stdin is a script too.
-    assert_eq!(prep(&["prepare", "-f", "-"]).psql.inputs, [file("-")]);
+    assert_eq!(prep(&["prepare", "-f", "-"]).psql().inputs, [file("-")]);
     let w = ok(&["warmup", "--hot", "prepare:psql", "-f", "a.sql"]);
     let Command::Warmup(w) = w.command else {
         panic!()
@@ -353,7 +353,7 @@ fn psql_v_after_the_separator_is_a_variable_not_verbosity() {
     let Command::Prepare(p) = cli.command else {
         panic!()
     };
-    assert_eq!(p.psql.variables.get("x").map(String::as_str), Some("1"));
+    assert_eq!(p.psql().variables.get("x").map(String::as_str), Some("1"));
 }
 
 #[test]

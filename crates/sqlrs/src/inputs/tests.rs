@@ -38,7 +38,9 @@ impl Tree {
 }
 
 fn file_input(step: &Step) -> (&str, &str, &str, &[Included]) {
-    let Step::Psql(p) = step;
+    let Step::Psql(p) = step else {
+        panic!("not psql")
+    };
     match &p.input {
         PsqlInput::File {
             path,
@@ -82,7 +84,9 @@ fn a_closure_follows_psqls_rules_for_relative_paths() {
     assert!(includes.is_empty());
     // Every distinct content is one blob.
     assert_eq!(got.blobs.len(), 5);
-    let Step::Psql(p) = &got.steps[0];
+    let Step::Psql(p) = &got.steps[0] else {
+        panic!("not psql")
+    };
     let files = p.input.files();
     assert_eq!(files[0].0, "app/db/main.sql");
 }
@@ -96,6 +100,7 @@ fn editing_an_included_file_changes_the_state() {
             major: 15,
             minor: 18,
             initdb: taidon_core::InitdbOptions::default(),
+            settings: Default::default(),
         };
         taidon_core::plan::chain(&engine, &got.steps).head()
     };
