@@ -14,6 +14,7 @@ pub mod include;
 pub mod plan;
 pub mod policy;
 pub mod prefix;
+pub mod project;
 pub mod store;
 pub mod token;
 
