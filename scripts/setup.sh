@@ -10,6 +10,8 @@ command -v mkfs.btrfs >/dev/null 2>&1 || need+=(btrfs-progs)
 # The completion tests source the generated scripts in real shells.
 command -v fish >/dev/null 2>&1 || need+=(fish)
 command -v zsh >/dev/null 2>&1 || need+=(zsh)
+# prepare:cmd's tests run Sqitch (with its PostgreSQL driver).
+command -v sqitch >/dev/null 2>&1 || need+=(sqitch libdbd-pg-perl)
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -24,6 +26,13 @@ if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import psycopg' >/dev/nul
   echo "setup: installing psycopg" >&2
   python3 -m pip install -q "psycopg[binary]" >/dev/null 2>&1 \
     || python3 -m pip install -q --break-system-packages "psycopg[binary]" >/dev/null
+fi
+# prepare:cmd's tests run Alembic (SQLAlchemy over psycopg).
+if command -v python3 >/dev/null 2>&1 && ! command -v alembic >/dev/null 2>&1; then
+  echo "setup: installing alembic" >&2
+  python3 -m pip install -q alembic sqlalchemy >/dev/null 2>&1 \
+    || python3 -m pip install -q --break-system-packages alembic sqlalchemy >/dev/null
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash 2>/dev/null || true; fi
 fi
 # The object-storage tier's tests run against moto's S3 server.
 if command -v python3 >/dev/null 2>&1 && ! command -v moto_server >/dev/null 2>&1; then

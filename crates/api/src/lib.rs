@@ -29,6 +29,7 @@
 //! | `GET /v1/events?state=ID` | | `Vec<`[`EventInfo`]`>` |
 //! | `POST /v1/webhook` | a GitHub event, `X-Hub-Signature-256` | `{...}` (no bearer token) |
 //! | `GET /v1/keys` | | [`PublicKeys`] |
+//! | `POST /v1/builds/{build}/done` | [`CommandDone`] | `{}` |
 //!
 //! Errors answer with a 4xx or 5xx status and an [`ApiError`] body: 401 for a missing, wrong,
 //! expired or revoked token, 403 for a token that may not do what it asks (see [`TokenRole`]).
@@ -252,6 +253,9 @@ pub struct StateInfo {
     /// Where its snapshot is: `local`, `remote`, `local+remote`, or `-` (none).
     #[serde(default)]
     pub location: String,
+    /// Made by a command a client ran (`prepare:cmd`): only a client can rebuild it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub client_only: bool,
 }
 
 /// Why a state is pinned.
@@ -497,6 +501,18 @@ pub enum PrepareEvent {
         done_bytes: u64,
         total_bytes: u64,
     },
+    /// Step `index` is a command the client runs itself (`prepare:cmd`), where its inputs
+    /// are: against `dsn` (the build server, through the gateway, with a token for this build
+    /// only), then it reports with `POST /v1/builds/{build}/done`. Nothing more comes until then.
+    RunCommand {
+        index: usize,
+        total: usize,
+        label: String,
+        state_id: StateId,
+        build: InstanceId,
+        argv: Vec<String>,
+        dsn: String,
+    },
     /// Step `index` finished and its snapshot is published.
     StepDone {
         index: usize,
@@ -517,6 +533,16 @@ pub enum PrepareEvent {
     Failed {
         error: ApiError,
     },
+}
+
+/// `POST /v1/builds/{build}/done`: how the client's command for a build ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandDone {
+    /// The command's exit code (`-1` when it could not start or was killed).
+    pub exit_code: i32,
+    /// What it printed (the end of it), shown when it failed.
+    #[serde(default)]
+    pub output: String,
 }
 
 /// `POST /v1/instances`.

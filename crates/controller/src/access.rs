@@ -226,12 +226,15 @@ impl Controller {
                             }
                         }
                         None => {
+                            if let Some(target) = self.client_build_target(&iid, &req.state_id) {
+                                return ResolveResponse::Ready(target);
+                            }
                             return match self.wake(iid, req.state_id) {
                                 Woken::Starting => ResolveResponse::Starting {
                                     retry_after_ms: STARTING_RETRY_MS,
                                 },
                                 Woken::Failed | Woken::Nothing => ResolveResponse::Missing,
-                            }
+                            };
                         }
                     }
                 };

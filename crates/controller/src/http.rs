@@ -59,6 +59,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/pins", post(pin))
         .route("/v1/unpin", post(unpin))
         .route("/v1/events", get(events))
+        .route("/v1/builds/{build}/done", post(command_done))
         .route_layer(middleware::from_fn_with_state(USERS, require_role));
     let gateways = Router::new()
         .route("/v1/resolve", post(resolve))
@@ -175,6 +176,20 @@ async fn prepare(
         }
     });
     ndjson(out_rx)
+}
+
+/// The client's command for a build ended. The build id, random and sent only to the client
+/// that started the prepare, is the capability.
+async fn command_done(
+    State(ctl): Ctl,
+    axum::extract::Path(build): axum::extract::Path<String>,
+    Json(done): Json<taidon_api::CommandDone>,
+) -> Result<Response, ControllerError> {
+    let build: taidon_core::InstanceId = build
+        .parse()
+        .map_err(|_| ControllerError::BadInput(format!("{build:?} is not a build id")))?;
+    ctl.command_done(build, done)?;
+    Ok(Json(serde_json::json!({})).into_response())
 }
 
 async fn blobs_missing(

@@ -156,6 +156,9 @@ pub struct Controller {
     /// One lock per state being built (or removed, or evicted): two prepares of one missing
     /// state build it once.
     building: keyed::KeyedLocks<StateId>,
+    /// Build servers opened to a client running a step's command, by build id: what Resolve
+    /// hands the gateway for the build's token, and where the client's report goes.
+    client_builds: std::sync::Mutex<HashMap<taidon_core::InstanceId, prepare::ClientBuild>>,
     /// Idle instances, eviction, the standby pool, pins.
     lifecycle: lifecycle::Lifecycle,
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -291,6 +294,7 @@ impl Controller {
             api_url: RwLock::new(String::new()),
             live: RwLock::new(HashMap::new()),
             building: keyed::KeyedLocks::default(),
+            client_builds: Default::default(),
             lifecycle: lifecycle::Lifecycle::new(lifecycle_config, webhook_secret),
             shutdown,
             tasks: tokio::runtime::Handle::current(),
@@ -582,6 +586,9 @@ impl Controller {
                         in_bucket.contains(&r.state_id),
                     )
                     .to_owned(),
+                    client_only: r.parent.is_some()
+                        && serde_json::from_str::<taidon_core::Step>(&r.inputs_fingerprint)
+                            .is_ok_and(|s| s.client_only()),
                 }
             })
             .collect())

@@ -807,6 +807,7 @@ impl Controller {
             return true; // initdb
         }
         match serde_json::from_str::<Step>(&row.inputs_fingerprint) {
+            Ok(step) if step.client_only() => false,
             Ok(step) => step
                 .files()
                 .iter()
@@ -836,6 +837,15 @@ impl Controller {
                     row.state_id.short()
                 ))
             })?;
+            if step.client_only() {
+                return Err(ControllerError::NotFound(format!(
+                    "state {} cannot be rebuilt here: step {} ({}) is a command a client ran \
+                     (prepare:cmd), and only a client holds its inputs; run its prepare again",
+                    id.short(),
+                    row.state_id.short(),
+                    step.label()
+                )));
+            }
             for (path, sha256) in step.files() {
                 if !self.blobs.contains(sha256) {
                     return Err(ControllerError::NotFound(format!(

@@ -4,15 +4,18 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use taidon_api::{EngineRequest, LiquibaseRequest, PrepareEvent, PrepareRequest, StateStatus};
+use taidon_api::{
+    CommandDone, EngineRequest, LiquibaseRequest, PrepareEvent, PrepareRequest, StateStatus,
+};
+use taidon_core::plan::CommandStep;
 use taidon_core::plan::{chain, Chain};
 use taidon_core::{EngineFingerprint, LiquibaseStep, StateId, Step};
 use taidon_runtime::liquibase::{Liquibase, LiquibaseError};
-use taidon_runtime::{lay_out_step, BoxFuture, RuntimeError, StepInputs};
+use taidon_runtime::{lay_out_step, BoxFuture, RuntimeError, StepError, StepInputs};
 use taidon_store::{Build, PublishMeta};
 use tokio::sync::mpsc;
 
-use crate::{now_ms, Controller, ControllerError};
+use crate::{lock, now_ms, Controller, ControllerError};
 
 /// Where progress events go. A closed receiver (the client left) does not stop a build: its
 /// result is cached for the next prepare.
@@ -288,7 +291,13 @@ impl Controller {
                     ),
                 )
             })?;
-        let applied = server.apply(step, &self.blobs).await;
+        let applied = match step {
+            Step::Command(cmd) => {
+                self.run_on_client(cmd, index, total, &label, id, server.as_ref(), events)
+                    .await
+            }
+            _ => server.apply(step, &self.blobs).await.map(drop),
+        };
         // Stop cleanly either way: a fast shutdown writes a checkpoint, so the published data
         // needs no recovery when an instance starts from it.
         let stopped = server.stop().await;
@@ -541,6 +550,130 @@ impl Controller {
                 })
             })
             .collect())
+    }
+}
+
+/// A build server opened to the client that runs its step's command.
+pub(crate) struct ClientBuild {
+    state: StateId,
+    target: taidon_api::Target,
+    done: Option<tokio::sync::oneshot::Sender<CommandDone>>,
+}
+
+/// How long a client's command may run before its build is given up.
+const CLIENT_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
+impl Controller {
+    /// Step `index` is `cmd`, which the client runs: the build server is opened to it through
+    /// the gateway with a token for this build only, and the step ends when the client says
+    /// how its command ended (or leaves, or takes longer than the timeout).
+    #[allow(clippy::too_many_arguments)]
+    async fn run_on_client(
+        &self,
+        cmd: &CommandStep,
+        index: usize,
+        total: usize,
+        label: &str,
+        id: StateId,
+        server: &dyn taidon_runtime::BuildServer,
+        events: &Events,
+    ) -> Result<(), StepError> {
+        let (endpoint, password) = server
+            .open_to_client()
+            .await
+            .map_err(|e| StepError::setup(format!("cannot open the build server: {e}")))?;
+        let build = taidon_core::InstanceId::from_bytes(rand::random());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.client_builds).insert(
+            build,
+            ClientBuild {
+                state: id,
+                target: taidon_api::Target {
+                    instance_id: build,
+                    host: endpoint.host,
+                    port: endpoint.port,
+                    user: crate::instances::INSTANCE_USER.into(),
+                    password,
+                },
+                done: Some(tx),
+            },
+        );
+        let outcome = async {
+            let keys = self.keys.get();
+            let now_s = now_ms() / 1000;
+            let mut claims = keys.claims_for(
+                id,
+                taidon_core::token::Scope::Rw,
+                now_s,
+                CLIENT_COMMAND_TIMEOUT.as_secs(),
+            );
+            claims.iid = Some(build);
+            let token = keys
+                .sign(&claims)
+                .map_err(|e| StepError::setup(format!("cannot sign a build token: {e}")))?;
+            send(
+                events,
+                PrepareEvent::RunCommand {
+                    index,
+                    total,
+                    label: label.to_owned(),
+                    state_id: id,
+                    build,
+                    argv: cmd.argv.clone(),
+                    dsn: self.dsn_for(&token),
+                },
+            );
+            let done = tokio::select! {
+                done = rx => done.map_err(|_| StepError::setup("the build was abandoned".into()))?,
+                () = events.closed() => {
+                    return Err(StepError::setup("the client left before its command ended".into()))
+                }
+                () = tokio::time::sleep(CLIENT_COMMAND_TIMEOUT) => {
+                    return Err(StepError::setup("the client's command did not end in time".into()))
+                }
+            };
+            if done.exit_code != 0 {
+                return Err(StepError {
+                    message: format!("`{}` exited with {}", cmd.argv.join(" "), done.exit_code),
+                    output: done.output,
+                    exit_code: Some(done.exit_code),
+                });
+            }
+            Ok(())
+        }
+        .await;
+        lock(&self.client_builds).remove(&build);
+        let closed = server.close_to_client().await;
+        outcome?;
+        closed.map_err(|e| StepError::setup(format!("cannot close the build server: {e}")))
+    }
+
+    /// The client's report on its command for `build`.
+    pub fn command_done(
+        &self,
+        build: taidon_core::InstanceId,
+        done: CommandDone,
+    ) -> Result<(), ControllerError> {
+        let tx = lock(&self.client_builds)
+            .get_mut(&build)
+            .and_then(|b| b.done.take())
+            .ok_or_else(|| {
+                ControllerError::NotFound(format!("no build {build} waits for a command"))
+            })?;
+        let _ = tx.send(done);
+        Ok(())
+    }
+
+    /// Where the gateway reaches the build server of `build`, for a token of that build.
+    pub(crate) fn client_build_target(
+        &self,
+        build: &taidon_core::InstanceId,
+        state: &StateId,
+    ) -> Option<taidon_api::Target> {
+        lock(&self.client_builds)
+            .get(build)
+            .filter(|b| b.state == *state)
+            .map(|b| b.target.clone())
     }
 }
 

@@ -28,6 +28,11 @@
 //! in the order given. The closure's files are not fields: the checksum covers what the
 //! changeset runs.
 //!
+//! The fields of a **command** state (`prepare:cmd`), in this order: `parent`, `kind=command`,
+//! one `param.argv` per word of the command line, then for each declared input file, in the
+//! order given, `input.path` (relative to the working directory: a migration tool reads
+//! names) and `input.sha256`.
+//!
 //! Paths, modification times, the machine and the checkout never enter the record, so equal
 //! inputs give equal ids anywhere. The length prefix makes the encoding injective: no value can
 //! forge a field boundary. Changing any of this changes every id; bump `v1` when you do.
@@ -96,6 +101,20 @@ pub fn base_state_id(engine: &EngineFingerprint) -> StateId {
 /// The id of the state that `step` makes from `parent`.
 pub fn step_state_id(parent: &StateId, step: &Step) -> StateId {
     match step {
+        Step::Command(c) => {
+            let mut rec = Record::new()
+                .field("parent", &parent.to_string())
+                .field("kind", "command");
+            for word in &c.argv {
+                rec = rec.field("param.argv", word);
+            }
+            for input in &c.inputs {
+                rec = rec
+                    .field("input.path", &input.path)
+                    .field("input.sha256", &input.sha256);
+            }
+            rec.id()
+        }
         Step::Liquibase(lb) => {
             let mut rec = Record::new()
                 .field("parent", &parent.to_string())
@@ -240,6 +259,39 @@ mod tests {
             cs("2", "9:aa", &[], &[]),
             cs("1", "9:bb", &[], &[]),
             cs("1", "9:aa", &[], &["--contexts=test"]),
+        ] {
+            assert_ne!(step_state_id(&base, &other), one);
+        }
+    }
+
+    #[test]
+    fn a_command_is_its_words_and_its_inputs_names_and_contents() {
+        let base = base_state_id(&pg15());
+        let cmd = |argv: &[&str], inputs: &[(&str, &str)]| {
+            Step::Command(crate::plan::CommandStep {
+                argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+                inputs: inputs
+                    .iter()
+                    .map(|(p, c)| crate::plan::Included {
+                        path: (*p).into(),
+                        sha256: content_sha256(c.as_bytes()),
+                    })
+                    .collect(),
+            })
+        };
+        let one = step_state_id(&base, &cmd(&["dbmate", "up"], &[("db/1.sql", "a")]));
+        // Computed apart: printf 'taidon.state.v1\nparent:64:%s\nkind:7:command\n
+        // param.argv:6:dbmate\nparam.argv:2:up\ninput.path:8:db/1.sql\ninput.sha256:64:%s\n'
+        // "$base" "$(printf a | sha256sum | cut -c1-64)" | sha256sum
+        assert_eq!(
+            one.to_string(),
+            "7de5d8879dfd46ab7af0b8b4b2c46cd88e320fbbe50b0a7840ae03d570d78074"
+        );
+        for other in [
+            cmd(&["dbmate", "up"], &[("db/2.sql", "a")]),
+            cmd(&["dbmate", "up"], &[("db/1.sql", "b")]),
+            cmd(&["dbmate", "migrate"], &[("db/1.sql", "a")]),
+            cmd(&["dbmate up"], &[("db/1.sql", "a")]),
         ] {
             assert_ne!(step_state_id(&base, &other), one);
         }

@@ -116,20 +116,42 @@ impl LiquibaseStep {
     }
 }
 
-/// One prepare step: a psql invocation, or one changeset of a migration tool.
+/// Any migration tool as one step (`prepare:cmd`): a command the client runs where its inputs
+/// are, against the build server, with `DATABASE_URL` and the `PG*` variables set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandStep {
+    /// The program and its arguments, as given.
+    pub argv: Vec<String>,
+    /// The declared inputs: every file, with its path relative to the working directory the
+    /// command runs in, in a stable order (directories walked, globs expanded, sorted). They
+    /// stay on the client: only their hashes travel.
+    #[serde(default)]
+    pub inputs: Vec<Included>,
+}
+
+/// One prepare step: a psql invocation, one changeset of Liquibase, or a command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Step {
     Psql(PsqlStep),
     Liquibase(LiquibaseStep),
+    Command(CommandStep),
 }
 
 impl Step {
+    /// Whether only a client can run the step (a command, whose files the controller never
+    /// holds): such a state cannot be rebuilt from the controller's records alone.
+    pub fn client_only(&self) -> bool {
+        matches!(self, Step::Command(_))
+    }
+
     /// Every input file the step needs laid out, as (path relative to the closure's root,
     /// sha256).
     pub fn files(&self) -> Vec<(String, &str)> {
         match self {
             Step::Psql(p) => p.input.files(),
+            // The client runs it where its files are: nothing is laid out.
+            Step::Command(_) => Vec::new(),
             Step::Liquibase(l) => l
                 .files
                 .iter()
@@ -146,6 +168,22 @@ impl Step {
                 ..
             }) => path.strip_prefix("./").unwrap_or(path).to_owned(),
             Step::Liquibase(l) => l.name(),
+            Step::Command(c) => {
+                // The program by its name, not its path.
+                let mut words = c.argv.iter().map(String::as_str);
+                let program = words.next().map(|p| p.rsplit('/').next().unwrap_or(p));
+                let line = program
+                    .into_iter()
+                    .chain(words)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                if line.chars().count() > 40 {
+                    let cut: String = line.chars().take(37).collect();
+                    format!("cmd: {cut}...")
+                } else {
+                    format!("cmd: {line}")
+                }
+            }
             Step::Psql(PsqlStep {
                 input: PsqlInput::Command { sql },
                 ..

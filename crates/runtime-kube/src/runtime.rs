@@ -341,6 +341,20 @@ impl BuildServer for PodBuild {
         })
     }
 
+    fn open_to_client(&self) -> BoxFuture<'_, Result<(Endpoint, String), RuntimeError>> {
+        Box::pin(async move {
+            Err(RuntimeError::Remote {
+                what: format!("pod {}", self.pod),
+                detail: "the Kubernetes runtime does not run client commands (prepare:cmd) yet"
+                    .into(),
+            })
+        })
+    }
+
+    fn close_to_client(&self) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Stops postgres cleanly; the pod stays until the store publishes its data.
     fn stop(self: Box<Self>) -> BoxFuture<'static, Result<(), RuntimeError>> {
         Box::pin(async move {

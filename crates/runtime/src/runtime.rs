@@ -138,6 +138,11 @@ pub trait BuildServer: Send + Sync + std::fmt::Debug {
         step: &'a Step,
         inputs: &'a dyn StepInputs,
     ) -> BoxFuture<'a, Result<StepOutput, StepError>>;
+    /// Opens the server to a client that runs a step's command itself (`prepare:cmd`):
+    /// where the gateway reaches it, and a fresh superuser password for the run.
+    fn open_to_client(&self) -> BoxFuture<'_, Result<(Endpoint, String), RuntimeError>>;
+    /// Closes it again: the password is removed, so none is published with the snapshot.
+    fn close_to_client(&self) -> BoxFuture<'_, Result<(), RuntimeError>>;
     /// Stops cleanly (a fast shutdown writes a checkpoint): the data is then ready to publish,
     /// and an instance started on a clone of it needs no recovery.
     fn stop(self: Box<Self>) -> BoxFuture<'static, Result<(), RuntimeError>>;
@@ -561,7 +566,7 @@ fn workdir_of(step: &Step) -> &str {
             taidon_core::PsqlInput::File { workdir, .. } => workdir,
             taidon_core::PsqlInput::Command { .. } => "",
         },
-        Step::Liquibase(_) => "",
+        Step::Liquibase(_) | Step::Command(_) => "",
     }
 }
 
@@ -580,8 +585,30 @@ impl BuildServer for LocalBuild {
                     crate::psql::run_psql_step(&self.engine, &self.server, psql, &cwd).await
                 }
                 Step::Liquibase(lb) => self.apply_changeset(lb, &cwd).await,
+                Step::Command(_) => Err(StepError::setup(format!(
+                    "{}: a command runs on the client, not in the build server",
+                    step.label()
+                ))),
             }
         })
+    }
+
+    fn open_to_client(&self) -> BoxFuture<'_, Result<(Endpoint, String), RuntimeError>> {
+        Box::pin(async move {
+            let password = format!("{:032x}", rand::random::<u128>());
+            self.server.set_password("postgres", &password).await?;
+            Ok((
+                Endpoint {
+                    host: self.server.host.clone(),
+                    port: self.server.port,
+                },
+                password,
+            ))
+        })
+    }
+
+    fn close_to_client(&self) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        Box::pin(self.server.execute("ALTER ROLE postgres PASSWORD NULL"))
     }
 
     fn stop(self: Box<Self>) -> BoxFuture<'static, Result<(), RuntimeError>> {

@@ -480,6 +480,23 @@ impl BuildServer for FakeBuild {
         })
     }
 
+    /// The fake's build is "open" at a loopback address nothing listens on.
+    fn open_to_client(&self) -> BoxFuture<'_, Result<(crate::Endpoint, String), RuntimeError>> {
+        Box::pin(async {
+            Ok((
+                crate::Endpoint {
+                    host: "127.0.0.1".into(),
+                    port: 9,
+                },
+                "fake-build-password".into(),
+            ))
+        })
+    }
+
+    fn close_to_client(&self) -> BoxFuture<'_, Result<(), RuntimeError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     fn stop(self: Box<Self>) -> BoxFuture<'static, Result<(), RuntimeError>> {
         Box::pin(async move {
             let mut fakes = locked(&self.shared);

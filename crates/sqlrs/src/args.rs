@@ -151,6 +151,14 @@ impl Prepare {
 pub(crate) enum PrepareWhat {
     Psql(PsqlArgs),
     Liquibase(LbArgs),
+    Command(CmdArgs),
+}
+
+/// `prepare:cmd --input PATH... -- COMMAND ARGS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CmdArgs {
+    pub(crate) inputs: Vec<String>,
+    pub(crate) argv: Vec<String>,
 }
 
 /// `--engine` and `--pg-setting`, checked.
@@ -232,6 +240,7 @@ fn help_hint(verb: &str) -> String {
 
 const PREPARE: &str = "prepare:psql";
 const PREPARE_LB: &str = "prepare:lb";
+const PREPARE_CMD: &str = "prepare:cmd";
 
 /// Parses the arguments after the program name.
 pub(crate) fn parse<I>(args: I) -> Result<Parsed, UsageError>
@@ -296,6 +305,47 @@ where
                 keep: a.keep,
                 engine: engine_args(a.engine, PREPARE_LB)?,
                 what: PrepareWhat::Liquibase(lb),
+                run,
+            })
+        }
+        Verb::PrepareCmd(a) => {
+            if !stages.separator || a.command.is_empty() {
+                return Err(UsageError::new(
+                    PREPARE_CMD,
+                    "prepare:cmd needs '--' and a command: sqlrs prepare:cmd --input DIR -- COMMAND ARGS",
+                ));
+            }
+            let mut argv = Vec::with_capacity(a.command.len());
+            for word in &a.command {
+                argv.push(
+                    word.to_str()
+                        .ok_or_else(|| {
+                            UsageError::new(
+                                PREPARE_CMD,
+                                format!("prepare:cmd: argument is not valid UTF-8: {word:?}"),
+                            )
+                        })?
+                        .to_owned(),
+                );
+            }
+            let run = match stages.run {
+                None => None,
+                Some(run) => {
+                    let run = match clap_parse(run, &stages.run_verb)? {
+                        Ok(parsed) => parsed,
+                        Err(print) => return Ok(Parsed::Print(print)),
+                    };
+                    global.merge(run.global);
+                    Some(run_stage(run.verb, true)?)
+                }
+            };
+            Command::Prepare(Prepare {
+                keep: a.keep,
+                engine: engine_args(a.engine, PREPARE_CMD)?,
+                what: PrepareWhat::Command(CmdArgs {
+                    inputs: a.inputs,
+                    argv,
+                }),
                 run,
             })
         }
@@ -594,7 +644,22 @@ fn split(args: &[OsString]) -> Result<Stages, UsageError> {
             stages.first = args;
             return Ok(stages);
         };
-        let end = if verb == PREPARE_LB {
+        let end = if verb == PREPARE_CMD {
+            // The command runs up to a run stage that looks like one: `run` followed by `--`
+            // or a run flag (`npm run migrate` stays whole).
+            let rest = &args[sep + 1..];
+            (1..rest.len())
+                .find(|&i| {
+                    let word = rest[i].to_str().unwrap_or_default();
+                    let next = rest.get(i + 1).and_then(|a| a.to_str()).unwrap_or_default();
+                    is_run_stage(word)
+                        && (next == "--"
+                            || next.starts_with("--keep")
+                            || next.starts_with("--instance")
+                            || next.is_empty() && word != "run")
+                })
+                .map_or(args.len(), |n| sep + 1 + n)
+        } else if verb == PREPARE_LB {
             // Liquibase's arguments run up to a run stage.
             args[sep + 1..]
                 .iter()

@@ -70,6 +70,24 @@ Examples:
   sqlrs prepare:lb --engine 16 -- update --changelog-file db/changelog.xml --contexts=test
   sqlrs prepare:lb -- update --changelog-file db/changelog.xml run -- pytest -q";
 
+const PREPARE_CMD_EXAMPLES: &str = "\
+The command (after '--') runs here, where its inputs are, against a build server of the
+state: through the gateway, with DATABASE_URL, PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE
+and the TLS settings in its environment, and a token good for this build only. Its exit code
+decides: 0 publishes the state, anything else publishes nothing and shows what it printed.
+
+The state's id covers the command line, the parent, and every --input: a file, a directory
+(walked), or a glob (*, ?, [..], **), by name and content. Only names and hashes leave this
+machine, so only a client can rebuild such a state (sqlrs ls marks it).
+
+A run stage starts at 'run' or 'run:KIND' followed by '--' (or its own flags), so that a
+command such as 'npm run migrate' stays whole.
+
+Examples:
+  sqlrs prepare:cmd --input alembic.ini --input migrations -- alembic upgrade head
+  sqlrs prepare:cmd --input db/migrations -- dbmate --no-dump-schema up
+  sqlrs prepare:cmd --input sqitch.plan --input deploy -- sqitch deploy db:pg: run -- pytest -q";
+
 const RUN_EXAMPLES: &str = "\
 The command gets DATABASE_URL, PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE (and the TLS
 settings of the DSN) in its environment. Stand-alone, run needs --instance; after a prepare
@@ -254,6 +272,13 @@ pub(crate) enum Verb {
         override_usage = "sqlrs prepare:lb [OPTIONS] -- update --changelog-file FILE [LIQUIBASE_ARGS]... [run[:KIND] [OPTIONS] [-- <ARGS>...]]"
     )]
     PrepareLb(PrepareLbArgs),
+    /// Build (or find) the state any migration tool makes, run here as one step
+    #[command(
+        name = "prepare:cmd",
+        after_help = PREPARE_CMD_EXAMPLES,
+        override_usage = "sqlrs prepare:cmd [OPTIONS] --input PATH... -- COMMAND [ARGS]... [run[:KIND] [OPTIONS] -- <ARGS>...]"
+    )]
+    PrepareCmd(PrepareCmdArgs),
     /// Run a command against an instance
     #[command(name = "run", after_help = RUN_EXAMPLES)]
     Run(RunArgs),
@@ -350,6 +375,22 @@ pub(crate) struct PrepareLbArgs {
     /// Liquibase arguments: update --changelog-file FILE [...] (see below)
     #[arg(last = true, value_name = "LIQUIBASE_ARGS")]
     pub(crate) lb: Vec<OsString>,
+}
+
+/// `prepare:cmd`.
+#[derive(Debug, Args)]
+pub(crate) struct PrepareCmdArgs {
+    /// Keep the instance after a run stage, even when the command succeeds
+    #[arg(long)]
+    pub(crate) keep: bool,
+    #[command(flatten)]
+    pub(crate) engine: EngineFlags,
+    /// A file, directory or glob the command reads: part of the state's identity (repeatable)
+    #[arg(long = "input", value_name = "PATH")]
+    pub(crate) inputs: Vec<String>,
+    /// The command and its arguments
+    #[arg(last = true, value_name = "COMMAND")]
+    pub(crate) command: Vec<OsString>,
 }
 
 /// `run`, `run:psql`, `run:pgbench`.

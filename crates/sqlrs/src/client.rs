@@ -404,6 +404,15 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/builds/{build}/done`: how the command of a `prepare:cmd` step ended.
+    pub(crate) async fn command_done(
+        &self,
+        build: &taidon_core::InstanceId,
+        done: &taidon_api::CommandDone,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.post(&format!("/builds/{build}/done"), done).await
+    }
+
     pub(crate) async fn remove_instance(
         &self,
         id: &str,

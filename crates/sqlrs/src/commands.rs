@@ -180,6 +180,19 @@ async fn prepare(ctx: &Ctx, p: Prepare) -> Result<i32, Error> {
             };
             (inputs, Some(req))
         }
+        PrepareWhat::Command(c) => {
+            let cwd = std::env::current_dir().map_err(Error::Cwd)?;
+            let inputs = crate::cmd_inputs::collect(&cwd, &c.inputs)?;
+            let step = taidon_core::Step::Command(taidon_core::plan::CommandStep {
+                argv: c.argv.clone(),
+                inputs,
+            });
+            let inputs = crate::inputs::Collected {
+                steps: vec![step],
+                blobs: Default::default(),
+            };
+            (inputs, None)
+        }
     };
     let client = ctx.client().await?;
     let uploaded_bytes = send_inputs(&client, &inputs, &ctx.global).await?;
@@ -243,7 +256,7 @@ async fn stream_prepare(
     global: &Global,
 ) -> Result<Prepared, Error> {
     let events = client.prepare(req).await?;
-    let done = follow(events, global).await?;
+    let done = follow(client, events, global).await?;
     let PrepareEvent::Done {
         state_id,
         cache_hit,
@@ -268,6 +281,7 @@ async fn stream_prepare(
 /// Shows a prepare's or a warmup's events as they come, up to its `Done` (returned) or its
 /// error.
 async fn follow(
+    client: &Client,
     mut events: crate::client::PrepareStream,
     global: &Global,
 ) -> Result<PrepareEvent, Error> {
@@ -288,9 +302,59 @@ async fn follow(
         progress.event(&event, Instant::now());
         match event {
             done @ PrepareEvent::Done { .. } => return Ok(done),
+            PrepareEvent::RunCommand {
+                build, argv, dsn, ..
+            } => {
+                let done = run_build_command(&argv, &dsn).await;
+                if global.verbose > 0 && !done.output.is_empty() {
+                    err(&done.output);
+                }
+                client.command_done(&build, &done).await?;
+            }
             PrepareEvent::Failed { error } => return Err(Error::Api(error)),
             _ => {}
         }
+    }
+}
+
+/// How many bytes of a build command's output go back to the controller (its end).
+const COMMAND_OUTPUT_KEPT: usize = 64 * 1024;
+
+/// Runs a `prepare:cmd` step's command here, against the build server at `dsn`: its output
+/// captured (the end of it reported), its exit code the verdict.
+async fn run_build_command(argv: &[String], dsn: &str) -> taidon_api::CommandDone {
+    let failed = |output: String| taidon_api::CommandDone {
+        exit_code: -1,
+        output,
+    };
+    let env = match run::child_env(dsn) {
+        Ok(env) => env,
+        Err(e) => return failed(e.to_string()),
+    };
+    let Some((program, args)) = argv.split_first() else {
+        return failed("no command".into());
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = match cmd.output().await {
+        Ok(out) => out,
+        Err(e) => return failed(format!("cannot run {program}: {e}")),
+    };
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    if text.len() > COMMAND_OUTPUT_KEPT {
+        let mut cut = text.len() - COMMAND_OUTPUT_KEPT;
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        text = format!("[... {cut} bytes]\n{}", &text[cut..]);
+    }
+    taidon_api::CommandDone {
+        exit_code: run::exit_code(out.status),
+        output: text,
     }
 }
 
@@ -552,7 +616,7 @@ async fn warmup(ctx: &Ctx, w: crate::args::Warmup) -> Result<i32, Error> {
         state_id,
         cache_hit,
         ..
-    } = follow(events, &ctx.global).await?
+    } = follow(&client, events, &ctx.global).await?
     else {
         return Err(ClientError::StreamEnded.into());
     };

@@ -25,6 +25,9 @@ pub(crate) enum Error {
     /// A changelog's closure cannot be read.
     #[error(transparent)]
     Changelog(#[from] taidon_core::changelog::ChangelogError),
+    /// A `prepare:cmd` input cannot be read.
+    #[error(transparent)]
+    CmdInput(#[from] crate::cmd_inputs::CmdInputError),
     /// The controller said no.
     #[error(transparent)]
     Api(ApiError),
@@ -58,7 +61,8 @@ impl Error {
             | Error::Prefix(_)
             | Error::Input(_)
             | Error::Remote(_)
-            | Error::Changelog(_) => 2,
+            | Error::Changelog(_)
+            | Error::CmdInput(_) => 2,
             Error::Api(api) => api.kind.exit_code(),
             Error::Run(e) => e.exit_code(),
             // A reader that went away (`sqlrs ls | head`) is not a failure.

@@ -6,6 +6,7 @@ mod args;
 mod changelog;
 mod cli;
 mod client;
+mod cmd_inputs;
 mod commands;
 mod complete;
 mod daemon;

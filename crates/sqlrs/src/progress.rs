@@ -104,6 +104,19 @@ fn line(event: &PrepareEvent, verbose: bool, tally: &Tally, now: Instant) -> Str
             }
         }
         PrepareEvent::Transfer { .. } => String::new(),
+        PrepareEvent::RunCommand {
+            index,
+            total,
+            label,
+            state_id,
+            ..
+        } => {
+            if verbose {
+                format!("sqlrs: step {index}/{total} {label}: running here (state {state_id})\n")
+            } else {
+                format!("sqlrs: step {index}/{total} {label}: running here\n")
+            }
+        }
         PrepareEvent::Downloading {
             index,
             state_id,
@@ -315,7 +328,8 @@ impl Bars {
         match event {
             PrepareEvent::Plan { .. }
             | PrepareEvent::Restoring { .. }
-            | PrepareEvent::Notice { .. } => self.println(plain),
+            | PrepareEvent::Notice { .. }
+            | PrepareEvent::RunCommand { .. } => self.println(plain),
             PrepareEvent::Downloading { state_id, .. } => {
                 self.end_activity();
                 let bar = self.spinner(

@@ -106,7 +106,12 @@ pub(crate) fn ls(states: &[StateInfo], instances: &[InstanceInfo], now_ms: u64) 
                     } else {
                         s.location.clone()
                     },
-                    s.label.clone(),
+                    // Only a client can rebuild it: say so where the step is named.
+                    if s.client_only {
+                        format!("{} (client replay)", s.label)
+                    } else {
+                        s.label.clone()
+                    },
                 ]
             })
             .collect();
@@ -323,6 +328,7 @@ mod tests {
             pin: Some("main:main".into()),
             status_reason: None,
             location: "local+remote".into(),
+            client_only: false,
         }
     }
 

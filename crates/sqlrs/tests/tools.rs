@@ -508,3 +508,198 @@ fn server_settings_apply_to_builds_and_instances_and_are_part_of_the_id() {
     assert!(r.stderr.contains("Taidon sets it"), "{}", r.describe());
     assert_eq!(env.ls()["states"].as_array().unwrap().len(), states_before);
 }
+
+fn dbmate() -> String {
+    required(tools().join(".bin/dbmate"))
+}
+
+/// A program on PATH, required (installed by scripts/setup.sh).
+fn on_path(name: &str) -> String {
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| panic!("{name} is missing: run scripts/setup.sh"))
+        .display()
+        .to_string()
+}
+
+const FILMS_UP: &str = "-- migrate:up\ncreate table film (id int primary key, title text);\n\
+                        insert into film values (1, 'one');\n-- migrate:down\ndrop table film;\n";
+
+#[test]
+fn dbmate_runs_here_as_one_step_through_the_gateway() {
+    let env = Env::new();
+    env.write("db/migrations/20240101000000_films.sql", FILMS_UP);
+    env.write("README.txt", "not an input");
+    let dbmate = dbmate();
+    let prepare = || {
+        vec![
+            "--json",
+            "prepare:cmd",
+            "--input",
+            "db/migrations",
+            "--",
+            dbmate.as_str(),
+            "--no-dump-schema",
+            "up",
+        ]
+    };
+    let first = env.ok(&prepare()).json();
+    assert_eq!(first["cache_hit"], false);
+    let dsn = first["dsn"].as_str().unwrap();
+    assert_eq!(query(&env, dsn, "select title from film"), "one");
+    assert_eq!(
+        query(&env, dsn, "select version from schema_migrations"),
+        "20240101000000"
+    );
+    let ls = env.ls();
+    let step = ls["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["state_id"] == first["state_id"])
+        .unwrap()
+        .clone();
+    assert_eq!(step["client_only"], true, "{ls:#}");
+    assert_eq!(step["label"], "cmd: dbmate --no-dump-schema up");
+    assert!(
+        env.ok(&["ls"]).stdout.contains("client"),
+        "{}",
+        env.ok(&["ls"]).stdout
+    );
+
+    // Unchanged inputs: cached, the command does not run (a file outside the inputs may
+    // change freely).
+    env.write("README.txt", "changed");
+    let again = env.ok(&prepare()).json();
+    assert_eq!(again["cache_hit"], true);
+    assert_eq!(again["state_id"], first["state_id"]);
+
+    // A new migration: a new state; a failing one: its output, exit 1, nothing published.
+    env.write(
+        "db/migrations/20240102000000_more.sql",
+        "-- migrate:up\ninsert into film values (2, 'two');\n-- migrate:down\n",
+    );
+    let second = env.ok(&prepare()).json();
+    assert_ne!(second["state_id"], first["state_id"]);
+    let published = env.ls()["states"].as_array().unwrap().len();
+    env.write(
+        "db/migrations/20240103000000_bad.sql",
+        "-- migrate:up\ninsert into nosuch values (1);\n-- migrate:down\n",
+    );
+    let r = env.fails(1, &prepare()[1..]);
+    assert!(
+        r.stderr.contains("exited with")
+            && r.stderr.contains("relation \"nosuch\" does not exist")
+            && r.stderr.contains("Applying: 20240103000000_bad.sql"),
+        "{}",
+        r.describe()
+    );
+    let states = env.ls()["states"].as_array().unwrap().clone();
+    assert_eq!(
+        states.iter().filter(|s| s["status"] != "FAILED").count(),
+        published,
+        "{states:#?}"
+    );
+    assert!(env.unpublished_snapshot_dirs().is_empty());
+
+    // Inputs that are not there: exit 2 before anything runs.
+    let r = env.fails(2, &["prepare:cmd", "--input", "nothere", "--", "true"]);
+    assert!(
+        r.stderr
+            .contains("--input nothere: no such file or directory"),
+        "{}",
+        r.describe()
+    );
+    let r = env.fails(2, &["prepare:cmd", "--input", "db/*.none", "--", "true"]);
+    assert!(r.stderr.contains("matches no file"), "{}", r.describe());
+}
+
+#[test]
+fn alembic_and_sqitch_run_here_as_one_step() {
+    let env = Env::new();
+    // Alembic: env.py takes the URL from DATABASE_URL, as projects do.
+    env.write(
+        "alembic.ini",
+        "[alembic]\nscript_location = migrations\n\n[loggers]\nkeys = root\n[handlers]\nkeys = console\n\
+         [formatters]\nkeys = generic\n[logger_root]\nlevel = WARN\nhandlers = console\n\
+         [handler_console]\nclass = StreamHandler\nargs = (sys.stderr,)\nformatter = generic\n\
+         [formatter_generic]\nformat = %(message)s\n",
+    );
+    env.write(
+        "migrations/env.py",
+        "import os\nfrom alembic import context\nfrom sqlalchemy import create_engine\n\
+         url = os.environ['DATABASE_URL'].replace('postgres://', 'postgresql+psycopg://', 1)\n\
+         engine = create_engine(url)\n\
+         with engine.connect() as conn:\n    context.configure(connection=conn, target_metadata=None)\n\
+         \x20   with context.begin_transaction():\n        context.run_migrations()\n",
+    );
+    env.write(
+        "migrations/script.py.mako",
+        "revision = ${repr(up_revision)}\ndown_revision = ${repr(down_revision)}\n",
+    );
+    env.write(
+        "migrations/versions/001_films.py",
+        "from alembic import op\nrevision = '001'\ndown_revision = None\n\
+         def upgrade():\n    op.execute(\"create table film (id int primary key, title text)\")\n\
+         \x20   op.execute(\"insert into film values (1, 'alembic')\")\n\
+         def downgrade():\n    op.execute('drop table film')\n",
+    );
+    let alembic = on_path("alembic");
+    let out = env
+        .ok(&[
+            "--json",
+            "prepare:cmd",
+            "--input",
+            "alembic.ini",
+            "--input",
+            "migrations/**/*.py",
+            "--",
+            alembic.as_str(),
+            "upgrade",
+            "head",
+        ])
+        .json();
+    let dsn = out["dsn"].as_str().unwrap();
+    assert_eq!(query(&env, dsn, "select title from film"), "alembic");
+    assert_eq!(
+        query(&env, dsn, "select version_num from alembic_version"),
+        "001"
+    );
+
+    // Sqitch, on the libpq variables the step gets (target db:pg:).
+    env.write(
+        "sq/sqitch.plan",
+        "%syntax-version=1.0.0\n%project=films\n\nfilms 2024-01-01T00:00:00Z Tester <t@example.com> # films\n",
+    );
+    env.write("sq/sqitch.conf", "[core]\n\tengine = pg\n");
+    env.write(
+        "sq/deploy/films.sql",
+        "BEGIN;\ncreate table film (id int primary key, title text);\ninsert into film values (1, 'sqitch');\nCOMMIT;\n",
+    );
+    env.write("sq/revert/films.sql", "BEGIN;\ndrop table film;\nCOMMIT;\n");
+    env.write("sq/verify/films.sql", "select id from film where false;\n");
+    let sqitch = on_path("sqitch");
+    let sq = env.work.join("sq").display().to_string();
+    let out = env
+        .ok(&[
+            "--json",
+            "prepare:cmd",
+            "--input",
+            "sq",
+            "--",
+            "sh",
+            "-c",
+            &format!("cd '{sq}' && SQITCH_USER_NAME=Tester SQITCH_USER_EMAIL=t@example.com '{sqitch}' deploy --verify db:pg:"),
+        ])
+        .json();
+    let dsn = out["dsn"].as_str().unwrap();
+    assert_eq!(query(&env, dsn, "select title from film"), "sqitch");
+    assert_eq!(
+        query(&env, dsn, "select change from sqitch.changes"),
+        "films"
+    );
+}
