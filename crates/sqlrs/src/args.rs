@@ -152,6 +152,8 @@ pub(crate) enum PrepareWhat {
     Psql(PsqlArgs),
     Liquibase(LbArgs),
     Command(CmdArgs),
+    /// A recipe of sqlrs.toml, by name: read once the file is found.
+    Recipe(String),
 }
 
 /// `prepare:cmd --input PATH... -- COMMAND ARGS`.
@@ -159,6 +161,54 @@ pub(crate) enum PrepareWhat {
 pub(crate) struct CmdArgs {
     pub(crate) inputs: Vec<String>,
     pub(crate) argv: Vec<String>,
+}
+
+/// What a recipe's `prepare = [KIND, ARGS...]` asks, parsed as the same words on the command
+/// line would be.
+pub(crate) fn recipe_what(kind: &str, args: &[String]) -> Result<PrepareWhat, UsageError> {
+    let os: Vec<OsString> = args.iter().map(OsString::from).collect();
+    match kind {
+        "psql" => Ok(PrepareWhat::Psql(psql_all(&os, PREPARE)?)),
+        "lb" => Ok(PrepareWhat::Liquibase(lb_args(&os)?)),
+        "cmd" => {
+            let mut inputs = Vec::new();
+            let mut it = args.iter();
+            let mut argv = Vec::new();
+            while let Some(word) = it.next() {
+                if word == "--" {
+                    argv = it.by_ref().cloned().collect();
+                    break;
+                }
+                match word.strip_prefix("--input") {
+                    Some("") => inputs.push(
+                        it.next()
+                            .cloned()
+                            .ok_or_else(|| UsageError::new(PREPARE_CMD, "--input needs a path"))?,
+                    ),
+                    Some(v) if v.starts_with('=') => inputs.push(v[1..].to_owned()),
+                    _ => {
+                        return Err(UsageError::new(
+                            PREPARE_CMD,
+                            format!(
+                                "a cmd recipe takes --input PATH ... -- COMMAND ARGS, got '{word}'"
+                            ),
+                        ))
+                    }
+                }
+            }
+            if argv.is_empty() {
+                return Err(UsageError::new(
+                    PREPARE_CMD,
+                    "a cmd recipe needs '--' and a command: [\"cmd\", \"--input\", \"db\", \"--\", \"dbmate\", \"up\"]",
+                ));
+            }
+            Ok(PrepareWhat::Command(CmdArgs { inputs, argv }))
+        }
+        other => Err(UsageError::new(
+            "prepare",
+            format!("unknown prepare kind '{other}' (psql, lb or cmd)"),
+        )),
+    }
 }
 
 /// `--engine` and `--pg-setting`, checked.
@@ -256,6 +306,25 @@ where
     let mut global = Global::default();
     global.merge(first.global);
     let command = match first.verb {
+        Verb::PreparePsql(a) if a.recipe.is_some() => {
+            let run = match stages.run {
+                None => None,
+                Some(run) => {
+                    let run = match clap_parse(run, &stages.run_verb)? {
+                        Ok(parsed) => parsed,
+                        Err(print) => return Ok(Parsed::Print(print)),
+                    };
+                    global.merge(run.global);
+                    Some(run_stage(run.verb, true)?)
+                }
+            };
+            Command::Prepare(Prepare {
+                keep: a.keep,
+                engine: engine_args(a.engine, "prepare")?,
+                what: PrepareWhat::Recipe(a.recipe.unwrap_or_default()),
+                run,
+            })
+        }
         Verb::PreparePsql(a) => {
             if !stages.separator {
                 return Err(UsageError::new(
@@ -617,6 +686,41 @@ fn split(args: &[OsString]) -> Result<Stages, UsageError> {
         verb: verb.to_owned(),
         ..Stages::default()
     };
+    if verb == "prepare" {
+        // `prepare RECIPE [run ...]`: a word where psql arguments would start names a recipe.
+        let mut at = v + 1;
+        let mut recipe = None;
+        while let Some(arg) = args.get(at).and_then(|a| a.to_str()) {
+            if arg == "--" || starts_psql(args, at) {
+                break;
+            }
+            if arg.starts_with('-') {
+                at += if takes.iter().any(|t| t == arg) { 2 } else { 1 };
+                continue;
+            }
+            recipe = Some(at);
+            break;
+        }
+        if let Some(r) = recipe {
+            let word = args[r].to_str().unwrap_or_default();
+            if !is_run_stage(word) {
+                stages.first = args[..=r].to_vec();
+                if r + 1 < args.len() {
+                    let next = args[r + 1].to_str().unwrap_or_default();
+                    if !is_run_stage(next) {
+                        return Err(UsageError::new(
+                            "prepare",
+                            format!("prepare {word} takes no more arguments, got '{next}' (a run stage starts with run or run:KIND)"),
+                        ));
+                    }
+                    check_kind(next, &cmd)?;
+                    stages.run_verb = next.to_owned();
+                    stages.run = Some(args[r + 1..].to_vec());
+                }
+                return Ok(stages);
+            }
+        }
+    }
     if is_prepare(verb) {
         // The verb's own flags end at `--` (or at the first psql argument: `--` is optional);
         // the psql arguments end at a run stage.

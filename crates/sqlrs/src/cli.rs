@@ -48,12 +48,19 @@ one, runs the command against it, then removes the instance if the command succe
 --engine and --pg-setting are part of the state's identity, as the steps are; without them,
 the [engine] section of sqlrs.toml (found by walking up from the working directory) applies.
 
+`sqlrs prepare NAME` builds the recipe NAME of sqlrs.toml, for example
+  [recipes.dev]
+  prepare = [\"psql\", \"-f\", \"schema.sql\", \"-f\", \"seed.sql\"]
+(the first word is the kind: psql, lb or cmd; paths are relative to the file's directory,
+where the recipe runs). Flags given here override the file's.
+
 Examples:
   sqlrs prepare:psql -- -f schema.sql -f seed.sql
   sqlrs prepare:psql -- -v schema=app -1 -f schema.sql -c 'analyze'
   sqlrs prepare:psql --keep -- -f schema.sql run:psql -- -c 'select 1'
   sqlrs prepare:psql --engine 16 --pg-setting max_prepared_transactions=10 -- -f schema.sql
-  sqlrs prepare -- -f schema.sql run -- pytest -q";
+  sqlrs prepare -- -f schema.sql run -- pytest -q
+  sqlrs prepare dev run -- pytest -q";
 
 const PREPARE_LB_EXAMPLES: &str = "\
 Liquibase arguments (after '--'): update --changelog-file FILE [--contexts=...] [--labels=...]
@@ -262,7 +269,8 @@ pub(crate) enum Verb {
         name = "prepare:psql",
         visible_alias = "prepare",
         after_help = PREPARE_PSQL_EXAMPLES,
-        override_usage = "sqlrs prepare:psql [OPTIONS] -- <PSQL_ARGS>... [run[:KIND] [OPTIONS] [-- <ARGS>...]]"
+        override_usage = "sqlrs prepare:psql [OPTIONS] -- <PSQL_ARGS>... [run[:KIND] [OPTIONS] [-- <ARGS>...]]\n       \
+                          sqlrs prepare [OPTIONS] RECIPE [run[:KIND] [OPTIONS] [-- <ARGS>...]]"
     )]
     PreparePsql(PrepareArgs),
     /// Build (or find) the state a Liquibase changelog makes, one checkpoint per changeset
@@ -347,6 +355,9 @@ pub(crate) struct PrepareArgs {
     pub(crate) keep: bool,
     #[command(flatten)]
     pub(crate) engine: EngineFlags,
+    /// A recipe of sqlrs.toml (`sqlrs prepare dev`), instead of psql arguments
+    #[arg(value_name = "RECIPE")]
+    pub(crate) recipe: Option<String>,
     /// psql arguments: -f FILE, -c SQL, -v NAME=VALUE, -1 (see below)
     #[arg(last = true, value_name = "PSQL_ARGS")]
     pub(crate) psql: Vec<OsString>,

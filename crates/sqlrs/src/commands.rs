@@ -2,10 +2,10 @@
 
 use std::ffi::OsString;
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use taidon_api::{InstanceInfo, PrepareEvent, PrepareRequest};
+use taidon_api::{EngineRequest, InstanceInfo, PrepareEvent, PrepareRequest};
 use taidon_core::StateId;
 
 use crate::args::{Cli, Command, Global, Prepare, PrepareWhat, PsqlArgs, Run, RunKind};
@@ -46,6 +46,12 @@ fn json_line<T: serde::Serialize>(value: &T) -> Result<(), Error> {
 /// reads stdin for `-f -`.
 pub(crate) fn collect_inputs(psql: &PsqlArgs) -> Result<crate::inputs::Collected, Error> {
     let cwd = std::env::current_dir().map_err(Error::Cwd)?;
+    collect_inputs_in(psql, &cwd)
+}
+
+/// [`collect_inputs`] with psql's working directory at `cwd`.
+fn collect_inputs_in(psql: &PsqlArgs, cwd: &Path) -> Result<crate::inputs::Collected, Error> {
+    let cwd = cwd.to_path_buf();
     let mut cache = crate::inputs::HashCache::load();
     let collected = crate::inputs::collect(psql, &cwd, &mut cache, &mut io::stdin().lock())?;
     cache.save();
@@ -168,12 +174,60 @@ struct Prepared {
     instance: InstanceInfo,
 }
 
+/// What a prepare builds, where its tools run, and on which engine: a recipe of sqlrs.toml
+/// is looked up, and the file's engine applies unless flags say otherwise.
+fn resolve_prepare(p: &Prepare) -> Result<(PrepareWhat, PathBuf, EngineRequest), Error> {
+    let cwd = std::env::current_dir().map_err(Error::Cwd)?;
+    let found = crate::project::find(&cwd)?;
+    let (what, root, version, mut settings) = match (&p.what, &found) {
+        (PrepareWhat::Recipe(name), None) => {
+            let _ = name;
+            return Err(crate::project::ProjectFileError::Missing {
+                cwd: cwd.display().to_string(),
+            }
+            .into());
+        }
+        (PrepareWhat::Recipe(name), Some(f)) => {
+            let recipe = f
+                .project
+                .recipe(name)
+                .map_err(crate::project::ProjectFileError::from)?;
+            let what = crate::args::recipe_what(&recipe.kind, &recipe.args)?;
+            (
+                what,
+                f.root.clone(),
+                recipe.engine.map(|v| v.to_string()),
+                recipe.settings,
+            )
+        }
+        (what, found) => (
+            what.clone(),
+            cwd,
+            found
+                .as_ref()
+                .and_then(|f| f.project.engine.version.map(|v| v.to_string())),
+            found
+                .as_ref()
+                .map(|f| f.project.engine.settings.clone())
+                .unwrap_or_default(),
+        ),
+    };
+    // Flags override the file.
+    settings.extend(p.engine.settings.clone());
+    let engine = EngineRequest {
+        version: p.engine.version.clone().or(version),
+        settings,
+    };
+    Ok((what, root, engine))
+}
+
 async fn prepare(ctx: &Ctx, p: Prepare) -> Result<i32, Error> {
-    let (inputs, liquibase) = match &p.what {
-        PrepareWhat::Psql(psql) => (collect_inputs(psql)?, None),
+    let (what, root, engine) = resolve_prepare(&p)?;
+    let (inputs, liquibase) = match &what {
+        PrepareWhat::Recipe(_) => unreachable!("resolved above"),
+        PrepareWhat::Psql(psql) => (collect_inputs_in(psql, &root)?, None),
         PrepareWhat::Liquibase(lb) => {
-            let cwd = std::env::current_dir().map_err(Error::Cwd)?;
-            let (req, blobs) = crate::changelog::collect(&cwd, lb)?;
+            let (req, blobs) = crate::changelog::collect(&root, lb)?;
             let inputs = crate::inputs::Collected {
                 steps: Vec::new(),
                 blobs,
@@ -181,8 +235,7 @@ async fn prepare(ctx: &Ctx, p: Prepare) -> Result<i32, Error> {
             (inputs, Some(req))
         }
         PrepareWhat::Command(c) => {
-            let cwd = std::env::current_dir().map_err(Error::Cwd)?;
-            let inputs = crate::cmd_inputs::collect(&cwd, &c.inputs)?;
+            let inputs = crate::cmd_inputs::collect(&root, &c.inputs)?;
             let step = taidon_core::Step::Command(taidon_core::plan::CommandStep {
                 argv: c.argv.clone(),
                 inputs,
@@ -199,13 +252,10 @@ async fn prepare(ctx: &Ctx, p: Prepare) -> Result<i32, Error> {
     let req = PrepareRequest {
         steps: inputs.steps,
         create_instance: true,
-        engine: taidon_api::EngineRequest {
-            version: p.engine.version.clone(),
-            settings: p.engine.settings.clone(),
-        },
+        engine,
         liquibase,
     };
-    let prepared = stream_prepare(&client, &req, &ctx.global).await?;
+    let prepared = stream_prepare(&client, &req, &ctx.global, &root).await?;
     let instance = prepared.instance;
     let Some(run) = p.run else {
         if ctx.global.json {
@@ -254,9 +304,10 @@ async fn stream_prepare(
     client: &Client,
     req: &PrepareRequest,
     global: &Global,
+    cwd: &Path,
 ) -> Result<Prepared, Error> {
     let events = client.prepare(req).await?;
-    let done = follow(client, events, global).await?;
+    let done = follow(client, events, global, cwd).await?;
     let PrepareEvent::Done {
         state_id,
         cache_hit,
@@ -284,6 +335,7 @@ async fn follow(
     client: &Client,
     mut events: crate::client::PrepareStream,
     global: &Global,
+    cwd: &Path,
 ) -> Result<PrepareEvent, Error> {
     let target = Target::stderr(global.json, global.verbose > 0);
     let mut progress = Renderer::new(target, global.verbose > 0, Instant::now());
@@ -305,7 +357,7 @@ async fn follow(
             PrepareEvent::RunCommand {
                 build, argv, dsn, ..
             } => {
-                let done = run_build_command(&argv, &dsn).await;
+                let done = run_build_command(&argv, &dsn, cwd).await;
                 if global.verbose > 0 && !done.output.is_empty() {
                     err(&done.output);
                 }
@@ -322,7 +374,7 @@ const COMMAND_OUTPUT_KEPT: usize = 64 * 1024;
 
 /// Runs a `prepare:cmd` step's command here, against the build server at `dsn`: its output
 /// captured (the end of it reported), its exit code the verdict.
-async fn run_build_command(argv: &[String], dsn: &str) -> taidon_api::CommandDone {
+async fn run_build_command(argv: &[String], dsn: &str, cwd: &Path) -> taidon_api::CommandDone {
     let failed = |output: String| taidon_api::CommandDone {
         exit_code: -1,
         output,
@@ -336,6 +388,7 @@ async fn run_build_command(argv: &[String], dsn: &str) -> taidon_api::CommandDon
     };
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
+        .current_dir(cwd)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
@@ -616,7 +669,13 @@ async fn warmup(ctx: &Ctx, w: crate::args::Warmup) -> Result<i32, Error> {
         state_id,
         cache_hit,
         ..
-    } = follow(&client, events, &ctx.global).await?
+    } = follow(
+        &client,
+        events,
+        &ctx.global,
+        &std::env::current_dir().map_err(Error::Cwd)?,
+    )
+    .await?
     else {
         return Err(ClientError::StreamEnded.into());
     };

@@ -452,7 +452,10 @@ mod tests {
 
     #[test]
     fn commands_and_kinds() {
-        assert_eq!(names("pre"), ["prepare", "prepare:psql"]);
+        assert_eq!(
+            names("pre"),
+            ["prepare", "prepare:psql", "prepare:lb", "prepare:cmd"]
+        );
         assert_eq!(names("run:"), ["run:psql", "run:pgbench"]);
         let all = names("");
         for verb in [

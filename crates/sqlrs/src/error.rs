@@ -28,6 +28,9 @@ pub(crate) enum Error {
     /// A `prepare:cmd` input cannot be read.
     #[error(transparent)]
     CmdInput(#[from] crate::cmd_inputs::CmdInputError),
+    /// The project file (sqlrs.toml) is missing, unreadable or wrong.
+    #[error(transparent)]
+    Project(#[from] crate::project::ProjectFileError),
     /// The controller said no.
     #[error(transparent)]
     Api(ApiError),
@@ -62,7 +65,8 @@ impl Error {
             | Error::Input(_)
             | Error::Remote(_)
             | Error::Changelog(_)
-            | Error::CmdInput(_) => 2,
+            | Error::CmdInput(_)
+            | Error::Project(_) => 2,
             Error::Api(api) => api.kind.exit_code(),
             Error::Run(e) => e.exit_code(),
             // A reader that went away (`sqlrs ls | head`) is not a failure.

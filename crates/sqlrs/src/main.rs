@@ -13,6 +13,7 @@ mod daemon;
 mod error;
 mod inputs;
 mod progress;
+mod project;
 mod remote;
 mod render;
 mod run;

@@ -395,7 +395,7 @@ ID                STATE         STATUS   OWNER  CREATED
             "{out}"
         );
         assert!(out.ends_with("server user:       postgres\n"), "{out}");
-        assert_eq!(out.lines().count(), 13);
+        assert_eq!(out.lines().count(), 14);
 
         let mut s = s;
         s.remote = Some(taidon_api::RemoteInfo {

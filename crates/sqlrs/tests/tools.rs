@@ -703,3 +703,110 @@ fn alembic_and_sqitch_run_here_as_one_step() {
         "films"
     );
 }
+
+#[test]
+fn a_project_file_names_the_engine_and_recipes() {
+    let env = Env::new();
+    let dbmate = dbmate();
+    env.write(
+        "sqlrs.toml",
+        &format!(
+            "[engine]\n[engine.settings]\nmax_prepared_transactions = 5\n\n\
+             [recipes.dev]\nprepare = [\"psql\", \"-f\", \"db/schema.sql\", \"-f\", \"db/seed.sql\"]\n\n\
+             [recipes.mig]\nprepare = [\"cmd\", \"--input\", \"db/migrations\", \"--\", \"{dbmate}\", \"--no-dump-schema\", \"up\"]\n"
+        ),
+    );
+    env.write(
+        "db/schema.sql",
+        "create table film (id int primary key, title text not null);\n",
+    );
+    env.write(
+        "db/seed.sql",
+        "insert into film select g, 'film ' || g from generate_series(1, 42) g;\n",
+    );
+    env.write("db/migrations/20240101000000_films.sql", FILMS_UP);
+    let sub = env.work.join("app/tests");
+    std::fs::create_dir_all(&sub).unwrap();
+    let in_sub = |args: &[&str]| {
+        let out = env.command(args).current_dir(&sub).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Found from a subdirectory; its paths are the file's directory's.
+    let (code, stdout, stderr) = in_sub(&[
+        "prepare",
+        "dev",
+        "run:psql",
+        "--",
+        "-Atc",
+        "select count(*) from film",
+        "-c",
+        "show max_prepared_transactions",
+    ]);
+    assert_eq!(code, 0, "{stderr}\n{}", env.logs());
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), ["42", "5"], "{stderr}");
+    // A flag overrides the file.
+    let (code, stdout, stderr) = in_sub(&[
+        "prepare",
+        "--pg-setting",
+        "max_prepared_transactions=6",
+        "dev",
+        "run:psql",
+        "--",
+        "-Atc",
+        "show max_prepared_transactions",
+    ]);
+    assert_eq!((code, stdout.trim()), (0, "6"), "{stderr}");
+    // The file's engine applies to a prepare without a recipe too.
+    let (code, stdout, stderr) = in_sub(&[
+        "prepare:psql",
+        "--",
+        "-c",
+        "select 1",
+        "run:psql",
+        "--",
+        "-Atc",
+        "show max_prepared_transactions",
+    ]);
+    assert_eq!((code, stdout.trim()), (0, "5"), "{stderr}");
+    // A cmd recipe runs in the file's directory.
+    let (code, stdout, stderr) = in_sub(&[
+        "prepare",
+        "mig",
+        "run:psql",
+        "--",
+        "-Atc",
+        "select title from film",
+    ]);
+    assert_eq!((code, stdout.trim()), (0, "one"), "{stderr}");
+
+    let (code, _, stderr) = in_sub(&["prepare", "prod"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("no recipe 'prod' (known: dev, mig)"),
+        "{stderr}"
+    );
+
+    // A wrong key or type: the file, the line and the key, exit 2, before anything runs.
+    let states = env.ls()["states"].as_array().unwrap().len();
+    env.write("sqlrs.toml", "[engine]\nverison = \"16\"\n");
+    let (code, _, stderr) = in_sub(&["prepare:psql", "--", "-c", "select 2"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("sqlrs.toml:2: unknown key 'verison' in [engine]"),
+        "{stderr}"
+    );
+    env.write("sqlrs.toml", "[recipes.dev]\n\nprepare = 3\n");
+    let (code, _, stderr) = in_sub(&["prepare", "dev"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(
+            "sqlrs.toml:3: recipes.dev.prepare: expected an array of strings, found integer"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(env.ls()["states"].as_array().unwrap().len(), states);
+}

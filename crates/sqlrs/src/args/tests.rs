@@ -549,7 +549,7 @@ fn rejected_forms_name_the_cause_and_a_hint() {
         (
             &["prepar"],
             "unrecognized subcommand 'prepar'",
-            "tip: some similar subcommands exist: 'prepare:psql', 'prepare'",
+            "tip: some similar subcommands exist: 'prepare:psql', 'prepare:cmd', 'prepare:lb', 'prepare'",
         ),
         (
             &["--bogus", "ls"],
@@ -573,12 +573,12 @@ fn rejected_forms_name_the_cause_and_a_hint() {
         ),
         (
             &["prepare:foo", "--", "-c", "x"],
-            "unknown prepare kind 'foo' (known kinds: prepare:psql)",
+            "unknown prepare kind 'foo' (known kinds: prepare:cmd, prepare:lb, prepare:psql)",
             "see 'sqlrs --help'",
         ),
         (
             &["prepare:liquibase", "--", "update"],
-            "unknown prepare kind 'liquibase' (known kinds: prepare:psql)",
+            "unknown prepare kind 'liquibase' (known kinds: prepare:cmd, prepare:lb, prepare:psql)",
             "see 'sqlrs --help'",
         ),
         (
@@ -772,7 +772,7 @@ fn rejected_forms_name_the_cause_and_a_hint() {
         ),
         (
             &["warmup", "prepare:foo", "--", "-c", "x"],
-            "unknown prepare kind 'foo' (known kinds: prepare:psql)",
+            "unknown prepare kind 'foo' (known kinds: prepare:cmd, prepare:lb, prepare:psql)",
             "see 'sqlrs --help'",
         ),
         (
@@ -886,4 +886,145 @@ fn non_utf8_run_arguments_pass_through_but_psql_arguments_must_be_text() {
         panic!()
     };
     assert_eq!(p.run.expect("run").args[1], raw);
+}
+
+#[test]
+fn liquibase_arguments_keep_their_order_and_refuse_another_database() {
+    let p = prep(&[
+        "prepare:lb",
+        "--engine",
+        "16",
+        "--pg-setting",
+        "max_prepared_transactions=10",
+        "--",
+        "update",
+        "--changelog-file",
+        "db/changelog.xml",
+        "--contexts=test",
+        "-Dschema=app",
+        "run:psql",
+        "--",
+        "-c",
+        "select 1",
+    ]);
+    assert_eq!(p.engine.version.as_deref(), Some("16"));
+    assert_eq!(
+        p.engine
+            .settings
+            .get("max_prepared_transactions")
+            .map(String::as_str),
+        Some("10")
+    );
+    let PrepareWhat::Liquibase(lb) = &p.what else {
+        panic!("{p:?}")
+    };
+    assert_eq!(lb.changelog, "db/changelog.xml");
+    assert_eq!(lb.args, ["--contexts=test", "-Dschema=app"]);
+    assert!(p.run.is_some());
+    assert_eq!(
+        prep(&["prepare:lb", "--", "update", "--changelog-file=c.yaml"]).what,
+        PrepareWhat::Liquibase(LbArgs {
+            changelog: "c.yaml".into(),
+            args: vec![]
+        })
+    );
+    for bad in [
+        &["prepare:lb", "--", "rollback", "--changelog-file", "c.xml"][..],
+        &["prepare:lb", "--", "update"],
+        &[
+            "prepare:lb",
+            "--",
+            "update",
+            "--changelog-file",
+            "c.xml",
+            "--url=jdbc:x",
+        ],
+        &[
+            "prepare:lb",
+            "--",
+            "update",
+            "--changelog-file",
+            "c.xml",
+            "--password",
+            "p",
+        ],
+        &[
+            "prepare:lb",
+            "--engine",
+            "x16",
+            "--",
+            "update",
+            "--changelog-file",
+            "c.xml",
+        ],
+        &[
+            "prepare:lb",
+            "--pg-setting",
+            "fsync=off",
+            "--",
+            "update",
+            "--changelog-file",
+            "c.xml",
+        ],
+    ] {
+        let e = err(bad);
+        assert!(e.hint.contains("prepare:lb"), "{bad:?}: {e:?}");
+    }
+}
+
+#[test]
+fn a_command_keeps_its_own_run_word_and_a_recipe_is_a_word_after_prepare() {
+    let p = prep(&[
+        "prepare:cmd",
+        "--input",
+        "db",
+        "--input",
+        "package.json",
+        "--",
+        "npm",
+        "run",
+        "migrate",
+        "run",
+        "--",
+        "pytest",
+    ]);
+    let PrepareWhat::Command(c) = &p.what else {
+        panic!("{p:?}")
+    };
+    assert_eq!(c.inputs, ["db", "package.json"]);
+    assert_eq!(c.argv, ["npm", "run", "migrate"]);
+    assert_eq!(
+        p.run.as_ref().map(|r| r.args.clone()),
+        Some(os(&["pytest"]))
+    );
+    assert!(err(&["prepare:cmd", "--input", "db"])
+        .message
+        .contains("needs '--'"));
+
+    let p = prep(&["prepare", "--engine", "16", "dev", "run", "--", "pytest"]);
+    assert_eq!(p.what, PrepareWhat::Recipe("dev".into()));
+    assert_eq!(p.engine.version.as_deref(), Some("16"));
+    assert!(p.run.is_some());
+    assert_eq!(
+        prep(&["prepare", "dev"]).what,
+        PrepareWhat::Recipe("dev".into())
+    );
+    assert!(err(&["prepare", "dev", "extra"])
+        .message
+        .contains("takes no more arguments"));
+    // psql arguments still mean psql.
+    assert!(matches!(
+        prep(&["prepare", "-c", "x"]).what,
+        PrepareWhat::Psql(_)
+    ));
+
+    assert!(matches!(
+        recipe_what(
+            "cmd",
+            &["--input".into(), "db".into(), "--".into(), "dbmate".into()]
+        ),
+        Ok(PrepareWhat::Command(CmdArgs { .. }))
+    ));
+    assert!(recipe_what("cmd", &["dbmate".into()]).is_err());
+    assert!(recipe_what("flyway", &[]).is_err());
 }
