@@ -30,6 +30,7 @@
 //! | `POST /v1/webhook` | a GitHub event, `X-Hub-Signature-256` | `{...}` (no bearer token) |
 //! | `GET /v1/keys` | | [`PublicKeys`] |
 //! | `POST /v1/builds/{build}/done` | [`CommandDone`] | `{}` |
+//! | `POST /v1/plan` | [`PrepareRequest`] | [`Plan`] (builds nothing) |
 //!
 //! Errors answer with a 4xx or 5xx status and an [`ApiError`] body: 401 for a missing, wrong,
 //! expired or revoked token, 403 for a token that may not do what it asks (see [`TokenRole`]).
@@ -533,6 +534,29 @@ pub enum PrepareEvent {
     Failed {
         error: ApiError,
     },
+}
+
+/// `POST /v1/plan`: the states a prepare would make, and which are cached; nothing is built.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// "PostgreSQL 15.18", with its settings.
+    pub engine: String,
+    /// The base first (index 0), then one per step.
+    pub steps: Vec<PlannedStep>,
+}
+
+/// One state of a [`Plan`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedStep {
+    /// 0 for the base, else the step's 1-based index.
+    pub index: usize,
+    pub label: String,
+    pub state_id: StateId,
+    /// `local`, `remote`, `local+remote`, or `missing`.
+    pub cached: String,
+    /// Why it hits or misses: against the nearest cached sibling (a state built on the same
+    /// parent), or the parent that is missing.
+    pub why: String,
 }
 
 /// `POST /v1/builds/{build}/done`: how the client's command for a build ended.

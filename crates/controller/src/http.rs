@@ -60,6 +60,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/unpin", post(unpin))
         .route("/v1/events", get(events))
         .route("/v1/builds/{build}/done", post(command_done))
+        .route("/v1/plan", post(plan))
         .route_layer(middleware::from_fn_with_state(USERS, require_role));
     let gateways = Router::new()
         .route("/v1/resolve", post(resolve))
@@ -176,6 +177,14 @@ async fn prepare(
         }
     });
     ndjson(out_rx)
+}
+
+/// The plan of a prepare, and why each step hits or misses; nothing is built.
+async fn plan(
+    State(ctl): Ctl,
+    Json(req): Json<PrepareRequest>,
+) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.plan(req).await?).into_response())
 }
 
 /// The client's command for a build ended. The build id, random and sent only to the client

@@ -553,6 +553,113 @@ impl Controller {
     }
 }
 
+impl Controller {
+    /// The states `req` would make, where each is cached, and why each hits or misses.
+    /// Nothing is built (a Liquibase changelog is planned, offline, if its plan is not kept).
+    pub async fn plan(&self, req: PrepareRequest) -> Result<taidon_api::Plan, ControllerError> {
+        let engine = self.engine_for(&req.engine).await?;
+        let mut steps = req.steps;
+        if let Some(lb) = &req.liquibase {
+            let (quiet, _) = tokio::sync::mpsc::unbounded_channel();
+            steps.extend(self.plan_liquibase(lb, &quiet).await?);
+        }
+        let chain = chain(&engine, &steps);
+        let rows: std::collections::HashMap<StateId, crate::meta::StateRow> = self
+            .meta
+            .states()?
+            .into_iter()
+            .map(|r| (r.state_id, r))
+            .collect();
+        let mut where_is = Vec::with_capacity(steps.len() + 1);
+        for id in std::iter::once(chain.base).chain(chain.steps.iter().copied()) {
+            let local = self.store.contains(&id);
+            let remote = match self.store.remote() {
+                Some(r) => r.contains(id).await.unwrap_or(false),
+                None => false,
+            };
+            where_is.push(match (local, remote) {
+                (true, true) => "local+remote",
+                (true, false) => "local",
+                (false, true) => "remote",
+                (false, false) => "missing",
+            });
+        }
+        let cached = |id: &StateId| self.store.contains(id);
+        let mut out = Vec::with_capacity(steps.len() + 1);
+        let base_why = if where_is[0] != "missing" {
+            "cached".to_owned()
+        } else {
+            // The nearest cached base: the one used last.
+            let other = rows
+                .values()
+                .filter(|r| r.parent.is_none() && cached(&r.state_id))
+                .max_by_key(|r| r.last_access_ms)
+                .and_then(|r| {
+                    serde_json::from_str::<EngineFingerprint>(&r.inputs_fingerprint).ok()
+                });
+            match other {
+                Some(o) => taidon_core::explain::engine_difference(&o, &engine),
+                None => format!("no base is cached: initdb of {}", engine_text(&engine)),
+            }
+        };
+        out.push(taidon_api::PlannedStep {
+            index: 0,
+            label: engine_text(&engine),
+            state_id: chain.base,
+            cached: where_is[0].to_owned(),
+            why: base_why,
+        });
+        for (i, step) in steps.iter().enumerate() {
+            let id = chain.steps[i];
+            let parent = chain.parent_of(i);
+            let why = if where_is[i + 1] != "missing" {
+                "cached".to_owned()
+            } else if where_is[i] == "missing" {
+                if i == 0 {
+                    "its base is not cached".to_owned()
+                } else {
+                    format!("its parent (step {i}) is not cached")
+                }
+            } else {
+                let sibling = rows
+                    .values()
+                    .filter(|r| r.parent == Some(parent) && r.state_id != id && cached(&r.state_id))
+                    .max_by_key(|r| r.last_access_ms)
+                    .and_then(|r| serde_json::from_str::<Step>(&r.inputs_fingerprint).ok());
+                match sibling {
+                    Some(s) => taidon_core::explain::step_difference(&s, step),
+                    None => "nothing was built on its parent before".to_owned(),
+                }
+            };
+            out.push(taidon_api::PlannedStep {
+                index: i + 1,
+                label: step.label(),
+                state_id: id,
+                cached: where_is[i + 1].to_owned(),
+                why,
+            });
+        }
+        Ok(taidon_api::Plan {
+            engine: engine_text(&engine),
+            steps: out,
+        })
+    }
+}
+
+/// "PostgreSQL 15.18" and its settings.
+fn engine_text(engine: &EngineFingerprint) -> String {
+    let mut text = engine.version();
+    if !engine.settings.is_empty() {
+        let settings: Vec<String> = engine
+            .settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        text.push_str(&format!(" ({})", settings.join(", ")));
+    }
+    text
+}
+
 /// A build server opened to the client that runs its step's command.
 pub(crate) struct ClientBuild {
     state: StateId,

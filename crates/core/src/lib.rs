@@ -8,6 +8,7 @@
 
 pub mod changelog;
 pub mod engine;
+pub mod explain;
 pub mod id;
 pub mod identity;
 pub mod include;

@@ -60,6 +60,11 @@ pub(crate) enum Parsed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Command {
     Prepare(Prepare),
+    /// `plan[:KIND] ...` (explain: false) or `cache explain prepare[:KIND] ...`.
+    Plan {
+        prepare: Prepare,
+        explain: bool,
+    },
     Run(Run),
     Ls,
     Rm {
@@ -298,6 +303,9 @@ where
     I: IntoIterator<Item = OsString>,
 {
     let args: Vec<OsString> = args.into_iter().collect();
+    if let Some(planned) = plan_form(&args)? {
+        return Ok(planned);
+    }
     let stages = split(&args)?;
     let first = match clap_parse(stages.first, &stages.verb)? {
         Ok(parsed) => parsed,
@@ -454,10 +462,100 @@ where
         }),
         Verb::Warmup(a) => Command::Warmup(warmup(a, stages.separator)?),
         Verb::Events(a) => Command::Events { id: a.id },
+        // Reached only for their help: plan_form parses them.
+        Verb::Plan { .. } | Verb::Cache { .. } => {
+            return Err(UsageError::new(
+                "",
+                "plan and cache take a prepare's arguments",
+            ))
+        }
         Verb::Completions { shell } => Command::Completions(shell),
         Verb::Complete { words } => Command::Complete(words),
     };
     Ok(Parsed::Cli(Box::new(Cli { global, command })))
+}
+
+/// `plan[:KIND] ARGS` and `cache explain prepare[:KIND] ARGS`: the prepare they name, parsed
+/// as a prepare is (`None`: neither form).
+fn plan_form(args: &[OsString]) -> Result<Option<Parsed>, UsageError> {
+    let globals = value_flags(&command());
+    let Some(v) = next_positional(args, 0, &globals) else {
+        return Ok(None);
+    };
+    let word = args[v].to_str().unwrap_or_default();
+    let help = |a: &OsString| a == "--help" || a == "-h";
+    let (explain, at, prepare_word) = if word == "plan" || word.starts_with("plan:") {
+        if args[v + 1..].iter().any(help) && word == "plan" {
+            return Ok(None);
+        }
+        (false, v, word.replacen("plan", "prepare", 1))
+    } else if word == "cache" {
+        let Some(e) = next_positional(args, v + 1, &globals) else {
+            return Ok(None);
+        };
+        if args[e] != "explain" {
+            return Err(UsageError::new(
+                "cache",
+                format!(
+                    "unknown cache command '{}' (known: explain)",
+                    args[e].to_string_lossy()
+                ),
+            ));
+        }
+        let Some(p) = next_positional(args, e + 1, &globals) else {
+            if args[e + 1..].iter().any(help) {
+                return Ok(None);
+            }
+            return Err(UsageError::new(
+                "cache",
+                "cache explain needs a prepare: sqlrs cache explain prepare:psql -- -f FILE",
+            ));
+        };
+        let w = args[p].to_str().unwrap_or_default();
+        if !is_prepare(w) {
+            return Err(UsageError::new(
+                "cache",
+                format!("cache explain takes a prepare (prepare[:KIND] ...), not '{w}'"),
+            ));
+        }
+        let mut rest: Vec<OsString> = args[..v].to_vec();
+        rest.extend_from_slice(&args[v + 1..e]);
+        rest.extend_from_slice(&args[p..]);
+        let at = rest.len() - (args.len() - p);
+        return wrap_plan(rest, at, w.to_owned(), true);
+    } else {
+        return Ok(None);
+    };
+    wrap_plan(args.to_vec(), at, prepare_word, explain)
+}
+
+/// Parses `args` with the prepare word at `at` (as `prepare_word`) and wraps it as a plan.
+fn wrap_plan(
+    mut args: Vec<OsString>,
+    at: usize,
+    prepare_word: String,
+    explain: bool,
+) -> Result<Option<Parsed>, UsageError> {
+    args[at] = OsString::from(&prepare_word);
+    match parse(args)? {
+        Parsed::Print(text) => Ok(Some(Parsed::Print(text))),
+        Parsed::Cli(cli) => {
+            let Cli { global, command } = *cli;
+            let Command::Prepare(prepare) = command else {
+                return Err(UsageError::new("", "plan takes a prepare's arguments"));
+            };
+            if prepare.run.is_some() {
+                return Err(UsageError::new(
+                    "plan",
+                    "plan builds nothing and runs nothing: drop the run stage",
+                ));
+            }
+            Ok(Some(Parsed::Cli(Box::new(Cli {
+                global,
+                command: Command::Plan { prepare, explain },
+            }))))
+        }
+    }
 }
 
 /// The clap tree, uncoloured so that errors and help read the same everywhere.

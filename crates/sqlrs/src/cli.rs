@@ -95,6 +95,28 @@ Examples:
   sqlrs prepare:cmd --input db/migrations -- dbmate --no-dump-schema up
   sqlrs prepare:cmd --input sqitch.plan --input deploy -- sqitch deploy db:pg: run -- pytest -q";
 
+const PLAN_EXAMPLES: &str = "\
+plan:KIND takes the arguments of prepare:KIND (or a recipe: plan NAME) and prints each state
+the prepare would make, base first, with its id and where it is cached: local, remote,
+local+remote, or missing. Nothing is built (a Liquibase changelog is planned offline).
+
+Examples:
+  sqlrs plan:psql -- -f schema.sql -f seed.sql
+  sqlrs --json plan:lb -- update --changelog-file db/changelog.xml
+  sqlrs plan dev";
+
+const CACHE_EXAMPLES: &str = "\
+cache explain says, for each step of a prepare, why it hits or misses: what differs from the
+nearest cached sibling (a state built on the same parent), such as
+  db/002.sql changed (sha256 1a2b3c4d… → 3c4d5e6f…)
+  engine 15.18 → 16.14
+  changeset db/changelog.xml::29::alice: checksum 9:… → 9:… (its content changed)
+or that its parent is not cached.
+
+Examples:
+  sqlrs cache explain prepare:psql -- -f schema.sql -f seed.sql
+  sqlrs cache explain prepare:lb --engine 16 -- update --changelog-file db/changelog.xml";
+
 const RUN_EXAMPLES: &str = "\
 The command gets DATABASE_URL, PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE (and the TLS
 settings of the DSN) in its environment. Stand-alone, run needs --instance; after a prepare
@@ -287,6 +309,34 @@ pub(crate) enum Verb {
         override_usage = "sqlrs prepare:cmd [OPTIONS] --input PATH... -- COMMAND [ARGS]... [run[:KIND] [OPTIONS] -- <ARGS>...]"
     )]
     PrepareCmd(PrepareCmdArgs),
+    /// Show the states a prepare would make and which are cached (builds nothing)
+    #[command(
+        name = "plan",
+        after_help = PLAN_EXAMPLES,
+        override_usage = "sqlrs plan[:KIND] [OPTIONS] ... (the arguments of prepare[:KIND])"
+    )]
+    Plan {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
+    /// Say why each step of a prepare hits or misses the cache
+    #[command(
+        name = "cache",
+        after_help = CACHE_EXAMPLES,
+        override_usage = "sqlrs cache explain prepare[:KIND] [OPTIONS] ..."
+    )]
+    Cache {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
+    },
     /// Run a command against an instance
     #[command(name = "run", after_help = RUN_EXAMPLES)]
     Run(RunArgs),

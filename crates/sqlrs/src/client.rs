@@ -404,6 +404,11 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/plan`: what a prepare would build; nothing is built.
+    pub(crate) async fn plan(&self, req: &PrepareRequest) -> Result<taidon_api::Plan, ClientError> {
+        self.post("/plan", req).await
+    }
+
     /// `POST /v1/builds/{build}/done`: how the command of a `prepare:cmd` step ended.
     pub(crate) async fn command_done(
         &self,

@@ -145,6 +145,10 @@ pub(crate) async fn execute(cli: Cli) -> Result<i32, Error> {
     };
     match cli.command {
         Command::Prepare(p) => prepare(&ctx, p).await,
+        Command::Plan {
+            prepare: p,
+            explain,
+        } => plan(&ctx, p, explain).await,
         Command::Run(r) => run_instance(&ctx, r).await,
         Command::Ls => ls(&ctx).await,
         Command::Rm { id, force } => rm(&ctx, &id, force).await,
@@ -222,7 +226,54 @@ fn resolve_prepare(p: &Prepare) -> Result<(PrepareWhat, PathBuf, EngineRequest),
 }
 
 async fn prepare(ctx: &Ctx, p: Prepare) -> Result<i32, Error> {
-    let (what, root, engine) = resolve_prepare(&p)?;
+    let (inputs, mut req, root) = prepare_request(&p)?;
+    let client = ctx.client().await?;
+    let uploaded_bytes = send_inputs(&client, &inputs, &ctx.global).await?;
+    req.steps = inputs.steps;
+    let prepared = stream_prepare(&client, &req, &ctx.global, &root).await?;
+    let instance = prepared.instance;
+    let Some(run) = &p.run else {
+        if ctx.global.json {
+            json_line(&serde_json::json!({
+                "state_id": prepared.state_id,
+                "instance_id": instance.instance_id,
+                "dsn": instance.dsn,
+                "cache_hit": prepared.cache_hit,
+                "uploaded_bytes": uploaded_bytes,
+            }))?;
+        } else {
+            out(&format!("DSN={}\n", instance.dsn))?;
+        }
+        return Ok(0);
+    };
+    prepare_run(ctx, &client, &p, run, instance).await
+}
+
+/// `plan[:KIND]` and `cache explain prepare[:KIND]`: the states a prepare would make, where
+/// each is cached and (explain) why each hits or misses. Builds nothing.
+async fn plan(ctx: &Ctx, p: Prepare, explain: bool) -> Result<i32, Error> {
+    let (inputs, mut req, _root) = prepare_request(&p)?;
+    let client = ctx.client().await?;
+    // Liquibase plans from the files; other kinds' ids need only their hashes.
+    if req.liquibase.is_some() {
+        send_inputs(&client, &inputs, &ctx.global).await?;
+    }
+    req.steps = inputs.steps;
+    req.create_instance = false;
+    let plan = client.plan(&req).await?;
+    if ctx.global.json {
+        json_line(&plan)?;
+    } else {
+        out(&render::plan(&plan, explain))?;
+    }
+    Ok(0)
+}
+
+/// The request a prepare sends, its inputs (the steps and blobs), and where its tools run.
+fn prepare_request(
+    p: &Prepare,
+) -> Result<(crate::inputs::Collected, PrepareRequest, PathBuf), Error> {
+    let (what, root, engine) = resolve_prepare(p)?;
     let (inputs, liquibase) = match &what {
         PrepareWhat::Recipe(_) => unreachable!("resolved above"),
         PrepareWhat::Psql(psql) => (collect_inputs_in(psql, &root)?, None),
@@ -247,31 +298,25 @@ async fn prepare(ctx: &Ctx, p: Prepare) -> Result<i32, Error> {
             (inputs, None)
         }
     };
-    let client = ctx.client().await?;
-    let uploaded_bytes = send_inputs(&client, &inputs, &ctx.global).await?;
     let req = PrepareRequest {
-        steps: inputs.steps,
+        steps: Vec::new(),
         create_instance: true,
         engine,
         liquibase,
     };
-    let prepared = stream_prepare(&client, &req, &ctx.global, &root).await?;
-    let instance = prepared.instance;
-    let Some(run) = p.run else {
-        if ctx.global.json {
-            json_line(&serde_json::json!({
-                "state_id": prepared.state_id,
-                "instance_id": instance.instance_id,
-                "dsn": instance.dsn,
-                "cache_hit": prepared.cache_hit,
-                "uploaded_bytes": uploaded_bytes,
-            }))?;
-        } else {
-            out(&format!("DSN={}\n", instance.dsn))?;
-        }
-        return Ok(0);
-    };
-    let code = match run_against(&client, &run, &instance.dsn).await {
+    Ok((inputs, req, root))
+}
+
+/// A prepare's run stage against the instance it made; removes it after a success (unless
+/// kept).
+async fn prepare_run(
+    ctx: &Ctx,
+    client: &Client,
+    p: &Prepare,
+    run: &Run,
+    instance: InstanceInfo,
+) -> Result<i32, Error> {
+    let code = match run_against(client, run, &instance.dsn).await {
         Ok(code) => code,
         Err(e @ RunError::Spawn { .. }) => {
             err(&format!("sqlrs: {e}\n"));

@@ -82,6 +82,44 @@ fn first12(id: &impl std::fmt::Display) -> String {
     id.to_string().chars().take(12).collect()
 }
 
+/// `plan` (steps, ids, where each is cached) and, with `explain`, why each hits or misses.
+pub(crate) fn plan(plan: &taidon_api::Plan, explain: bool) -> String {
+    let rows: Vec<Vec<String>> = plan
+        .steps
+        .iter()
+        .map(|s| {
+            let mut row = vec![
+                if s.index == 0 {
+                    "base".to_owned()
+                } else {
+                    s.index.to_string()
+                },
+                first12(&s.state_id),
+                s.cached.clone(),
+                s.label.clone(),
+            ];
+            if explain {
+                let verdict = if s.cached == "missing" { "miss" } else { "hit" };
+                row.push(format!("{verdict}: {}", s.why));
+            }
+            row
+        })
+        .collect();
+    let mut head = vec!["STEP", "STATE", "CACHED", "LABEL"];
+    if explain {
+        head.push("WHY");
+    }
+    let missing = plan.steps.iter().filter(|s| s.cached == "missing").count();
+    let mut out = table(&head, &rows);
+    out.push_str(&format!(
+        "{} state{}, {} to build\n",
+        plan.steps.len(),
+        if plan.steps.len() == 1 { "" } else { "s" },
+        missing
+    ));
+    out
+}
+
 /// The `ls` tables: states, then instances.
 pub(crate) fn ls(states: &[StateInfo], instances: &[InstanceInfo], now_ms: u64) -> String {
     let mut out = String::new();

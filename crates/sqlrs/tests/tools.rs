@@ -810,3 +810,102 @@ fn a_project_file_names_the_engine_and_recipes() {
     );
     assert_eq!(env.ls()["states"].as_array().unwrap().len(), states);
 }
+
+#[test]
+fn plan_and_cache_explain_say_what_is_cached_and_why_not() {
+    let mut env = Env::new();
+    env.extra_env.push((
+        "TAIDON_PG_BIN".into(),
+        format!("{}:{}", system_bin(), pg16_bin()),
+    ));
+    env.write(
+        "db/001.sql",
+        "create table film (id int primary key, title text);\n",
+    );
+    env.write("db/002.sql", "\\ir lib/seed.sql\n");
+    env.write("db/lib/seed.sql", "insert into film values (1, 'one');\n");
+    let steps = ["--", "-f", "db/001.sql", "-f", "db/002.sql"];
+    let args = |verb: &[&str]| -> Vec<String> {
+        verb.iter()
+            .chain(steps.iter())
+            .map(|s| (*s).to_owned())
+            .collect()
+    };
+    let run = |a: Vec<String>| env.ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // Nothing cached yet; plan builds nothing.
+    let plan = run(args(&["--json", "plan:psql"])).json();
+    let cached: Vec<&str> = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["cached"].as_str().unwrap())
+        .collect();
+    assert_eq!(cached, ["missing", "missing", "missing"]);
+    assert!(env.ls()["states"].as_array().unwrap().is_empty());
+
+    let built = run(args(&["--json", "prepare:psql"])).json();
+    let plan = run(args(&["--json", "plan:psql"])).json();
+    let steps_json = plan["steps"].as_array().unwrap();
+    assert_eq!(steps_json[2]["state_id"], built["state_id"]);
+    assert!(
+        steps_json.iter().all(|s| s["cached"] == "local"),
+        "{plan:#}"
+    );
+    let text = run(args(&["plan:psql"])).stdout;
+    assert!(text.contains("3 states, 0 to build"), "{text}");
+
+    // An included file changes: step 2 misses, and says which file and both hashes.
+    let old = taidon_core::identity::content_sha256(b"insert into film values (1, 'one');\n");
+    env.write("db/lib/seed.sql", "insert into film values (2, 'two');\n");
+    let new = taidon_core::identity::content_sha256(b"insert into film values (2, 'two');\n");
+    let explained = run(args(&["--json", "cache", "explain", "prepare:psql"])).json();
+    let why: Vec<&str> = explained["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["why"].as_str().unwrap())
+        .collect();
+    assert_eq!(why[0], "cached");
+    assert_eq!(why[1], "cached");
+    assert_eq!(
+        why[2],
+        format!(
+            "included db/lib/seed.sql changed (sha256 {}… → {}…)",
+            &old[..8],
+            &new[..8]
+        )
+    );
+    let text = run(args(&["cache", "explain", "prepare:psql"])).stdout;
+    assert!(
+        text.contains("miss: included db/lib/seed.sql changed"),
+        "{text}"
+    );
+
+    // Another engine: the base misses, and says so; everything after it waits on it.
+    let explained = run(args(&[
+        "--json",
+        "cache",
+        "explain",
+        "prepare:psql",
+        "--engine",
+        "16",
+    ]))
+    .json();
+    let steps_json = explained["steps"].as_array().unwrap();
+    let why0 = steps_json[0]["why"].as_str().unwrap();
+    assert!(
+        why0.starts_with("engine ") && why0.ends_with(" → 16.14"),
+        "{why0}"
+    );
+    assert_eq!(steps_json[1]["why"], "its base is not cached");
+    assert_eq!(steps_json[2]["why"], "its parent (step 1) is not cached");
+    // Nothing was built by any of it.
+    assert_eq!(env.ls()["states"].as_array().unwrap().len(), 3);
+
+    let r = env.fails(
+        2,
+        &["plan:psql", "--", "-c", "select 1", "run", "--", "true"],
+    );
+    assert!(r.stderr.contains("drop the run stage"), "{}", r.describe());
+}
