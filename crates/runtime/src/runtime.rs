@@ -407,10 +407,12 @@ impl Runtime for LocalRuntime {
                     state.short(),
                     rand::random::<u32>()
                 )),
-                // Loopback TCP too, for tools that cannot use a socket (Liquibase's JDBC).
-                // SCRAM only, and the superuser has no password unless a step sets one.
+                // Loopback TCP too, for tools that cannot use a socket (Liquibase's JDBC),
+                // and the instances' address, where a gateway on another host reaches a
+                // build opened to a client (prepare:cmd). SCRAM only, and the superuser has
+                // no password unless a step sets one for its run.
                 tcp: true,
-                advertise: None,
+                advertise: self.advertise,
                 port: None,
                 log_file: builds_log.join(format!("{state}.log")),
             };

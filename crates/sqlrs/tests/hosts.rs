@@ -539,3 +539,60 @@ fn sigterm_drains_the_gateway_then_ends_sessions_with_57p01() {
         "{said}"
     );
 }
+
+#[test]
+fn a_command_step_runs_on_the_client_host_through_the_standalone_gateway() {
+    let h = Hosts::new();
+    let carol = h.token(&["--sub", "carol"]);
+    let dbmate = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/tools/node_modules/.bin/dbmate")
+        .canonicalize()
+        .expect("dbmate: run scripts/setup.sh (it installs tests/tools)");
+    // The migrations exist in the client's private tmpfs only: the server never sees them,
+    // and the command runs here, against the build server through the gateway.
+    let setup = "mkdir -p db/migrations; \
+                 printf -- '-- migrate:up\\ncreate table film (id int primary key);\\ninsert into film values (7);\\n-- migrate:down\\n' \
+                 > db/migrations/20240101000000_films.sql";
+    let out = h.client(
+        "cli",
+        &carol,
+        &format!(
+            "{setup}; sqlrs {CA} prepare:cmd --input db/migrations -- {} --no-dump-schema up \
+             run:psql -- -Atc 'select id from film'",
+            dbmate.display()
+        ),
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), h.logs());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "7",
+        "{}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("running here"),
+        "{}",
+        text(&out)
+    );
+    // A command that cannot start on the client: the step fails. The same files and command
+    // on another host: a cache hit that runs nothing.
+    let out = h.client(
+        "cli2",
+        &carol,
+        &format!(
+            "{setup}; sqlrs {CA} --json prepare:cmd --input db/migrations -- /nonexistent/dbmate up"
+        ),
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    let out = h.client(
+        "cli2",
+        &carol,
+        &format!(
+            "{setup}; sqlrs {CA} --json prepare:cmd --input db/migrations -- {} --no-dump-schema up",
+            dbmate.display()
+        ),
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), h.logs());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["cache_hit"], true, "{v:#}");
+}
