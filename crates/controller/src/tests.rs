@@ -1004,3 +1004,97 @@ async fn bench_resolve_with_a_thousand_instances() {
         samples.len()
     );
 }
+
+#[tokio::test]
+async fn a_client_command_builds_through_its_report_and_only_a_client_can_rebuild_it() {
+    let fx = fixture("").await;
+    let cmd = Step::Command(taidon_core::plan::CommandStep {
+        argv: vec!["dbmate".into(), "up".into()],
+        inputs: vec![],
+    });
+    let steps = vec![sql("select 1"), cmd];
+    let ids = fx.ids(&steps);
+    let head = ids[2];
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let ctl = Arc::clone(&fx.ctl);
+    let engine = fx.fake.engine().clone();
+    let build = tokio::spawn(async move { ctl.build_steps(&engine, steps, &tx).await });
+    // The client is told where to run it, and Resolve hands the gateway the build server for
+    // that build's token only.
+    let (build_id, dsn) = loop {
+        match rx.recv().await.expect("events") {
+            PrepareEvent::RunCommand {
+                build,
+                dsn,
+                state_id,
+                ..
+            } => {
+                assert_eq!(state_id, head);
+                break (build, dsn);
+            }
+            _ => continue,
+        }
+    };
+    assert!(dsn.starts_with("postgres://"), "{dsn}");
+    let resolve = |state_id| rw(state_id, build_id);
+    match fx.ctl.resolve(&resolve(head)) {
+        ResolveResponse::Ready(t) => assert_eq!((t.port, t.instance_id), (9, build_id)),
+        other => panic!("{other:?}"),
+    }
+    assert!(!matches!(
+        fx.ctl.resolve(&resolve(ids[1])),
+        ResolveResponse::Ready(_)
+    ));
+    fx.ctl
+        .command_done(
+            build_id,
+            taidon_api::CommandDone {
+                exit_code: 0,
+                output: String::new(),
+            },
+        )
+        .unwrap();
+    assert_eq!(build.await.unwrap().unwrap(), (head, false));
+    // The build is closed: its token reaches nothing, and a second report is refused.
+    assert!(!matches!(
+        fx.ctl.resolve(&resolve(head)),
+        ResolveResponse::Ready(_)
+    ));
+    assert!(fx
+        .ctl
+        .command_done(
+            build_id,
+            taidon_api::CommandDone {
+                exit_code: 0,
+                output: String::new()
+            }
+        )
+        .is_err());
+    let listed = fx.ctl.list_states().unwrap();
+    let info = listed.iter().find(|s| s.state_id == head).unwrap();
+    assert!(info.client_only);
+    assert!(
+        !listed
+            .iter()
+            .find(|s| s.state_id == ids[1])
+            .unwrap()
+            .client_only
+    );
+
+    // Evicted: a restore by id says that only a client can rebuild it.
+    assert!(fx.ctl.store.remove(head).await.unwrap());
+    fx.ctl
+        .record_transition(&head, Event::Evicted, Some("test"))
+        .unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let err = fx
+        .ctl
+        .restore_state(head, &tx)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("only a client holds its inputs") && err.contains("cmd: dbmate up"),
+        "{err}"
+    );
+}
