@@ -12,7 +12,8 @@ pub enum LiquibaseError {
     #[error(
         "Liquibase not found: {detail}. Install it (for example `npm install -g liquibase`, or \
          https://www.liquibase.com/download) and put `liquibase` on PATH, or set SQLRS_LIQUIBASE \
-         to its executable"
+         to its executable, where Taidon runs (the local daemon keeps the environment it was \
+         started with: `sqlrs shutdown`, and the next command starts it with yours)"
     )]
     NotFound { detail: String },
     #[error(
