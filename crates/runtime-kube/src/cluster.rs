@@ -214,7 +214,12 @@ impl Cluster {
     }
 
     /// Creates pod `name` for `role`.
-    pub(crate) async fn create(&self, name: &str, role: &Role) -> Result<(), RuntimeError> {
+    pub(crate) async fn create(
+        &self,
+        name: &str,
+        role: &Role,
+        pg_settings: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), RuntimeError> {
         let password = match role {
             Role::Build {
                 parent: Some(_), ..
@@ -227,6 +232,7 @@ impl Cluster {
             role,
             &self.token(name),
             password.as_deref(),
+            pg_settings,
         );
         self.pods
             .create(&PostParams::default(), &pod)

@@ -157,6 +157,7 @@ pub fn runner_pod(
     role: &Role,
     token: &str,
     superuser_password: Option<&str>,
+    pg_settings: &BTreeMap<String, String>,
 ) -> Pod {
     let state = role.state();
     let mut labels = BTreeMap::from([
@@ -195,6 +196,13 @@ pub fn runner_pod(
     }
     if let Some(password) = superuser_password {
         envs.push(env("TAIDON_SUPERUSER_PASSWORD", password));
+    }
+    if !pg_settings.is_empty() {
+        // The recipe's server settings, for an initdb build to write into postgresql.conf.
+        envs.push(env(
+            "TAIDON_RUNNER_PG_SETTINGS",
+            serde_json::to_string(pg_settings).unwrap_or_default(),
+        ));
     }
     if let Some(secret) = &settings.credentials_secret {
         envs.push(env_secret("AWS_ACCESS_KEY_ID", secret, "access_key_id"));

@@ -50,6 +50,8 @@ pub struct RunnerOptions {
     pub bucket: RemoteConfig,
     /// The directory of the PostgreSQL binaries, when not discovered.
     pub pg_bin: Option<PathBuf>,
+    /// The recipe's server settings: an initdb build writes them into `postgresql.conf`.
+    pub pg_settings: std::collections::BTreeMap<String, String>,
 }
 
 /// Why the runner could not do its job: the pod fails with this as its last log line.
@@ -223,7 +225,10 @@ async fn prepare(
             tokio::fs::create_dir_all(snapshot)
                 .await
                 .map_err(|e| setup(format!("cannot create {}", snapshot.display()))(&e))?;
+            let mut fingerprint = engine.fingerprint.clone();
+            fingerprint.settings = opts.pg_settings.clone();
             engine
+                .with_fingerprint(&fingerprint)
                 .initdb(&snapshot.join("data"), run_as)
                 .await
                 .map_err(|e| setup("initdb failed")(&chain(&e)))?;
@@ -242,7 +247,9 @@ async fn prepare(
                 .restore(state, snapshot)
                 .await
                 .map_err(|e| failed(chain(&e)))?;
-            if manifest.engine != engine.fingerprint {
+            // Its settings are in its postgresql.conf; the engine itself must match.
+            let (m, own) = (&manifest.engine, &engine.fingerprint);
+            if (m.major, m.minor, &m.initdb) != (own.major, own.minor, &own.initdb) {
                 return Err(failed(format!(
                     "the snapshot was made by {}, this runner has {}",
                     manifest.engine.version(),
@@ -405,7 +412,11 @@ async fn publish_snapshot(runner: &Runner, body: &Publish) -> Result<Manifest, S
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot read the data directory: {}", chain(&e)))?;
-    if body.engine != runner.engine.fingerprint {
+    // The recipe's settings are the controller's to name; the engine itself must match.
+    let own = &runner.engine.fingerprint;
+    if (body.engine.major, body.engine.minor, &body.engine.initdb)
+        != (own.major, own.minor, &own.initdb)
+    {
         return Err(format!(
             "the controller builds for {}, this runner has {}",
             body.engine.version(),

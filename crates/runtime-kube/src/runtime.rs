@@ -70,7 +70,17 @@ impl KubernetesRuntime {
     /// Creates `name` for `role` and waits until it is ready; a pod that will not be is
     /// deleted, and the error says why.
     async fn start_pod(&self, name: &str, role: &Role) -> Result<String, RuntimeError> {
-        self.cluster.create(name, role).await?;
+        self.start_pod_with(name, role, &Default::default()).await
+    }
+
+    /// [`Self::start_pod`], an initdb pod writing `pg_settings` into its `postgresql.conf`.
+    async fn start_pod_with(
+        &self,
+        name: &str,
+        role: &Role,
+        pg_settings: &std::collections::BTreeMap<String, String>,
+    ) -> Result<String, RuntimeError> {
+        self.cluster.create(name, role, pg_settings).await?;
         match self.cluster.wait_ready(name).await {
             Ok(ip) => Ok(ip),
             Err(e) => {
@@ -112,14 +122,19 @@ impl Runtime for KubernetesRuntime {
                     installed: format!("{}.{} (the runner image)", own.major, own.minor),
                 });
             }
-            if !engine.settings.is_empty() {
-                return Err(RuntimeError::Setting {
-                    engine: engine.version(),
-                    reason: "the Kubernetes runtime does not take server settings in recipes yet"
-                        .into(),
-                });
+            // The runner image's engine checks them where it can also run here (the same
+            // binaries as the image); the first server of the state reports the rest.
+            let local = self.cluster.engine.with_fingerprint(engine);
+            if engine.settings.is_empty() || !local.bin_dir.join("postgres").is_file() {
+                return Ok(());
             }
-            Ok(())
+            let scratch = tempfile::tempdir().map_err(|e| RuntimeError::Task(e.to_string()))?;
+            let run_as = taidon_runtime::RunAs::for_this_process()?;
+            if let Some(r) = &run_as {
+                std::os::unix::fs::chown(scratch.path(), Some(r.uid), Some(r.gid))
+                    .map_err(|e| RuntimeError::Task(e.to_string()))?;
+            }
+            local.check_settings(scratch.path(), run_as.as_ref()).await
         })
     }
 
@@ -148,7 +163,9 @@ impl Runtime for KubernetesRuntime {
                 state: area.state,
                 parent: None,
             };
-            self.start_pod(&area.pod, &role).await.map(drop)
+            self.start_pod_with(&area.pod, &role, &engine.settings)
+                .await
+                .map(drop)
         })
     }
 

@@ -658,3 +658,40 @@ fn real_cluster() {
     let count = psql(dsn, "select count(*) from rental");
     assert_eq!(String::from_utf8_lossy(&count.stdout).trim(), "16044");
 }
+
+#[test]
+fn server_settings_reach_the_initdb_pod_and_every_instance() {
+    let mut c = Cluster::new("kube-settings");
+    let home = c.home("home");
+    c.start_controller(&home, "ctl-1", free_port());
+    c.start_gateway();
+    let r = c.sqlrs_ok(&[
+        "--json",
+        "prepare:psql",
+        "--pg-setting",
+        "max_prepared_transactions=10",
+        "--",
+        "-c",
+        "create table t (x int)",
+    ]);
+    let dsn = r.json()["dsn"].as_str().expect("dsn").to_owned();
+    assert_eq!(psql_ok(&c, &dsn, "show max_prepared_transactions"), "10");
+    // A value PostgreSQL refuses: its message, exit 2, and no pod was made for it.
+    let pods = c.api.pods(NS).len();
+    let r = c.sqlrs(&[
+        "prepare:psql",
+        "--pg-setting",
+        "max_prepared_transactions=many",
+        "--",
+        "-c",
+        "select 1",
+    ]);
+    assert_eq!(r.code, 2, "{}", r.describe());
+    assert!(
+        r.stderr
+            .contains("invalid value for parameter \"max_prepared_transactions\""),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(c.api.pods(NS).len(), pods);
+}

@@ -96,6 +96,9 @@ pub(crate) struct RunnerArgs {
     /// Directory holding initdb and postgres (discovered when absent).
     #[arg(long)]
     pg_bin: Option<PathBuf>,
+    /// The recipe's server settings (a JSON object), for an initdb build.
+    #[arg(long, env = "TAIDON_RUNNER_PG_SETTINGS")]
+    pg_settings: Option<String>,
 }
 
 pub(crate) async fn runner(args: RunnerArgs) -> Result<()> {
@@ -119,6 +122,12 @@ pub(crate) async fn runner(args: RunnerArgs) -> Result<()> {
             region: args.bucket_region,
         },
         pg_bin: args.pg_bin,
+        pg_settings: match &args.pg_settings {
+            None => Default::default(),
+            Some(json) => serde_json::from_str(json).map_err(|e| {
+                anyhow::anyhow!("TAIDON_RUNNER_PG_SETTINGS is not a JSON object of strings: {e}")
+            })?,
+        },
     };
     taidon_runtime_kube::runner::run(options, crate::terminate_signal()).await?;
     Ok(())

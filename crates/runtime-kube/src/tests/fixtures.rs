@@ -106,6 +106,7 @@ pub(crate) fn created_pod(name: &str, role: &Role) -> Pod {
         role,
         &crate::control::pod_token(SECRET, name),
         password.as_deref(),
+        &Default::default(),
     );
     pod.metadata.uid = Some(format!("uid-{name}"));
     pod.metadata.resource_version = Some("100".into());

@@ -47,6 +47,7 @@ pub(crate) fn golden_pods() -> Vec<(&'static str, Pod)> {
                 },
                 &pod_token(SECRET, &instance_name),
                 None,
+                &Default::default(),
             ),
         ),
         (
@@ -60,6 +61,7 @@ pub(crate) fn golden_pods() -> Vec<(&'static str, Pod)> {
                 },
                 &pod_token(SECRET, &build_name),
                 Some(&pod_token(SECRET, &format!("{build_name}/postgres"))),
+                &Default::default(),
             ),
         ),
         (
@@ -73,6 +75,11 @@ pub(crate) fn golden_pods() -> Vec<(&'static str, Pod)> {
                 },
                 &pod_token(SECRET, &initdb_name),
                 None,
+                // A recipe's settings travel to the initdb pod.
+                &std::collections::BTreeMap::from([(
+                    "max_prepared_transactions".to_owned(),
+                    "10".to_owned(),
+                )]),
             ),
         ),
     ]

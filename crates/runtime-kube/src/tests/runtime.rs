@@ -124,8 +124,12 @@ async fn builds_create_their_golden_pods() {
             built.expect("a build server");
         } else {
             let area = DataArea::named(format!("pod:{name}:{state}:initdb"));
-            let (made, ()) =
-                tokio::join!(within(runtime.init_data(&area, runtime.engine())), kubelet);
+            // The recipe's settings travel to the initdb pod (see the golden file).
+            let mut engine = runtime.engine().clone();
+            engine
+                .settings
+                .insert("max_prepared_transactions".into(), "10".into());
+            let (made, ()) = tokio::join!(within(runtime.init_data(&area, &engine)), kubelet);
             made.expect("initdb");
         }
     }
