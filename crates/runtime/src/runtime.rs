@@ -226,6 +226,15 @@ impl LocalRuntime {
         self
     }
 
+    /// "15.18, 16.14": the versions installed, for messages.
+    fn installed(&self) -> String {
+        self.engines
+            .iter()
+            .map(|e| format!("{}.{}", e.fingerprint.major, e.fingerprint.minor))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     fn default_engine(&self) -> &Engine {
         &self.engines[0]
     }
@@ -241,12 +250,7 @@ impl LocalRuntime {
             .ok_or_else(|| RuntimeError::EngineMissing {
                 asked: fingerprint.version(),
                 major: fingerprint.major,
-                installed: self
-                    .engines
-                    .iter()
-                    .map(|e| format!("{}.{}", e.fingerprint.major, e.fingerprint.minor))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                installed: self.installed(),
             })
     }
 
@@ -263,12 +267,7 @@ impl LocalRuntime {
             .ok_or_else(|| RuntimeError::EngineMissing {
                 asked: format!("PostgreSQL {major}"),
                 major,
-                installed: self
-                    .engines
-                    .iter()
-                    .map(|e| format!("{}.{}", e.fingerprint.major, e.fingerprint.minor))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                installed: self.installed(),
             })
     }
 

@@ -313,26 +313,25 @@ where
     };
     let mut global = Global::default();
     global.merge(first.global);
-    let command = match first.verb {
-        Verb::PreparePsql(a) if a.recipe.is_some() => {
-            let run = match stages.run {
-                None => None,
-                Some(run) => {
-                    let run = match clap_parse(run, &stages.run_verb)? {
-                        Ok(parsed) => parsed,
-                        Err(print) => return Ok(Parsed::Print(print)),
-                    };
-                    global.merge(run.global);
-                    Some(run_stage(run.verb, true)?)
-                }
+    // Only a prepare has a run stage after it (`split` finds one nowhere else).
+    let run = match stages.run {
+        None => None,
+        Some(run) => {
+            let run = match clap_parse(run, &stages.run_verb)? {
+                Ok(parsed) => parsed,
+                Err(print) => return Ok(Parsed::Print(print)),
             };
-            Command::Prepare(Prepare {
-                keep: a.keep,
-                engine: engine_args(a.engine, "prepare")?,
-                what: PrepareWhat::Recipe(a.recipe.unwrap_or_default()),
-                run,
-            })
+            global.merge(run.global);
+            Some(run_stage(run.verb, true)?)
         }
+    };
+    let command = match first.verb {
+        Verb::PreparePsql(a) if a.recipe.is_some() => Command::Prepare(Prepare {
+            keep: a.keep,
+            engine: engine_args(a.engine, "prepare")?,
+            what: PrepareWhat::Recipe(a.recipe.unwrap_or_default()),
+            run,
+        }),
         Verb::PreparePsql(a) => {
             if !stages.separator {
                 return Err(UsageError::new(
@@ -341,17 +340,6 @@ where
                 ));
             }
             let psql = psql_all(&a.psql, PREPARE)?;
-            let run = match stages.run {
-                None => None,
-                Some(run) => {
-                    let run = match clap_parse(run, &stages.run_verb)? {
-                        Ok(parsed) => parsed,
-                        Err(print) => return Ok(Parsed::Print(print)),
-                    };
-                    global.merge(run.global);
-                    Some(run_stage(run.verb, true)?)
-                }
-            };
             Command::Prepare(Prepare {
                 keep: a.keep,
                 engine: engine_args(a.engine, PREPARE)?,
@@ -367,17 +355,6 @@ where
                 ));
             }
             let lb = lb_args(&a.lb)?;
-            let run = match stages.run {
-                None => None,
-                Some(run) => {
-                    let run = match clap_parse(run, &stages.run_verb)? {
-                        Ok(parsed) => parsed,
-                        Err(print) => return Ok(Parsed::Print(print)),
-                    };
-                    global.merge(run.global);
-                    Some(run_stage(run.verb, true)?)
-                }
-            };
             Command::Prepare(Prepare {
                 keep: a.keep,
                 engine: engine_args(a.engine, PREPARE_LB)?,
@@ -405,17 +382,6 @@ where
                         .to_owned(),
                 );
             }
-            let run = match stages.run {
-                None => None,
-                Some(run) => {
-                    let run = match clap_parse(run, &stages.run_verb)? {
-                        Ok(parsed) => parsed,
-                        Err(print) => return Ok(Parsed::Print(print)),
-                    };
-                    global.merge(run.global);
-                    Some(run_stage(run.verb, true)?)
-                }
-            };
             Command::Prepare(Prepare {
                 keep: a.keep,
                 engine: engine_args(a.engine, PREPARE_CMD)?,

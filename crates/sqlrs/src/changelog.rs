@@ -3,7 +3,6 @@
 //! directory, as Liquibase's own default search path).
 
 use std::collections::BTreeMap;
-use std::io;
 use std::path::Path;
 
 use taidon_api::LiquibaseRequest;
@@ -20,7 +19,7 @@ pub(crate) fn collect(
     lb: &LbArgs,
 ) -> Result<(LiquibaseRequest, BTreeMap<String, BlobSource>), ChangelogError> {
     let mut read = |rel: &str| std::fs::read(root.join(rel));
-    let mut list_dir = |rel: &str| list_files(&root.join(rel));
+    let mut list_dir = |rel: &str| crate::cmd_inputs::walk(&root.join(rel));
     let files = closure(&lb.changelog, &mut read, &mut list_dir)?;
     let changelog = files
         .first()
@@ -43,28 +42,4 @@ pub(crate) fn collect(
         },
         blobs,
     ))
-}
-
-/// Every file under `dir`, recursively, relative to it, '/'-separated.
-fn list_files(dir: &Path) -> io::Result<Vec<String>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d)? {
-            let entry = entry?;
-            let path = entry.path();
-            if entry.file_type()?.is_dir() {
-                stack.push(path);
-            } else if let Ok(rel) = path.strip_prefix(dir) {
-                out.push(
-                    rel.components()
-                        .map(|c| c.as_os_str().to_string_lossy())
-                        .collect::<Vec<_>>()
-                        .join("/"),
-                );
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
 }

@@ -85,8 +85,8 @@ fn display_rel(path: &str) -> String {
         .join("/")
 }
 
-/// Every file under `dir`, relative to it, sorted.
-fn walk(dir: &Path) -> io::Result<Vec<String>> {
+/// Every file under `dir`, recursively, relative to it ('/'-separated), sorted.
+pub(crate) fn walk(dir: &Path) -> io::Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
