@@ -98,6 +98,15 @@ const MASTER: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
 </databaseChangeLog>
 "#;
 
+/// `prepare:lb -- update --changelog-file db/changelog.xml`.
+const LB_UPDATE: [&str; 5] = [
+    "prepare:lb",
+    "--",
+    "update",
+    "--changelog-file",
+    "db/changelog.xml",
+];
+
 const MORE: &str = "databaseChangeLog:
   - changeSet:
       id: 3
@@ -118,14 +127,9 @@ fn write_changelog(env: &Env, seed: &str) {
 }
 
 fn lb_prepare(env: &Env) -> common::Run {
-    env.ok(&[
-        "--json",
-        "prepare:lb",
-        "--",
-        "update",
-        "--changelog-file",
-        "db/changelog.xml",
-    ])
+    let mut args = vec!["--json"];
+    args.extend(LB_UPDATE);
+    env.ok(&args)
 }
 
 fn query(env: &Env, dsn: &str, sql: &str) -> String {
@@ -226,16 +230,7 @@ fn liquibase_changesets_are_checkpoints_and_an_edit_rebuilds_from_the_one_before
 fn a_failing_changeset_is_named_and_the_ones_before_stay_published() {
     let (env, log) = lb_env();
     write_changelog(&env, "insert into nosuch values (2);\n");
-    let r = env.fails(
-        1,
-        &[
-            "prepare:lb",
-            "--",
-            "update",
-            "--changelog-file",
-            "db/changelog.xml",
-        ],
-    );
+    let r = env.fails(1, &LB_UPDATE);
     for part in [
         "id 2",
         "author bob",
@@ -261,16 +256,7 @@ fn a_changelog_that_does_not_parse_is_refused_before_any_build() {
         "db/changelog.xml",
         "<databaseChangeLog>\n  <changeSet id=\"1\"\n",
     );
-    let r = env.fails(
-        2,
-        &[
-            "prepare:lb",
-            "--",
-            "update",
-            "--changelog-file",
-            "db/changelog.xml",
-        ],
-    );
+    let r = env.fails(2, &LB_UPDATE);
     assert!(
         r.stderr
             .contains("db/changelog.xml: Liquibase cannot plan it: Error parsing line"),
@@ -291,16 +277,7 @@ fn a_changelog_that_does_not_parse_is_refused_before_any_build() {
     );
     env.write("db/sql/seed.sql", "select 1;\n");
     env.write("db/all/a.sql", ALL_A);
-    let r = env.fails(
-        2,
-        &[
-            "prepare:lb",
-            "--",
-            "update",
-            "--changelog-file",
-            "db/changelog.xml",
-        ],
-    );
+    let r = env.fails(2, &LB_UPDATE);
     assert!(
         r.stderr
             .contains("db/changelog.xml: include db/missing.yaml"),
@@ -328,16 +305,7 @@ fn a_missing_liquibase_gets_an_install_hint() {
     env.extra_env
         .push(("SQLRS_LIQUIBASE".into(), "/nonexistent/liquibase".into()));
     write_changelog(&env, "select 1;\n");
-    let r = env.fails(
-        1,
-        &[
-            "prepare:lb",
-            "--",
-            "update",
-            "--changelog-file",
-            "db/changelog.xml",
-        ],
-    );
+    let r = env.fails(1, &LB_UPDATE);
     assert!(
         r.stderr.contains("Liquibase not found")
             && r.stderr.contains("SQLRS_LIQUIBASE=/nonexistent/liquibase")
