@@ -178,7 +178,11 @@ printf '%s\n' "${COMPREPLY[@]}""#;
 fn bash_completes_commands_kinds_flags_and_values() {
     let env = Env::new();
     let got = bash_complete(&env, "sqlrs pre");
-    assert_eq!(got, ["prepare", "prepare:psql"]);
+    assert_eq!(
+        got,
+        ["prepare", "prepare:psql", "prepare:lb", "prepare:cmd"]
+    );
+    assert_eq!(bash_complete(&env, "sqlrs prepare:l"), ["lb"]);
     // bash breaks words at ':', so what follows the colon is completed.
     assert_eq!(bash_complete(&env, "sqlrs run:p"), ["psql", "pgbench"]);
     assert_eq!(bash_complete(&env, "sqlrs dsn abcdef01 --sc"), ["--scope"]);
@@ -282,7 +286,10 @@ fn fish_completes_through_the_generated_script() {
             .map(|l| l.split('\t').next().unwrap_or_default().to_owned())
             .collect()
     };
-    assert_eq!(complete("sqlrs pre"), ["prepare", "prepare:psql"]);
+    assert_eq!(
+        complete("sqlrs pre"),
+        ["prepare", "prepare:cmd", "prepare:lb", "prepare:psql"]
+    );
     assert_eq!(complete("sqlrs run:p"), ["run:pgbench", "run:psql"]);
     assert_eq!(
         complete("sqlrs pin abcdef01 --reason m"),
