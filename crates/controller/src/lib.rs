@@ -219,6 +219,7 @@ impl Controller {
             run: home.run_dir(),
             logs: home.logs(),
             work: home.root().join("work"),
+            cache: home.root().join("cache"),
         };
         let seams = Seams {
             runtime: Arc::new(

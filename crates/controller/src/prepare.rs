@@ -496,7 +496,9 @@ impl Controller {
                         message: format!("planning {} with Liquibase", lb.changelog),
                     },
                 );
-                let tool = Liquibase::find().map_err(|e| ControllerError::Tool(e.to_string()))?;
+                let tool = Liquibase::find()
+                    .map_err(|e| ControllerError::Tool(e.to_string()))?
+                    .with_class_archive(&self.home.root().join("cache"));
                 let (_dir, cwd) =
                     lay_out_step(&self.home.root().join("work"), &template, &self.blobs)
                         .await

@@ -193,6 +193,8 @@ pub struct LocalLayout {
     pub logs: PathBuf,
     /// Where each step's input files are laid out while it runs.
     pub work: PathBuf,
+    /// What tools keep between runs: Liquibase's JVM class archive.
+    pub cache: PathBuf,
 }
 
 /// Builds and instances as direct child processes of this one, their data in local
@@ -421,6 +423,7 @@ impl Runtime for LocalRuntime {
                 server,
                 engine,
                 work: self.layout.work.clone(),
+                cache: self.layout.cache.clone(),
             }) as Box<dyn BuildServer>)
         })
     }
@@ -513,6 +516,7 @@ struct LocalBuild {
     server: Server,
     engine: Engine,
     work: PathBuf,
+    cache: PathBuf,
 }
 
 /// A fresh directory under `work` with the input closure of `step` laid out in it (removed
@@ -625,8 +629,9 @@ impl LocalBuild {
         lb: &LiquibaseStep,
         cwd: &Path,
     ) -> Result<StepOutput, StepError> {
-        let tool =
-            crate::liquibase::Liquibase::find().map_err(|e| StepError::setup(e.to_string()))?;
+        let tool = crate::liquibase::Liquibase::find()
+            .map_err(|e| StepError::setup(e.to_string()))?
+            .with_class_archive(&self.cache);
         let password = format!("{:032x}", rand::random::<u128>());
         self.server
             .set_password("postgres", &password)

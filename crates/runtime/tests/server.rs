@@ -281,6 +281,7 @@ async fn local_runtime_builds_and_runs_instances_through_the_trait() {
             run: root.join("run"),
             logs: root.join("logs"),
             work: root.join("work"),
+            cache: root.join("cache"),
         },
     ));
     assert_eq!(runtime.engine(), &fx.engine.fingerprint);

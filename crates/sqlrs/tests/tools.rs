@@ -190,6 +190,19 @@ fn liquibase_changesets_are_checkpoints_and_an_edit_rebuilds_from_the_one_before
         assert!(labels.iter().any(|l| l == name), "{name} in {labels:?}");
     }
 
+    // The JVM's class archive was written once, under its own name, and later runs map it.
+    let archives: Vec<String> = std::fs::read_dir(env.home.join("cache"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        archives.len() == 1
+            && archives[0].starts_with("liquibase-")
+            && archives[0].ends_with(".jsa"),
+        "{archives:?}"
+    );
+
     // Unchanged: all cached, and Liquibase does not even start (the plan is kept).
     let again = lb_prepare(&env).json();
     assert_eq!(again["cache_hit"], true);
