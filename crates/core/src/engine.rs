@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// The options a base data directory is created with. They are part of the base state's id.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct InitdbOptions {
     pub encoding: String,
     pub locale: String,
@@ -39,7 +39,7 @@ impl InitdbOptions {
 
 /// What a base state is made of: engine name, major and minor version, initdb options, and the
 /// server settings the recipe asks for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct EngineFingerprint {
     pub major: u32,
     pub minor: u32,

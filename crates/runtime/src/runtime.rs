@@ -207,6 +207,8 @@ pub struct LocalRuntime {
     layout: LocalLayout,
     /// Instances also listen on this address and are reached there.
     advertise: Option<std::net::IpAddr>,
+    /// Settings the engines accepted already (a cache hit asks again): engine and settings.
+    accepted: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<EngineFingerprint>>>,
 }
 
 impl LocalRuntime {
@@ -218,6 +220,7 @@ impl LocalRuntime {
             run_as,
             layout,
             advertise: None,
+            accepted: Default::default(),
         }
     }
 
@@ -350,7 +353,10 @@ impl Runtime for LocalRuntime {
     ) -> BoxFuture<'a, Result<(), RuntimeError>> {
         Box::pin(async move {
             let installed = self.engine_for(engine)?;
-            if engine.settings.is_empty() {
+            let known = |set: &std::collections::HashSet<EngineFingerprint>| set.contains(engine);
+            if engine.settings.is_empty()
+                || known(&self.accepted.lock().unwrap_or_else(|p| p.into_inner()))
+            {
                 return Ok(());
             }
             ensure_dir(&self.layout.run)?;
@@ -363,6 +369,12 @@ impl Runtime for LocalRuntime {
                 .check_settings(&scratch, self.run_as.as_ref())
                 .await;
             let _ = std::fs::remove_dir_all(&scratch);
+            if checked.is_ok() {
+                self.accepted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(engine.clone());
+            }
             checked
         })
     }
