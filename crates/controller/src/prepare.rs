@@ -420,19 +420,17 @@ impl Controller {
 
     /// Every file `step` names is a stored blob at a place inside its closure.
     fn check_files(&self, step: &Step) -> Result<(), ControllerError> {
-        {
-            for (path, sha256) in step.files() {
-                if !crate::blobs::stays_under_root(&path) || path.is_empty() {
-                    return Err(ControllerError::BadInput(format!(
-                        "input {path:?} of step {} leaves its closure's root",
-                        step.label()
-                    )));
-                }
-                if !self.blobs.contains(sha256) {
-                    return Err(ControllerError::BadInput(format!(
-                        "unknown blob {sha256} ({path}): upload it first (PUT /v1/blobs/{sha256})"
-                    )));
-                }
+        for (path, sha256) in step.files() {
+            if !crate::blobs::stays_under_root(&path) || path.is_empty() {
+                return Err(ControllerError::BadInput(format!(
+                    "input {path:?} of step {} leaves its closure's root",
+                    step.label()
+                )));
+            }
+            if !self.blobs.contains(sha256) {
+                return Err(ControllerError::BadInput(format!(
+                    "unknown blob {sha256} ({path}): upload it first (PUT /v1/blobs/{sha256})"
+                )));
             }
         }
         Ok(())
