@@ -514,6 +514,9 @@ pub enum PrepareEvent {
         argv: Vec<String>,
         dsn: String,
     },
+    /// Nothing new: sent every few seconds while a client's command runs, so that a client
+    /// that left is noticed (its stream fails) and its build ends. Clients ignore it.
+    Heartbeat {},
     /// Step `index` finished and its snapshot is published.
     StepDone {
         index: usize,

@@ -173,7 +173,11 @@ async fn prepare(
                     tracing::warn!(instance = %info.instance_id, error = %e, "cannot record the instance's owner");
                 }
             }
-            let _ = out.send(event);
+            // The client left (its stream is gone): stop forwarding, so that the prepare sees
+            // its events closed (a client's command step ends then, not hours later).
+            if out.send(event).is_err() {
+                break;
+            }
         }
     });
     ndjson(out_rx)

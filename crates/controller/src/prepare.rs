@@ -667,6 +667,9 @@ pub(crate) struct ClientBuild {
     done: Option<tokio::sync::oneshot::Sender<CommandDone>>,
 }
 
+/// How often a build waiting for a client's command checks that the client is still there.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a client's command may run before its build is given up.
 const CLIENT_COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
 
@@ -730,13 +733,22 @@ impl Controller {
                     dsn: self.dsn_for(&token),
                 },
             );
-            let done = tokio::select! {
-                done = rx => done.map_err(|_| StepError::setup("the build was abandoned".into()))?,
-                () = events.closed() => {
-                    return Err(StepError::setup("the client left before its command ended".into()))
-                }
-                () = tokio::time::sleep(CLIENT_COMMAND_TIMEOUT) => {
-                    return Err(StepError::setup("the client's command did not end in time".into()))
+            let deadline = tokio::time::sleep(CLIENT_COMMAND_TIMEOUT);
+            tokio::pin!(deadline);
+            tokio::pin!(rx);
+            let mut beat = tokio::time::interval(HEARTBEAT);
+            let done = loop {
+                tokio::select! {
+                    done = &mut rx => {
+                        break done.map_err(|_| StepError::setup("the build was abandoned".into()))?
+                    }
+                    () = events.closed() => {
+                        return Err(StepError::setup("the client left before its command ended".into()))
+                    }
+                    () = &mut deadline => {
+                        return Err(StepError::setup("the client's command did not end in time".into()))
+                    }
+                    _ = beat.tick() => send(events, PrepareEvent::Heartbeat {}),
                 }
             };
             if done.exit_code != 0 {

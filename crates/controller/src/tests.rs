@@ -1098,3 +1098,35 @@ async fn a_client_command_builds_through_its_report_and_only_a_client_can_rebuil
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_during_its_command_ends_the_build_and_publishes_nothing() {
+    let fx = fixture("").await;
+    let cmd = Step::Command(taidon_core::plan::CommandStep {
+        argv: vec!["alembic".into(), "upgrade".into(), "head".into()],
+        inputs: vec![],
+    });
+    let head = fx.ids(std::slice::from_ref(&cmd))[1];
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let ctl = Arc::clone(&fx.ctl);
+    let engine = fx.fake.engine().clone();
+    let build = tokio::spawn(async move { ctl.build_steps(&engine, vec![cmd], &tx).await });
+    let build_id = loop {
+        if let PrepareEvent::RunCommand { build, .. } = rx.recv().await.expect("events") {
+            break build;
+        }
+    };
+    // The client goes away: its events are closed.
+    drop(rx);
+    let err = tokio::time::timeout(Duration::from_secs(10), build)
+        .await
+        .expect("the build ends at once, not after the command's timeout")
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("the client left"), "{err}");
+    assert!(!fx.ctl.store.contains(&head));
+    assert!(!matches!(
+        fx.ctl.resolve(&rw(head, build_id)),
+        ResolveResponse::Ready(_)
+    ));
+}

@@ -103,7 +103,7 @@ fn line(event: &PrepareEvent, verbose: bool, tally: &Tally, now: Instant) -> Str
                 format!("sqlrs: step {index}/{total} {label}\n")
             }
         }
-        PrepareEvent::Transfer { .. } => String::new(),
+        PrepareEvent::Transfer { .. } | PrepareEvent::Heartbeat {} => String::new(),
         PrepareEvent::RunCommand {
             index,
             total,
@@ -330,6 +330,7 @@ impl Bars {
             | PrepareEvent::Restoring { .. }
             | PrepareEvent::Notice { .. }
             | PrepareEvent::RunCommand { .. } => self.println(plain),
+            PrepareEvent::Heartbeat {} => {}
             PrepareEvent::Downloading { state_id, .. } => {
                 self.end_activity();
                 let bar = self.spinner(
@@ -460,6 +461,9 @@ impl Renderer {
 
     /// Shows one event.
     pub(crate) fn event(&mut self, event: &PrepareEvent, now: Instant) {
+        if matches!(event, PrepareEvent::Heartbeat {}) {
+            return;
+        }
         match event {
             PrepareEvent::StepDone { .. } => self.tally.built += 1,
             PrepareEvent::Downloaded { .. } => self.tally.downloaded += 1,

@@ -890,3 +890,63 @@ fn plan_and_cache_explain_say_what_is_cached_and_why_not() {
     );
     assert!(r.stderr.contains("drop the run stage"), "{}", r.describe());
 }
+
+#[test]
+fn a_client_killed_during_its_command_leaves_nothing_published() {
+    let env = Env::new();
+    env.write("db/m.sql", "select 1;\n");
+    let mut child = env
+        .command(&[
+            "prepare:cmd",
+            "--input",
+            "db",
+            "--",
+            "sh",
+            "-c",
+            "echo started > started.txt; sleep 20",
+        ])
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = env.work.join("started.txt");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !started.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command never ran\n{}",
+            env.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The controller notices on its next heartbeat, ends the build and publishes nothing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let ls = env.ls();
+        let failed = ls["states"].as_array().unwrap().iter().find(|s| {
+            s["label"]
+                .as_str()
+                .is_some_and(|l| l.starts_with("cmd: sh -c echo started"))
+        });
+        if let Some(s) = failed.filter(|s| s["status"] == "FAILED") {
+            assert!(
+                s["status_reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("the client left"),
+                "{s:#}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ls:#}\n{}",
+            env.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(env.unpublished_snapshot_dirs().is_empty());
+    assert_eq!(env.states_with_status("WARM").len(), 1, "only the base");
+}
