@@ -69,23 +69,25 @@ impl Controller {
         };
         let mut engine = self.runtime.engine().clone();
         if let Some(asked) = req.version.as_deref().map(str::trim) {
-            let (major, minor) = parse_version(asked).ok_or_else(|| {
-                ControllerError::BadInput(format!(
-                    "engine version {asked:?}: expected a major such as 16, or major.minor such as 16.4"
-                ))
-            })?;
+            let taidon_core::project::EngineVersion { major, minor } =
+                asked
+                    .parse()
+                    .map_err(|e: taidon_core::project::ParseEngineVersionError| {
+                        ControllerError::BadInput(format!("engine version: {e}"))
+                    })?;
             let found = installed
                 .iter()
                 .filter(|e| e.major == major && minor.is_none_or(|m| e.minor == m))
                 .max_by_key(|e| e.minor)
                 .ok_or_else(|| {
-                    ControllerError::BadInput(format!(
-                        "PostgreSQL {asked} is not installed here (installed: {}). Install it \
-                         (Debian: `apt-get install postgresql-{major}`) or add the directory \
-                         holding its initdb and postgres to TAIDON_PG_BIN (a ':'-separated \
-                         list), then restart Taidon",
-                        listed()
-                    ))
+                    ControllerError::BadInput(
+                        RuntimeError::EngineMissing {
+                            asked: format!("PostgreSQL {asked}"),
+                            major,
+                            installed: listed(),
+                        }
+                        .to_string(),
+                    )
                 })?;
             engine.major = found.major;
             engine.minor = found.minor;
@@ -793,13 +795,5 @@ impl Controller {
             .get(build)
             .filter(|b| b.state == *state)
             .map(|b| b.target.clone())
-    }
-}
-
-/// `"16"` or `"16.4"`.
-fn parse_version(text: &str) -> Option<(u32, Option<u32>)> {
-    match text.split_once('.') {
-        Some((major, minor)) => Some((major.parse().ok()?, Some(minor.parse().ok()?))),
-        None => Some((text.parse().ok()?, None)),
     }
 }

@@ -177,26 +177,26 @@ impl Step {
                     .chain(words)
                     .collect::<Vec<_>>()
                     .join(" ");
-                if line.chars().count() > 40 {
-                    let cut: String = line.chars().take(37).collect();
-                    format!("cmd: {cut}...")
-                } else {
-                    format!("cmd: {line}")
-                }
+                format!("cmd: {}", shortened(&line))
             }
             Step::Psql(PsqlStep {
                 input: PsqlInput::Command { sql },
                 ..
             }) => {
                 let one_line: String = sql.split_whitespace().collect::<Vec<_>>().join(" ");
-                if one_line.chars().count() > 40 {
-                    let cut: String = one_line.chars().take(37).collect();
-                    format!("-c '{cut}...'")
-                } else {
-                    format!("-c '{one_line}'")
-                }
+                format!("-c '{}'", shortened(&one_line))
             }
         }
+    }
+}
+
+/// `text` cut to 40 characters for a label, `...` marking the cut.
+fn shortened(text: &str) -> String {
+    if text.chars().count() > 40 {
+        let cut: String = text.chars().take(37).collect();
+        format!("{cut}...")
+    } else {
+        text.to_owned()
     }
 }
 

@@ -644,22 +644,15 @@ impl LocalBuild {
         let tool = crate::liquibase::Liquibase::find()
             .map_err(|e| StepError::setup(e.to_string()))?
             .with_class_archive(&self.cache);
-        let password = format!("{:032x}", rand::random::<u128>());
-        self.server
-            .set_password("postgres", &password)
+        let (at, password) = self
+            .open_to_client()
             .await
             .map_err(|e| StepError::setup(format!("cannot prepare the build server: {e}")))?;
-        let url = format!(
-            "jdbc:postgresql://{}:{}/postgres",
-            self.server.host, self.server.port
-        );
+        let url = format!("jdbc:postgresql://{}:{}/postgres", at.host, at.port);
         let ran = tool
             .update_one(cwd, &lb.changelog, &lb.args, &url, "postgres", &password)
             .await;
-        let forget = self
-            .server
-            .execute("ALTER ROLE postgres PASSWORD NULL")
-            .await;
+        let forget = self.close_to_client().await;
         let stdout = changeset_outcome(lb, ran)?;
         forget.map_err(|e| StepError::setup(format!("cannot reset the build password: {e}")))?;
         Ok(StepOutput {

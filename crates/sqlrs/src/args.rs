@@ -1080,16 +1080,8 @@ fn engine_args(flags: cli::EngineFlags, verb: &str) -> Result<EngineArgs, UsageE
         settings: BTreeMap::new(),
     };
     if let Some(v) = &out.version {
-        let ok = match v.split_once('.') {
-            Some((major, minor)) => major.parse::<u32>().is_ok() && minor.parse::<u32>().is_ok(),
-            None => v.parse::<u32>().is_ok(),
-        };
-        if !ok {
-            return Err(UsageError::new(
-                verb,
-                format!("--engine {v:?}: expected a major such as 16, or major.minor such as 16.4"),
-            ));
-        }
+        v.parse::<taidon_core::project::EngineVersion>()
+            .map_err(|e| UsageError::new(verb, format!("--engine: {e}")))?;
     }
     for s in flags.pg_setting {
         let (name, value) = taidon_core::engine::parse_setting(&s)
