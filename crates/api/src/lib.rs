@@ -31,6 +31,9 @@
 //! | `GET /v1/keys` | | [`PublicKeys`] |
 //! | `POST /v1/builds/{build}/done` | [`CommandDone`] | `{}` |
 //! | `POST /v1/plan` | [`PrepareRequest`] | [`Plan`] (builds nothing) |
+//! | `POST /v1/leases` | [`LeaseRequest`] | [`LeaseInfo`] (201) |
+//! | `GET /v1/leases` | | `Vec<`[`LeaseInfo`]`>` (the caller's; an admin's: all) |
+//! | `DELETE /v1/leases/{id}` | | [`LeaseInfo`] (the copy is destroyed) |
 //!
 //! Errors answer with a 4xx or 5xx status and an [`ApiError`] body: 401 for a missing, wrong,
 //! expired or revoked token, 403 for a token that may not do what it asks (see [`TokenRole`]).
@@ -43,7 +46,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 pub use taidon_core::token::Scope;
 pub use taidon_core::CloneStrategy;
-use taidon_core::{InstanceId, StateId, Step};
+use taidon_core::{InstanceId, LeaseId, StateId, Step};
 
 /// The API version prefix.
 pub const PREFIX: &str = "/v1";
@@ -577,6 +580,86 @@ pub struct CommandDone {
 pub struct CreateInstance {
     /// A state id or a prefix of one.
     pub state: String,
+}
+
+/// How far one lease's copy is kept apart from the others'.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// A database of its own (`CREATE DATABASE … TEMPLATE`) inside a running instance of the
+    /// state, which other leases share: their cluster-wide objects (roles, tablespaces,
+    /// settings changed with `ALTER SYSTEM`) are shared too.
+    #[default]
+    Database,
+    /// A whole instance of its own (a clone of the snapshot and its own `postgres`).
+    Instance,
+}
+
+impl std::fmt::Display for Isolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Isolation::Database => "database",
+            Isolation::Instance => "instance",
+        })
+    }
+}
+
+impl std::str::FromStr for Isolation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "database" => Ok(Isolation::Database),
+            "instance" => Ok(Isolation::Instance),
+            _ => Err(format!(
+                "unknown isolation {s:?}: expected database or instance"
+            )),
+        }
+    }
+}
+
+/// `POST /v1/leases`: a fresh, isolated copy of a state for one test. Exactly one of `state`
+/// and `prepare` is given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    /// A state id or a prefix of one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// A recipe, as the prepare it expands to (its files are blobs already): the state is
+    /// built first if it is missing, once however many leases ask at the same time.
+    /// `create_instance` is ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare: Option<PrepareRequest>,
+    /// How long the lease lives, in seconds; the configured default when absent. Over the
+    /// configured maximum is a 400.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<u64>,
+    #[serde(default)]
+    pub isolation: Isolation,
+    /// How long to wait for a copy when none is ready, in seconds; the configured default
+    /// when absent. Past it: 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_s: Option<u64>,
+}
+
+/// A lease: a fresh copy of a state that nobody else writes to, until released or expired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    pub lease: LeaseId,
+    pub state_id: StateId,
+    pub isolation: Isolation,
+    /// The gateway DSN, with a token for this copy only as the password.
+    pub dsn: String,
+    /// The instance the copy lives in (shared with other leases when `isolation` is
+    /// `database`).
+    pub instance_id: InstanceId,
+    /// The copy's database: the lease's own when `isolation` is `database`, else `postgres`.
+    pub database: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    /// How long the request waited for a ready copy (0 when one was ready).
+    pub waited_ms: u64,
+    /// The subject of the API token that took it.
+    pub owner: String,
 }
 
 /// What a `DELETE` removed.

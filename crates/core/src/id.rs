@@ -100,6 +100,14 @@ hex_id!(
     "an instance id"
 );
 
+hex_id!(
+    /// The id of a lease (a fresh copy handed to one test): 128 random bits, chosen by the
+    /// controller, so one cannot be guessed from another.
+    LeaseId,
+    16,
+    "a lease id"
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

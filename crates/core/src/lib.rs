@@ -20,6 +20,6 @@ pub mod store;
 pub mod token;
 
 pub use engine::{EngineFingerprint, InitdbOptions};
-pub use id::{InstanceId, ParseIdError, StateId};
+pub use id::{InstanceId, LeaseId, ParseIdError, StateId};
 pub use plan::{LiquibaseStep, PsqlInput, PsqlStep, Step};
 pub use store::{CloneStrategy, DataArea};
