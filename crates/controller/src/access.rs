@@ -565,8 +565,13 @@ impl Controller {
     /// The DSN every command hands out for `token`: verify-full against the local CA when the
     /// gateway speaks TLS.
     pub(crate) fn dsn_for(&self, token: &str) -> String {
+        self.dsn_for_database(token, "postgres")
+    }
+
+    /// [`Controller::dsn_for`] naming `database`.
+    pub(crate) fn dsn_for_database(&self, token: &str, database: &str) -> String {
         let tls_root = lock(&self.access.tls_root).clone();
-        dsn_with_token(token, &self.gateway_addr(), tls_root.as_deref())
+        dsn_with_database(token, &self.gateway_addr(), tls_root.as_deref(), database)
     }
 }
 
@@ -613,12 +618,23 @@ fn count_out(states: &mut HashMap<StateId, u32>, sid: &StateId, n: u32) {
 /// `postgres://sqlrs:TOKEN@gateway/postgres` with `sslmode=verify-full` and `sslrootcert` when
 /// the gateway speaks TLS, `sslmode=disable` otherwise.
 pub fn dsn_with_token(token: &str, gateway: &str, tls_root: Option<&Path>) -> String {
+    dsn_with_database(token, gateway, tls_root, "postgres")
+}
+
+/// [`dsn_with_token`] naming `database`.
+fn dsn_with_database(
+    token: &str,
+    gateway: &str,
+    tls_root: Option<&Path>,
+    database: &str,
+) -> String {
+    let db = percent_encode(database);
     match tls_root {
         Some(ca) => format!(
-            "postgres://sqlrs:{token}@{gateway}/postgres?sslmode=verify-full&sslrootcert={}",
+            "postgres://sqlrs:{token}@{gateway}/{db}?sslmode=verify-full&sslrootcert={}",
             percent_encode(&ca.display().to_string())
         ),
-        None => format!("postgres://sqlrs:{token}@{gateway}/postgres?sslmode=disable"),
+        None => format!("postgres://sqlrs:{token}@{gateway}/{db}?sslmode=disable"),
     }
 }
 

@@ -47,6 +47,16 @@
 //!
 //! [webhook]
 //! secret = "..."                # HMAC-SHA256 key; else <home>/webhook.secret
+//!
+//! [leases]                      # fresh copies for tests (POST /v1/leases, sqlrs lease)
+//! default_ttl_s = 600           # a lease nobody releases is reclaimed after this
+//! max_ttl_s = 86400             # asking for longer is refused (400)
+//! wait_s = 60                   # how long a request waits for a copy, then 503
+//! min_ready = 2                 # databases kept ready per state being leased ...
+//! max_ready = 16                # ... up to this, as the recent lease rate asks
+//! max_databases = 256           # leased and ready databases in one instance
+//! parallel = 0                  # databases made at once per instance (0: the cores)
+//! host_idle_s = 300             # an instance of leased databases none uses stops after this
 //! ```
 
 use std::path::Path;
@@ -83,6 +93,47 @@ pub struct Config {
     pub lifecycle: LoopConfig,
     pub policy: PolicyConfig,
     pub webhook: WebhookConfig,
+    pub leases: LeasesConfig,
+}
+
+/// `[leases]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeasesConfig {
+    pub default_ttl_s: u64,
+    pub max_ttl_s: u64,
+    pub wait_s: u64,
+    pub min_ready: usize,
+    pub max_ready: usize,
+    pub max_databases: usize,
+    pub parallel: usize,
+    pub host_idle_s: u64,
+}
+
+impl Default for LeasesConfig {
+    fn default() -> Self {
+        Self {
+            // Ten minutes outlives a slow test; a forgotten lease does not outlive a lunch.
+            default_ttl_s: 600,
+            max_ttl_s: 24 * 3600,
+            wait_s: 60,
+            min_ready: 2,
+            max_ready: 16,
+            max_databases: 256,
+            parallel: 0,
+            host_idle_s: 300,
+        }
+    }
+}
+
+impl LeasesConfig {
+    /// Databases made at once in one instance: the setting, else one per core.
+    pub fn parallelism(&self) -> usize {
+        if self.parallel > 0 {
+            return self.parallel;
+        }
+        std::thread::available_parallelism().map_or(2, usize::from)
+    }
 }
 
 /// `[instances]`.
@@ -370,6 +421,22 @@ impl Config {
             if !(v.is_finite() && v >= 0.0) {
                 return bad(field, "must be a finite number >= 0");
             }
+        }
+        let l = &self.leases;
+        if l.default_ttl_s == 0 {
+            return bad("leases.default_ttl_s", "must be at least 1");
+        }
+        if l.max_ttl_s < l.default_ttl_s {
+            return bad("leases.max_ttl_s", "must be at least leases.default_ttl_s");
+        }
+        if l.max_ready < l.min_ready {
+            return bad("leases.max_ready", "must be at least leases.min_ready");
+        }
+        if l.max_databases == 0 || l.max_databases < l.max_ready {
+            return bad(
+                "leases.max_databases",
+                "must be at least 1 and at least leases.max_ready",
+            );
         }
         if self.webhook.secret.as_deref().is_some_and(str::is_empty) {
             return bad("webhook.secret", "must not be empty");

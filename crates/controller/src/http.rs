@@ -61,6 +61,8 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/builds/{build}/done", post(command_done))
         .route("/v1/plan", post(plan))
+        .route("/v1/leases", get(leases).post(lease))
+        .route("/v1/leases/{id}", axum::routing::delete(release_lease))
         .route_layer(middleware::from_fn_with_state(USERS, require_role));
     let gateways = Router::new()
         .route("/v1/resolve", post(resolve))
@@ -293,6 +295,30 @@ async fn delete_instance(
 ) -> Result<Response, ControllerError> {
     let iid = ctl.authorize_instance(&caller, &id)?;
     Ok(Json(ctl.delete_instance_typed(&iid.to_string()).await?).into_response())
+}
+
+async fn lease(
+    State(ctl): Ctl,
+    axum::Extension(caller): Caller,
+    Json(req): Json<taidon_api::LeaseRequest>,
+) -> Result<Response, ControllerError> {
+    let info = ctl.lease(req, &caller).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn leases(
+    State(ctl): Ctl,
+    axum::Extension(caller): Caller,
+) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.list_leases(&caller)?).into_response())
+}
+
+async fn release_lease(
+    State(ctl): Ctl,
+    axum::Extension(caller): Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.release_lease(&id, &caller).await?).into_response())
 }
 
 async fn resolve(State(ctl): Ctl, Json(req): Json<ResolveRequest>) -> Response {

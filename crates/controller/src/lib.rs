@@ -10,6 +10,7 @@ pub mod home;
 mod http;
 mod instances;
 mod keyed;
+mod leases;
 mod lifecycle;
 pub mod meta;
 mod pins;
@@ -156,6 +157,8 @@ pub struct Controller {
     /// One lock per state being built (or removed, or evicted): two prepares of one missing
     /// state build it once.
     building: keyed::KeyedLocks<StateId>,
+    /// Fresh copies handed to tests, and the pools they come from.
+    leases: leases::Leases,
     /// Build servers opened to a client running a step's command, by build id: what Resolve
     /// hands the gateway for the build's token, and where the client's report goes.
     client_builds: std::sync::Mutex<HashMap<taidon_core::InstanceId, prepare::ClientBuild>>,
@@ -295,6 +298,7 @@ impl Controller {
             api_url: RwLock::new(String::new()),
             live: RwLock::new(HashMap::new()),
             building: keyed::KeyedLocks::default(),
+            leases: leases::Leases::default(),
             client_builds: Default::default(),
             lifecycle: lifecycle::Lifecycle::new(lifecycle_config, webhook_secret),
             shutdown,
@@ -496,7 +500,8 @@ impl Controller {
             self.meta
                 .event(now, "reconciled", Some(&r.state_id), None, Some(reason))?;
         }
-        self.adopt_instances().await
+        self.adopt_instances().await?;
+        self.reconcile_leases().await
     }
 
     /// The status `sqlrs status` shows.

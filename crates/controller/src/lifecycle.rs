@@ -218,6 +218,7 @@ impl Controller {
     pub async fn lifecycle_tick(self: &Arc<Self>) -> Result<(), ControllerError> {
         let mut first_error = None;
         self.reap_dead_instances().await;
+        self.tend_leases().await;
         match self.instances_to_stop(0) {
             Ok(victims) => self.stop_each(victims).await,
             Err(e) => first_error = first_error.or(Some(e)),
@@ -412,6 +413,7 @@ impl Controller {
             .iter()
             .map(|(i, l)| (*i, l.state_id))
             .collect();
+        let leased = self.leased_instances();
         let mut activity = lock(&self.lifecycle.activity);
         live.into_iter()
             .map(|(iid, sid)| {
@@ -425,6 +427,7 @@ impl Controller {
                     last_activity_ms: last,
                     lease_expires_ms: last.saturating_add(lease),
                     standby: standby.contains(&iid),
+                    leased: leased.contains(&iid),
                 }
             })
             .collect()
@@ -724,6 +727,9 @@ impl Controller {
         };
         for f in &facts {
             let mut target = policy::standby_target(f, &policy, now);
+            if matches!(f.presence, Presence::Hot | Presence::Warm) {
+                target = target.max(self.lease_standby_target(f.id));
+            }
             if holds.contains_key(&f.id) && matches!(f.presence, Presence::Hot | Presence::Warm) {
                 target = target.max(1);
             }

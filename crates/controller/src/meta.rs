@@ -122,6 +122,7 @@ impl Meta {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(crate::tokens::SCHEMA)?;
+        conn.execute_batch(crate::leases::SCHEMA)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })

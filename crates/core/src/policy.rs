@@ -330,6 +330,9 @@ pub struct InstanceFacts<I, K> {
     pub lease_expires_ms: u64,
     /// A pre-started standby nobody has taken yet (the pool manages those).
     pub standby: bool,
+    /// Held by a test's lease (its own instance, or the host of leased databases): only the
+    /// lease's release or expiry ends it, never idleness or capacity.
+    pub leased: bool,
 }
 
 /// Why an instance is stopped.
@@ -376,8 +379,10 @@ pub fn instances_to_stop<I: Copy + Ord, K: Copy>(
     now_ms: u64,
     score: impl Fn(&K) -> f64,
 ) -> Vec<(I, StopReason)> {
+    let leased = instances.iter().filter(|i| i.leased).count();
     let mut out = Vec::new();
-    for i in instances {
+    let instances: Vec<&InstanceFacts<I, K>> = instances.iter().filter(|i| !i.leased).collect();
+    for i in &instances {
         if i.standby {
             continue;
         }
@@ -389,7 +394,7 @@ pub fn instances_to_stop<I: Copy + Ord, K: Copy>(
             out.push((i.id, StopReason::Idle));
         }
     }
-    let capacity = limits.capacity();
+    let capacity = limits.capacity().saturating_sub(leased);
     let mut running = instances.len() - out.len();
     if running + reserve > capacity {
         let mut idle: Vec<(bool, f64, I)> = instances
@@ -407,6 +412,32 @@ pub fn instances_to_stop<I: Copy + Ord, K: Copy>(
         }
     }
     out
+}
+
+/// How many fresh copies of a state to keep ready for leases: enough to cover the requests
+/// that arrive while one copy is made (the recent lease rate times the time one copy takes,
+/// doubled against bursts), never fewer than `min` nor more than `max`.
+pub fn lease_ready_target(leases_per_s: f64, refill_ms: u64, min: usize, max: usize) -> usize {
+    let demand = leases_per_s.max(0.0) * (refill_ms as f64 / 1000.0) * 2.0;
+    let want = if demand.is_finite() {
+        demand.ceil() as usize
+    } else {
+        max
+    };
+    want.max(min).min(max.max(min))
+}
+
+/// The rate of recent events: how many fell in the last `window_ms`, per second.
+pub fn recent_rate(times_ms: &[u64], now_ms: u64, window_ms: u64) -> f64 {
+    if window_ms == 0 {
+        return 0.0;
+    }
+    let since = now_ms.saturating_sub(window_ms);
+    let n = times_ms
+        .iter()
+        .filter(|t| **t > since && **t <= now_ms)
+        .count();
+    n as f64 * 1000.0 / window_ms as f64
 }
 
 /// The standby pool's sizes (`[policy.standby]` in `config.toml`).

@@ -87,6 +87,10 @@ pub struct Claims {
     pub nonce: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
+    /// The one database the token reaches (a lease's own): the gateway connects there
+    /// whatever database the client names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db: Option<String>,
 }
 
 /// Why a token was refused. The gateway tells the client only that authentication failed.
@@ -432,6 +436,7 @@ impl Keyset {
             sub: "sqlrs".to_owned(),
             nonce: None,
             limits: None,
+            db: None,
         }
     }
 

@@ -283,10 +283,21 @@ pub(crate) async fn dial(target: &Target) -> Result<TcpStream, GatewayError> {
 }
 
 /// The startup parameters the backend is sent, besides `user`: the client's, with a read-only
-/// session's `default_transaction_read_only` forced on. They are also the pool's key.
-pub(crate) fn backend_params(params: &StartupParams, scope: Scope) -> StartupParams {
+/// session's `default_transaction_read_only` forced on, and the database a lease's token is
+/// bound to (`db`) in place of the client's. They are also the pool's key.
+pub(crate) fn backend_params(
+    params: &StartupParams,
+    scope: Scope,
+    db: Option<&str>,
+) -> StartupParams {
     let mut forwarded = StartupParams::default();
+    if let Some(db) = db {
+        forwarded.set("database".to_owned(), db.to_owned());
+    }
     for (k, v) in params.iter() {
+        if db.is_some() && k == "database" {
+            continue;
+        }
         // A read-only session may not turn read-only off from its startup packet.
         if k == "user" || (scope == Scope::Ro && k == "default_transaction_read_only") {
             continue;

@@ -594,7 +594,7 @@ impl Gateway {
                 what: format!("subject {:?}", claims.sub),
             });
         }
-        let backend_params = flow::backend_params(&params, claims.scope);
+        let backend_params = flow::backend_params(&params, claims.scope, claims.db.as_deref());
         // A replication connection is a different protocol: never kept.
         let poolable = self.pool.is_some() && params.get("replication").is_none();
         let (target, resolve_us, dialed, pool_key) = self

@@ -89,6 +89,14 @@ pub(crate) enum Command {
     Events {
         id: Option<String>,
     },
+    /// `lease RECIPE|ID [--ttl D] [--isolation I] [--wait D]`.
+    Lease(LeaseArgs),
+    /// `release LEASE`.
+    Release {
+        lease: String,
+    },
+    /// `leases`.
+    Leases,
     /// `completions SHELL`.
     Completions(Shell),
     /// `__complete WORDS...`: what the completion scripts ask.
@@ -101,6 +109,16 @@ pub(crate) struct PinArgs {
     pub(crate) id: String,
     pub(crate) reason: Option<taidon_api::PinReason>,
     pub(crate) ref_name: Option<String>,
+}
+
+/// `lease`: what to copy and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LeaseArgs {
+    /// A recipe of sqlrs.toml, or a state id or prefix.
+    pub(crate) what: String,
+    pub(crate) ttl_s: Option<u64>,
+    pub(crate) isolation: taidon_api::Isolation,
+    pub(crate) wait_s: Option<u64>,
 }
 
 /// `warmup`: a known state by id, or the state a prepare stage names.
@@ -428,6 +446,14 @@ where
         }),
         Verb::Warmup(a) => Command::Warmup(warmup(a, stages.separator)?),
         Verb::Events(a) => Command::Events { id: a.id },
+        Verb::Lease(a) => Command::Lease(LeaseArgs {
+            what: a.what,
+            ttl_s: a.ttl,
+            isolation: a.isolation.unwrap_or_default(),
+            wait_s: a.wait,
+        }),
+        Verb::Release(a) => Command::Release { lease: a.lease },
+        Verb::Leases => Command::Leases,
         // Reached only for their help: plan_form parses them.
         Verb::Plan { .. } | Verb::Cache { .. } => {
             return Err(UsageError::new(

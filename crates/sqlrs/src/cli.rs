@@ -199,6 +199,26 @@ Examples:
   sqlrs events
   sqlrs events 3f2a9c1e --json";
 
+const LEASE_EXAMPLES: &str = "\
+Prints LEASE=<id> and DSN=<dsn>. Every lease is a fresh copy: no lease sees another's writes.
+With --isolation database (the default) the copy is a database of its own in an instance that
+other leases of the state share, so cluster-wide objects (roles, tablespaces) are shared too;
+with --isolation instance it is an instance of its own. A copy nobody releases is reclaimed
+when its TTL ends.
+
+Examples:
+  eval \"$(sqlrs lease pagila)\" && psql \"$DSN\" -c 'select 1' && sqlrs release \"$LEASE\"
+  sqlrs lease 3f2a9c1e --isolation instance --ttl 30m --json";
+
+const RELEASE_EXAMPLES: &str = "\
+Examples:
+  sqlrs release 9b1f0c2d4e5a67788990aabbccddeeff";
+
+const LEASES_EXAMPLES: &str = "\
+Examples:
+  sqlrs leases
+  sqlrs leases --json";
+
 const STATUS_EXAMPLES: &str = "\
 Starts the local daemon if none runs.
 
@@ -374,6 +394,15 @@ pub(crate) enum Verb {
     /// Show recorded lifecycle events
     #[command(after_help = EVENTS_EXAMPLES)]
     Events(EventsArgs),
+    /// Lease a fresh, isolated copy of a state or recipe for one test; prints its DSN
+    #[command(after_help = LEASE_EXAMPLES)]
+    Lease(LeaseArgs),
+    /// Give a lease back: its copy is destroyed
+    #[command(after_help = RELEASE_EXAMPLES)]
+    Release(ReleaseArgs),
+    /// List your leases
+    #[command(after_help = LEASES_EXAMPLES)]
+    Leases,
     /// Show the local daemon's status (starting it if needed)
     #[command(after_help = STATUS_EXAMPLES)]
     Status,
@@ -558,6 +587,35 @@ pub(crate) struct WarmupArgs {
     /// After prepare:psql --: the psql arguments of the state to warm up
     #[arg(last = true, value_name = "PSQL_ARGS")]
     pub(crate) psql: Vec<OsString>,
+}
+
+/// `lease`.
+#[derive(Debug, Args)]
+pub(crate) struct LeaseArgs {
+    /// A recipe of sqlrs.toml (built first if missing), or a state id or prefix
+    #[arg(value_name = "RECIPE|ID")]
+    pub(crate) what: String,
+    /// How long the lease lives unless released: 90s, 10m, 2h (default: the server's, 10m)
+    #[arg(long, value_name = "DURATION", value_parser = ttl)]
+    pub(crate) ttl: Option<u64>,
+    /// database: a database of its own in a shared instance (fastest); instance: an instance of its own
+    #[arg(long, value_name = "ISOLATION", value_parser = isolation)]
+    pub(crate) isolation: Option<taidon_api::Isolation>,
+    /// How long to wait for a copy when none is ready (default: the server's, 60s)
+    #[arg(long, value_name = "DURATION", value_parser = ttl)]
+    pub(crate) wait: Option<u64>,
+}
+
+/// `release`.
+#[derive(Debug, Args)]
+pub(crate) struct ReleaseArgs {
+    /// The lease id `sqlrs lease` printed (LEASE=...)
+    #[arg(value_name = "LEASE")]
+    pub(crate) lease: String,
+}
+
+fn isolation(s: &str) -> Result<taidon_api::Isolation, String> {
+    s.parse()
 }
 
 /// `events`.

@@ -433,6 +433,27 @@ impl Client {
         self.post("/dsn", req).await
     }
 
+    /// A fresh, isolated copy of a state for a test.
+    pub(crate) async fn lease(
+        &self,
+        req: &taidon_api::LeaseRequest,
+    ) -> Result<taidon_api::LeaseInfo, ClientError> {
+        self.post("/leases", req).await
+    }
+
+    /// Gives a lease back; its copy is destroyed.
+    pub(crate) async fn release_lease(
+        &self,
+        id: &str,
+    ) -> Result<taidon_api::LeaseInfo, ClientError> {
+        let url = self.url(&format!("/leases/{id}"));
+        self.json(self.http.delete(&url), &url).await
+    }
+
+    pub(crate) async fn leases(&self) -> Result<Vec<taidon_api::LeaseInfo>, ClientError> {
+        self.get("/leases").await
+    }
+
     pub(crate) async fn shutdown(&self) -> Result<(), ClientError> {
         let _: serde_json::Value = self.post("/shutdown", &serde_json::json!({})).await?;
         Ok(())

@@ -163,6 +163,9 @@ pub(crate) async fn execute(cli: Cli) -> Result<i32, Error> {
         Command::Unpin(a) => pin(&ctx, a, false).await,
         Command::Warmup(w) => warmup(&ctx, w).await,
         Command::Events { id } => events(&ctx, id.as_deref()).await,
+        Command::Lease(a) => lease(&ctx, a).await,
+        Command::Release { lease } => release(&ctx, &lease).await,
+        Command::Leases => leases(&ctx).await,
     }
 }
 
@@ -247,6 +250,98 @@ async fn prepare(ctx: &Ctx, p: Prepare) -> Result<i32, Error> {
         return Ok(0);
     };
     prepare_run(ctx, &client, &p, run, instance).await
+}
+
+/// `lease RECIPE|ID`: a recipe of sqlrs.toml is prepared first (built once, however many
+/// leases ask at the same time: the daemon builds each state once), then a fresh copy of its
+/// state is leased.
+async fn lease(ctx: &Ctx, a: crate::args::LeaseArgs) -> Result<i32, Error> {
+    let cwd = std::env::current_dir().map_err(Error::Cwd)?;
+    let found = crate::project::find(&cwd)?;
+    // Why WHAT is no recipe of the file, if there is a file and it is none.
+    let not_a_recipe = found.as_ref().map(|f| f.project.recipe(&a.what).err());
+    let is_recipe = matches!(not_a_recipe, Some(None));
+    let client = ctx.client().await?;
+    let state = if is_recipe {
+        let p = Prepare {
+            keep: false,
+            engine: Default::default(),
+            what: PrepareWhat::Recipe(a.what.clone()),
+            run: None,
+        };
+        let (inputs, mut req, root) = prepare_request(&p)?;
+        send_inputs(&client, &inputs, &ctx.global).await?;
+        req.steps = inputs.steps;
+        req.create_instance = false;
+        let events = client.prepare(&req).await?;
+        let PrepareEvent::Done { state_id, .. } =
+            follow(&client, events, &ctx.global, &root).await?
+        else {
+            return Err(ClientError::StreamEnded.into());
+        };
+        state_id.to_string()
+    } else {
+        if taidon_core::prefix::normalize(&a.what).is_err() {
+            // Neither: say what was looked for, with the recipes there are.
+            return Err(match not_a_recipe.flatten() {
+                Some(e) => crate::project::ProjectFileError::from(e).into(),
+                None => Error::Api(taidon_api::ApiError::new(
+                    taidon_api::ErrorKind::NotFound,
+                    format!(
+                        "{:?} is neither a state id nor a recipe: no sqlrs.toml in {} or above",
+                        a.what,
+                        cwd.display()
+                    ),
+                )),
+            });
+        }
+        a.what.clone()
+    };
+    let leased = client
+        .lease(&taidon_api::LeaseRequest {
+            state: Some(state),
+            prepare: None,
+            ttl_s: a.ttl_s,
+            isolation: a.isolation,
+            wait_s: a.wait_s,
+        })
+        .await?;
+    if ctx.global.json {
+        json_line(&leased)?;
+    } else {
+        if leased.waited_ms >= 100 {
+            err(&format!(
+                "sqlrs: waited {:.1} s for a fresh copy\n",
+                leased.waited_ms as f64 / 1000.0
+            ));
+        }
+        out(&format!("LEASE={}\nDSN={}\n", leased.lease, leased.dsn))?;
+    }
+    Ok(0)
+}
+
+/// `release LEASE`.
+async fn release(ctx: &Ctx, lease: &str) -> Result<i32, Error> {
+    let client = ctx.client().await?;
+    let released = client.release_lease(lease).await?;
+    if ctx.global.json {
+        json_line(&released)?;
+    } else if ctx.global.verbose > 0 {
+        err(&format!("sqlrs: released lease {}\n", released.lease));
+    }
+    Ok(0)
+}
+
+/// `leases`.
+async fn leases(ctx: &Ctx) -> Result<i32, Error> {
+    let client = ctx.client().await?;
+    let leases = client.leases().await?;
+    if ctx.global.json {
+        json_line(&leases)?;
+    } else {
+        out(&render::leases(&leases, now_ms()))?;
+    }
+    Ok(0)
 }
 
 /// `plan[:KIND]` and `cache explain prepare[:KIND]`: the states a prepare would make, where

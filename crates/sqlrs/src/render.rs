@@ -277,6 +277,40 @@ pub(crate) fn status(s: &Status) -> String {
 }
 
 /// What `push` did, one line.
+/// `sqlrs leases`: one row per lease, oldest first.
+pub(crate) fn leases(leases: &[taidon_api::LeaseInfo], now_ms: u64) -> String {
+    if leases.is_empty() {
+        return "no leases\n".to_owned();
+    }
+    let rows: Vec<Vec<String>> = leases
+        .iter()
+        .map(|l| {
+            let left_s = l.expires_ms.saturating_sub(now_ms) / 1000;
+            vec![
+                l.lease.to_string(),
+                l.state_id.short().to_string(),
+                l.isolation.to_string(),
+                l.database.clone(),
+                age(l.created_ms, now_ms),
+                format!("{}m{:02}s", left_s / 60, left_s % 60),
+                l.owner.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "LEASE",
+            "STATE",
+            "ISOLATION",
+            "DATABASE",
+            "AGE",
+            "EXPIRES IN",
+            "OWNER",
+        ],
+        &rows,
+    )
+}
+
 pub(crate) fn pushed(p: &taidon_api::Pushed) -> String {
     if p.already_there && p.chunks_uploaded == 0 {
         format!("state {} is already in {}\n", first12(&p.state_id), p.url)

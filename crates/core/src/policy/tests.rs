@@ -243,7 +243,38 @@ fn inst(id: u32, state: u32, connections: u32, last: u64) -> InstanceFacts<u32, 
         last_activity_ms: last,
         lease_expires_ms: last + 10_000,
         standby: false,
+        leased: false,
     }
+}
+
+#[test]
+fn a_leased_instance_is_never_stopped_and_takes_its_room() {
+    let mut held = inst(1, 1, 0, 0);
+    held.leased = true;
+    held.lease_expires_ms = 0; // stale connection counts do not end a test's lease
+    let idle = inst(2, 2, 0, 0);
+    let limits = ilimits(2);
+    let out = instances_to_stop(&[held, idle], &limits, 1, 1_000_000, |_| 0.0);
+    assert!(out.iter().all(|(id, _)| *id != 1), "{out:?}");
+    // The lease holds one of the two places: one more instance needs the idle one gone.
+    assert!(out.contains(&(2, StopReason::LeaseExpired)), "{out:?}");
+}
+
+#[test]
+fn the_lease_pool_follows_the_recent_rate_within_its_bounds() {
+    // Idle: the floor.
+    assert_eq!(lease_ready_target(0.0, 150, 2, 32), 2);
+    // 10 leases/s, 150 ms per copy: 1.5 copies made meanwhile, doubled: 3.
+    assert_eq!(lease_ready_target(10.0, 150, 2, 32), 3);
+    // 40 leases/s, 500 ms per copy: 40, capped.
+    assert_eq!(lease_ready_target(40.0, 500, 2, 32), 32);
+    assert_eq!(lease_ready_target(f64::INFINITY, 500, 2, 32), 32);
+    // A max below the min is the min.
+    assert_eq!(lease_ready_target(0.0, 100, 4, 1), 4);
+    let times = [1_000, 30_000, 59_000, 61_000];
+    // The window (1 s, 61 s] holds three: 3 per 60 s.
+    assert!((recent_rate(&times, 61_000, 60_000) - 0.05).abs() < 1e-9);
+    assert_eq!(recent_rate(&times, 61_000, 0), 0.0);
 }
 
 fn ilimits(max: usize) -> InstanceLimits {
