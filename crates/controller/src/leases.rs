@@ -602,10 +602,11 @@ impl Controller {
                     if self.retire_one_idle_host(state).await {
                         continue;
                     }
-                    if tokio::time::timeout_at(deadline.into(), freed)
-                        .await
-                        .is_err()
-                    {
+                    // A place frees when a lease ends; a standby being started for this
+                    // state is taken once up: both are looked at again.
+                    let retry = Instant::now() + Duration::from_millis(100);
+                    let _ = tokio::time::timeout_at(retry.min(deadline).into(), freed).await;
+                    if Instant::now() >= deadline {
                         let limits = self.lifecycle.config.instance_limits();
                         return Err(ControllerError::Capacity(format!(
                             "no instance of state {} within {} s: {why} (the memory budget of {} MiB \

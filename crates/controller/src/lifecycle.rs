@@ -450,8 +450,11 @@ impl Controller {
 
     /// Makes room for one more instance, stopping idle ones if the limits say so.
     pub(crate) async fn make_room(&self) -> Result<(), ControllerError> {
-        self.stop_each(self.instances_to_stop(1)?).await;
-        let running = self.live.read().unwrap_or_else(|p| p.into_inner()).len();
+        // Standbys being started take their places too: without them, an instance and a
+        // standby started at once would both fit, one over the limit.
+        let starting: usize = lock(&self.lifecycle.starting).values().sum();
+        self.stop_each(self.instances_to_stop(1 + starting)?).await;
+        let running = self.live.read().unwrap_or_else(|p| p.into_inner()).len() + starting;
         let capacity = self.lifecycle.config.instance_limits().capacity();
         if running >= capacity {
             return Err(ControllerError::Capacity(format!(
