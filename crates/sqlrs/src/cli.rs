@@ -207,7 +207,8 @@ with --isolation instance it is an instance of its own. A copy nobody releases i
 when its TTL ends.
 
 Examples:
-  eval \"$(sqlrs lease pagila)\" && psql \"$DSN\" -c 'select 1' && sqlrs release \"$LEASE\"
+  sqlrs lease pagila
+  psql \"$(sqlrs lease pagila --ttl 5m | sed -n 's/^DSN=//p')\" -c 'select count(*) from film'
   sqlrs lease 3f2a9c1e --isolation instance --ttl 30m --json";
 
 const RELEASE_EXAMPLES: &str = "\

@@ -25,6 +25,7 @@ const HELP_PAGES: &[&[&str]] = &[
     &["pin"],
     &["unpin"],
     &["warmup"],
+    &["lease"],
     &["events"],
     &["status"],
     &["shutdown"],
