@@ -74,9 +74,12 @@ fn parse<T: std::str::FromStr>(s: String) -> Result<T, MetaError> {
 }
 
 impl Meta {
-    fn insert_lease(&self, r: &LeaseRow) -> Result<(), MetaError> {
+    /// Records a lease and its `lease_granted` event in one transaction: one commit on the
+    /// hand-out path.
+    fn insert_lease(&self, r: &LeaseRow, detail: &str) -> Result<(), MetaError> {
         self.with(|c| {
-            c.execute(
+            let tx = c.unchecked_transaction()?;
+            tx.execute(
                 "INSERT INTO leases (lease_id, state_id, isolation, instance_id, database, owner, \
                  created_ms, expires_ms, waited_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
@@ -91,6 +94,17 @@ impl Meta {
                     r.waited_ms as i64,
                 ],
             )?;
+            tx.execute(
+                "INSERT INTO events (ts_ms, kind, state_id, instance_id, detail) \
+                 VALUES (?1, 'lease_granted', ?2, ?3, ?4)",
+                params![
+                    r.created_ms as i64,
+                    r.state.to_string(),
+                    r.instance.to_string(),
+                    detail
+                ],
+            )?;
+            tx.commit()?;
             Ok(())
         })
     }
@@ -405,21 +419,15 @@ impl Controller {
             expires_ms: now.saturating_add(ttl_s.saturating_mul(1000)),
             waited_ms,
         };
-        self.meta.insert_lease(&row)?;
+        let detail = format!(
+            "lease {} ({}, database {}, waited {} ms, ttl {ttl_s} s)",
+            row.lease, row.isolation, row.database, waited_ms
+        );
+        self.meta.insert_lease(&row, &detail)?;
         lock(&self.leases.active).insert(row.lease, row.clone());
         if row.isolation == Isolation::Instance {
             self.meta.set_instance_owner(&row.instance, &row.owner)?;
         }
-        self.meta.event(
-            now,
-            "lease_granted",
-            Some(&state),
-            Some(&instance),
-            Some(&format!(
-                "lease {} ({}, database {}, waited {} ms, ttl {ttl_s} s)",
-                row.lease, row.isolation, row.database, waited_ms
-            )),
-        )?;
         self.lease_info(&row)
     }
 

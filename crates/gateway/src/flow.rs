@@ -541,3 +541,40 @@ pub(crate) fn take_message(buf: &mut BytesMut) -> io::Result<Option<bytes::Bytes
     }
     Ok(Some(buf.split_to(total).freeze()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> StartupParams {
+        let mut p = StartupParams::default();
+        for (k, v) in pairs {
+            p.set((*k).to_owned(), (*v).to_owned());
+        }
+        p
+    }
+
+    #[test]
+    fn a_lease_token_decides_the_database() {
+        let client = params(&[
+            ("user", "sqlrs"),
+            ("database", "postgres"),
+            ("application_name", "t"),
+        ]);
+        let bound = backend_params(&client, Scope::Rw, Some("taidon_lease_1"));
+        assert_eq!(bound.get("database"), Some("taidon_lease_1"));
+        assert_eq!(bound.get("application_name"), Some("t"));
+        assert_eq!(
+            bound.get("user"),
+            None,
+            "the gateway logs in as the target's user"
+        );
+        assert_eq!(bound.iter().filter(|(k, _)| *k == "database").count(), 1);
+        // A client that names no database is sent to the lease's all the same.
+        let bare = backend_params(&params(&[("user", "sqlrs")]), Scope::Rw, Some("d"));
+        assert_eq!(bare.get("database"), Some("d"));
+        // Without a bound database the client's is kept.
+        let free = backend_params(&client, Scope::Rw, None);
+        assert_eq!(free.get("database"), Some("postgres"));
+    }
+}
