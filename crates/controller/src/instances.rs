@@ -98,6 +98,24 @@ impl Controller {
         if let Some(info) = self.take_standby(state).await? {
             return Ok(info);
         }
+        let row = self.start_new_instance(state).await?;
+        self.meta.event(
+            now_ms(),
+            "instance_started",
+            Some(&state),
+            Some(&row.instance_id),
+            None,
+        )?;
+        self.make_spare_later(state);
+        self.instance_info(&row)
+    }
+
+    /// Clones `state` (restoring its snapshot first if it is not here), makes room, starts a
+    /// server on the clone and records the instance.
+    pub(crate) async fn start_new_instance(
+        self: &Arc<Self>,
+        state: StateId,
+    ) -> Result<InstanceRow, ControllerError> {
         // Held from here until the clone is made: eviction leaves it alone.
         let _hold = self.hold_snapshot(state).await;
         if !self.store.contains(&state) {
@@ -119,10 +137,7 @@ impl Controller {
         self.record_transition(&state, taidon_core::policy::Event::InstanceUp, None)?;
         self.meta
             .touch_state(&state, now_ms(), Some(row.clone_ms + row.start_ms))?;
-        self.meta
-            .event(now_ms(), "instance_started", Some(&state), Some(&iid), None)?;
-        self.make_spare_later(state);
-        self.instance_info(&row)
+        Ok(row)
     }
 
     /// On a store that copies, prepares the next instance's clone of `state` in the background:

@@ -547,8 +547,8 @@ impl Controller {
             return Ok(Arc::clone(h));
         }
         let iid = loop {
-            match self.start_private_instance(state).await {
-                Ok(iid) => break iid,
+            match self.start_new_instance(state).await {
+                Ok(row) => break row.instance_id,
                 Err(ControllerError::Capacity(_)) if self.retire_one_idle_host(state).await => {}
                 Err(e) => return Err(e),
             }
@@ -564,32 +564,6 @@ impl Controller {
             None,
         )?;
         Ok(host)
-    }
-
-    /// Clones `state` and starts an instance of it that is no standby and nobody's yet.
-    async fn start_private_instance(
-        self: &Arc<Self>,
-        state: StateId,
-    ) -> Result<InstanceId, ControllerError> {
-        let _hold = self.hold_snapshot(state).await;
-        if !self.store.contains(&state) {
-            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-            self.ensure_local(state, &tx).await?;
-        }
-        self.make_room().await?;
-        let iid = InstanceId::from_bytes(rand::random());
-        let result = self.start_instance(iid, state).await;
-        if result.is_err() {
-            self.remove_instance_data(iid).await;
-        }
-        let row = result?;
-        self.meta.insert_instance(&row)?;
-        self.note_activity(iid);
-        self.record_transition(&state, policy::Event::InstanceStarting, None)?;
-        self.record_transition(&state, policy::Event::InstanceUp, None)?;
-        self.meta
-            .touch_state(&state, now_ms(), Some(row.clone_ms + row.start_ms))?;
-        Ok(iid)
     }
 
     /// An instance of its own for a lease: a standby if one waits, else a new one, waiting

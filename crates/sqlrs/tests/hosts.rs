@@ -167,18 +167,7 @@ impl Hosts {
     }
 
     fn token(&self, args: &[&str]) -> String {
-        let out = Command::new(taidon_bin())
-            .args(["token", "create", "--home"])
-            .arg(&self.home)
-            .args(args)
-            .output()
-            .expect("taidon token");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        common::create_token(&self.home, args)
     }
 
     fn logs(&self) -> String {

@@ -270,21 +270,7 @@ fn bad_leases_are_refused_with_what_is_wrong() {
         let v: Value = serde_json::from_str(&text).expect("json");
         s(&v, "api_url")
     };
-    let token = |sub: &str| {
-        let out = Command::new(common::taidon_bin())
-            .args(["token", "create", "--home"])
-            .arg(&env.home)
-            .args(["--sub", sub])
-            .output()
-            .expect("taidon token");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
-    let bob = token("bob");
+    let bob = common::create_token(&env.home, &["--sub", "bob"]);
     let as_bob = |args: &[&str]| {
         let mut cmd = env.command(args);
         cmd.env("SQLRS_SERVER", &api).env("SQLRS_TOKEN", &bob);

@@ -30,6 +30,22 @@ pub fn taidon_bin() -> PathBuf {
     bin
 }
 
+/// `taidon token create --home HOME ARGS`: a new API token.
+pub fn create_token(home: &Path, args: &[&str]) -> String {
+    let out = Command::new(taidon_bin())
+        .args(["token", "create", "--home"])
+        .arg(home)
+        .args(args)
+        .output()
+        .expect("taidon token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 pub fn traversable_tempdir() -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
         .prefix("taidon-e2e-")
