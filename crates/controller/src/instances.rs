@@ -244,6 +244,7 @@ impl Controller {
             .map(|r| r.state_id);
         self.meta.delete_instance(iid)?;
         self.forget_instance(iid);
+        self.instance_removed_for_leases(iid);
         // Also stops a server a dead daemon left on its data, if any.
         self.remove_instance_data(*iid).await;
         if let Some(sid) = &state {

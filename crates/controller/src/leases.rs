@@ -939,6 +939,49 @@ impl Controller {
         self.leases.instance_freed.notify_waiters();
     }
 
+    /// An instance was removed (`sqlrs rm`, a state's removal, a host's retirement): a host
+    /// of leased databases is forgotten, and every lease that lived in it ends
+    /// (`lease_lost`), so the next lease of its state starts a new host.
+    pub(crate) fn instance_removed_for_leases(&self, iid: &InstanceId) {
+        {
+            let mut hosts = lock(&self.leases.hosts);
+            let gone: Vec<StateId> = hosts
+                .iter()
+                .filter(|(_, h)| h.instance == *iid)
+                .map(|(s, _)| *s)
+                .collect();
+            for s in gone {
+                if let Some(h) = hosts.remove(&s) {
+                    h.retired.store(true, Ordering::Relaxed);
+                    h.changed.notify_waiters();
+                }
+            }
+        }
+        if let Err(e) = self.meta.delete_lease_host(iid) {
+            tracing::warn!(instance = %iid, error = %e, "forgetting a lease host");
+        }
+        let lost: Vec<LeaseRow> = {
+            let mut active = lock(&self.leases.active);
+            let ids: Vec<LeaseId> = active
+                .values()
+                .filter(|r| r.instance == *iid)
+                .map(|r| r.lease)
+                .collect();
+            ids.iter().filter_map(|id| active.remove(id)).collect()
+        };
+        for row in lost {
+            let _ = self.meta.delete_lease(&row.lease);
+            let _ = self.meta.event(
+                now_ms(),
+                "lease_lost",
+                Some(&row.state),
+                Some(iid),
+                Some(&format!("lease {}: its instance was removed", row.lease)),
+            );
+        }
+        self.leases.instance_freed.notify_waiters();
+    }
+
     /// After a restart: the leases and hosts the metadata keeps come back. A host's databases
     /// that no lease holds were never handed out, but are dropped all the same (they may be
     /// half made); a lease whose instance is gone is ended.

@@ -443,3 +443,30 @@ fn leases_survive_a_daemon_crash() {
     env.ok(&["release", &s(&d, "lease")]);
     env.ok(&["release", &s(&i, "lease")]);
 }
+
+#[test]
+fn removing_a_state_ends_its_leases_and_the_next_lease_starts_afresh() {
+    let env = env_with("");
+    let d = lease(&env, &["tiny"]);
+    let i = lease(&env, &["tiny", "--isolation", "instance"]);
+    let state = s(&d, "state_id");
+    env.ok(&["rm", "--force", &state]);
+    // Both copies went with the state's instances: their leases are lost, not left dangling.
+    assert!(lease_ids(&env).is_empty());
+    assert_eq!(
+        event_kinds(&env)
+            .iter()
+            .filter(|k| *k == "lease_lost")
+            .count(),
+        2
+    );
+    assert!(psql(&s(&i, "dsn"), "select 1").is_err());
+    // The recipe is built again, and its leases come from a new instance.
+    let again = lease(&env, &["tiny"]);
+    assert_eq!(s(&again, "state_id"), state);
+    assert_ne!(s(&again, "instance_id"), s(&d, "instance_id"));
+    assert_eq!(
+        psql_ok(&env, &s(&again, "dsn"), "select count(*) from t"),
+        "1"
+    );
+}
