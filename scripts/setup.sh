@@ -28,11 +28,12 @@ if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import psycopg' >/dev/nul
     || python3 -m pip install -q --break-system-packages "psycopg[binary]" >/dev/null
 fi
 # The pytest plugin's tests (crates/sqlrs/tests/pytest_plugin.rs): pytest, pytest-xdist (PyPI)
-# and the plugin itself, installed editable from python/pytest-taidon.
+# and the plugin itself, installed editable from this checkout's python/pytest-taidon (an
+# install from another checkout is replaced: the tests must run this one's plugin).
+plugin="$(cd "$(dirname "$0")/.." && pwd)/python/pytest-taidon"
 if command -v python3 >/dev/null 2>&1 \
-  && ! python3 -c 'import pytest, xdist, pytest_taidon' >/dev/null 2>&1; then
+  && ! python3 -c 'import sys, pytest, xdist, pytest_taidon; sys.exit(not pytest_taidon.__file__.startswith(sys.argv[1] + "/"))' "$plugin" >/dev/null 2>&1; then
   echo "setup: installing pytest, pytest-xdist and pytest-taidon" >&2
-  plugin="$(cd "$(dirname "$0")/.." && pwd)/python/pytest-taidon"
   python3 -m pip install -q pytest pytest-xdist -e "$plugin" >/dev/null 2>&1 \
     || python3 -m pip install -q --break-system-packages pytest pytest-xdist -e "$plugin" >/dev/null
 fi
