@@ -3,7 +3,7 @@
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let db = taidon_testing::lease("pagila").await?; // a recipe name from sqlrs.toml, or a state id/prefix
-//! let (client, conn) = tokio_postgres::connect(db.dsn(), tokio_postgres::NoTls).await?;
+//! let (client, conn) = tokio_postgres::connect(db.dsn_plain(), tokio_postgres::NoTls).await?;
 //! tokio::spawn(conn);
 //! client.execute("delete from film", &[]).await?; // nobody else sees it
 //! // dropping `db` releases the lease (the copy is destroyed)
@@ -13,13 +13,17 @@
 //! The work is done by the `sqlrs` CLI (from `SQLRS_BIN`, else `sqlrs` on `PATH`): it finds or
 //! starts the local daemon, resolves recipes from `sqlrs.toml` in the working directory or its
 //! parents, builds a missing state once however many tests ask, and hands out the copies.
+//!
+//! [`Db::dsn`] verifies TLS with an `sslrootcert` (for libpq, psql, sqlx); tokio-postgres
+//! takes neither, hence [`Db::dsn_plain`] above, or [`Db::ssl_root_cert`] for a TLS connector
+//! of its own.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![deny(clippy::todo, clippy::dbg_macro)]
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -211,6 +215,8 @@ impl Lease {
                 output: String::from_utf8_lossy(&output.stdout).trim().to_owned(),
             })?;
         Ok(Db {
+            dsn_plain: plain_dsn(&info.dsn),
+            ssl_root_cert: ssl_root_cert(&info.dsn),
             info,
             sqlrs: self.sqlrs,
             released: false,
@@ -233,6 +239,51 @@ fn check(command: &str, status: ExitStatus, stderr: &[u8]) -> Result<(), Error> 
         code: status.code(),
         stderr: String::from_utf8_lossy(stderr).trim().to_owned(),
     })
+}
+
+/// `dsn` with `sslmode=disable` in place of its `sslmode` and `sslrootcert`, its other
+/// parameters kept.
+fn plain_dsn(dsn: &str) -> String {
+    let (base, query) = dsn.split_once('?').unwrap_or((dsn, ""));
+    let mut params: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("sslmode=") && !p.starts_with("sslrootcert="))
+        .collect();
+    params.push("sslmode=disable");
+    format!("{base}?{}", params.join("&"))
+}
+
+/// The `sslrootcert` parameter of `dsn`, percent-decoded.
+fn ssl_root_cert(dsn: &str) -> Option<PathBuf> {
+    let (_, query) = dsn.split_once('?')?;
+    let value = query
+        .split('&')
+        .find_map(|p| p.strip_prefix("sslrootcert="))?;
+    Some(PathBuf::from(percent_decode(value)))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|_| bytes[i] == b'%')
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The fields of `sqlrs lease --json` this crate reads.
@@ -323,14 +374,31 @@ impl Sqlrs {
 /// A leased copy: connect with [`Db::dsn`]; dropping it releases the lease.
 pub struct Db {
     info: LeaseInfo,
+    dsn_plain: String,
+    ssl_root_cert: Option<PathBuf>,
     sqlrs: Sqlrs,
     released: bool,
 }
 
 impl Db {
-    /// The connection string of the copy (its password is a token for this copy only).
+    /// The connection string of the copy as `sqlrs` gave it: TLS verified against the
+    /// daemon's CA (`sslmode=verify-full&sslrootcert=…`) when the gateway speaks TLS, for
+    /// libpq, psql and sqlx. Its password is a token for this copy only.
     pub fn dsn(&self) -> &str {
         &self.info.dsn
+    }
+
+    /// [`Db::dsn`] with `sslmode=disable` and no `sslrootcert`, for clients that take neither
+    /// (tokio-postgres with `NoTls`): the token crosses the network unencrypted, which suits a
+    /// local daemon on loopback.
+    pub fn dsn_plain(&self) -> &str {
+        &self.dsn_plain
+    }
+
+    /// The CA file [`Db::dsn`] verifies the gateway against (its `sslrootcert`), for a client
+    /// that brings its own TLS connector; `None` when the gateway speaks no TLS.
+    pub fn ssl_root_cert(&self) -> Option<&Path> {
+        self.ssl_root_cert.as_deref()
     }
 
     /// The lease's id, as `sqlrs leases` and `sqlrs release` know it.
@@ -425,6 +493,29 @@ mod tests {
         assert_eq!(seconds(Duration::from_millis(1500)), "2s");
         assert_eq!(seconds(Duration::from_millis(1)), "1s");
         assert_eq!(seconds(Duration::ZERO), "0s");
+    }
+
+    #[test]
+    fn the_plain_dsn_trades_verified_tls_for_none_and_keeps_the_rest() {
+        let tls = "postgres://sqlrs:a.b.c@127.0.0.1:5/lease_1?sslmode=verify-full&sslrootcert=/h/tls%20dir/ca.pem";
+        assert_eq!(
+            plain_dsn(tls),
+            "postgres://sqlrs:a.b.c@127.0.0.1:5/lease_1?sslmode=disable"
+        );
+        assert_eq!(ssl_root_cert(tls), Some(PathBuf::from("/h/tls dir/ca.pem")));
+        let plain = "postgres://sqlrs:t@127.0.0.1:5/postgres?sslmode=disable";
+        assert_eq!(plain_dsn(plain), plain);
+        assert_eq!(ssl_root_cert(plain), None);
+        assert_eq!(
+            plain_dsn("postgres://u@h/d?application_name=x"),
+            "postgres://u@h/d?application_name=x&sslmode=disable"
+        );
+        assert_eq!(
+            plain_dsn("postgres://u@h/d"),
+            "postgres://u@h/d?sslmode=disable"
+        );
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
     }
 
     #[test]

@@ -61,7 +61,7 @@ impl Env {
         fs::create_dir_all(&work).expect("work dir");
         fs::write(
             work.join("sqlrs.toml"),
-            "[recipes.tiny]\nprepare = [\"psql\", \"--\", \"-f\", \"schema.sql\"]\n",
+            "[recipes.tiny]\nprepare = [\"psql\", \"-f\", \"schema.sql\"]\n",
         )
         .expect("sqlrs.toml");
         fs::write(
@@ -201,11 +201,52 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-/// A client of the leased copy.
+/// A plain client of the leased copy: `dsn` is a [`Db::dsn_plain`].
 async fn connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     Ok(client)
+}
+
+/// A client over TLS that trusts only the daemon's CA ([`Db::ssl_root_cert`]): rustls checks
+/// the chain and the gateway's address, as `sslmode=verify-full` does.
+async fn connect_tls(db: &Db) -> tokio_postgres::Client {
+    let ca = db.ssl_root_cert().expect("the daemon's gateway speaks TLS");
+    let pem = fs::read(ca).unwrap_or_else(|e| panic!("{}: {e}", ca.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(cert.expect("a PEM certificate")).expect("a CA");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut cfg: tokio_postgres::Config = db.dsn_plain().parse().expect("a DSN");
+    cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+    let (client, conn) = cfg
+        .connect(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+        .await
+        .expect("connect over TLS");
+    tokio::spawn(conn);
+    client
+}
+
+/// `psql DSN -c SQL` (libpq takes [`Db::dsn`] as it is), its trimmed stdout.
+async fn psql(dsn: &str, sql: &str) -> String {
+    let out = tokio::process::Command::new("psql")
+        .args([dsn, "-XAtc", sql])
+        .env_remove("PGPASSWORD")
+        .output()
+        .await
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 async fn rows(client: &tokio_postgres::Client) -> Vec<(i32, String)> {
@@ -227,7 +268,12 @@ async fn each_lease_is_a_fresh_copy_of_the_recipe() {
     let env = Env::new();
     let a = env.acquire(env.lease("tiny")).await;
     assert_eq!(a.isolation(), Isolation::Database);
-    let ca = connect(a.dsn()).await.expect("connect to lease a");
+    assert!(
+        a.dsn().contains("sslmode=verify-full&sslrootcert="),
+        "{}",
+        a.dsn()
+    );
+    let ca = connect(a.dsn_plain()).await.expect("connect to lease a");
     assert_eq!(rows(&ca).await, seed());
     ca.execute("insert into t values (2, 'mine')", &[])
         .await
@@ -242,13 +288,17 @@ async fn each_lease_is_a_fresh_copy_of_the_recipe() {
         (b.instance_id(), b.database()),
         "two leases share a copy"
     );
-    let cb = connect(b.dsn()).await.expect("connect to lease b");
+    let cb = connect_tls(&b).await;
     assert_eq!(rows(&cb).await, seed(), "lease b sees lease a's insert");
+    assert_eq!(
+        psql(a.dsn(), "select string_agg(v, ',' order by id) from t").await,
+        "seed,mine"
+    );
 
     // The state id (and a prefix of it) leases the same state.
     let c = env.acquire(env.lease(&a.state_id()[..12])).await;
     assert_eq!(c.state_id(), a.state_id());
-    let cc = connect(c.dsn()).await.expect("connect to lease c");
+    let cc = connect(c.dsn_plain()).await.expect("connect to lease c");
     assert_eq!(rows(&cc).await, seed());
 }
 
@@ -259,7 +309,7 @@ async fn dropping_a_lease_releases_it() {
         .acquire(env.lease("tiny").ttl(Duration::from_secs(600)))
         .await;
     let id = db.lease_id().to_owned();
-    let dsn = db.dsn().to_owned();
+    let dsn = db.dsn_plain().to_owned();
     assert!(env.leases().await.contains(&id), "{id} is not listed");
     let client = connect(&dsn).await.expect("connect");
     assert_eq!(rows(&client).await, seed());
@@ -312,11 +362,11 @@ async fn instance_isolation_gives_each_lease_its_own_instance() {
     assert_eq!(b.isolation(), Isolation::Instance);
     assert_ne!(a.instance_id(), b.instance_id());
 
-    let ca = connect(a.dsn()).await.expect("connect to lease a");
+    let ca = connect(a.dsn_plain()).await.expect("connect to lease a");
     ca.execute("create role only_in_a", &[])
         .await
         .expect("create role");
-    let cb = connect(b.dsn()).await.expect("connect to lease b");
+    let cb = connect(b.dsn_plain()).await.expect("connect to lease b");
     let roles = cb
         .query("select 1 from pg_roles where rolname = 'only_in_a'", &[])
         .await
