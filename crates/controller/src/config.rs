@@ -56,6 +56,7 @@
 //! max_ready = 16                # ... up to this, as the recent lease rate asks
 //! max_databases = 256           # leased and ready databases in one instance
 //! parallel = 0                  # databases made at once per instance (0: the cores)
+//! strategy = "file_copy"        # CREATE DATABASE … STRATEGY (PostgreSQL 15+): file_copy, wal_log
 //! host_idle_s = 300             # an instance of leased databases none uses stops after this
 //! ```
 
@@ -107,6 +108,7 @@ pub struct LeasesConfig {
     pub max_ready: usize,
     pub max_databases: usize,
     pub parallel: usize,
+    pub strategy: String,
     pub host_idle_s: u64,
 }
 
@@ -121,6 +123,8 @@ impl Default for LeasesConfig {
             max_ready: 16,
             max_databases: 256,
             parallel: 0,
+            // A file copy: 0.1 s for pagila here, against 0.12 to 0.35 s through the WAL.
+            strategy: "file_copy".to_owned(),
             host_idle_s: 300,
         }
     }
@@ -428,6 +432,9 @@ impl Config {
         }
         if l.max_ttl_s < l.default_ttl_s {
             return bad("leases.max_ttl_s", "must be at least leases.default_ttl_s");
+        }
+        if !matches!(l.strategy.as_str(), "wal_log" | "file_copy") {
+            return bad("leases.strategy", "must be wal_log or file_copy");
         }
         if l.max_ready < l.min_ready {
             return bad("leases.max_ready", "must be at least leases.min_ready");

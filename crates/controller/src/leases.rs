@@ -667,12 +667,14 @@ impl Controller {
         let started = Instant::now();
         let client = host_session(self, host).await?;
         let name = random_db_name();
-        // FILE_COPY copies the files (and checkpoints); the default from 15 on, WAL_LOG,
-        // writes every page to the WAL and is slower for any state of some size.
+        // Before 15 there is one way (a file copy); from 15 on, `[leases] strategy`.
         let strategy = if host.version.load(Ordering::Relaxed) >= 150_000 {
-            " STRATEGY FILE_COPY"
+            format!(
+                " STRATEGY {}",
+                self.lifecycle.config.leases.strategy.to_uppercase()
+            )
         } else {
-            ""
+            String::new()
         };
         let sql = format!(
             "CREATE DATABASE {} TEMPLATE postgres{strategy}",
