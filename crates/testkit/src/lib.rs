@@ -23,6 +23,33 @@ use std::sync::Mutex;
 
 pub use http::HttpResponse;
 
+/// The last 40 lines of every file under `dir` (a home's `logs`), each headed by its path: what
+/// an end-to-end test prints when it fails.
+pub fn log_tails(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    collect_logs(dir, &mut out);
+    out
+}
+
+fn collect_logs(dir: &std::path::Path, out: &mut String) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            collect_logs(&p, out);
+        } else if let Ok(text) = std::fs::read_to_string(&p) {
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            out.push_str(&format!("=== {}\n", p.display()));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+    }
+}
+
 /// Whether a missing prerequisite must fail the test: `TAIDON_REQUIRE_COW` is set (to anything
 /// but "" or "0").
 pub fn prerequisites_required() -> bool {

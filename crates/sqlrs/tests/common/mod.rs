@@ -215,28 +215,7 @@ impl Env {
 
     /// Everything under `<home>/logs`, for failure messages.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        collect_logs(&self.home.join("logs"), &mut out);
-        out
-    }
-}
-
-fn collect_logs(dir: &Path, out: &mut String) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            collect_logs(&p, out);
-        } else if let Ok(text) = fs::read_to_string(&p) {
-            let tail: Vec<&str> = text.lines().rev().take(40).collect();
-            out.push_str(&format!("=== {}\n", p.display()));
-            for l in tail.into_iter().rev() {
-                out.push_str(l);
-                out.push('\n');
-            }
-        }
+        taidon_testkit::log_tails(&self.home.join("logs"))
     }
 }
 
