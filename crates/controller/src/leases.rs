@@ -407,7 +407,7 @@ impl Controller {
             }
         };
         let waited_ms = started.elapsed().as_millis() as u64;
-        let now = now_ms();
+        let now = self.now();
         let row = LeaseRow {
             lease: LeaseId::from_bytes(rand::random()),
             state,
@@ -864,7 +864,7 @@ impl Controller {
     /// The lifecycle's part: expired leases are reclaimed, pools refilled, and a host that
     /// has held no lease for `[leases] host_idle_s` is removed with its databases.
     pub(crate) async fn tend_leases(self: &Arc<Self>) {
-        let now = now_ms();
+        let now = self.now();
         let expired: Vec<LeaseRow> = lock(&self.leases.active)
             .values()
             .filter(|r| r.expires_ms <= now)

@@ -1130,3 +1130,105 @@ async fn a_client_that_leaves_during_its_command_ends_the_build_and_publishes_no
         ResolveResponse::Ready(_)
     ));
 }
+
+#[tokio::test]
+async fn instance_leases_of_a_recipe_build_it_once_refuse_what_is_wrong_and_expire() {
+    use crate::tokens::Principal;
+    use taidon_api::{Isolation, LeaseRequest, PrepareRequest, TokenRole};
+
+    let fx = fixture("[leases]\ndefault_ttl_s = 30\nmax_ttl_s = 60\n").await;
+    let admin = Principal::local_admin();
+    let recipe = |ttl_s| LeaseRequest {
+        prepare: Some(PrepareRequest {
+            steps: vec![sql("create table t (x int)")],
+            create_instance: false,
+            engine: Default::default(),
+            liquibase: None,
+        }),
+        isolation: Isolation::Instance,
+        ttl_s,
+        ..Default::default()
+    };
+    // Two leases of a missing recipe at once: one build, two instances.
+    let (a, b) = tokio::join!(
+        fx.ctl.lease(recipe(None), &admin),
+        fx.ctl.lease(recipe(None), &admin)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.state_id, b.state_id);
+    assert_ne!(a.instance_id, b.instance_id);
+    assert_eq!(labels(&fx.fake).len(), 1, "{:?}", labels(&fx.fake));
+    assert_eq!(a.expires_ms - a.created_ms, 30_000);
+
+    // Over the maximum TTL, an unknown state, both and neither: refused, nothing leased.
+    let e = fx.ctl.lease(recipe(Some(61)), &admin).await.unwrap_err();
+    assert!(
+        matches!(&e, ControllerError::BadInput(m) if m.contains("max_ttl_s")),
+        "{e}"
+    );
+    let unknown = LeaseRequest {
+        state: Some("deadbeef00".into()),
+        ..Default::default()
+    };
+    let e = fx.ctl.lease(unknown, &admin).await.unwrap_err();
+    assert!(
+        matches!(&e, ControllerError::NotFound(m) if m.contains("deadbeef00")),
+        "{e}"
+    );
+    let both = LeaseRequest {
+        state: Some(a.state_id.to_string()),
+        ..recipe(None)
+    };
+    assert!(matches!(
+        fx.ctl.lease(both, &admin).await,
+        Err(ControllerError::BadInput(_))
+    ));
+    assert!(matches!(
+        fx.ctl.lease(LeaseRequest::default(), &admin).await,
+        Err(ControllerError::BadInput(_))
+    ));
+    assert_eq!(fx.ctl.list_leases(&admin).unwrap().len(), 2);
+
+    // Someone else's lease: 403, and it stays; they see none.
+    let bob = Principal {
+        sub: "bob".into(),
+        role: TokenRole::User,
+    };
+    let e = fx
+        .ctl
+        .release_lease(&a.lease.to_string(), &bob)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ControllerError::Forbidden(_)), "{e}");
+    assert!(fx.ctl.list_leases(&bob).unwrap().is_empty());
+    assert_eq!(fx.ctl.list_leases(&admin).unwrap().len(), 2);
+
+    // Given back: gone at once; its instance is removed.
+    fx.ctl
+        .release_lease(&b.lease.to_string(), &admin)
+        .await
+        .unwrap();
+    // Past its TTL, the tick reclaims the other and records it.
+    fx.clock.store(now_ms() + 31_000, Ordering::Relaxed);
+    fx.ctl.lifecycle_tick().await.unwrap();
+    assert!(fx.ctl.list_leases(&admin).unwrap().is_empty());
+    let kinds = fx.ctl.meta.event_kinds(&a.state_id).unwrap();
+    for kind in ["lease_granted", "lease_released", "lease_expired"] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} in {kinds:?}");
+    }
+    for _ in 0..100 {
+        let left: Vec<InstanceId> = fx
+            .ctl
+            .list_instances()
+            .unwrap()
+            .iter()
+            .map(|i| i.instance_id)
+            .filter(|i| *i == a.instance_id || *i == b.instance_id)
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the leased instances were not removed");
+}
