@@ -156,7 +156,7 @@ fn liquibase_changesets_are_checkpoints_and_an_edit_rebuilds_from_the_one_before
     // One plan, then one JVM per changeset.
     assert_eq!(calls(&log), (1, 4), "{}", env.logs());
     // The base and one state per changeset, each published.
-    let published = env.states_with_status("WARM").len() + env.states_with_status("HOT").len();
+    let published = env.published_count();
     assert_eq!(published, 5, "{:#}", env.ls());
     let dsn = first["dsn"].as_str().unwrap();
     assert_eq!(

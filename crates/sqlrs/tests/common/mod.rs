@@ -183,6 +183,17 @@ impl Env {
             .collect()
     }
 
+    /// States WARM or HOT, counted in one listing: a standby that starts between two
+    /// listings would move a state from one count to the other.
+    pub fn published_count(&self) -> usize {
+        self.ls()["states"]
+            .as_array()
+            .expect("states[]")
+            .iter()
+            .filter(|s| s["status"] == "WARM" || s["status"] == "HOT")
+            .count()
+    }
+
     /// Instances users hold: standbys, which the pool starts in the background for busy
     /// states, are not counted.
     pub fn instance_count(&self) -> usize {
