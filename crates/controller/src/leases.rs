@@ -374,9 +374,14 @@ impl Controller {
                 other => other,
             })?,
             (None, Some(prepare)) => self.prepare_for_lease(prepare).await?,
-            _ => {
+            (Some(_), Some(_)) => {
                 return Err(ControllerError::BadInput(
-                    "a lease names either a state or a recipe's prepare, not both".into(),
+                    "a lease names a state or a recipe's prepare, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(ControllerError::BadInput(
+                    "a lease names a state (an id or prefix) or a recipe's prepare".into(),
                 ))
             }
         };
@@ -461,7 +466,7 @@ impl Controller {
 
     /// Records a hand-out for the pools' demand, and forgets the old ones.
     fn note_lease(&self, state: StateId, isolation: Isolation) {
-        let now = now_ms();
+        let now = self.now();
         let mut recent = lock(&self.leases.recent);
         let times = recent.entry((state, isolation)).or_default();
         times.push_back(now);
@@ -480,7 +485,7 @@ impl Controller {
             .get(&(state, isolation))
             .map(|t| t.iter().copied().collect())
             .unwrap_or_default();
-        policy::recent_rate(&times, now_ms(), RATE_WINDOW_MS)
+        policy::recent_rate(&times, self.now(), RATE_WINDOW_MS)
     }
 
     /// A ready database of `state`'s host (started first if there is none), waiting for one
@@ -864,6 +869,7 @@ impl Controller {
     /// The lifecycle's part: expired leases are reclaimed, pools refilled, and a host that
     /// has held no lease for `[leases] host_idle_s` is removed with its databases.
     pub(crate) async fn tend_leases(self: &Arc<Self>) {
+        self.prune_lease_maps();
         let now = self.now();
         let expired: Vec<LeaseRow> = lock(&self.leases.active)
             .values()
@@ -891,6 +897,19 @@ impl Controller {
                 self.tend_host(&host);
             }
         }
+    }
+
+    /// Forgets the queues nobody waits in and the rates of states not leased for a minute.
+    fn prune_lease_maps(&self) {
+        // A queue's map entry is its only holder when no request has it: a request clones
+        // the Arc before it waits.
+        lock(&self.leases.queues).retain(|_, q| Arc::strong_count(q) > 1);
+        let now = self.now();
+        lock(&self.leases.recent).retain(|_, times| {
+            times
+                .back()
+                .is_some_and(|t| now.saturating_sub(*t) <= RATE_WINDOW_MS)
+        });
     }
 
     /// Retires the idle host of some other state to make room for one more instance; true if
@@ -1059,5 +1078,16 @@ impl Controller {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Controller {
+    /// How many entries the lease maps hold: queues, recent rates.
+    pub(crate) fn lease_map_entries(&self) -> [usize; 2] {
+        [
+            lock(&self.leases.queues).len(),
+            lock(&self.leases.recent).len(),
+        ]
     }
 }

@@ -1232,3 +1232,34 @@ async fn instance_leases_of_a_recipe_build_it_once_refuse_what_is_wrong_and_expi
     }
     panic!("the leased instances were not removed");
 }
+
+#[tokio::test]
+async fn the_lease_maps_keep_nothing_for_states_no_longer_leased() {
+    use crate::tokens::Principal;
+    use taidon_api::{Isolation, LeaseRequest, PrepareRequest};
+
+    let fx = fixture("").await;
+    let admin = Principal::local_admin();
+    let req = LeaseRequest {
+        prepare: Some(PrepareRequest {
+            steps: vec![sql("create table t (x int)")],
+            create_instance: false,
+            engine: Default::default(),
+            liquibase: None,
+        }),
+        isolation: Isolation::Instance,
+        ..Default::default()
+    };
+    let lease = fx.ctl.lease(req, &admin).await.unwrap();
+    fx.ctl.lifecycle_tick().await.unwrap();
+    // Its rate is recent: kept; its queue has no waiter: gone.
+    assert_eq!(fx.ctl.lease_map_entries(), [0, 1]);
+    fx.ctl
+        .release_lease(&lease.lease.to_string(), &admin)
+        .await
+        .unwrap();
+    // A minute on, nothing is left of it.
+    fx.clock.store(now_ms() + 61_000, Ordering::Relaxed);
+    fx.ctl.lifecycle_tick().await.unwrap();
+    assert_eq!(fx.ctl.lease_map_entries(), [0, 0]);
+}
