@@ -77,7 +77,7 @@ enum Wake {
 
 /// What asking to wake an instance that is not running gave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Woken {
+pub(crate) enum Woken {
     /// It is starting: the client waits.
     Starting,
     /// Its last restart failed a moment ago.
@@ -248,7 +248,7 @@ impl Controller {
     /// server died, start it again on its data and have the client wait (STARTING), so a
     /// kept instance's DSN keeps working. Off the hot path: only reached when the instance
     /// is not live.
-    fn wake(self: &Arc<Self>, iid: InstanceId, sid: StateId) -> Woken {
+    pub(crate) fn wake(self: &Arc<Self>, iid: InstanceId, sid: StateId) -> Woken {
         match lock(&self.access.waking).get(&iid) {
             Some(Wake::Starting) => return Woken::Starting,
             Some(Wake::Failed { retry_at_ms }) if now_ms() < *retry_at_ms => return Woken::Failed,

@@ -891,8 +891,18 @@ impl Controller {
         for host in hosts {
             let idle = host.leased_count() == 0
                 && now.saturating_sub(host.last_used_ms.load(Ordering::Relaxed)) >= idle_ms;
+            let running = self
+                .live
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&host.instance);
             if idle {
                 self.retire_host(&host).await;
+            } else if !running {
+                // Its server died: started again on its data, as a client's Resolve would,
+                // so the pool refills and the leases in it come back.
+                host.sessions.lock().await.clear();
+                self.wake(host.instance, host.state);
             } else {
                 self.tend_host(&host);
             }

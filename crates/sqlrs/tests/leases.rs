@@ -470,3 +470,39 @@ fn removing_a_state_ends_its_leases_and_the_next_lease_starts_afresh() {
         "1"
     );
 }
+
+#[test]
+fn a_killed_host_is_started_again_and_its_leases_come_back() {
+    let env = env_with("");
+    let a = lease(&env, &["tiny"]);
+    psql_ok(&env, &s(&a, "dsn"), "insert into t values (2, 'kept')");
+    let host_dir = env.home.join("instances").join(s(&a, "instance_id"));
+    let pids = common::postmasters_under(&host_dir);
+    assert_eq!(pids.len(), 1, "{pids:?} under {}", host_dir.display());
+    unsafe { libc::kill(pids[0], libc::SIGKILL) };
+    assert!(common::wait_gone(pids[0], Duration::from_secs(10)));
+    // No client asks for it: the lifecycle starts it again, and new leases come from it.
+    let host = s(&a, "instance_id");
+    let host_status = || {
+        env.ls()["instances"]
+            .as_array()
+            .expect("instances")
+            .iter()
+            .find(|i| i["instance_id"] == host.as_str())
+            .map(|i| s(i, "status"))
+    };
+    wait_until(
+        "the host is seen dead",
+        &env,
+        Duration::from_secs(20),
+        || event_kinds(&env).iter().any(|k| k == "instance_died"),
+    );
+    wait_until("the host runs again", &env, Duration::from_secs(30), || {
+        host_status().as_deref() == Some("running")
+            && common::postmasters_under(&host_dir).len() == 1
+    });
+    let b = lease(&env, &["tiny", "--wait", "60s"]);
+    assert_eq!(s(&b, "instance_id"), s(&a, "instance_id"));
+    assert_eq!(psql_ok(&env, &s(&b, "dsn"), "select count(*) from t"), "1");
+    assert_eq!(psql_ok(&env, &s(&a, "dsn"), "select count(*) from t"), "2");
+}
