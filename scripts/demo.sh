@@ -13,5 +13,12 @@ time sqlrs prepare:psql -- -f "$pagila/pagila-schema.sql" -f "$pagila/pagila-dat
 echo "== second prepare: a cache hit, a fresh instance in milliseconds" >&2
 time sqlrs prepare:psql -- -f "$pagila/pagila-schema.sql" -f "$pagila/pagila-data.sql" \
   run:psql -- -c 'select title from film order by title limit 3'
+echo "== a lease: a fresh database of that state for one test, destroyed when given back" >&2
+state=$(sqlrs --json warmup prepare:psql -- -f "$pagila/pagila-schema.sql" -f "$pagila/pagila-data.sql" \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["state_id"])')
+lease=$(sqlrs lease "$state")
+time psql "$(echo "$lease" | sed -n 's/^DSN=//p')" -c 'delete from payment' -c 'select count(*) as payments from payment'
+sqlrs leases
+sqlrs release "$(echo "$lease" | sed -n 's/^LEASE=//p')"
 sqlrs ls
 sqlrs status
