@@ -1131,23 +1131,30 @@ async fn a_client_that_leaves_during_its_command_ends_the_build_and_publishes_no
     ));
 }
 
-#[tokio::test]
-async fn instance_leases_of_a_recipe_build_it_once_refuse_what_is_wrong_and_expire() {
-    use crate::tokens::Principal;
-    use taidon_api::{Isolation, LeaseRequest, PrepareRequest, TokenRole};
-
-    let fx = fixture("[leases]\ndefault_ttl_s = 30\nmax_ttl_s = 60\n").await;
-    let admin = Principal::local_admin();
-    let recipe = |ttl_s| LeaseRequest {
-        prepare: Some(PrepareRequest {
+/// An instance lease of a one-step recipe, given as its prepare.
+fn instance_lease_of_a_recipe() -> taidon_api::LeaseRequest {
+    taidon_api::LeaseRequest {
+        prepare: Some(taidon_api::PrepareRequest {
             steps: vec![sql("create table t (x int)")],
             create_instance: false,
             engine: Default::default(),
             liquibase: None,
         }),
-        isolation: Isolation::Instance,
-        ttl_s,
+        isolation: taidon_api::Isolation::Instance,
         ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn instance_leases_of_a_recipe_build_it_once_refuse_what_is_wrong_and_expire() {
+    use crate::tokens::Principal;
+    use taidon_api::{LeaseRequest, TokenRole};
+
+    let fx = fixture("[leases]\ndefault_ttl_s = 30\nmax_ttl_s = 60\n").await;
+    let admin = Principal::local_admin();
+    let recipe = |ttl_s| LeaseRequest {
+        ttl_s,
+        ..instance_lease_of_a_recipe()
     };
     // Two leases of a missing recipe at once: one build, two instances.
     let (a, b) = tokio::join!(
@@ -1236,21 +1243,14 @@ async fn instance_leases_of_a_recipe_build_it_once_refuse_what_is_wrong_and_expi
 #[tokio::test]
 async fn the_lease_maps_keep_nothing_for_states_no_longer_leased() {
     use crate::tokens::Principal;
-    use taidon_api::{Isolation, LeaseRequest, PrepareRequest};
 
     let fx = fixture("").await;
     let admin = Principal::local_admin();
-    let req = LeaseRequest {
-        prepare: Some(PrepareRequest {
-            steps: vec![sql("create table t (x int)")],
-            create_instance: false,
-            engine: Default::default(),
-            liquibase: None,
-        }),
-        isolation: Isolation::Instance,
-        ..Default::default()
-    };
-    let lease = fx.ctl.lease(req, &admin).await.unwrap();
+    let lease = fx
+        .ctl
+        .lease(instance_lease_of_a_recipe(), &admin)
+        .await
+        .unwrap();
     fx.ctl.lifecycle_tick().await.unwrap();
     // Its rate is recent: kept; its queue has no waiter: gone.
     assert_eq!(fx.ctl.lease_map_entries(), [0, 1]);
