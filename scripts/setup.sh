@@ -37,6 +37,12 @@ if command -v python3 >/dev/null 2>&1 \
   python3 -m pip install -q pytest pytest-xdist -e "$plugin" >/dev/null 2>&1 \
     || python3 -m pip install -q --break-system-packages pytest pytest-xdist -e "$plugin" >/dev/null
 fi
+# The metrics tests parse /metrics with the Prometheus project's own Python parser.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import prometheus_client.openmetrics.parser' >/dev/null 2>&1; then
+  echo "setup: installing prometheus_client" >&2
+  python3 -m pip install -q prometheus_client >/dev/null 2>&1 \
+    || python3 -m pip install -q --break-system-packages prometheus_client >/dev/null
+fi
 # prepare:cmd's tests run Alembic (SQLAlchemy over psycopg).
 if command -v python3 >/dev/null 2>&1 && ! command -v alembic >/dev/null 2>&1; then
   echo "setup: installing alembic" >&2

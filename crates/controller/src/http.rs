@@ -76,6 +76,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route_layer(middleware::from_fn_with_state(ADMINS, require_role));
     let protected = Router::new()
         .route("/v1/keys", get(keys))
+        .route("/metrics", get(metrics))
         .merge(users)
         .merge(gateways)
         .merge(admins)
@@ -137,6 +138,20 @@ async fn require_role(
         }
         None => api_error(ApiError::new(ErrorKind::Unauthorized, "missing API token")),
     }
+}
+
+/// `GET /metrics`: every metric in the OpenMetrics text format.
+pub async fn metrics(State(ctl): Ctl) -> Result<Response, ControllerError> {
+    let text = ctl.metrics_text().await?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+}
+
+/// A router serving `GET /metrics` alone, with no token: for `--metrics-listen`, an address
+/// only a scraper inside the cluster reaches.
+pub fn metrics_router(controller: Arc<Controller>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(controller)
 }
 
 async fn health() -> Json<Health> {

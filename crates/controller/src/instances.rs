@@ -96,8 +96,10 @@ impl Controller {
     ) -> Result<InstanceInfo, ControllerError> {
         // A pre-started standby is handed out at once.
         if let Some(info) = self.take_standby(state).await? {
+            self.metrics.standby_handout(true);
             return Ok(info);
         }
+        self.metrics.standby_handout(false);
         let row = self.start_new_instance(state).await?;
         self.meta.event(
             now_ms(),
@@ -162,7 +164,10 @@ impl Controller {
         let area = self.runtime.prepare_instance(iid).await.map_err(|e| {
             ControllerError::runtime(format!("cannot make room for instance {iid}"), e)
         })?;
-        self.store.restore_for(state, &area).await?;
+        let restored = self.store.restore_for(state, &area).await;
+        self.metrics
+            .restored(crate::metrics::RestoreSource::Local, restored.is_ok());
+        restored?;
         let clone_ms = started.elapsed().as_millis() as u64;
 
         let started = Instant::now();

@@ -13,6 +13,7 @@ mod keyed;
 mod leases;
 mod lifecycle;
 pub mod meta;
+pub mod metrics;
 mod pins;
 mod prepare;
 mod remote;
@@ -41,7 +42,7 @@ pub use access::{
 };
 pub use error::ControllerError;
 pub use home::Home;
-pub use http::router;
+pub use http::{metrics_router, router};
 use instances::Live;
 use meta::{Meta, StateRow};
 
@@ -60,6 +61,8 @@ pub struct ControllerConfig {
     /// Instances also listen on this address and the gateway reaches them there (a gateway
     /// on another machine); `None`: loopback only.
     pub instance_host: Option<std::net::IpAddr>,
+    /// Labels on every metric (in Kubernetes mode, the pod's name).
+    pub metric_labels: Vec<(String, String)>,
 }
 
 impl ControllerConfig {
@@ -71,6 +74,7 @@ impl ControllerConfig {
             lifecycle: None,
             max_blob_mb: default_max_blob_mb(),
             instance_host: None,
+            metric_labels: Vec::new(),
         }
     }
 }
@@ -170,6 +174,7 @@ pub struct Controller {
     /// such as the gateway's own: the servers it starts belong to this runtime's process
     /// driver.
     tasks: tokio::runtime::Handle,
+    metrics: metrics::Metrics,
 }
 
 impl Controller {
@@ -283,7 +288,9 @@ impl Controller {
         let api_token = home::read_or_create_secret(&home.api_token_file(), 32)
             .map_err(|e| ControllerError::io("cannot read the API token", e))?;
         let (shutdown, _) = tokio::sync::watch::channel(false);
+        let metrics = metrics::Metrics::new(&config.metric_labels);
         let controller = Arc::new(Self {
+            metrics,
             config,
             home,
             runtime: seams.runtime,

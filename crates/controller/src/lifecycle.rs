@@ -235,8 +235,13 @@ impl Controller {
     /// Stops each instance; one that fails is logged and recorded, and the others still stop.
     async fn stop_each(&self, victims: Vec<(InstanceId, StopReason)>) {
         for (iid, why) in victims {
-            if let Err(e) = self.stop_instance(&iid, why).await {
-                self.object_failed("stopping an instance", None, Some(&iid), &e);
+            match self.stop_instance(&iid, why).await {
+                Ok(()) => self.metrics.evicted(match why {
+                    StopReason::Idle => crate::metrics::Eviction::Idle,
+                    StopReason::LeaseExpired => crate::metrics::Eviction::LeaseExpired,
+                    StopReason::OverCapacity => crate::metrics::Eviction::InstanceCapacity,
+                }),
+                Err(e) => self.object_failed("stopping an instance", None, Some(&iid), &e),
             }
         }
     }
@@ -620,7 +625,11 @@ impl Controller {
                 Ok(())
             });
             match recorded {
-                Ok(()) => tracing::info!(state = %id.short(), "evicted"),
+                Ok(()) => {
+                    self.metrics
+                        .evicted(crate::metrics::Eviction::StoreCapacity);
+                    tracing::info!(state = %id.short(), "evicted");
+                }
                 Err(e) => self.object_failed("evicting a snapshot", Some(&id), None, &e),
             }
         }
@@ -895,7 +904,10 @@ impl Controller {
         events: &Events,
     ) -> Result<(), ControllerError> {
         let (engine, steps) = self.replay_steps(&id)?;
-        self.build_steps(&engine, steps, events).await?;
+        let built = self.build_steps(&engine, steps, events).await;
+        self.metrics
+            .restored(crate::metrics::RestoreSource::Rebuild, built.is_ok());
+        built?;
         Ok(())
     }
 

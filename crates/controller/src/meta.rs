@@ -216,14 +216,23 @@ impl Meta {
     }
 
     pub fn states(&self) -> Result<Vec<StateRow>, MetaError> {
+        self.query_states("ORDER BY created_ms, state_id", [])
+    }
+
+    /// The states the clause after `FROM states` selects.
+    fn query_states<P: rusqlite::Params>(
+        &self,
+        clause: &str,
+        params: P,
+    ) -> Result<Vec<StateRow>, MetaError> {
         self.with(|c| {
-            let mut stmt = c.prepare(
+            let mut stmt = c.prepare_cached(&format!(
                 "SELECT state_id, parent, label, inputs_fingerprint, engine_fingerprint, status,
                         status_reason, size_bytes, build_cost_ms, restore_cost_ms, created_ms,
                         last_access_ms, access_count
-                 FROM states ORDER BY created_ms, state_id",
-            )?;
-            let rows = stmt.query_map([], |r| {
+                 FROM states {clause}"
+            ))?;
+            let rows = stmt.query_map(params, |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, Option<String>>(1)?,
@@ -265,8 +274,42 @@ impl Meta {
         })
     }
 
+    /// Every state's id and recorded status, and nothing else (for metrics: cheap).
+    pub fn state_statuses(&self) -> Result<Vec<(StateId, StateStatus)>, MetaError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached("SELECT state_id, status FROM states")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, status) = row?;
+                out.push((parse_id(id)?, parse_status(&status)?));
+            }
+            Ok(out)
+        })
+    }
+
+    /// How many instances have each status.
+    pub fn instance_status_counts(&self) -> Result<Vec<(String, u64)>, MetaError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT status, count(*) FROM instances GROUP BY status ORDER BY status",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (status, n) = row?;
+                out.push((status, n as u64));
+            }
+            Ok(out)
+        })
+    }
+
     pub fn state(&self, id: &StateId) -> Result<Option<StateRow>, MetaError> {
-        Ok(self.states()?.into_iter().find(|s| &s.state_id == id))
+        Ok(self
+            .query_states("WHERE state_id = ?1", params![id.to_string()])?
+            .into_iter()
+            .next())
     }
 
     pub fn insert_instance(&self, row: &InstanceRow) -> Result<(), MetaError> {

@@ -340,6 +340,7 @@ impl Controller {
     /// Records that the build of `id` failed with `e` (which it returns): nothing of it was
     /// published.
     fn build_failed(&self, id: &StateId, e: ControllerError) -> ControllerError {
+        self.metrics.build_done(false, 0.0);
         let reason = match &e {
             ControllerError::StepFailed { message, .. } => message.clone(),
             other => other.to_api().message,
@@ -377,6 +378,8 @@ impl Controller {
         row.build_cost_ms = manifest.build_cost_ms;
         self.meta.upsert_state(&row)?;
         self.meta.event(now_ms(), "built", Some(&id), None, None)?;
+        self.metrics
+            .build_done(true, started.elapsed().as_secs_f64());
         Ok(())
     }
 

@@ -164,7 +164,13 @@ impl Controller {
         );
         let started = Instant::now();
         let reporter = transfer_reporter(events.clone(), format!("downloading {}", id.short()));
-        match self.store.fetch(id, Some(Arc::new(reporter))).await {
+        let fetched = self.store.fetch(id, Some(Arc::new(reporter))).await;
+        // A state the bucket does not have was never a restore.
+        if !matches!(fetched, Err(StoreError::UnknownState(_))) {
+            self.metrics
+                .restored(crate::metrics::RestoreSource::Remote, fetched.is_ok());
+        }
+        match fetched {
             Ok(manifest) => {
                 let elapsed_ms = started.elapsed().as_millis() as u64;
                 let mut row = self.meta.state(&id)?.unwrap_or(template);

@@ -21,6 +21,7 @@ mod error;
 mod flow;
 mod keys;
 mod limits;
+mod metrics;
 mod pool;
 mod relay;
 mod resolve;
@@ -53,6 +54,7 @@ use tracing::{debug, info, warn};
 pub use error::{ClientError, ErrorKind, GatewayError, Step};
 pub use keys::{keyset_of, ControllerKeys, KeySource, KeysError};
 pub use limits::RateLimit;
+pub use metrics::GatewayMetrics;
 pub use pool::PoolConfig;
 pub use resolve::{HttpResolver, ResolveError, Resolver};
 pub use tls::{ensure_self_signed, listen_hosts, server_config, TlsError, TlsFiles};
@@ -174,6 +176,8 @@ pub struct Gateway {
     per_ip: RateLimiter<IpAddr>,
     per_subject: RateLimiter<String>,
     waiting: Waiting,
+    /// `None`: no metrics are kept.
+    metrics: Option<GatewayMetrics>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -235,7 +239,14 @@ impl Gateway {
             leases: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             waiting: Waiting::default(),
+            metrics: None,
         }
+    }
+
+    /// The same gateway counting into `metrics`.
+    pub fn with_metrics(mut self, metrics: GatewayMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The same gateway checking token times against `clock`.
@@ -387,15 +398,23 @@ impl Gateway {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let began = Instant::now();
         let mut client = Conn::new(ClientStream::Plain(stream));
         let session = match self.connect(&mut client, peer).await {
             Ok(Some(s)) => s,
             Ok(None) => return Ok(()),
             Err(e) => {
+                if let Some(m) = &self.metrics {
+                    m.failed(&e);
+                }
                 self.tell_client(&mut client, &e).await;
                 return Err(e);
             }
         };
+        let _open = self
+            .metrics
+            .as_ref()
+            .map(|m| m.connected(began.elapsed().as_secs_f64()));
         let conn_id = session.conn_id;
         self.leases
             .lock()
@@ -521,6 +540,10 @@ impl Gateway {
             limits,
             self.terminate.subscribe(),
             keep,
+            self.metrics.as_ref().map(|m| relay::Tally {
+                up: &m.bytes_up,
+                down: &m.bytes_down,
+            }),
         )
         .await)
     }
@@ -795,7 +818,12 @@ impl Gateway {
                 .await?;
             let took_us = t0.elapsed().as_micros() as u64;
             match answer {
-                ResolveResponse::Ready(target) => return Ok((target, took_us)),
+                ResolveResponse::Ready(target) => {
+                    if let Some(m) = &self.metrics {
+                        m.resolved(started.elapsed().as_secs_f64());
+                    }
+                    return Ok((target, took_us));
+                }
                 ResolveResponse::Starting { retry_after_ms } => {
                     if slot.is_none() {
                         slot = Some(

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -193,6 +194,13 @@ pub(crate) struct Opening {
     pub(crate) down: BytesMut,
 }
 
+/// Where relayed bytes are counted.
+#[derive(Clone, Copy)]
+pub(crate) struct Tally<'a> {
+    pub(crate) up: &'a Counter,
+    pub(crate) down: &'a Counter,
+}
+
 /// Relays until either side closes, a limit ends the session, or `terminate` turns true.
 /// With `keep` the client's Terminate is not passed on, so the backend session outlives the
 /// client and [`Relayed::reusable`] says whether it may be handed on.
@@ -203,6 +211,7 @@ pub(crate) async fn relay<C>(
     limits: SessionLimits,
     mut terminate: tokio::sync::watch::Receiver<bool>,
     keep: bool,
+    tally: Option<Tally<'_>>,
 ) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -226,7 +235,11 @@ where
             if buf.is_empty() {
                 match cr.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => return (RelayEnd::Client, requests.settled()),
-                    Ok(_) => {}
+                    Ok(n) => {
+                        if let Some(t) = tally {
+                            t.up.inc_by(n as u64);
+                        }
+                    }
                 }
                 last_client.store(millis_since(start), Ordering::Relaxed);
             }
@@ -260,7 +273,11 @@ where
                 r = read_unless_held(&mut br, &mut buf) => {
                     match r {
                         Ok(0) | Err(_) => return RelayEnd::Backend,
-                        Ok(_) => {}
+                        Ok(n) => {
+                            if let Some(t) = tally {
+                                t.down.inc_by(n as u64);
+                            }
+                        }
                     }
                     framing.feed(&buf);
                     let answered = framing.take_ready();
@@ -490,6 +507,8 @@ mod tests {
         keep: bool,
     ) -> (Relayed, Vec<u8>) {
         use tokio::net::TcpListener;
+        let sent: usize = client.iter().map(Vec::len).sum();
+        let answered: usize = answers.iter().map(Vec::len).sum();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let backend_task = tokio::spawn(async move {
@@ -521,6 +540,7 @@ mod tests {
             drop(c);
         });
         let (_, rx) = tokio::sync::watch::channel(false);
+        let (up, down) = (Counter::default(), Counter::default());
         let relayed = relay(
             gw_side,
             &mut backend,
@@ -528,11 +548,20 @@ mod tests {
             SessionLimits::default(),
             rx,
             keep,
+            Some(Tally {
+                up: &up,
+                down: &down,
+            }),
         )
         .await;
         client_task.await.unwrap();
         drop(backend);
-        (relayed, backend_task.await.unwrap())
+        let got = backend_task.await.unwrap();
+        // Every byte read from the client is counted, whether or not it was passed on (a kept
+        // session's Terminate is not); the backend's answers no more than were written.
+        assert_eq!(up.get(), sent as u64);
+        assert!(down.get() <= answered as u64);
+        (relayed, got)
     }
 
     #[tokio::test]

@@ -538,6 +538,12 @@ impl RemoteTier for TieredStore {
         Box::pin(self.inner.probe())
     }
 
+    fn counted_bytes(&self) -> Option<u64> {
+        let h = lock(&self.inner.health);
+        // A change made here clears `counted` but leaves the last count: still the best guess.
+        (h.counted.is_some() || h.bytes > 0).then_some(h.bytes)
+    }
+
     fn known(&self) -> HashSet<StateId> {
         self.inner
             .known

@@ -144,6 +144,11 @@ pub trait RemoteTier: Send + Sync {
     fn url(&self) -> String;
     /// Probes the bucket and reports on it and on the upload queue.
     fn status(&self) -> BoxFuture<'_, RemoteStatus>;
+    /// Compressed bytes in the bucket as last counted, without asking it (for metrics);
+    /// `None` if never counted.
+    fn counted_bytes(&self) -> Option<u64> {
+        None
+    }
     /// The states with a snapshot in the bucket, as last seen (the probe, uploads, lookups
     /// refresh it): for listings, never for a decision that needs the truth.
     fn known(&self) -> std::collections::HashSet<StateId>;

@@ -198,6 +198,9 @@ pub(crate) async fn open(
     config.pg_bin = args.pg_bin.clone();
     config.max_blob_mb = args.max_blob_mb;
     config.lifecycle = Some(settings);
+    // Several replicas may be scraped: each series names the pod it came from.
+    config.metric_labels = vec![("pod".to_owned(), identity.clone())];
+    tracing::info!(pod = %identity, %namespace, "leading as this pod");
     let controller = Controller::open_on(config, runtime, store).await?;
     Ok((controller, lost))
 }

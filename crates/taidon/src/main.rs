@@ -21,7 +21,8 @@ use taidon_controller::{Controller, ControllerConfig};
 use taidon_core::token::{Keyset, SharedKeyset};
 use taidon_core::InstanceId;
 use taidon_gateway::{
-    ControllerKeys, Gateway, GatewayConfig, HttpResolver, KeySource, ResolveError, Resolver,
+    ControllerKeys, Gateway, GatewayConfig, GatewayMetrics, HttpResolver, KeySource, ResolveError,
+    Resolver,
 };
 use tokio::net::TcpListener;
 
@@ -98,6 +99,9 @@ struct GatewayOpts {
     /// Close backend sessions kept for reuse after this many idle seconds.
     #[arg(long, default_value_t = 60, conflicts_with = "no_pool")]
     pool_idle_s: u64,
+    /// Keep no gateway metrics (to measure what they cost).
+    #[arg(long)]
+    no_metrics: bool,
 }
 
 #[derive(Args)]
@@ -126,6 +130,10 @@ pub(crate) struct HomeArgs {
     /// The API's TLS private key (PEM).
     #[arg(long, requires = "api_tls_cert")]
     api_tls_key: Option<PathBuf>,
+    /// Also serve GET /metrics here, with no token (for a scraper inside a cluster); the
+    /// API serves them too, to a valid token.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     lifecycle: LifecycleFlags,
 }
@@ -235,6 +243,9 @@ struct GatewayArgs {
     /// How often the keys are fetched again from the controller, seconds (with --token-file).
     #[arg(long, default_value_t = 5)]
     keys_poll_s: u64,
+    /// Serve this gateway's GET /metrics here (plain HTTP, no token).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     gateway: GatewayOpts,
 }
@@ -510,12 +521,19 @@ async fn local(args: LocalArgs) -> Result<()> {
         keys,
         Arc::new(LocalResolver(Arc::clone(&controller))),
     );
+    if !args.gateway.no_metrics {
+        // One registry: the API's /metrics shows the gateway's beside the controller's.
+        let metrics = GatewayMetrics::default();
+        controller.metrics().register(|r| metrics.register(r));
+        gateway = gateway.with_metrics(metrics);
+    }
     if let Some((tls, ca)) = args.gateway.tls(Some(&home), gateway_listen)? {
         gateway = gateway.with_tls(tls);
         controller.set_gateway_tls_root(ca);
     }
     let (stop_gateway, gateway_stopped) = tokio::sync::watch::channel(false);
     let gw = spawn_gateway_thread(Arc::new(gateway), gateway_listener, gateway_stopped)?;
+    serve_controller_metrics(&controller, args.home.metrics_listen).await?;
     publish_daemon_info(&home, &api_url, &gateway_addr)?;
     tracing::info!(api = %api.public_url()?, gateway = %gateway_addr, home = %home.root().display(), "taidon local is ready");
 
@@ -594,6 +612,7 @@ async fn controller(args: ControllerArgs) -> Result<()> {
     ));
     let api = bind_api(&args.home, &home).await?;
     let api_url = api.local_url()?;
+    serve_controller_metrics(&controller, args.home.metrics_listen).await?;
     controller.set_gateway_addr(args.gateway_addr.clone());
     controller.set_api_url(api.public_url()?);
     publish_daemon_info(&home, &api_url, &args.gateway_addr)?;
@@ -660,6 +679,17 @@ async fn gateway(args: GatewayArgs) -> Result<()> {
     if let Some((tls, _)) = args.gateway.tls(own_home.as_ref(), listen)? {
         gateway = gateway.with_tls(tls);
     }
+    if !args.gateway.no_metrics {
+        let metrics = GatewayMetrics::default();
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        gateway = gateway.with_metrics(metrics);
+        if let Some(addr) = args.metrics_listen {
+            serve_metrics(addr, metrics_of_registry(Arc::new(registry))).await?;
+        }
+    } else if args.metrics_listen.is_some() {
+        bail!("--metrics-listen and --no-metrics: choose one");
+    }
     tracing::info!(%listen, controller = %args.controller, "taidon gateway is ready");
     let drain = std::time::Duration::from_secs(args.drain_s);
     Arc::new(gateway)
@@ -673,6 +703,56 @@ async fn gateway(args: GatewayArgs) -> Result<()> {
         )
         .await;
     tracing::info!("taidon gateway stopped");
+    Ok(())
+}
+
+/// Serves the controller's metrics with no token on `addr`, if given.
+async fn serve_controller_metrics(
+    controller: &Arc<Controller>,
+    addr: Option<SocketAddr>,
+) -> Result<()> {
+    let Some(addr) = addr else { return Ok(()) };
+    serve_metrics(
+        addr,
+        taidon_controller::metrics_router(Arc::clone(controller)),
+    )
+    .await
+}
+
+/// A router serving `registry` at `GET /metrics`.
+fn metrics_of_registry(registry: Arc<prometheus_client::registry::Registry>) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let registry = Arc::clone(&registry);
+            async move {
+                let mut text = String::new();
+                // Writing to a String cannot fail.
+                let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        taidon_controller::metrics::CONTENT_TYPE,
+                    )],
+                    text,
+                )
+            }
+        }),
+    )
+}
+
+/// Binds `addr` (failing now if it cannot) and serves `router` there, plain HTTP, in the
+/// background.
+async fn serve_metrics(addr: SocketAddr, router: axum::Router) -> Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    tracing::info!(metrics = %listener.local_addr()?, "serving metrics");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "the metrics listener failed");
+        }
+    });
     Ok(())
 }
 

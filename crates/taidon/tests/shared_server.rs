@@ -866,3 +866,280 @@ async fn the_api_off_loopback_speaks_tls_with_the_homes_ca() {
     let status = wait_exit(&mut ctl.proc.child, Duration::from_secs(30)).expect("stopped");
     assert!(status.success());
 }
+
+/// One sample of a scrape, as the Prometheus project's own parser (Python
+/// `prometheus_client.openmetrics.parser`) reads it.
+#[derive(Debug)]
+struct Sample {
+    family: String,
+    kind: String,
+    name: String,
+    labels: std::collections::BTreeMap<String, String>,
+    value: f64,
+}
+
+const PARSE_METRICS: &str = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = []
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        out.append({"family": fam.name, "kind": fam.type, "name": s.name,
+                    "labels": s.labels, "value": s.value})
+print(json.dumps(out))
+"#;
+
+/// Parses an OpenMetrics scrape with a real Prometheus parser (a parse error fails the test).
+fn parse_metrics(text: &str) -> Vec<Sample> {
+    use std::io::Write;
+    let mut child = Command::new("python3")
+        .args(["-c", PARSE_METRICS])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("No module named 'prometheus_client"),
+        "the Prometheus parser is missing: run scripts/setup.sh (pip install prometheus_client)"
+    );
+    assert!(
+        out.status.success(),
+        "the scrape does not parse: {stderr}\n{text}"
+    );
+    let parsed: Vec<Value> = serde_json::from_slice(&out.stdout).expect("parser output");
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    parsed
+        .iter()
+        .map(|s| Sample {
+            family: text(&s["family"]),
+            kind: text(&s["kind"]),
+            name: text(&s["name"]),
+            labels: s["labels"]
+                .as_object()
+                .map(|o| o.iter().map(|(k, v)| (k.clone(), text(v))).collect())
+                .unwrap_or_default(),
+            value: s["value"].as_f64().unwrap_or(f64::NAN),
+        })
+        .collect()
+}
+
+/// The value of the sample `name` whose labels include `labels`; 0 if there is none.
+fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+fn family_kind<'a>(samples: &'a [Sample], family: &str) -> Option<&'a str> {
+    samples
+        .iter()
+        .find(|s| s.family == family)
+        .map(|s| s.kind.as_str())
+}
+
+async fn scrape(url: &str, token: Option<&str>) -> (u16, String, String) {
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.expect("scrape");
+    let status = resp.status().as_u16();
+    let kind = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    (status, kind, resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_of_a_controller_and_a_standalone_gateway_after_real_work() {
+    let root = traversable_tempdir();
+    let _stop = StopServers(root.path().to_path_buf());
+    let ctl_metrics = format!("127.0.0.1:{}", free_port());
+    let ctl = Controller::start(root.path(), &["--metrics-listen", &ctl_metrics]);
+    let api = Api::new(&ctl.url);
+    let alice = ctl.create_token("alice", &[]);
+
+    let gw_dir = root.path().join("gateway");
+    fs::create_dir_all(&gw_dir).unwrap();
+    let token_file = gw_dir.join("gateway.token");
+    fs::write(&token_file, ctl.create_token("gw1", &["--gateway"])).unwrap();
+    let gw_metrics = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(taidon());
+    cmd.args(["gateway", "--listen", &ctl.gateway_addr])
+        .args(["--controller", &ctl.url])
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--home")
+        .arg(gw_dir.join("state"))
+        .args(["--metrics-listen", &gw_metrics])
+        .env_remove("SQLRS_HOME");
+    let _gateway = Proc::spawn("gateway", cmd, root.path().join("gateway.log"));
+    let addr = ctl.gateway_addr.clone();
+    wait_for("the gateway", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+
+    // Real work: a build of two states (initdb and one step), an instance, two sessions, a
+    // refused token and a failing query.
+    let inst = api.prepare(&alice, "create table t(x int)").await;
+    let dsn = inst["dsn"].as_str().unwrap().to_owned();
+    psql_ok(&dsn, "insert into t values (1), (2)");
+    assert_eq!(psql_ok(&dsn, "select count(*) from t"), "2");
+    let (head, rest) = dsn.split_once("sqlrs:").unwrap();
+    let (_, host) = rest.split_once('@').unwrap();
+    let refused = psql(&format!("{head}sqlrs:not-a-token@{host}"), "select 1");
+    assert!(!refused.status.success());
+
+    // The API serves them to a token only; --metrics-listen to anyone.
+    let (status, _, body) = scrape(&format!("{}/metrics", ctl.url), None).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, kind, body) =
+        scrape(&format!("{}/metrics", ctl.url), Some(&ctl.admin_token())).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+    assert!(!body.contains(&ctl.admin_token()));
+    parse_metrics(&body);
+    let (status, _, body) = scrape(&format!("http://{ctl_metrics}/metrics"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let c = parse_metrics(&body);
+    for (family, kind) in [
+        ("taidon_states", "gauge"),
+        ("taidon_store_bytes", "gauge"),
+        ("taidon_instances", "gauge"),
+        ("taidon_builds", "counter"),
+        ("taidon_build_seconds", "histogram"),
+        ("taidon_restores", "counter"),
+        ("taidon_standby_handouts", "counter"),
+    ] {
+        assert_eq!(family_kind(&c, family), Some(kind), "{family} in\n{body}");
+    }
+    assert_eq!(sample(&c, "taidon_builds_total", &[("result", "ok")]), 2.0);
+    assert_eq!(sample(&c, "taidon_build_seconds_count", &[]), 2.0);
+    assert!(sample(&c, "taidon_build_seconds_sum", &[]) > 0.0);
+    assert_eq!(sample(&c, "taidon_states", &[("presence", "hot")]), 1.0);
+    assert_eq!(sample(&c, "taidon_states", &[("presence", "warm")]), 1.0);
+    assert_eq!(
+        sample(&c, "taidon_instances", &[("status", "running")]),
+        1.0
+    );
+    assert!(sample(&c, "taidon_store_bytes", &[("tier", "local")]) > 1e6);
+    assert_eq!(
+        sample(
+            &c,
+            "taidon_restores_total",
+            &[("source", "local"), ("result", "ok")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&c, "taidon_standby_handouts_total", &[("result", "miss")]),
+        1.0
+    );
+    // The gateway's are its own, on its own listener.
+    assert_eq!(family_kind(&c, "taidon_gateway_connections"), None);
+
+    let url = format!("http://{gw_metrics}/metrics");
+    // A session is counted open until the gateway has seen its client leave.
+    let mut g;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = scrape(&url, None).await;
+        assert_eq!(status, 200, "{body}");
+        g = parse_metrics(&body);
+        if sample(&g, "taidon_gateway_active_connections", &[]) == 0.0 || Instant::now() > deadline
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sample(&g, "taidon_gateway_active_connections", &[]), 0.0);
+    assert_eq!(
+        sample(
+            &g,
+            "taidon_gateway_connections_total",
+            &[("result", "ok"), ("sqlstate", "00000")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &g,
+            "taidon_gateway_connections_total",
+            &[("result", "auth"), ("sqlstate", "28P01")]
+        ),
+        1.0
+    );
+    let up = sample(
+        &g,
+        "taidon_gateway_bytes_total",
+        &[("direction", "client_to_server")],
+    );
+    let down = sample(
+        &g,
+        "taidon_gateway_bytes_total",
+        &[("direction", "server_to_client")],
+    );
+    assert!(up > 50.0 && down > up, "up {up}, down {down}");
+    assert_eq!(
+        sample(&g, "taidon_gateway_handshake_seconds_count", &[]),
+        2.0
+    );
+    assert_eq!(sample(&g, "taidon_resolve_seconds_count", &[]), 2.0);
+    assert_eq!(
+        family_kind(&g, "taidon_gateway_handshake_seconds"),
+        Some("histogram")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taidon_local_serves_the_gateways_metrics_with_the_controllers() {
+    let root = traversable_tempdir();
+    let _stop = StopServers(root.path().to_path_buf());
+    let home = root.path().join("home");
+    let mut cmd = Command::new(taidon());
+    cmd.arg("local").arg("--home").arg(&home);
+    let _daemon = Proc::spawn("taidon local", cmd, root.path().join("local.log"));
+    let daemon_json = home.join("daemon.json");
+    wait_for("daemon.json", Duration::from_secs(60), || {
+        daemon_json.exists()
+    });
+    let info: Value = serde_json::from_str(&fs::read_to_string(&daemon_json).unwrap()).unwrap();
+    let url = info["api_url"].as_str().unwrap().to_owned();
+    let token = fs::read_to_string(home.join("api.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let api = Api::new(&url);
+    let inst = api.prepare(&token, "select 1").await;
+    let dsn = inst["dsn"].as_str().unwrap().to_owned();
+    assert_eq!(psql_ok(&dsn, "select 1"), "1");
+    let (status, _, body) = scrape(&format!("{url}/metrics"), Some(&token)).await;
+    assert_eq!(status, 200, "{body}");
+    let m = parse_metrics(&body);
+    assert_eq!(sample(&m, "taidon_builds_total", &[("result", "ok")]), 2.0);
+    assert_eq!(
+        sample(&m, "taidon_gateway_connections_total", &[("result", "ok")]),
+        1.0,
+        "{body}"
+    );
+    assert_eq!(family_kind(&m, "taidon_resolve_seconds"), Some("histogram"));
+}
