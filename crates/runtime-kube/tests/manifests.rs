@@ -517,3 +517,50 @@ fn the_controller_starts_runners_of_its_own_version() {
         );
     }
 }
+
+/// The controller and the gateway serve /metrics on the port their pod's Prometheus
+/// annotations name, declared as the container's `metrics` port.
+#[test]
+fn metrics_are_served_where_the_annotations_say() {
+    for r in renderings() {
+        for name in ["taidon-controller", "taidon-gateway"] {
+            let deploy = named(&r.objects, "Deployment", name);
+            let template = &deploy["spec"]["template"];
+            let annotations = &template["metadata"]["annotations"];
+            assert_eq!(
+                annotations["prometheus.io/scrape"], "true",
+                "{}: {name}",
+                r.dir
+            );
+            assert_eq!(
+                annotations["prometheus.io/path"], "/metrics",
+                "{}: {name}",
+                r.dir
+            );
+            let port = annotations["prometheus.io/port"]
+                .as_str()
+                .expect("prometheus.io/port");
+            let main = &template["spec"]["containers"][0];
+            let args = strings(&main["args"]);
+            let listen = args
+                .iter()
+                .position(|a| *a == "--metrics-listen")
+                .and_then(|i| args.get(i + 1))
+                .unwrap_or_else(|| panic!("{}: {name} has no --metrics-listen: {args:?}", r.dir));
+            assert_eq!(
+                listen.rsplit_once(':').map(|(_, p)| p),
+                Some(port),
+                "{}: {name}",
+                r.dir
+            );
+            let declared = main["ports"]
+                .as_array()
+                .expect("ports")
+                .iter()
+                .find(|p| p["name"] == "metrics")
+                .and_then(|p| p["containerPort"].as_u64())
+                .map(|p| p.to_string());
+            assert_eq!(declared.as_deref(), Some(port), "{}: {name}", r.dir);
+        }
+    }
+}

@@ -343,6 +343,21 @@ fn pagila_in_runner_pods_a_killed_pod_a_restarted_controller_and_a_second_one_th
         "one pod each: the initdb, schema and data builds, the instance"
     );
 
+    // Every series of the controller's metrics names the pod it runs in (its identity).
+    let ctl = c.ctl.as_ref().expect("controller");
+    let token = fs::read_to_string(ctl.home.join("api.token")).expect("api.token");
+    let metrics = http_get(&format!("{}/metrics", ctl.api_url), token.trim());
+    for line in [
+        "taidon_states{pod=\"ctl-1\",presence=\"hot\"} 1",
+        "taidon_builds_total{pod=\"ctl-1\",result=\"ok\"} 3",
+        "taidon_instances{pod=\"ctl-1\",status=\"running\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+
     // A killed runner: the next connection waits while a replacement starts, then works.
     assert!(c.api.kill_pod_process(&pod));
     let out = psql(&dsn, "select count(*) from rental");
@@ -412,6 +427,30 @@ fn pagila_in_runner_pods_a_killed_pod_a_restarted_controller_and_a_second_one_th
     c.wait_for("the unadopted pod to go", Duration::from_secs(30), |c| {
         c.pods_of("instance").is_empty()
     });
+}
+
+/// The body of a plain-HTTP GET of `url` with a bearer token; panics unless it is a 200.
+fn http_get(url: &str, token: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let mut s = std::net::TcpStream::connect(host).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "GET {url}: {head}\n{body}"
+    );
+    // axum answers a body of known length without chunking.
+    body.to_owned()
 }
 
 /// Builds a small state, and gives its id.
