@@ -50,9 +50,15 @@ impl Default for GatewayMetrics {
                 direction: "server_to_client",
             })
             .clone();
+        let connections = Family::<ConnectionLabels, Counter>::default();
+        // At 0 from the start: a rate over it needs no first connection.
+        connections.get_or_create(&ConnectionLabels {
+            result: "ok",
+            sqlstate: "00000".to_owned(),
+        });
         Self {
             active: Gauge::default(),
-            connections: Family::default(),
+            connections,
             bytes,
             bytes_up,
             bytes_down,

@@ -1142,4 +1142,31 @@ async fn taidon_local_serves_the_gateways_metrics_with_the_controllers() {
         "{body}"
     );
     assert_eq!(family_kind(&m, "taidon_resolve_seconds"), Some("histogram"));
+
+    // The Grafana dashboard asks only for metrics that exist.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana/taidon.json");
+    let dashboard: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            exprs.push(t["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    for expr in &exprs {
+        for (at, _) in expr.match_indices("taidon_") {
+            let name: String = expr[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let family = ["_total", "_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(
+                body.contains(&format!("# TYPE {family} ")),
+                "the dashboard's {name} (in {expr}) is not served:\n{body}"
+            );
+        }
+    }
 }
