@@ -168,7 +168,12 @@ impl Metrics {
                 m.restores.get_or_create(&RestoreLabels { source, result });
             }
         }
-        for reason in ["store_capacity", "idle", "lease_expired", "instance_capacity"] {
+        for reason in [
+            "store_capacity",
+            "idle",
+            "lease_expired",
+            "instance_capacity",
+        ] {
             m.evictions.get_or_create(&ReasonLabel { reason });
         }
         for result in ["hit", "miss"] {
