@@ -163,9 +163,9 @@ impl Metrics {
         );
         // Every known series exists from the start, at 0: a rate over it needs no first event.
         for result in ["ok", "failed"] {
-            m.builds.get_or_create(&ResultLabel { result });
+            drop(m.builds.get_or_create(&ResultLabel { result }));
             for source in ["local", "remote", "rebuild"] {
-                m.restores.get_or_create(&RestoreLabels { source, result });
+                drop(m.restores.get_or_create(&RestoreLabels { source, result }));
             }
         }
         for reason in [
@@ -174,10 +174,10 @@ impl Metrics {
             "lease_expired",
             "instance_capacity",
         ] {
-            m.evictions.get_or_create(&ReasonLabel { reason });
+            drop(m.evictions.get_or_create(&ReasonLabel { reason }));
         }
         for result in ["hit", "miss"] {
-            m.standby_handouts.get_or_create(&ResultLabel { result });
+            drop(m.standby_handouts.get_or_create(&ResultLabel { result }));
         }
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = registry;
         m
