@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use taidon_api::StateStatus;
 use taidon_core::{InstanceId, StateId};
 
@@ -89,6 +89,13 @@ pub struct InstanceRow {
     pub created_ms: u64,
     pub clone_ms: u64,
     pub start_ms: u64,
+}
+
+/// How many states have each recorded status, and which are recorded HOT.
+#[derive(Debug, Default)]
+pub struct StatusCounts {
+    pub counts: Vec<(StateStatus, u64)>,
+    pub hot: Vec<StateId>,
 }
 
 /// The metadata database.
@@ -274,16 +281,40 @@ impl Meta {
         })
     }
 
-    /// Every state's id and recorded status, and nothing else (for metrics: cheap).
-    pub fn state_statuses(&self) -> Result<Vec<(StateId, StateStatus)>, MetaError> {
+    /// How many states have each recorded status, and the ids of those recorded HOT (few):
+    /// what metrics need, without reading every row into memory.
+    pub fn state_status_counts(&self) -> Result<StatusCounts, MetaError> {
         self.with(|c| {
-            let mut stmt = c.prepare_cached("SELECT state_id, status FROM states")?;
-            let rows =
-                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-            let mut out = Vec::new();
+            let mut counts = Vec::new();
+            let mut stmt =
+                c.prepare_cached("SELECT status, count(*) FROM states GROUP BY status")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
             for row in rows {
-                let (id, status) = row?;
-                out.push((parse_id(id)?, parse_status(&status)?));
+                let (status, n) = row?;
+                counts.push((parse_status(&status)?, n as u64));
+            }
+            let mut stmt = c.prepare_cached("SELECT state_id FROM states WHERE status = 'HOT'")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            let mut hot = Vec::new();
+            for row in rows {
+                hot.push(parse_id(row?)?);
+            }
+            Ok(StatusCounts { counts, hot })
+        })
+    }
+
+    /// The recorded status of each of `ids` that exists.
+    pub fn statuses_of(&self, ids: &[StateId]) -> Result<Vec<(StateId, StateStatus)>, MetaError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached("SELECT status FROM states WHERE state_id = ?1")?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                let status: Option<String> = stmt
+                    .query_row(params![id.to_string()], |r| r.get(0))
+                    .optional()?;
+                if let Some(s) = status {
+                    out.push((*id, parse_status(&s)?));
+                }
             }
             Ok(out)
         })

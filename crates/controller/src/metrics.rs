@@ -269,22 +269,42 @@ struct Gauges {
 }
 
 /// Counts states by presence as `ls` shows them: a WARM state with a running instance is HOT,
-/// a HOT one with none is WARM.
+/// a HOT one with none is WARM. `recorded` counts the metadata's statuses, `running` are the
+/// states with a running instance (with their recorded status) and `recorded_hot` the states
+/// recorded HOT.
 fn presence_counts(
-    states: &[(StateId, StateStatus)],
-    running: &HashSet<StateId>,
+    recorded: &[(StateStatus, u64)],
+    running: &[(StateId, StateStatus)],
+    recorded_hot: &[StateId],
 ) -> HashMap<&'static str, u64> {
-    let mut counts = HashMap::new();
-    for (id, status) in states {
+    let mut counts: HashMap<&'static str, u64> = HashMap::new();
+    for (status, n) in recorded {
         let presence = match status {
-            StateStatus::Warm | StateStatus::Hot if running.contains(id) => "hot",
-            StateStatus::Warm | StateStatus::Hot => "warm",
+            StateStatus::Hot => "hot",
+            StateStatus::Warm => "warm",
             StateStatus::Cold => "cold",
             StateStatus::Building => "building",
             StateStatus::Starting => "starting",
             StateStatus::Failed => "failed",
         };
-        *counts.entry(presence).or_insert(0) += 1;
+        *counts.entry(presence).or_insert(0) += n;
+    }
+    let mut shift = |from: &'static str, to: &'static str| {
+        if let Some(n) = counts.get_mut(from).filter(|n| **n > 0) {
+            *n -= 1;
+            *counts.entry(to).or_insert(0) += 1;
+        }
+    };
+    for (_, status) in running {
+        if *status == StateStatus::Warm {
+            shift("warm", "hot");
+        }
+    }
+    let running: HashSet<&StateId> = running.iter().map(|(id, _)| id).collect();
+    for id in recorded_hot {
+        if !running.contains(id) {
+            shift("hot", "warm");
+        }
     }
     counts
 }
@@ -304,7 +324,13 @@ impl Controller {
             .values()
             .map(|l| l.state_id)
             .collect();
-        let states = presence_counts(&self.meta.state_statuses()?, &running);
+        let running: Vec<StateId> = running.into_iter().collect();
+        let recorded = self.meta.state_status_counts()?;
+        let states = presence_counts(
+            &recorded.counts,
+            &self.meta.statuses_of(&running)?,
+            &recorded.hot,
+        );
         let gauges = Gauges {
             states,
             local_bytes: self.store.usage().await?,
@@ -325,15 +351,15 @@ mod tests {
 
     #[test]
     fn presence_follows_running_instances() {
-        let states = [
-            (id(1), StateStatus::Warm),
-            (id(2), StateStatus::Hot),
-            (id(3), StateStatus::Hot),
-            (id(4), StateStatus::Cold),
-            (id(5), StateStatus::Failed),
+        // 1 WARM and running, 2 HOT and not, 3 HOT and running, 4 COLD, 5 FAILED.
+        let recorded = [
+            (StateStatus::Warm, 1),
+            (StateStatus::Hot, 2),
+            (StateStatus::Cold, 1),
+            (StateStatus::Failed, 1),
         ];
-        let running: HashSet<StateId> = [id(1), id(3)].into();
-        let c = presence_counts(&states, &running);
+        let running = [(id(1), StateStatus::Warm), (id(3), StateStatus::Hot)];
+        let c = presence_counts(&recorded, &running, &[id(2), id(3)]);
         assert_eq!(c.get("hot"), Some(&2));
         assert_eq!(c.get("warm"), Some(&1));
         assert_eq!(c.get("cold"), Some(&1));
