@@ -904,10 +904,7 @@ impl Controller {
         events: &Events,
     ) -> Result<(), ControllerError> {
         let (engine, steps) = self.replay_steps(&id)?;
-        let built = self.build_steps(&engine, steps, events).await;
-        self.metrics
-            .restored(crate::metrics::RestoreSource::Rebuild, built.is_ok());
-        built?;
+        self.build_steps(&engine, steps, events).await?;
         Ok(())
     }
 

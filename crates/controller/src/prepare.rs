@@ -183,18 +183,28 @@ impl Controller {
         if cached > 0 {
             have = Some(cached - 1);
         }
-        if let Some(restoring) = self.restoring_event(&chain, cached)? {
+        let restoring = self.restoring_event(&chain, cached)?;
+        let rebuild = restoring.is_some();
+        if let Some(restoring) = restoring {
             send(events, restoring);
         }
-        // A download is no cache hit: the state was not here.
-        let mut built_any = downloaded;
-        if have.is_none() {
-            built_any |= self.ensure_base(&chain, events).await?;
+        let built = async {
+            // A download is no cache hit: the state was not here.
+            let mut built_any = downloaded;
+            if have.is_none() {
+                built_any |= self.ensure_base(&chain, events).await?;
+            }
+            for i in cached..total {
+                built_any |= self.ensure_step(&chain, steps, i, events).await?;
+            }
+            Ok::<_, ControllerError>(built_any)
         }
-        for i in cached..total {
-            built_any |= self.ensure_step(&chain, steps, i, events).await?;
+        .await;
+        if rebuild {
+            self.metrics
+                .restored(crate::metrics::RestoreSource::Rebuild, built.is_ok());
         }
-        Ok((chain.head(), !built_any))
+        Ok((chain.head(), !built?))
     }
 
     /// Single-flight: waits for a concurrent build of `id`, and says so.

@@ -189,6 +189,39 @@ fn eviction_spares_pins_and_a_cold_state_is_restored_from_its_nearest_ancestor()
     let ev = events(&env, Some(&head));
     assert!(ev.iter().any(|e| e["kind"] == "evicted"), "{ev:#?}");
     assert!(ev.iter().any(|e| e["kind"] == "restoring"), "{ev:#?}");
+    // The metrics saw the eviction and the rebuild (warmup's; the prepare found it WARM).
+    let metrics = get_metrics(&env);
+    for line in [
+        "taidon_restores_total{source=\"rebuild\",result=\"ok\"} 1",
+        "taidon_restores_total{source=\"rebuild\",result=\"failed\"} 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+    let evicted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("taidon_evictions_total{reason=\"store_capacity\"} "))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(evicted.is_some_and(|n| n >= 1), "{metrics}");
+}
+
+/// `GET /metrics` with the home's API token.
+fn get_metrics(env: &Env) -> String {
+    let url = api_url(env);
+    let token = std::fs::read_to_string(env.home.join("api.token")).expect("api.token");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let resp = reqwest::Client::new()
+            .get(format!("{url}/metrics"))
+            .bearer_auth(token.trim())
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert_eq!(resp.status().as_u16(), 200);
+        resp.text().await.expect("body")
+    })
 }
 
 fn api_url(env: &Env) -> String {
