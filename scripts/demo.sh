@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo: prepare the pagila sample database on the embedded default, query it through the
-# gateway, then do it again and see the cache hit.
+# gateway, then do it again and see the cache hit; a lease; the metrics.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -22,3 +22,13 @@ sqlrs leases
 sqlrs release "$(echo "$lease" | sed -n 's/^LEASE=//p')"
 sqlrs ls
 sqlrs status
+echo "== metrics: what Prometheus would scrape (GET /metrics, with the API token)" >&2
+sqlrs --json status | python3 -c '
+import json, sys, urllib.request
+s = json.load(sys.stdin)
+token = open(s["home"] + "/api.token").read().strip()
+req = urllib.request.Request(s["api_url"] + "/metrics", headers={"Authorization": "Bearer " + token})
+for line in urllib.request.urlopen(req).read().decode().splitlines():
+    if line.startswith(("taidon_states{", "taidon_builds_total{", "taidon_gateway_connections_total{")):
+        print(line)
+'
