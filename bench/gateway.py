@@ -135,7 +135,9 @@ class Local:
     def __init__(self, root: Path, bin_dir: Path):
         self.bin = bin_dir
         self.home = root / "home"
-        self.env = clean_env(SQLRS_HOME=str(self.home), TAIDON_BIN=str(bin_dir / "taidon"), TAIDON_LOG="info")
+        # The log is read by offset (log_since): it must not rotate under the run.
+        self.env = clean_env(SQLRS_HOME=str(self.home), TAIDON_BIN=str(bin_dir / "taidon"), TAIDON_LOG="info",
+                             TAIDON_LOG_MAX_MB="0")
         self.log = self.home / "logs" / "taidon.log"
 
     def sqlrs(self, *args):

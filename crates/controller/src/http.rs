@@ -90,6 +90,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/webhook", post(webhook))
         .merge(protected)
         .with_state(controller)
+        .layer(middleware::from_fn(crate::request_id::tag_request))
 }
 
 /// Finds who the bearer token belongs to (401 if nobody) and hands it to the handler.

@@ -17,6 +17,7 @@ pub mod metrics;
 mod pins;
 mod prepare;
 mod remote;
+mod request_id;
 pub mod serve;
 mod snapshots;
 pub mod tokens;
@@ -414,13 +415,14 @@ impl Controller {
         }
     }
 
-    /// Runs `task` in the background on the controller's runtime.
+    /// Runs `task` in the background on the controller's runtime, in the caller's span (so the
+    /// work an API request starts logs its request id).
     pub(crate) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.tasks.spawn(task)
+        self.tasks.spawn(tracing::Instrument::in_current_span(task))
     }
 
     pub(crate) fn request_shutdown(&self) {

@@ -295,12 +295,13 @@ impl LocalRuntime {
             tcp: true,
             advertise: self.advertise,
             port: None,
-            log_file: self
-                .layout
-                .logs
-                .join("instances")
-                .join(format!("{iid}.log")),
+            log_file: self.instance_logs().join(format!("{iid}.log")),
         }
+    }
+
+    /// Where instances' server logs are: `<id>.log` each.
+    fn instance_logs(&self) -> PathBuf {
+        self.layout.logs.join("instances")
     }
 
     /// Runs `f` on a blocking thread (it waits for processes or walks directories).
@@ -467,12 +468,19 @@ impl Runtime for LocalRuntime {
 
     fn remove_instance(&self, iid: InstanceId) -> BoxFuture<'_, Result<(), RuntimeError>> {
         let dir = self.instance_dir(&iid);
+        let log = self.instance_config(&iid).log_file;
         Box::pin(Self::blocking(move || {
             crate::orphan::kill_orphan(&dir.join("data"))?;
             match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(RuntimeError::io("cannot remove", &dir)(e)),
+            }
+            // Its log goes with it: nothing reads the log of an instance that is gone.
+            match std::fs::remove_file(&log) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(RuntimeError::io("cannot remove", &dir)(e)),
+                Err(e) => Err(RuntimeError::io("cannot remove", &log)(e)),
             }
         }))
     }
@@ -519,6 +527,43 @@ impl Runtime for LocalRuntime {
             }
             Ok(())
         }))
+    }
+
+    /// Local instances run as children of the controller and end with it; what is left of an
+    /// instance nobody keeps is its log, which goes.
+    fn end_unadopted<'a>(
+        &'a self,
+        keep: &'a [InstanceId],
+    ) -> BoxFuture<'a, Result<Vec<String>, RuntimeError>> {
+        let logs = self.instance_logs();
+        let keep: Vec<String> = keep.iter().map(|iid| format!("{iid}.log")).collect();
+        Box::pin(Self::blocking(move || {
+            remove_logs_but(&logs, &keep);
+            Ok(Vec::new())
+        }))
+    }
+}
+
+/// Removes the `*.log` files in `dir` whose names are not in `keep`.
+fn remove_logs_but(dir: &Path, keep: &[String]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.ends_with(".log") || keep.iter().any(|k| k == name) {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed the log of an instance that is gone")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove the log of an instance that is gone")
+            }
+        }
     }
 }
 

@@ -365,10 +365,23 @@ async fn local_runtime_builds_and_runs_instances_through_the_trait() {
     assert!(reclaimed.stopped.is_some(), "{reclaimed:?}");
     assert!(reclaimed.has_data);
     runtime.discard_leftovers().await.unwrap();
+    let log = root.join("logs/instances").join(format!("{iid}.log"));
+    assert!(log.exists(), "the instance logs to {}", log.display());
     runtime.remove_instance(iid).await.unwrap();
     assert!(!root.join("instances").join(iid.to_string()).exists());
+    assert!(!log.exists(), "the instance's log goes with it");
     let gone = runtime.reclaim_instance(iid).await.unwrap();
     assert_eq!((gone.stopped, gone.has_data), (None, false));
+
+    // After a restart, the logs of instances nobody adopted go; the adopted ones' stay.
+    let kept = InstanceId::from_bytes([8; 8]);
+    let kept_log = root.join("logs/instances").join(format!("{kept}.log"));
+    std::fs::write(&kept_log, "kept").unwrap();
+    std::fs::write(&log, "orphan").unwrap();
+    let ended = runtime.end_unadopted(&[kept]).await.unwrap();
+    assert!(ended.is_empty(), "{ended:?}");
+    assert!(kept_log.exists());
+    assert!(!log.exists(), "an orphan instance log is removed");
 }
 
 #[test]

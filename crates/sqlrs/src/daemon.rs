@@ -21,6 +21,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const RACE_GRACE: Duration = Duration::from_secs(3);
 /// How many log lines a failed start shows.
 const LOG_TAIL: usize = 20;
+/// Past this size the daemon's raw stderr log is moved to `taidon.stderr.log.1` when a daemon
+/// starts (the daemon rotates its own log, `taidon.log`; this one holds only what it writes
+/// before its logging is set up, or a panic).
+const STDERR_LOG_MAX: u64 = 1024 * 1024;
 
 /// Why the daemon could not be found or started.
 #[derive(Debug, thiserror::Error)]
@@ -49,14 +53,16 @@ pub(crate) enum DaemonError {
         #[source]
         source: io::Error,
     },
-    #[error("the taidon daemon exited ({status}) before it was ready; the end of {log}:")]
+    #[error(
+        "the taidon daemon exited ({status}) before it was ready; the end of its logs in {logs}:"
+    )]
     Exited {
         status: ExitStatus,
-        log: PathBuf,
+        logs: PathBuf,
         tail: String,
     },
-    #[error("the taidon daemon did not become ready within {}s; the end of {log}:", START_TIMEOUT.as_secs())]
-    Timeout { log: PathBuf, tail: String },
+    #[error("the taidon daemon did not become ready within {}s; the end of its logs in {logs}:", START_TIMEOUT.as_secs())]
+    Timeout { logs: PathBuf, tail: String },
     #[error("the daemon runs but its API token {path} cannot be read: {source}")]
     Token {
         path: PathBuf,
@@ -152,8 +158,19 @@ impl Home {
         self.dir.join("daemon.json")
     }
 
+    fn logs_dir(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+
+    /// The daemon's log, which it writes and rotates itself (`--log-file`).
     fn log_path(&self) -> PathBuf {
-        self.dir.join("logs").join("taidon.log")
+        self.logs_dir().join("taidon.log")
+    }
+
+    /// The daemon's raw stdout and stderr: what it writes before its logging is set up (a
+    /// bad flag), and panics.
+    fn stderr_log_path(&self) -> PathBuf {
+        self.logs_dir().join("taidon.stderr.log")
     }
 
     /// What `daemon.json` says, if it exists and parses.
@@ -218,14 +235,14 @@ impl Home {
                 if now >= at + patience || now >= deadline {
                     return Err(DaemonError::Exited {
                         status,
-                        log: self.log_path(),
+                        logs: self.logs_dir(),
                         tail: self.log_tail(),
                     });
                 }
             }
             if now >= deadline {
                 return Err(DaemonError::Timeout {
-                    log: self.log_path(),
+                    logs: self.logs_dir(),
                     tail: self.log_tail(),
                 });
             }
@@ -233,22 +250,29 @@ impl Home {
         }
     }
 
-    /// Starts `taidon local --home <home>` in its own session, logging to `logs/taidon.log`.
+    /// Starts `taidon local --home <home>` in its own session, logging to `logs/taidon.log`
+    /// (rotated by the daemon; `SQLRS_LOG_MAX_MB` sets its cap), its raw stdout and stderr
+    /// to `logs/taidon.stderr.log`.
     fn spawn(&self) -> Result<Child, DaemonError> {
-        let logs = self.dir.join("logs");
+        let logs = self.logs_dir();
         fs::create_dir_all(&logs).map_err(|source| DaemonError::CreateDir {
             path: logs.clone(),
             source,
         })?;
-        let log_path = self.log_path();
+        let stderr_path = self.stderr_log_path();
+        if fs::metadata(&stderr_path).is_ok_and(|m| m.len() > STDERR_LOG_MAX) {
+            let mut old = stderr_path.clone().into_os_string();
+            old.push(".1");
+            let _ = fs::rename(&stderr_path, old);
+        }
         let open_err = |source| DaemonError::OpenLog {
-            path: log_path.clone(),
+            path: stderr_path.clone(),
             source,
         };
         let log = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&log_path)
+            .open(&stderr_path)
             .map_err(open_err)?;
         let log2 = log.try_clone().map_err(open_err)?;
         let bin = taidon_bin(
@@ -261,9 +285,12 @@ impl Home {
         cmd.arg("local")
             .arg("--home")
             .arg(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
+            .arg("--log-file")
+            .arg(self.log_path());
+        if let Some(mb) = std::env::var_os("SQLRS_LOG_MAX_MB").filter(|v| !v.is_empty()) {
+            cmd.arg("--log-max-mb").arg(mb);
+        }
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
         // SAFETY: setsid is async-signal-safe. A new session keeps the daemon out of our
         // terminal's process group, so Ctrl-C on sqlrs does not reach it and it outlives us.
         unsafe {
@@ -278,11 +305,26 @@ impl Home {
             .map_err(|source| DaemonError::Spawn { bin, source })
     }
 
+    /// The end of the daemon's raw stderr (if it wrote any) and of its log, each headed by
+    /// its file name.
     fn log_tail(&self) -> String {
-        match fs::read(self.log_path()) {
-            Ok(bytes) => last_lines(&String::from_utf8_lossy(&bytes), LOG_TAIL),
-            Err(e) => format!("(no log: {e})"),
+        let mut out = String::new();
+        for (path, shown_empty) in [(self.stderr_log_path(), false), (self.log_path(), true)] {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let tail = match fs::read(&path) {
+                Ok(bytes) => last_lines(&String::from_utf8_lossy(&bytes), LOG_TAIL),
+                Err(e) if shown_empty => format!("(no log: {e})"),
+                Err(_) => String::new(),
+            };
+            if tail.trim().is_empty() && !shown_empty {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&format!("==> {name} <==\n{tail}"));
         }
+        out
     }
 
     /// Waits until process `pid` is gone; false if it still runs after `timeout`.
@@ -521,8 +563,15 @@ mod tests {
         assert_eq!(status.code(), Some(3));
         assert!(tail.contains("fatal: cannot bind"), "{tail}");
         assert!(
-            tail.contains(&format!("args: local --home {}", home.dir.display())),
+            tail.contains(&format!(
+                "args: local --home {} --log-file {}",
+                home.dir.display(),
+                home.log_path().display()
+            )),
             "{tail}"
         );
+        // The raw stderr first, then the daemon's own log (here: written by the script).
+        assert!(tail.starts_with("==> taidon.stderr.log <=="), "{tail}");
+        assert!(tail.contains("==> taidon.log <==\n(no log: "), "{tail}");
     }
 }

@@ -499,7 +499,7 @@ fn concurrent_prepares_of_one_missing_state_build_it_once() {
         String::from_utf8_lossy(&a.stderr),
         String::from_utf8_lossy(&b.stderr)
     );
-    let log = fs::read_to_string(env.home.join("logs/taidon.log")).unwrap_or_default();
+    let log = env.logs();
     // Base and step, published. (Two prepares make the state busy: the standby pool may
     // keep it HOT at any moment, so both are counted in one listing.)
     let published = env.published_count();
