@@ -68,7 +68,13 @@ pub(crate) fn chart_svg(samples: &[Sample], now_ms: u64) -> String {
         .iter()
         .filter(|s| s.at_ms >= start && s.at_ms <= now_ms)
         .collect();
-    let max_bytes = shown.iter().map(|s| s.store_bytes).max().unwrap_or(0).max(1);
+    // An empty store draws on a 1 MiB scale rather than a 1 B one.
+    let max_bytes = shown
+        .iter()
+        .map(|s| s.store_bytes)
+        .max()
+        .unwrap_or(0)
+        .max(1 << 20);
     let max_instances = shown.iter().map(|s| s.instances).max().unwrap_or(0).max(1);
     let x = |at: u64| LEFT + plot_w * (at.saturating_sub(start)) as f64 / WINDOW_MS as f64;
     let y = |v: u64, max: u64| TOP + plot_h - plot_h * v as f64 / max as f64;
@@ -76,7 +82,8 @@ pub(crate) fn chart_svg(samples: &[Sample], now_ms: u64) -> String {
     let mut svg = String::new();
     let _ = write!(
         svg,
-        r##"<svg id="usage-chart" class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="store usage and running instances over the last hour" data-samples="{}">"##,
+        r##"<svg id="usage-chart" class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" width="100%" style="max-width:{}px" role="img" aria-label="store usage and running instances over the last hour" data-samples="{}">"##,
+        WIDTH * 1.5,
         shown.len()
     );
     // Axes, grid, and their labels.
@@ -185,7 +192,11 @@ mod tests {
         let newest = 399 * 15_000;
         assert_eq!(kept.last().unwrap().at_ms, newest);
         assert!(kept.iter().all(|s| s.at_ms >= newest - WINDOW_MS));
-        assert_eq!(kept.len(), 241, "an hour of 15 s samples, both ends included");
+        assert_eq!(
+            kept.len(),
+            241,
+            "an hour of 15 s samples, both ends included"
+        );
     }
 
     #[test]
@@ -209,11 +220,11 @@ mod tests {
     #[test]
     fn a_chart_of_one_sample_marks_its_point() {
         let now = 10 * WINDOW_MS;
-        let svg = chart_svg(&[sample(now, 2048, 1)], now);
+        let svg = chart_svg(&[sample(now, 2 << 20, 1)], now);
         assert!(!svg.contains("no samples yet"));
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert_eq!(svg.matches("<circle").count(), 2);
-        assert!(svg.contains("2.0 KiB"), "{svg}");
+        assert!(svg.contains("2.0 MiB"), "{svg}");
         assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
     }
 
@@ -239,6 +250,9 @@ mod tests {
             }
         }
         assert!(svg.contains("-60 min") && svg.contains("now"));
-        assert!(svg.contains(">4<"), "the instances axis tops at the most seen");
+        assert!(
+            svg.contains(">4<"),
+            "the instances axis tops at the most seen"
+        );
     }
 }

@@ -61,18 +61,30 @@ impl Controller {
     }
 
     async fn sample_usage(&self) {
+        if let Some(sample) = self.usage_now().await {
+            self.history.record(sample);
+        }
+    }
+
+    /// Store usage (the store keeps it, so this is cheap) and running instances, now.
+    async fn usage_now(&self) -> Option<Sample> {
         match self.store.usage().await {
-            Ok(store_bytes) => self.history.record(Sample {
+            Ok(store_bytes) => Some(Sample {
                 at_ms: now_ms(),
                 store_bytes,
                 instances: self.live.read().unwrap_or_else(|p| p.into_inner()).len() as u64,
             }),
-            Err(e) => tracing::debug!(error = %e, "cannot sample the store's usage"),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot sample the store's usage");
+                None
+            }
         }
     }
 
-    /// What the status page shows now, to `viewer`.
-    fn status_page(&self, viewer: &Principal) -> Result<Page, ControllerError> {
+    /// What the status page shows now, to `viewer`; the chart ends with the usage now.
+    async fn status_page(&self, viewer: &Principal) -> Result<Page, ControllerError> {
+        let mut samples = self.history.samples();
+        samples.extend(self.usage_now().await);
         let live: HashSet<InstanceId> = self
             .live
             .read()
@@ -114,7 +126,7 @@ impl Controller {
             states: self.list_states()?,
             instances,
             events: self.events(None, EVENTS)?,
-            samples: self.history.samples(),
+            samples,
             store_capacity_bytes: self
                 .lifecycle
                 .config
@@ -266,23 +278,23 @@ async fn index(State(ctl): State<Arc<Controller>>, headers: HeaderMap) -> Respon
                 StatusCode::OK,
                 render::login(Some("your session has ended: sign in again")),
             );
-            if let Ok(v) = HeaderValue::from_str(&session_cookie(
-                "",
-                over_tls(&ctl, &headers),
-                true,
-            )) {
+            if let Ok(v) =
+                HeaderValue::from_str(&session_cookie("", over_tls(&ctl, &headers), true))
+            {
                 resp.headers_mut().insert(header::SET_COOKIE, v);
             }
             return resp;
         }
     };
-    match ctl.status_page(&viewer) {
+    match ctl.status_page(&viewer).await {
         Ok(page) => html(StatusCode::OK, render::page(&page)),
         Err(e) => {
             tracing::warn!(error = %e, "cannot gather the status page");
             html(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                render::login(Some("the status could not be read; see the controller's log")),
+                render::login(Some(
+                    "the status could not be read; see the controller's log",
+                )),
             )
         }
     }

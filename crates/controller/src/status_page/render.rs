@@ -209,7 +209,9 @@ fn head(title: &str, refresh: bool) -> String {
 /// The form asking for the API token; `message` says why it is shown again.
 pub(crate) fn login(message: Option<&str>) -> String {
     let mut html = head("Taidon: sign in", false);
-    html.push_str(r#"<body><form class="login" id="login" method="post" action="/login"><h1>Taidon</h1>"#);
+    html.push_str(
+        r#"<body><form class="login" id="login" method="post" action="/login"><h1>Taidon</h1>"#,
+    );
     if let Some(m) = message {
         let _ = write!(html, r#"<p class="error" role="alert">{}</p>"#, escape(m));
     }
@@ -252,11 +254,7 @@ fn header(html: &mut String, p: &Page) {
             }
         },
     );
-    let running = p
-        .instances
-        .iter()
-        .filter(|i| i.status == "running")
-        .count();
+    let running = p.instances.iter().filter(|i| i.status == "running").count();
     let _ = write!(
         html,
         r#"<header><h1>Taidon {}</h1><div class="facts"><span>{} states</span><span>store {}</span><span>{running} of {} instances running</span><span class="muted">as of {}, refreshed every {REFRESH_S} s</span><span class="muted">signed in as {}</span></div><form method="post" action="/logout"><button type="submit">Sign out</button></form></header>"#,
@@ -435,7 +433,13 @@ mod tests {
             .collect();
         assert_eq!(
             order,
-            vec![(sid(5), 0), (sid(1), 0), (sid(2), 1), (sid(4), 2), (sid(3), 1)]
+            vec![
+                (sid(5), 0),
+                (sid(1), 0),
+                (sid(2), 1),
+                (sid(4), 2),
+                (sid(3), 1)
+            ]
         );
     }
 
@@ -452,8 +456,12 @@ mod tests {
             states: vec![state(1, None, 10), hot],
             ..Default::default()
         });
-        let root = page.find(&format!(r#"data-state-id="{}""#, sid(1))).unwrap();
-        let child = page.find(&format!(r#"data-state-id="{}""#, sid(2))).unwrap();
+        let root = page
+            .find(&format!(r#"data-state-id="{}""#, sid(1)))
+            .unwrap();
+        let child = page
+            .find(&format!(r#"data-state-id="{}""#, sid(2)))
+            .unwrap();
         assert!(root < child);
         assert!(page.contains(&format!(
             r#"data-state-id="{}" data-parent="{}" data-depth="1""#,
@@ -462,7 +470,10 @@ mod tests {
         )));
         let row = &page[child..];
         let row = &row[..row.find("</tr>").unwrap()];
-        assert!(row.contains(r#"<span class="presence hot">Hot</span>"#), "{row}");
+        assert!(
+            row.contains(r#"<span class="presence hot">Hot</span>"#),
+            "{row}"
+        );
         assert!(row.contains(&sid(2).to_string()[..12]));
         for fact in ["1.0 MiB", "1.5 s", "20 ms", "1.25", "main", "local+remote"] {
             assert!(row.contains(fact), "{fact} in {row}");
@@ -522,7 +533,11 @@ mod tests {
         let line = |n: u32, activity: Option<u64>, connections: u32| InstanceLine {
             instance_id: format!("{n:016x}").parse().unwrap(),
             state_id: sid(1),
-            owner: if n == 1 { "alice".into() } else { String::new() },
+            owner: if n == 1 {
+                "alice".into()
+            } else {
+                String::new()
+            },
             status: "running".into(),
             created_ms: 0,
             last_activity_ms: activity,
@@ -555,7 +570,10 @@ mod tests {
         assert!(form.contains(r#"method="post" action="/login""#));
         assert!(form.contains(r#"name="token" type="password""#));
         assert!(form.contains("that token is not valid"));
-        assert!(!form.contains("http-equiv=\"refresh\""), "a refresh would lose the typing");
+        assert!(
+            !form.contains("http-equiv=\"refresh\""),
+            "a refresh would lose the typing"
+        );
     }
 
     #[test]

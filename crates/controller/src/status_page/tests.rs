@@ -122,7 +122,10 @@ async fn the_page_asks_for_the_token_then_shows_the_states() {
         .unwrap()
         .starts_with("text/html"));
     assert!(body.contains(r#"action="/login""#), "{body}");
-    assert!(!body.contains(&base.to_string()[..12]), "no data before login");
+    assert!(
+        !body.contains(&base.to_string()[..12]),
+        "no data before login"
+    );
 
     let wrong = "not-the-token-42";
     let (status, headers, body) = s.login(wrong).await;
@@ -145,7 +148,9 @@ async fn the_page_asks_for_the_token_then_shows_the_states() {
     assert_eq!(status, 200);
     assert_eq!(headers["cache-control"], "no-store");
     assert!(!body.contains(&token), "the token is in the page");
-    assert!(body.contains(&format!(r#"data-state-id="{base}" data-parent="" data-depth="0""#)));
+    assert!(body.contains(&format!(
+        r#"data-state-id="{base}" data-parent="" data-depth="0""#
+    )));
     assert!(body.contains(&format!(
         r#"data-state-id="{child}" data-parent="{base}" data-depth="1""#
     )));
@@ -154,7 +159,7 @@ async fn the_page_asks_for_the_token_then_shows_the_states() {
     assert!(body.contains(r#"<svg id="usage-chart""#));
     assert!(
         !body.contains(r#"data-samples="0""#),
-        "the sampler records once at start"
+        "the sampler records at start, and the chart ends now"
     );
 
     let (status, headers, _) = s.post("/logout", String::new()).await;
