@@ -36,7 +36,8 @@ const EVENTS: usize = 50;
 pub(crate) fn routes() -> Router<Arc<Controller>> {
     Router::new()
         .route("/", get(index))
-        .route("/login", post(login))
+        // A bookmarked or reloaded /login lands on the page (or its form).
+        .route("/login", get(|| async { see_other("/", None) }).post(login))
         .route("/logout", post(logout))
 }
 
@@ -251,17 +252,18 @@ fn html(status: StatusCode, body: String) -> Response {
     resp
 }
 
-fn see_other(location: &'static str, cookie: String) -> Response {
+fn see_other(location: &'static str, cookie: Option<String>) -> Response {
     let mut resp = StatusCode::SEE_OTHER.into_response();
     let h = resp.headers_mut();
     h.insert(header::LOCATION, HeaderValue::from_static(location));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    match HeaderValue::from_str(&cookie) {
-        Ok(v) => {
+    match cookie.map(|c| HeaderValue::from_str(&c)) {
+        None => {}
+        Some(Ok(v)) => {
             h.insert(header::SET_COOKIE, v);
         }
         // Percent-encoded, it is always a valid header; should it not be, no cookie is set.
-        Err(_) => tracing::warn!("cannot set the status page's session cookie"),
+        Some(Err(_)) => tracing::warn!("cannot set the status page's session cookie"),
     }
     resp
 }
@@ -317,7 +319,7 @@ async fn login(
         Ok(p) if may_look(&p) => {
             tracing::info!(sub = %p.sub, role = %p.role, "signed in to the status page");
             let cookie = session_cookie(&percent_encode(token), over_tls(&ctl, &headers), false);
-            see_other("/", cookie)
+            see_other("/", Some(cookie))
         }
         Ok(p) => html(
             StatusCode::FORBIDDEN,
@@ -341,7 +343,10 @@ async fn login(
 }
 
 async fn logout(State(ctl): State<Arc<Controller>>, headers: HeaderMap) -> Response {
-    see_other("/", session_cookie("", over_tls(&ctl, &headers), true))
+    see_other(
+        "/",
+        Some(session_cookie("", over_tls(&ctl, &headers), true)),
+    )
 }
 
 #[cfg(test)]

@@ -164,7 +164,8 @@ pub(crate) fn tree_order(states: &[StateInfo]) -> Vec<(&StateInfo, usize)> {
 const STYLE: &str = r#"
 body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
 header{display:flex;align-items:center;gap:1.5em;padding:.6em 1.2em;background:#24292f;color:#fff}
-header h1{font-size:1.1em;margin:0}
+header h1{font-size:1.1em;margin:0;white-space:nowrap}
+header button{white-space:nowrap}
 header .facts{display:flex;gap:1.2em;flex-wrap:wrap}
 header form{margin-left:auto}
 main{padding:1em 1.2em;display:grid;gap:1.2em}

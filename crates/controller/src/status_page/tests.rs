@@ -162,6 +162,15 @@ async fn the_page_asks_for_the_token_then_shows_the_states() {
         "the sampler records at start, and the chart ends now"
     );
 
+    let resp = s
+        .client
+        .get(format!("{}/login", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 303);
+    assert!(resp.headers().get("set-cookie").is_none());
+
     let (status, headers, _) = s.post("/logout", String::new()).await;
     assert_eq!(status, 303);
     let cleared = set_cookie(&headers).unwrap();
