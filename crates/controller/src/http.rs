@@ -89,6 +89,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         // Signed with the webhook secret instead of the API token.
         .route("/v1/webhook", post(webhook))
         .merge(protected)
+        .merge(crate::status_page::routes())
         .with_state(controller)
         .layer(middleware::from_fn(crate::request_id::tag_request))
 }

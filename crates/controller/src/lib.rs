@@ -20,6 +20,7 @@ mod remote;
 mod request_id;
 pub mod serve;
 mod snapshots;
+mod status_page;
 pub mod tokens;
 pub mod webhook;
 
@@ -170,6 +171,8 @@ pub struct Controller {
     /// Idle instances, eviction, the standby pool, pins.
     lifecycle: lifecycle::Lifecycle,
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// Store usage and instances over the last hour, for the status page.
+    history: status_page::History,
     /// The tokio runtime the controller was opened on. Background work (builds, instance
     /// starts, the lifecycle loop) runs here even when a caller polls from another runtime,
     /// such as the gateway's own: the servers it starts belong to this runtime's process
@@ -310,11 +313,13 @@ impl Controller {
             client_builds: Default::default(),
             lifecycle: lifecycle::Lifecycle::new(lifecycle_config, webhook_secret),
             shutdown,
+            history: status_page::History::default(),
             tasks: tokio::runtime::Handle::current(),
         });
         controller.reconcile().await?;
         controller.spawn_lifecycle();
         controller.spawn_remote_loop();
+        controller.spawn_status_sampler();
         Ok(controller)
     }
 
