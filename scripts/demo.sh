@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo: prepare the pagila sample database on the embedded default, query it through the
-# gateway, then do it again and see the cache hit; a lease; the metrics.
+# gateway, then do it again and see the cache hit; a lease; the metrics and the status page.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -22,7 +22,7 @@ sqlrs leases
 sqlrs release "$(echo "$lease" | sed -n 's/^LEASE=//p')"
 sqlrs ls
 sqlrs status
-echo "== metrics: what Prometheus would scrape (GET /metrics, with the API token)" >&2
+echo "== metrics: what Prometheus would scrape (GET /metrics, with the API token), and the status page" >&2
 sqlrs --json status | python3 -c '
 import json, sys, urllib.request
 s = json.load(sys.stdin)
@@ -31,4 +31,5 @@ req = urllib.request.Request(s["api_url"] + "/metrics", headers={"Authorization"
 for line in urllib.request.urlopen(req).read().decode().splitlines():
     if line.startswith(("taidon_states{", "taidon_builds_total{", "taidon_gateway_connections_total{")):
         print(line)
+print("status page: " + s["api_url"] + "/  (sign in with the token in " + s["home"] + "/api.token)")
 '
