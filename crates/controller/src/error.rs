@@ -52,6 +52,13 @@ pub enum ControllerError {
     ToolInput { message: String, output: String },
     #[error("{0}")]
     Internal(String),
+    /// What failed because the disk it wrote to is full, and which disk that is.
+    #[error("{disk}")]
+    DiskFull {
+        disk: String,
+        #[source]
+        cause: Box<ControllerError>,
+    },
 }
 
 impl ControllerError {
@@ -76,6 +83,7 @@ impl ControllerError {
     pub fn kind(&self) -> ErrorKind {
         use taidon_core::prefix::PrefixError;
         match self {
+            ControllerError::DiskFull { cause, .. } => cause.kind(),
             ControllerError::BadInput(_) | ControllerError::Prefix(PrefixError::Malformed(_)) => {
                 ErrorKind::BadInput
             }
@@ -103,14 +111,19 @@ impl ControllerError {
             source = cause.source();
         }
         let err = ApiError::new(self.kind(), message);
+        match self.output() {
+            Some(output) if !output.trim().is_empty() => err.with_detail(output.trim_end()),
+            _ => err,
+        }
+    }
+
+    /// What the failed tool printed, if a tool failed.
+    fn output(&self) -> Option<&str> {
         match self {
             ControllerError::StepFailed { output, .. }
-            | ControllerError::ToolInput { output, .. }
-                if !output.trim().is_empty() =>
-            {
-                err.with_detail(output.trim_end())
-            }
-            _ => err,
+            | ControllerError::ToolInput { output, .. } => Some(output),
+            ControllerError::DiskFull { cause, .. } => cause.output(),
+            _ => None,
         }
     }
 }

@@ -5,6 +5,7 @@
 mod access;
 pub mod blobs;
 pub mod config;
+mod disk;
 mod error;
 pub mod home;
 mod http;

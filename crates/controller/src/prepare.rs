@@ -351,6 +351,7 @@ impl Controller {
     /// published.
     fn build_failed(&self, id: &StateId, e: ControllerError) -> ControllerError {
         self.metrics.build_done(false, 0.0);
+        let e = self.name_a_full_disk(e);
         let reason = match &e {
             ControllerError::StepFailed { message, .. } => message.clone(),
             other => other.to_api().message,
@@ -359,6 +360,23 @@ impl Controller {
             tracing::warn!(state = %id.short(), error = %meta, "cannot record a failed build");
         }
         e
+    }
+
+    /// `e` with the disk under the store named first, when `e` is a write that found no space.
+    fn name_a_full_disk(&self, e: ControllerError) -> ControllerError {
+        let api = e.to_api();
+        let text = format!("{} {}", api.message, api.detail.as_deref().unwrap_or(""));
+        if !crate::disk::says_disk_full(&text) {
+            return e;
+        }
+        let store = std::path::PathBuf::from(self.store.describe().location);
+        match crate::disk::Disk::of(&store) {
+            Some(disk) => ControllerError::DiskFull {
+                disk: disk.full_note("the snapshot store", &store),
+                cause: Box::new(e),
+            },
+            None => e,
+        }
     }
 
     async fn publish(
