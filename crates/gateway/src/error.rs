@@ -67,6 +67,8 @@ pub enum GatewayError {
     },
     #[error("too many connections (limit {limit})")]
     TooManyConnections { limit: u32 },
+    #[error("the gateway holds {limit} client connections, its most for its open-file limit (ulimit -n)")]
+    GatewayFull { limit: usize },
     #[error("too many connection attempts from {what}")]
     RateLimited { what: String },
     #[error("too many connections are waiting for an instance to start")]
@@ -121,6 +123,7 @@ impl GatewayError {
             | GatewayError::Forbidden { .. }
             | GatewayError::TlsRequired { .. } => ErrorKind::Auth,
             GatewayError::TooManyConnections { .. }
+            | GatewayError::GatewayFull { .. }
             | GatewayError::RateLimited { .. }
             | GatewayError::TooManyWaiting => ErrorKind::Limit,
             GatewayError::StillStarting { .. } => ErrorKind::Resolve,
@@ -156,6 +159,13 @@ impl GatewayError {
             GatewayError::TooManyConnections { limit } => (
                 "53300",
                 format!("too many connections for this database (limit {limit})"),
+            ),
+            GatewayError::GatewayFull { limit } => (
+                "53300",
+                format!(
+                    "too many connections to the gateway (at most {limit}, from its open-file \
+                     limit, ulimit -n): try again later"
+                ),
             ),
             GatewayError::RateLimited { .. } => (
                 "53300",

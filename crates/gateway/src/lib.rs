@@ -109,6 +109,8 @@ pub struct GatewayConfig {
     pub max_duration: Option<Duration>,
     /// Backend sessions kept for reuse after their client leaves; `None` closes every one.
     pub pool: Option<PoolConfig>,
+    /// Client connections held at most (see [`fd_budget`]); more are told 53300 and closed.
+    pub max_clients: Option<usize>,
 }
 
 impl Default for GatewayConfig {
@@ -134,6 +136,7 @@ impl Default for GatewayConfig {
             max_idle: None,
             max_duration: None,
             pool: Some(PoolConfig::default()),
+            max_clients: None,
         }
     }
 }
@@ -307,6 +310,13 @@ impl Gateway {
                             debug!(%peer, error = %e, "cannot set TCP_NODELAY");
                         }
                         let gateway = Arc::clone(&self);
+                        if let Some(max) = self.config.max_clients.filter(|m| conns.len() >= *m) {
+                            // Past the refusals a flood may hold too: closed unanswered.
+                            if conns.len() < max + REFUSING {
+                                conns.spawn(async move { gateway.refuse_full(stream, max).await });
+                            }
+                            continue;
+                        }
                         conns.spawn(async move {
                             if let Err(e) = gateway.handle(stream, Some(peer)).await {
                                 log_failure(&peer.to_string(), &e);
@@ -358,6 +368,24 @@ impl Gateway {
                 self.unpark(closed).await;
             }
         }
+    }
+
+    /// Tells a client over the connection limit so (53300), once it has said who it is.
+    async fn refuse_full(&self, stream: TcpStream, limit: usize) {
+        let e = GatewayError::GatewayFull { limit };
+        if let Some(m) = &self.metrics {
+            m.failed(&e);
+        }
+        let mut client = Conn::new(ClientStream::Plain(stream));
+        let startup = tokio::time::timeout(
+            REFUSAL_TIMEOUT,
+            flow::startup(&mut client, self.tls.as_ref()),
+        )
+        .await;
+        if let Ok(Ok(Startup::Login { .. })) = startup {
+            self.tell_client(&mut client, &e).await;
+        }
+        warn!(limit, "{e}");
     }
 
     /// Tells the controller that these kept sessions are closed or handed on.
@@ -954,6 +982,34 @@ impl Gateway {
             return;
         }
         let _ = tokio::time::timeout(self.config.handshake_timeout, client.send(&out)).await;
+    }
+}
+
+/// Connections told the gateway is full, held on top of `max_clients` at most.
+const REFUSING: usize = 32;
+/// How long a refused client has to send its startup packet.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How the gateway shares an open-file limit (`ulimit -n`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdBudget {
+    /// Client connections: each holds two descriptors while relaying (client, backend).
+    pub max_clients: usize,
+    /// Backend sessions kept for reuse: one each.
+    pub pool_sessions: usize,
+}
+
+/// The share of `nofile` descriptors for clients and pooled sessions. An eighth (at least 128)
+/// stays for everything else: listeners, the metadata, logs, the controller's API and
+/// instances in `taidon local`, and the connections refused when full.
+pub fn fd_budget(nofile: u64) -> FdBudget {
+    let nofile = usize::try_from(nofile).unwrap_or(usize::MAX).min(1 << 24);
+    let reserve = (nofile / 8).max(128) + REFUSING;
+    let free = nofile.saturating_sub(reserve);
+    let pool_sessions = (free / 4).min(PoolConfig::default().max_sessions);
+    FdBudget {
+        max_clients: ((free - pool_sessions) / 2).max(1),
+        pool_sessions,
     }
 }
 

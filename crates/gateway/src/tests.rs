@@ -997,3 +997,73 @@ async fn a_token_naming_an_unknown_key_has_the_keys_fetched_again_once() {
     assert_eq!(code, "28P01");
     assert_eq!(*source.asked.lock().unwrap(), 2);
 }
+
+#[test]
+fn the_fd_budget_leaves_a_reserve_and_never_overcommits() {
+    for nofile in [64u64, 256, 1024, 20_000, 1 << 20, u64::MAX] {
+        let b = crate::fd_budget(nofile);
+        let used = 2 * b.max_clients + b.pool_sessions;
+        assert!(b.max_clients >= 1, "{nofile}: {b:?}");
+        if nofile >= 512 {
+            assert!(
+                (used as u64) < nofile.min(1 << 24) / 8 * 7,
+                "{nofile}: {b:?}"
+            );
+        }
+    }
+    assert_eq!(
+        crate::fd_budget(1024),
+        crate::FdBudget {
+            max_clients: 324,
+            pool_sessions: 216
+        }
+    );
+    assert_eq!(crate::fd_budget(20_000).pool_sessions, 1000);
+}
+
+/// Over `max_clients`, a client is told 53300 with the reason once it has sent its startup
+/// packet, and the gateway goes on serving the others.
+#[tokio::test]
+async fn a_full_gateway_refuses_with_53300_and_names_the_limit() {
+    let gw = Gateway::new(
+        GatewayConfig {
+            max_clients: Some(1),
+            ..GatewayConfig::default()
+        },
+        Arc::new(SharedKeyset::new(key())),
+        Arc::new(FakeResolver {
+            answer: missing,
+            asked: Mutex::new(Vec::new()),
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(Arc::new(gw).serve(listener, async {
+        let _ = stopped.await;
+    }));
+    // The first connection stays in its handshake: it holds the one place.
+    let _held = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = BytesMut::new();
+    frontend::startup_message([("user", "sqlrs")], &mut buf).unwrap();
+    second.write_all(&buf).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), second.read_to_end(&mut raw))
+        .await
+        .expect("the refusal closes the connection")
+        .unwrap();
+    let h = Header::parse(&raw).unwrap().expect("a message");
+    assert_eq!(h.tag(), b'E', "{raw:?}");
+    let fields = codec::error_fields(&raw[5..h.len() as usize + 1]);
+    let get = |t: u8| fields.iter().find(|(f, _)| *f == t).map(|(_, v)| v.clone());
+    assert_eq!(get(b'C').as_deref(), Some("53300"));
+    let message = get(b'M').unwrap_or_default();
+    assert!(
+        message.contains("at most 1") && message.contains("ulimit -n"),
+        "{message}"
+    );
+    let _ = stop.send(());
+    served.await.unwrap();
+}

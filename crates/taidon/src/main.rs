@@ -105,6 +105,10 @@ struct GatewayOpts {
     /// Keep no gateway metrics (to measure what they cost).
     #[arg(long)]
     no_metrics: bool,
+    /// Client connections held at most; by default, and at most, what the open-file limit
+    /// (`ulimit -n`, raised to its hard limit at start) leaves room for.
+    #[arg(long)]
+    max_clients: Option<usize>,
 }
 
 #[derive(Args)]
@@ -321,8 +325,51 @@ fn rotate_keys(home: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Raises the soft open-file limit to the hard one and says what it allows the gateway.
+fn open_file_budget() -> taidon_gateway::FdBudget {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid out-pointer for getrlimit and an in-pointer for setrlimit.
+    let nofile = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            1024
+        } else {
+            if lim.rlim_cur < lim.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    lim.rlim_cur = lim.rlim_max;
+                }
+            }
+            lim.rlim_cur
+        }
+    };
+    let fds = taidon_gateway::fd_budget(nofile);
+    if fds.max_clients < 500 {
+        tracing::warn!(
+            nofile,
+            max_clients = fds.max_clients,
+            pooled = fds.pool_sessions,
+            "the open-file limit (ulimit -n) leaves room for few client connections: raise it"
+        );
+    } else {
+        tracing::info!(
+            nofile,
+            max_clients = fds.max_clients,
+            pooled = fds.pool_sessions,
+            "open-file limit"
+        );
+    }
+    fds
+}
+
 impl GatewayOpts {
     fn config(&self) -> GatewayConfig {
+        let fds = open_file_budget();
         let rate = taidon_gateway::RateLimit {
             burst: self.rate_per_s.saturating_mul(2),
             per_s: self.rate_per_s,
@@ -335,7 +382,20 @@ impl GatewayOpts {
             rate_per_subject: rate,
             pool: (!self.no_pool).then(|| taidon_gateway::PoolConfig {
                 idle: std::time::Duration::from_secs(self.pool_idle_s),
+                max_sessions: fds.pool_sessions,
                 ..taidon_gateway::PoolConfig::default()
+            }),
+            max_clients: Some(match self.max_clients {
+                Some(n) if n > fds.max_clients => {
+                    tracing::warn!(
+                        asked = n,
+                        max_clients = fds.max_clients,
+                        "--max-clients is more than the open-file limit (ulimit -n) leaves room for: lowered"
+                    );
+                    fds.max_clients
+                }
+                Some(n) => n,
+                None => fds.max_clients,
             }),
             ..GatewayConfig::default()
         }
