@@ -16,8 +16,16 @@ pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id"
 /// The longest request id a client may choose.
 const MAX_LEN: usize = 64;
 
-/// Polled often by the gateway and by `sqlrs`: their lines are debug, not info.
-const QUIET_PATHS: [&str; 3] = ["/v1/health", "/v1/resolve", "/v1/touch"];
+/// Asked often by the gateway, by `sqlrs` and by scrapers: their lines are debug, not info.
+const QUIET_PATHS: [&str; 7] = [
+    "/v1/health",
+    "/v1/resolve",
+    "/v1/touch",
+    "/v1/release",
+    "/v1/park",
+    "/v1/unpark",
+    "/metrics",
+];
 
 /// The middleware: runs the request in its `api` span and logs its outcome.
 pub(crate) async fn tag_request(req: Request, next: Next) -> Response {
