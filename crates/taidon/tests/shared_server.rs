@@ -537,10 +537,11 @@ async fn standalone_gateway_rotation_drain_and_a_controller_that_leaves_its_inst
     wait_for("the gateway", Duration::from_secs(20), || {
         std::net::TcpStream::connect(&addr).is_ok()
     });
-    // It listens first, then fetches the keys.
-    wait_for("the gateway's keys", Duration::from_secs(20), || {
-        gateway.log().contains("keys fetched from the controller")
+    // It listens first, then fetches the keys and makes its TLS files.
+    wait_for("the gateway to be ready", Duration::from_secs(20), || {
+        gateway.log().contains("taidon gateway is ready")
     });
+    assert!(gateway.log().contains("keys fetched from the controller"));
     assert!(gw_dir.join("state/tls/server.pem").exists());
 
     let inst = api
