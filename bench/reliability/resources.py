@@ -130,18 +130,20 @@ def measure(label, procs, dsns, clients):
     return failed
 
 
-def make_instances(api: Api, bin_dir: Path, env, n):
-    made = json.loads(subprocess.run([str(bin_dir / "sqlrs"), "--json", "prepare:psql", "--", "-c",
-                                      "create table t(x int)"], check=True, capture_output=True, text=True,
-                                     env=env).stdout)
-    state = made["state_id"]
+def make_instances(api: Api, bin_dir: Path, env, n, states=4):
+    """`n` running instances over `states` states (the controller limits connections per state
+    to 500), and their DSNs."""
     dsns = []
     t0 = time.monotonic()
-    for _ in range(n - 1):
-        info = json.loads(api.call("POST", "/v1/instances", {"state": state}))
-        dsns.append(info["dsn"])
-    dsns.append(made["dsn"])
-    print(f"{n} instances of {state[:12]} in {time.monotonic() - t0:.1f} s")
+    for k in range(states):
+        made = json.loads(subprocess.run([str(bin_dir / "sqlrs"), "--json", "prepare:psql", "--", "-c",
+                                          f"create table t{k}(x int)"], check=True, capture_output=True,
+                                         text=True, env=env).stdout)
+        dsns.append(made["dsn"])
+        for _ in range(n // states - 1 + (1 if k < n % states else 0)):
+            info = json.loads(api.call("POST", "/v1/instances", {"state": made["state_id"]}))
+            dsns.append(info["dsn"])
+    print(f"{len(dsns)} instances of {states} states in {time.monotonic() - t0:.1f} s")
     # The handed-out DSNs verify the home's CA; the clients here go plain (no TLS cost).
     return [d.split("?")[0] + "?sslmode=disable" for d in dsns]
 
