@@ -294,6 +294,7 @@ class Run:
         self.notes: list[str] = []
         self.rss_gw = 0
         self.rss_ctl = 0
+        self.start_t = time.monotonic()
 
     def classify(self, e: Exception):
         code = getattr(e, "sqlstate", None)
@@ -495,7 +496,7 @@ async def drive(run: Run, srv: Servers, states, args):
                 cid += 1
                 tasks.append(asyncio.create_task(run.ro_client(ro, rw[j % len(rw)], tls=(cid % args.tls_every == 0))))
     samp = asyncio.create_task(sampler(run, srv))
-    start = time.monotonic()
+    start = run.start_t = time.monotonic()
     fault = asyncio.create_task(inject(run, srv, rws, args)) if run.scenario != "none" else None
     await asyncio.sleep(args.seconds)
     if fault:
@@ -606,6 +607,10 @@ def evaluate(run: Run, ver, args, clients, setup_s, n_states, n_rw):
     ok_lat = [a.secs * 1000 for a in run.attempts if a.ok]
     f["p50_ms"], f["p99_ms"] = pct(ok_lat, 0.5), pct(ok_lat, 0.99)
     f["max_connect_s"] = max((a.secs for a in run.attempts), default=0.0)
+    ref = run.fault_t if run.fault_t is not None else run.start_t
+    f["longest"] = [f"{a.secs:.2f} s at t{'+' if a.t0 >= ref else '-'}{abs(a.t0 - ref):.1f} s "
+                    f"({'fault' if run.fault_t is not None else 'load start'}) {'ok' if a.ok else 'failed'} {a.target}"
+                    for a in sorted(run.attempts, key=lambda a: -a.secs)[:3]]
     f["rss_gw_mib"], f["rss_ctl_mib"] = run.rss_gw / 1024, run.rss_ctl / 1024
     f["verify"] = ver
     f["notes"] = run.notes
@@ -623,8 +628,14 @@ def evaluate(run: Run, ver, args, clients, setup_s, n_states, n_rw):
         if sc == "kill-postmaster":
             return e.target == run.victim
         if sc in ("kill-controller", "stop-controller"):
-            # Sessions already open keep working: only new connections may fail.
-            return e.phase == "connect" or args.lenient
+            # Sessions already open keep working while the controller is away: only new
+            # connections may fail then. A restarted controller restarts every instance it
+            # adopts (adopt_instances: stop the left-over server, start it as its child), so
+            # open sessions end once it is back: expected, and counted apart.
+            if e.phase == "connect" or args.lenient:
+                return True
+            return sc == "kill-controller" and e.t >= (run.fault_end_t or e.t + 1)
+        return True
         return True
 
     by_class = {}
@@ -642,6 +653,11 @@ def evaluate(run: Run, ver, args, clients, setup_s, n_states, n_rw):
         if run.recovered_t is None:
             failures.append("no recovery: no new connection succeeded after the fault")
         f["57P03_in_window"] = sum(1 for e in run.errors if e.cls == "57P03" and win[0] <= e.t <= win[1])
+        f["sessions_cut_on_return"] = sum(
+            1 for e in run.errors if e.phase != "connect" and run.fault_end_t and e.t >= run.fault_end_t
+            and e.t <= win[1])
+        f["sessions_cut_while_away"] = sum(
+            1 for e in run.errors if e.phase != "connect" and run.fault_t <= e.t < (run.fault_end_t or 0))
         during = [a for a in run.attempts if run.fault_t <= a.t0 <= (run.fault_end_t or run.fault_t)]
         f["connects_during_fault"] = len(during)
         f["connects_ok_during_fault"] = sum(a.ok for a in during)
@@ -672,6 +688,7 @@ def print_block(r):
           f"longest attempt {r['max_connect_s']:.2f} s")
     print(f"  peak RSS: gateway {r['rss_gw_mib']:.1f} MiB" +
           (f"  controller {r['rss_ctl_mib']:.1f} MiB" if r['rss_ctl_mib'] else " (taidon local: controller + gateway)"))
+    print(f"  longest connect attempts: {'; '.join(r['longest'])}")
     for n in r["notes"]:
         print(f"  fault: {n}")
     if "recovery_s" in r:
@@ -679,6 +696,9 @@ def print_block(r):
         print(f"  recovery (fault -> first new connection ok): {rec};  57P03 in the window: {r['57P03_in_window']};"
               f"  connects started during the fault: {r['connects_during_fault']} "
               f"({r['connects_ok_during_fault']} ok, longest {r['longest_connect_in_fault_s']:.2f} s)")
+    if "sessions_cut_on_return" in r:
+        print(f"  open sessions ended while the fault lasted: {r['sessions_cut_while_away']};"
+              f"  after it was undone (restart/SIGCONT): {r['sessions_cut_on_return']}")
     print(f"  errors: {r['errors_expected']} expected, {r['errors_unexpected']} unexpected")
     for (kind, cls, phase), (n, msg) in sorted(r["errors"].items(), key=lambda kv: -kv[1][0]):
         print(f"    {kind:10} {cls:14} {phase:8} {n:6}  e.g. {msg}")
