@@ -159,9 +159,11 @@ class Servers:
 
     def log_tail(self, name, n=3000):
         try:
-            return (self.root / f"{name}.log").read_text(errors="replace")[-n:]
+            text = (self.root / f"{name}.log").read_text(errors="replace")
         except OSError:
             return ""
+        # A connection's success is one line each: only the rest tells what went wrong.
+        return "".join(l for l in text.splitlines(keepends=True) if "client connected" not in l)[-n:]
 
     def start(self):
         self.start_controller()
