@@ -128,6 +128,7 @@ class Servers:
                              TAIDON_LOG="info")
         self.gw_port = free_port()
         self.api_port = free_port()
+        self.metrics_port = free_port()
         self.local = self.controller = self.gateway = None
         self.starts = 0
 
@@ -189,8 +190,27 @@ class Servers:
         url = json.loads((self.home / "daemon.json").read_text())["api_url"]
         self.gateway = self._spawn("gateway", [
             str(self.bin / "taidon"), "gateway", "--home", str(self.home), "--controller", url,
-            "--listen", f"127.0.0.1:{self.gw_port}"])
+            "--listen", f"127.0.0.1:{self.gw_port}", "--metrics-listen", f"127.0.0.1:{self.metrics_port}"])
         self._wait_port(self.gw_port, self.gateway, "gateway")
+
+    def handshake_buckets(self):
+        """The gateway's taidon_gateway_handshake_seconds histogram: {le: cumulative count}."""
+        import urllib.request
+        try:
+            if self.split:
+                req = urllib.request.Request(f"http://127.0.0.1:{self.metrics_port}/metrics")
+            else:
+                url = json.loads((self.home / "daemon.json").read_text())["api_url"]
+                token = (self.home / "api.token").read_text().strip()
+                req = urllib.request.Request(url.rstrip("/") + "/metrics",
+                                             headers={"Authorization": f"Bearer {token}"})
+            body = urllib.request.urlopen(req, timeout=10).read().decode()
+        except Exception:  # noqa: BLE001 - a figure, not a check
+            return None
+        out = {}
+        for m in re.finditer(r'^taidon_gateway_handshake_seconds_bucket\{le="([^"]+)"\} (\S+)', body, re.M):
+            out[float(m.group(1))] = float(m.group(2))
+        return out or None
 
     def gateway_pid(self):
         p = self.gateway if self.split else self.local
@@ -497,6 +517,9 @@ async def drive(run: Run, srv: Servers, states, args):
             for j in range(args.ro_per_state):
                 cid += 1
                 tasks.append(asyncio.create_task(run.ro_client(ro, rw[j % len(rw)], tls=(cid % args.tls_every == 0))))
+    loop = asyncio.get_running_loop()
+    run.hs_before = await loop.run_in_executor(None, srv.handshake_buckets)
+    cpu0 = os.times()
     samp = asyncio.create_task(sampler(run, srv))
     start = run.start_t = time.monotonic()
     fault = asyncio.create_task(inject(run, srv, rws, args)) if run.scenario != "none" else None
@@ -512,6 +535,9 @@ async def drive(run: Run, srv: Servers, states, args):
         else:
             await asyncio.sleep(max(0.0, run.recovered_t + args.grace_s + 2 - time.monotonic()))
     run.elapsed = time.monotonic() - start
+    cpu1 = os.times()
+    run.client_cpu = (cpu1.user - cpu0.user + cpu1.system - cpu0.system) / run.elapsed
+    run.hs_after = await loop.run_in_executor(None, srv.handshake_buckets)
     run.stop = True
     await asyncio.gather(*tasks, return_exceptions=True)
     samp.cancel()
@@ -616,6 +642,23 @@ def evaluate(run: Run, ver, args, clients, setup_s, n_states, n_rw):
     f["rss_gw_mib"], f["rss_ctl_mib"] = run.rss_gw / 1024, run.rss_ctl / 1024
     f["verify"] = ver
     f["notes"] = run.notes
+    f["client_cpu"] = run.client_cpu
+    a, b = run.hs_after, run.hs_before
+    f["gw_p50_ms"] = f["gw_p99_ms"] = None
+    if a:
+        since = "load"
+        if b and sum(b.values()) <= sum(a.values()) and all(a.get(k, 0) >= v for k, v in b.items()):
+            a = {k: v - b.get(k, 0) for k, v in a.items()}
+        else:
+            since = "the restart"
+        total = a.get(float("inf"), max(a.values()))
+        def q(p):
+            for le in sorted(a):
+                if a[le] >= p * total:
+                    return le * 1000
+            return float("nan")
+        if total:
+            f["gw_p50_ms"], f["gw_p99_ms"], f["gw_since"], f["gw_n"] = q(0.5), q(0.99), since, int(total)
     failures = []
     # The fault's window: from the fault until recovery (or the fault's end, whichever is
     # later) plus the grace for clients that were mid-backoff.
@@ -688,6 +731,10 @@ def print_block(r):
     print(f"  connections {r['connects']} ({r['connects_ok']} ok)  commits {r['commits']}  reads {r['reads']}")
     print(f"  connect latency through the gateway: p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  "
           f"longest attempt {r['max_connect_s']:.2f} s")
+    print(f"  client process CPU: {r['client_cpu'] * 100:.0f}% of a core (its latency includes its own waits)")
+    if r["gw_p50_ms"] is not None:
+        print(f"  gateway's own handshake histogram (accept -> first ReadyForQuery, {r['gw_n']} since {r['gw_since']}, "
+              f"bucket upper bounds): p50 <= {r['gw_p50_ms']:.1f} ms  p99 <= {r['gw_p99_ms']:.1f} ms")
     print(f"  peak RSS: gateway {r['rss_gw_mib']:.1f} MiB" +
           (f"  controller {r['rss_ctl_mib']:.1f} MiB" if r['rss_ctl_mib'] else " (taidon local: controller + gateway)"))
     print(f"  longest connect attempts: {'; '.join(r['longest'])}")
@@ -740,15 +787,17 @@ def main():
     results = [scenario(n, args, bin_dir) for n in names]
     print()
     print("| scenario | clients | connections | commits | errors exp./unexp. | p50 / p99 connect ms | "
-          "gateway RSS MiB | controller RSS MiB | recovery s | 57P03 | longest connect s | lost / phantom | result |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "gateway p50 / p99 ms | gateway RSS MiB | controller RSS MiB | recovery s | 57P03 | longest connect s | lost / phantom | result |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         if "verify" not in r:
-            print(f"| {r['scenario']} | | | | | | | | | | | | FAILED: {'; '.join(r['failures'])} |")
+            print(f"| {r['scenario']} | | | | | | | | | | | | | FAILED: {'; '.join(r['failures'])} |")
             continue
         rec = r.get("recovery_s")
+        gw = "" if r["gw_p50_ms"] is None else f"{r['gw_p50_ms']:.1f} / {r['gw_p99_ms']:.1f}"
         print(f"| {r['scenario']} | {r['clients']} | {r['connects']} | {r['commits']} | "
               f"{r['errors_expected']} / {r['errors_unexpected']} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | "
+              f"{gw} | "
               f"{r['rss_gw_mib']:.0f} | {r['rss_ctl_mib']:.0f} | "
               f"{'' if 'recovery_s' not in r else ('never' if rec is None else f'{rec:.1f}')} | "
               f"{r.get('57P03_in_window', '')} | {r['max_connect_s']:.2f} | "
