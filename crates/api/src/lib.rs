@@ -53,6 +53,7 @@ pub const PREFIX: &str = "/v1";
 
 /// What kind of failure an [`ApiError`] is; the CLI picks its exit code from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// The request itself is wrong: bad arguments, unreadable input, unknown kind (exit 2).
@@ -101,6 +102,7 @@ impl ErrorKind {
 
 /// An error as the API reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[error("{message}")]
 pub struct ApiError {
     pub kind: ErrorKind,
@@ -128,6 +130,7 @@ impl ApiError {
 
 /// `GET /v1/health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     pub ok: bool,
     pub pid: u32,
@@ -136,17 +139,21 @@ pub struct Health {
 
 /// `GET /v1/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Status {
     pub pid: u32,
     pub version: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub home: PathBuf,
     pub api_url: String,
     /// `host:port` of the gateway.
     pub gateway: String,
     /// "PostgreSQL 15.18".
     pub engine_version: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub engine_bin_dir: PathBuf,
     pub clone_strategy: CloneStrategy,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub store_path: PathBuf,
     pub store_bytes: u64,
     pub states: u64,
@@ -172,6 +179,7 @@ pub struct Status {
 
 /// The object-storage tier as `sqlrs status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RemoteInfo {
     /// `s3://bucket/prefix`.
     pub url: String,
@@ -194,6 +202,7 @@ pub struct RemoteInfo {
 
 /// `POST /v1/states/{id}/push`: what uploading a state's snapshot did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Pushed {
     pub state_id: StateId,
     pub url: String,
@@ -206,6 +215,7 @@ pub struct Pushed {
 
 /// Where a state is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "UPPERCASE")]
 pub enum StateStatus {
     Hot,
@@ -231,6 +241,7 @@ impl std::fmt::Display for StateStatus {
 
 /// One state, as `GET /v1/states` lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StateInfo {
     pub state_id: StateId,
     /// `None` for a base state.
@@ -264,6 +275,7 @@ pub struct StateInfo {
 
 /// Why a state is pinned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum PinReason {
     Main,
@@ -300,6 +312,7 @@ impl std::str::FromStr for PinReason {
 
 /// `POST /v1/pins`: pin a state (tagging it with a ref a webhook can name).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PinRequest {
     /// A state id or a prefix of one.
     pub state: String,
@@ -311,6 +324,7 @@ pub struct PinRequest {
 
 /// `POST /v1/unpin`: release a state's pins (all of them, or those matching).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UnpinRequest {
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -321,6 +335,7 @@ pub struct UnpinRequest {
 
 /// One pin of a state; an inactive one is a tag a webhook can re-activate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PinInfo {
     pub reason: PinReason,
     pub ref_name: String,
@@ -329,6 +344,7 @@ pub struct PinInfo {
 
 /// A state's pins after a pin or unpin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PinsChanged {
     pub state_id: StateId,
     pub pins: Vec<PinInfo>,
@@ -337,6 +353,7 @@ pub struct PinsChanged {
 /// `POST /v1/warmup`: build a state (from steps, or a known state by id) to WARM, and with
 /// `hot` also start a standby instance ready to hand out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WarmupRequest {
     /// A known state id or prefix; when absent, `steps` name the state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -351,6 +368,7 @@ pub struct WarmupRequest {
 
 /// One recorded lifecycle event (`GET /v1/events`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EventInfo {
     pub ts_ms: u64,
     pub kind: String,
@@ -364,6 +382,7 @@ pub struct EventInfo {
 
 /// One instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InstanceInfo {
     pub instance_id: InstanceId,
     pub state_id: StateId,
@@ -385,6 +404,7 @@ pub struct InstanceInfo {
 /// The engine a recipe is built on: a PostgreSQL version and server settings. Both are part
 /// of every state id of the recipe.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EngineRequest {
     /// `"16"` (the newest 16.x installed) or `"16.4"`; none: the controller's default engine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -396,11 +416,13 @@ pub struct EngineRequest {
 
 /// One installed engine, as `GET /v1/status` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EngineStatus {
     /// "PostgreSQL 16.14".
     pub version: String,
     pub major: u32,
     pub minor: u32,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub bin_dir: PathBuf,
     /// Whether a recipe that names no version gets it.
     pub default: bool,
@@ -409,6 +431,7 @@ pub struct EngineStatus {
 /// A Liquibase changelog (`prepare:lb`): the controller plans it into one step per pending
 /// changeset (offline, with Liquibase's own checksums) and appends them to the steps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LiquibaseRequest {
     /// The master changelog, relative to the closure's root (Liquibase's search path).
     pub changelog: String,
@@ -421,6 +444,7 @@ pub struct LiquibaseRequest {
 
 /// `POST /v1/prepare`: build (or find) the state of `steps` and, if asked, start an instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PrepareRequest {
     /// The steps; every file they name is a blob the controller already has (see
     /// `POST /v1/blobs/missing`).
@@ -435,18 +459,21 @@ pub struct PrepareRequest {
 
 /// `POST /v1/blobs/missing`: which of these content hashes the controller lacks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BlobsMissingRequest {
     pub sha256: Vec<String>,
 }
 
 /// The answer to `POST /v1/blobs/missing`, in the order asked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BlobsMissing {
     pub missing: Vec<String>,
 }
 
 /// One line of the `POST /v1/prepare` NDJSON stream. The stream ends with `Done` or `Failed`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum PrepareEvent {
     /// The chain: which steps are already cached.
@@ -544,6 +571,7 @@ pub enum PrepareEvent {
 
 /// `POST /v1/plan`: the states a prepare would make, and which are cached; nothing is built.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Plan {
     /// "PostgreSQL 15.18", with its settings.
     pub engine: String,
@@ -553,6 +581,7 @@ pub struct Plan {
 
 /// One state of a [`Plan`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PlannedStep {
     /// 0 for the base, else the step's 1-based index.
     pub index: usize,
@@ -567,6 +596,7 @@ pub struct PlannedStep {
 
 /// `POST /v1/builds/{build}/done`: how the client's command for a build ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CommandDone {
     /// The command's exit code (`-1` when it could not start or was killed).
     pub exit_code: i32,
@@ -577,6 +607,7 @@ pub struct CommandDone {
 
 /// `POST /v1/instances`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateInstance {
     /// A state id or a prefix of one.
     pub state: String,
@@ -584,6 +615,7 @@ pub struct CreateInstance {
 
 /// How far one lease's copy is kept apart from the others'.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Isolation {
     /// A database of its own (`CREATE DATABASE … TEMPLATE`) inside a running instance of the
@@ -620,6 +652,7 @@ impl std::str::FromStr for Isolation {
 /// `POST /v1/leases`: a fresh, isolated copy of a state for one test. Exactly one of `state`
 /// and `prepare` is given.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaseRequest {
     /// A state id or a prefix of one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -643,6 +676,7 @@ pub struct LeaseRequest {
 
 /// A lease: a fresh copy of a state that nobody else writes to, until released or expired.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaseInfo {
     pub lease: LeaseId,
     pub state_id: StateId,
@@ -664,6 +698,7 @@ pub struct LeaseInfo {
 
 /// What a `DELETE` removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Removed {
     pub states: Vec<StateId>,
     pub instances: Vec<InstanceId>,
@@ -672,6 +707,7 @@ pub struct Removed {
 /// `POST /v1/resolve`: where the gateway finds an instance a verified token names. A `Ready`
 /// answer counts one more active connection on the instance until `POST /v1/release`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ResolveRequest {
     pub state_id: StateId,
     /// The instance of an `rw` token; `ro` tokens name none.
@@ -693,6 +729,7 @@ fn scope_rw() -> Scope {
 /// count against the limits but not as activity) and `POST /v1/unpark` (kept sessions closed,
 /// or handed to a client that Resolve counted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Leases {
     /// One entry per connection: an instance appears as often as it has connections.
     pub instance_ids: Vec<InstanceId>,
@@ -700,6 +737,7 @@ pub struct Leases {
 
 /// `POST /v1/dsn`: a DSN with a fresh token for a state or an instance that exists.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DsnRequest {
     /// A state or instance id, or a prefix of one.
     pub target: String,
@@ -713,6 +751,7 @@ pub struct DsnRequest {
 
 /// The answer to `POST /v1/dsn`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DsnResponse {
     /// The token in the password, `sslmode=verify-full` with `sslrootcert` when the gateway
     /// speaks TLS.
@@ -729,11 +768,13 @@ pub struct DsnResponse {
     pub expires_s: u64,
     /// The CA certificate that signs the gateway's, when it speaks TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub sslrootcert: Option<PathBuf>,
 }
 
 /// The answer to a resolve.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum ResolveResponse {
     /// The instance runs; connect to it with these credentials.
@@ -770,6 +811,7 @@ impl std::fmt::Debug for ResolveResponse {
 
 /// A running server and the credentials the gateway uses for it. Never shown to a client.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Target {
     /// The instance, for `POST /v1/release` when the connection closes.
     pub instance_id: InstanceId,
@@ -792,6 +834,7 @@ impl std::fmt::Debug for Target {
 
 /// `<home>/daemon.json`: how a client finds the running daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DaemonInfo {
     pub pid: u32,
     /// `http://127.0.0.1:PORT`.
@@ -803,6 +846,7 @@ pub struct DaemonInfo {
 /// What an API token may do. Tokens other than the home's own `api.token` (an admin) are made
 /// with `taidon token create` and kept, hashed, in the controller's metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TokenRole {
     /// Everything, on every user's instances.
@@ -844,6 +888,7 @@ impl std::str::FromStr for TokenRole {
 
 /// An API token as `taidon token list` shows it: never the token itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TokenInfo {
     /// The token's public id (also its second `_`-separated part).
     pub id: String,
@@ -858,6 +903,7 @@ pub struct TokenInfo {
 
 /// One public key DSN tokens may be signed with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PublicKey {
     pub kid: String,
     /// Always `EdDSA`: HS256 secrets never leave the controller.
@@ -868,6 +914,7 @@ pub struct PublicKey {
 
 /// `GET /v1/keys`: what a standalone gateway verifies DSN tokens with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PublicKeys {
     /// The installation id tokens must name as `aud`.
     pub audience: String,

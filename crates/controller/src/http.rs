@@ -86,6 +86,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         ));
     Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(crate::openapi::openapi_json))
         // Signed with the webhook secret instead of the API token.
         .route("/v1/webhook", post(webhook))
         .merge(protected)
@@ -143,6 +144,10 @@ async fn require_role(
 }
 
 /// `GET /metrics`: every metric in the OpenMetrics text format.
+#[utoipa::path(
+    get, path = "/metrics",
+    responses((status = 200, description = "Every metric, in the OpenMetrics text format", content_type = "application/openmetrics-text", body = String), crate::openapi::ApiErrors)
+)]
 pub async fn metrics(State(ctl): Ctl) -> Result<Response, ControllerError> {
     let text = ctl.metrics_text().await?;
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
@@ -156,6 +161,10 @@ pub fn metrics_router(controller: Arc<Controller>) -> Router {
         .with_state(controller)
 }
 
+#[utoipa::path(
+    get, path = "/v1/health", security(()),
+    responses((status = 200, description = "The controller is up", body = Health))
+)]
 async fn health() -> Json<Health> {
     Json(Health {
         ok: true,
@@ -164,6 +173,10 @@ async fn health() -> Json<Health> {
     })
 }
 
+#[utoipa::path(
+    get, path = "/v1/status",
+    responses((status = 200, description = "The daemon, its store and engines", body = taidon_api::Status), crate::openapi::ApiErrors)
+)]
 async fn status(State(ctl): Ctl) -> Result<Response, ControllerError> {
     Ok(Json(ctl.status().await?).into_response())
 }
@@ -171,6 +184,10 @@ async fn status(State(ctl): Ctl) -> Result<Response, ControllerError> {
 /// Streams progress as NDJSON while the build runs in its own task: a client that goes away
 /// does not abort a build half way. The instance it ends with is the caller's: it is recorded
 /// as theirs before the client hears of it, client or not.
+#[utoipa::path(
+    post, path = "/v1/prepare", request_body = PrepareRequest,
+    responses((status = 200, description = "Progress as NDJSON, one event a line, ending with `done` or `failed`", content_type = "application/x-ndjson", body = PrepareEvent), crate::openapi::ApiErrors)
+)]
 async fn prepare(
     State(ctl): Ctl,
     axum::Extension(caller): Caller,
@@ -203,6 +220,10 @@ async fn prepare(
 }
 
 /// The plan of a prepare, and why each step hits or misses; nothing is built.
+#[utoipa::path(
+    post, path = "/v1/plan", request_body = PrepareRequest,
+    responses((status = 200, description = "The plan", body = taidon_api::Plan), crate::openapi::ApiErrors)
+)]
 async fn plan(
     State(ctl): Ctl,
     Json(req): Json<PrepareRequest>,
@@ -212,6 +233,15 @@ async fn plan(
 
 /// The client's command for a build ended. The build id, random and sent only to the client
 /// that started the prepare, is the capability.
+#[utoipa::path(
+    post, path = "/v1/builds/{build}/done", request_body = taidon_api::CommandDone,
+    params(("build" = String, Path, description = "The build id from the `run_command` event")),
+    responses(
+        (status = 200, description = "Recorded", body = crate::openapi::Empty),
+        (status = 404, description = "No build waits for a command with this id", body = ApiError),
+        crate::openapi::ApiErrors,
+    )
+)]
 async fn command_done(
     State(ctl): Ctl,
     axum::extract::Path(build): axum::extract::Path<String>,
@@ -224,6 +254,10 @@ async fn command_done(
     Ok(Json(serde_json::json!({})).into_response())
 }
 
+#[utoipa::path(
+    post, path = "/v1/blobs/missing", request_body = taidon_api::BlobsMissingRequest,
+    responses((status = 200, description = "The hashes the controller lacks, in the order asked", body = taidon_api::BlobsMissing), crate::openapi::ApiErrors)
+)]
 async fn blobs_missing(
     State(ctl): Ctl,
     Json(req): Json<taidon_api::BlobsMissingRequest>,
@@ -235,6 +269,17 @@ async fn blobs_missing(
 }
 
 /// `PUT /v1/blobs/{sha256}`: the body is streamed to disk, hashed, and kept only if it matches.
+#[utoipa::path(
+    put, path = "/v1/blobs/{sha256}",
+    params(("sha256" = String, Path, description = "The SHA-256 of the body, 64 lowercase hex digits")),
+    request_body(content = Vec<u8>, description = "The file's bytes", content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "Stored"),
+        (status = 200, description = "Already there"),
+        (status = 413, description = "Larger than the blob limit", body = ApiError),
+        crate::openapi::ApiErrors,
+    )
+)]
 async fn put_blob(State(ctl): Ctl, Path(sha256): Path<String>, body: Body) -> Response {
     use crate::blobs::BlobError;
     match ctl.blobs().put(&sha256, body.into_data_stream()).await {
@@ -255,16 +300,30 @@ async fn put_blob(State(ctl): Ctl, Path(sha256): Path<String>, body: Body) -> Re
     }
 }
 
+#[utoipa::path(
+    get, path = "/v1/states",
+    responses((status = 200, description = "Every state", body = Vec<taidon_api::StateInfo>), crate::openapi::ApiErrors)
+)]
 async fn states(State(ctl): Ctl) -> Result<Response, ControllerError> {
     Ok(Json(ctl.list_states()?).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct Force {
     #[serde(default)]
     force: bool,
 }
 
+#[utoipa::path(
+    delete, path = "/v1/states/{id}",
+    params(("id" = String, Path, description = "A state id or a prefix of one"), Force),
+    responses(
+        (status = 200, description = "What was removed", body = taidon_api::Removed),
+        (status = 404, description = "No state matches", body = ApiError),
+        crate::openapi::ApiErrors,
+    )
+)]
 async fn remove_state(
     State(ctl): Ctl,
     axum::Extension(caller): Caller,
@@ -275,10 +334,23 @@ async fn remove_state(
     Ok(Json(ctl.remove_state(&id, q.force).await?).into_response())
 }
 
+#[utoipa::path(
+    post, path = "/v1/states/{id}/push",
+    params(("id" = String, Path, description = "A state id or a prefix of one")),
+    responses(
+        (status = 200, description = "What the upload did", body = taidon_api::Pushed),
+        (status = 404, description = "No state matches", body = ApiError),
+        crate::openapi::ApiErrors,
+    )
+)]
 async fn push_state(State(ctl): Ctl, Path(id): Path<String>) -> Result<Response, ControllerError> {
     Ok(Json(ctl.push_state(&id).await?).into_response())
 }
 
+#[utoipa::path(
+    get, path = "/v1/instances",
+    responses((status = 200, description = "The caller's instances (an admin's: all)", body = Vec<taidon_api::InstanceInfo>), crate::openapi::ApiErrors)
+)]
 async fn instances(
     State(ctl): Ctl,
     axum::Extension(caller): Caller,
@@ -286,6 +358,15 @@ async fn instances(
     Ok(Json(ctl.list_instances_for(&caller)?).into_response())
 }
 
+#[utoipa::path(
+    post, path = "/v1/instances", request_body = CreateInstance,
+    responses(
+        (status = 200, description = "The running instance", body = taidon_api::InstanceInfo),
+        (status = 404, description = "No state matches", body = ApiError),
+        (status = 503, description = "As many instances run as allowed", body = ApiError),
+        crate::openapi::ApiErrors,
+    )
+)]
 async fn create_instance(
     State(ctl): Ctl,
     axum::Extension(caller): Caller,
@@ -296,6 +377,15 @@ async fn create_instance(
     Ok(Json(info).into_response())
 }
 
+#[utoipa::path(
+    get, path = "/v1/instances/{id}",
+    params(("id" = String, Path, description = "An instance id or a prefix of one")),
+    responses(
+        (status = 200, description = "The instance", body = taidon_api::InstanceInfo),
+        (status = 404, description = "No instance matches", body = ApiError),
+        crate::openapi::ApiErrors,
+    )
+)]
 async fn instance(
     State(ctl): Ctl,
     axum::Extension(caller): Caller,
@@ -305,6 +395,15 @@ async fn instance(
     Ok(Json(ctl.get_instance(&iid.to_string())?).into_response())
 }
 
+#[utoipa::path(
+    delete, path = "/v1/instances/{id}",
+    params(("id" = String, Path, description = "An instance id or a prefix of one")),
+    responses(
+        (status = 200, description = "What was removed", body = taidon_api::Removed),
+        (status = 404, description = "No instance matches", body = ApiError),
+        crate::openapi::ApiErrors,
+    )
+)]
 async fn delete_instance(
     State(ctl): Ctl,
     axum::Extension(caller): Caller,
@@ -314,6 +413,15 @@ async fn delete_instance(
     Ok(Json(ctl.delete_instance_typed(&iid.to_string()).await?).into_response())
 }
 
+#[utoipa::path(
+    post, path = "/v1/leases", request_body = taidon_api::LeaseRequest,
+    responses(
+        (status = 201, description = "The lease", body = taidon_api::LeaseInfo),
+        (status = 404, description = "No state matches", body = ApiError),
+        (status = 503, description = "No copy was ready within the wait", body = ApiError),
+        crate::openapi::ApiErrors,
+    )
+)]
 async fn lease(
     State(ctl): Ctl,
     axum::Extension(caller): Caller,
@@ -323,6 +431,10 @@ async fn lease(
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
+#[utoipa::path(
+    get, path = "/v1/leases",
+    responses((status = 200, description = "The caller's leases (an admin's: all)", body = Vec<taidon_api::LeaseInfo>), crate::openapi::ApiErrors)
+)]
 async fn leases(
     State(ctl): Ctl,
     axum::Extension(caller): Caller,
@@ -330,6 +442,15 @@ async fn leases(
     Ok(Json(ctl.list_leases(&caller)?).into_response())
 }
 
+#[utoipa::path(
+    delete, path = "/v1/leases/{id}",
+    params(("id" = String, Path, description = "The lease id")),
+    responses(
+        (status = 200, description = "The released lease (its copy is destroyed)", body = taidon_api::LeaseInfo),
+        (status = 404, description = "No such lease", body = ApiError),
+        crate::openapi::ApiErrors,
+    )
+)]
 async fn release_lease(
     State(ctl): Ctl,
     axum::Extension(caller): Caller,
@@ -338,30 +459,58 @@ async fn release_lease(
     Ok(Json(ctl.release_lease(&id, &caller).await?).into_response())
 }
 
+#[utoipa::path(
+    post, path = "/v1/resolve", request_body = ResolveRequest,
+    responses((status = 200, description = "Where the instance is, or why not", body = taidon_api::ResolveResponse), crate::openapi::ApiErrors)
+)]
 async fn resolve(State(ctl): Ctl, Json(req): Json<ResolveRequest>) -> Response {
     Json(ctl.resolve(&req)).into_response()
 }
 
+#[utoipa::path(
+    post, path = "/v1/touch", request_body = Leases,
+    responses((status = 200, description = "Recorded", body = crate::openapi::Empty), crate::openapi::ApiErrors)
+)]
 async fn touch(State(ctl): Ctl, Json(req): Json<Leases>) -> Response {
     ctl.touch(&req.instance_ids);
     Json(serde_json::json!({})).into_response()
 }
 
+#[utoipa::path(
+    post, path = "/v1/release", request_body = Leases,
+    responses((status = 200, description = "Recorded", body = crate::openapi::Empty), crate::openapi::ApiErrors)
+)]
 async fn release(State(ctl): Ctl, Json(req): Json<Leases>) -> Response {
     ctl.release(&req.instance_ids);
     Json(serde_json::json!({})).into_response()
 }
 
+#[utoipa::path(
+    post, path = "/v1/park", request_body = Leases,
+    responses((status = 200, description = "Recorded", body = crate::openapi::Empty), crate::openapi::ApiErrors)
+)]
 async fn park(State(ctl): Ctl, Json(req): Json<Leases>) -> Response {
     ctl.park(&req.instance_ids);
     Json(serde_json::json!({})).into_response()
 }
 
+#[utoipa::path(
+    post, path = "/v1/unpark", request_body = Leases,
+    responses((status = 200, description = "Recorded", body = crate::openapi::Empty), crate::openapi::ApiErrors)
+)]
 async fn unpark(State(ctl): Ctl, Json(req): Json<Leases>) -> Response {
     ctl.unpark(&req.instance_ids);
     Json(serde_json::json!({})).into_response()
 }
 
+#[utoipa::path(
+    post, path = "/v1/dsn", request_body = DsnRequest,
+    responses(
+        (status = 200, description = "A DSN with a fresh token", body = taidon_api::DsnResponse),
+        (status = 404, description = "No state or instance matches", body = ApiError),
+        crate::openapi::ApiErrors,
+    )
+)]
 async fn dsn(
     State(ctl): Ctl,
     axum::Extension(caller): Caller,
@@ -372,10 +521,18 @@ async fn dsn(
 }
 
 /// The public keys DSN tokens are verified with; HS256 secrets never leave the controller.
+#[utoipa::path(
+    get, path = "/v1/keys",
+    responses((status = 200, description = "The keys DSN tokens are verified with", body = taidon_api::PublicKeys), crate::openapi::ApiErrors)
+)]
 async fn keys(State(ctl): Ctl) -> Response {
     Json(ctl.public_keys()).into_response()
 }
 
+#[utoipa::path(
+    post, path = "/v1/shutdown",
+    responses((status = 200, description = "The daemon stops", body = crate::openapi::Empty), crate::openapi::ApiErrors)
+)]
 async fn shutdown(State(ctl): Ctl) -> Response {
     ctl.request_shutdown();
     Json(serde_json::json!({})).into_response()
@@ -395,6 +552,10 @@ fn ndjson(rx: tokio::sync::mpsc::UnboundedReceiver<taidon_api::PrepareEvent>) ->
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+#[utoipa::path(
+    post, path = "/v1/warmup", request_body = taidon_api::WarmupRequest,
+    responses((status = 200, description = "Progress as NDJSON, one event a line, ending with `done` or `failed`", content_type = "application/x-ndjson", body = PrepareEvent), crate::openapi::ApiErrors)
+)]
 async fn warmup(State(ctl): Ctl, Json(req): Json<taidon_api::WarmupRequest>) -> Response {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let task = Arc::clone(&ctl);
@@ -402,6 +563,14 @@ async fn warmup(State(ctl): Ctl, Json(req): Json<taidon_api::WarmupRequest>) -> 
     ndjson(rx)
 }
 
+#[utoipa::path(
+    post, path = "/v1/pins", request_body = taidon_api::PinRequest,
+    responses(
+        (status = 200, description = "The state's pins", body = taidon_api::PinsChanged),
+        (status = 404, description = "No state matches", body = ApiError),
+        crate::openapi::ApiErrors,
+    )
+)]
 async fn pin(
     State(ctl): Ctl,
     Json(req): Json<taidon_api::PinRequest>,
@@ -409,6 +578,14 @@ async fn pin(
     Ok(Json(ctl.pin(&req.state, req.reason, &req.ref_name)?).into_response())
 }
 
+#[utoipa::path(
+    post, path = "/v1/unpin", request_body = taidon_api::UnpinRequest,
+    responses(
+        (status = 200, description = "The state's pins", body = taidon_api::PinsChanged),
+        (status = 404, description = "No state matches", body = ApiError),
+        crate::openapi::ApiErrors,
+    )
+)]
 async fn unpin(
     State(ctl): Ctl,
     Json(req): Json<taidon_api::UnpinRequest>,
@@ -416,7 +593,8 @@ async fn unpin(
     Ok(Json(ctl.unpin(&req.state, req.reason, req.ref_name.as_deref())?).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
     state: Option<String>,
     #[serde(default = "default_events_limit")]
@@ -427,6 +605,10 @@ fn default_events_limit() -> usize {
     200
 }
 
+#[utoipa::path(
+    get, path = "/v1/events", params(EventsQuery),
+    responses((status = 200, description = "Lifecycle events, newest first", body = Vec<taidon_api::EventInfo>), crate::openapi::ApiErrors)
+)]
 async fn events(
     State(ctl): Ctl,
     Query(q): Query<EventsQuery>,
@@ -434,6 +616,20 @@ async fn events(
     Ok(Json(ctl.events(q.state.as_deref(), q.limit)?).into_response())
 }
 
+#[utoipa::path(
+    post, path = "/v1/webhook", security(()),
+    params(
+        ("x-github-event" = Option<String>, Header, description = "The GitHub event: push, create, delete, pull_request"),
+        ("x-hub-signature-256" = Option<String>, Header, description = "`sha256=<hex>`: the HMAC-SHA256 of the body under the webhook secret"),
+    ),
+    request_body(content = Object, description = "A GitHub event", content_type = "application/json"),
+    responses(
+        (status = 200, description = "What the delivery changed", body = crate::webhook::WebhookOutcome),
+        (status = 400, description = "The payload does not parse", body = ApiError),
+        (status = 401, description = "No signature, a wrong one, or no webhook secret configured", body = ApiError),
+        (status = 500, description = "A failure inside the controller", body = ApiError),
+    )
+)]
 async fn webhook(State(ctl): Ctl, headers: axum::http::HeaderMap, body: bytes::Bytes) -> Response {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let event = header("x-github-event").unwrap_or("");

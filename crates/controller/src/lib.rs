@@ -15,6 +15,7 @@ mod leases;
 mod lifecycle;
 pub mod meta;
 pub mod metrics;
+mod openapi;
 mod pins;
 mod prepare;
 mod remote;

@@ -21,7 +21,7 @@ pub enum WebhookError {
 }
 
 /// What a delivery changed.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct WebhookOutcome {
     pub event: String,
     pub ref_name: String,

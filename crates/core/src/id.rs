@@ -82,6 +82,23 @@ macro_rules! hex_id {
                 s.parse().map_err(serde::de::Error::custom)
             }
         }
+
+        /// In the OpenAPI document: a string of lowercase hex digits.
+        #[cfg(feature = "openapi")]
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .description(Some(format!("{}: {} lowercase hex digits", $what, $bytes * 2)))
+                    .pattern(Some(format!("^[0-9a-f]{{{}}}$", $bytes * 2)))
+                    .min_length(Some($bytes * 2))
+                    .max_length(Some($bytes * 2))
+                    .into()
+            }
+        }
+
+        #[cfg(feature = "openapi")]
+        impl utoipa::ToSchema for $name {}
     };
 }
 

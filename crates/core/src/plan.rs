@@ -10,6 +10,7 @@ use crate::identity::{base_state_id, step_state_id};
 
 /// What one psql step runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PsqlInput {
     /// `-f FILE` and the files it pulls in (its *input closure*). Only the contents (`sha256`
@@ -35,6 +36,7 @@ pub enum PsqlInput {
 
 /// A file an input pulls in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Included {
     /// Where it lies, relative to the closure's root.
     pub path: String,
@@ -77,6 +79,7 @@ pub fn join_rel(base: &str, rel: &str) -> String {
 
 /// One psql invocation with `ON_ERROR_STOP=1`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PsqlStep {
     pub input: PsqlInput,
     /// `-v NAME=VALUE` variables, visible to the script as `:NAME`.
@@ -90,6 +93,7 @@ pub struct PsqlStep {
 /// One Liquibase changeset, applied with `liquibase update-count --count=1` to its parent
 /// state (where every changeset before it is applied, so it is the next one pending).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LiquibaseStep {
     /// The changeset's id, author and file, as Liquibase reports them.
     pub id: String,
@@ -119,6 +123,7 @@ impl LiquibaseStep {
 /// Any migration tool as one step (`prepare:cmd`): a command the client runs where its inputs
 /// are, against the build server, with `DATABASE_URL` and the `PG*` variables set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CommandStep {
     /// The program and its arguments, as given.
     pub argv: Vec<String>,
@@ -131,6 +136,7 @@ pub struct CommandStep {
 
 /// One prepare step: a psql invocation, one changeset of Liquibase, or a command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Step {
     Psql(PsqlStep),

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// How snapshots are cloned on this store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum CloneStrategy {
     /// `btrfs subvolume snapshot`.

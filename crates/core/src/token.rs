@@ -13,6 +13,7 @@ use crate::id::{InstanceId, StateId};
 
 /// What a token lets its holder do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
     /// Read only: a session that cannot write, on an instance shared by the state's readers.
@@ -137,6 +138,7 @@ pub enum KeysetError {
 
 /// A signing algorithm of a keyset entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Algorithm {
     #[serde(rename = "HS256")]
     Hs256,
