@@ -25,6 +25,6 @@ pub use psql::{run_psql_step, run_psql_step_at, PsqlTarget, StepError, StepOutpu
 pub use run_as::RunAs;
 pub use runtime::{
     lay_out_step, BoxFuture, BuildServer, Endpoint, EngineInfo, Instance, LocalLayout,
-    LocalRuntime, Reclaimed, Runtime, RuntimeInfo, StepInputs,
+    InstanceEntry, LocalRuntime, Reclaimed, Runtime, RuntimeInfo, StepInputs,
 };
 pub use server::{free_port, Server, ServerConfig};
