@@ -215,7 +215,10 @@ impl Controller {
                 Err(e) => {
                     let mut f = finding(
                         FindingKind::ChecksumMismatch,
-                        format!("cannot be checked: {}", ControllerError::from(e).to_api().message),
+                        format!(
+                            "cannot be checked: {}",
+                            ControllerError::from(e).to_api().message
+                        ),
                     );
                     f.state_id = Some(id);
                     report.findings.push(f);
@@ -310,7 +313,8 @@ impl Controller {
                 match self.store.clear_stray(stray).await {
                     Ok(Some(done)) => {
                         f.repaired = true;
-                        f.detail.push_str(&format!("; {}", shown(self.home.root(), &done)));
+                        f.detail
+                            .push_str(&format!("; {}", shown(self.home.root(), &done)));
                     }
                     Ok(None) => f.detail.push_str("; this store cannot remove it"),
                     Err(e) => f.detail.push_str(&format!(
@@ -330,8 +334,12 @@ impl Controller {
         repair: bool,
         report: &mut FsckReport,
     ) -> Result<(), ControllerError> {
-        let rows_before: HashSet<InstanceId> =
-            self.meta.instances()?.iter().map(|r| r.instance_id).collect();
+        let rows_before: HashSet<InstanceId> = self
+            .meta
+            .instances()?
+            .iter()
+            .map(|r| r.instance_id)
+            .collect();
         let Some(entries) = self
             .runtime
             .instance_entries()
@@ -349,8 +357,12 @@ impl Controller {
             .keys()
             .copied()
             .collect();
-        let rows: HashSet<InstanceId> =
-            self.meta.instances()?.iter().map(|r| r.instance_id).collect();
+        let rows: HashSet<InstanceId> = self
+            .meta
+            .instances()?
+            .iter()
+            .map(|r| r.instance_id)
+            .collect();
         for entry in &entries {
             let explained = entry.instance.is_some_and(|iid| {
                 rows.contains(&iid) || live.contains(&iid) || starting.contains(&iid)
@@ -410,10 +422,9 @@ impl Controller {
                         f.repaired = true;
                         f.detail.push_str("; instance removed");
                     }
-                    Err(e) => f.detail.push_str(&format!(
-                        "; cannot remove it: {}",
-                        e.to_api().message
-                    )),
+                    Err(e) => f
+                        .detail
+                        .push_str(&format!("; cannot remove it: {}", e.to_api().message)),
                 }
             }
             report.findings.push(f);

@@ -406,7 +406,8 @@ impl Client {
 
     /// `POST /v1/fsck`: checks (and with `repair`, repairs) the store and the metadata.
     pub(crate) async fn fsck(&self, repair: bool) -> Result<taidon_api::FsckReport, ClientError> {
-        self.post("/fsck", &taidon_api::FsckRequest { repair }).await
+        self.post("/fsck", &taidon_api::FsckRequest { repair })
+            .await
     }
 
     /// `POST /v1/plan`: what a prepare would build; nothing is built.

@@ -345,7 +345,11 @@ pub(crate) fn fsck(r: &taidon_api::FsckReport) -> String {
             "{:<22} {id}: {}{path} ({})\n",
             f.kind.as_str(),
             f.detail,
-            if f.repaired { "repaired" } else { "NOT repaired" }
+            if f.repaired {
+                "repaired"
+            } else {
+                "NOT repaired"
+            }
         ));
     }
     let checked = format!(
@@ -372,7 +376,11 @@ pub(crate) fn fsck(r: &taidon_api::FsckReport) -> String {
         out.push_str(&format!(
             "{} problem(s) found, {unrepaired} not repaired{}: {checked}\n",
             r.findings.len(),
-            if r.repair { "" } else { " (sqlrs fsck --repair fixes what it can)" }
+            if r.repair {
+                ""
+            } else {
+                " (sqlrs fsck --repair fixes what it can)"
+            }
         ));
     }
     out
@@ -404,7 +412,8 @@ mod fsck_tests {
             bytes_read: 2048,
             ..Default::default()
         };
-        assert!(super::fsck(&clean).starts_with("no problems found: 3 snapshots checked (2.0 KiB read)"));
+        assert!(super::fsck(&clean)
+            .starts_with("no problems found: 3 snapshots checked (2.0 KiB read)"));
         let r = FsckReport {
             findings: vec![Finding {
                 kind: FindingKind::ChecksumMismatch,
@@ -420,9 +429,15 @@ mod fsck_tests {
         let text = super::fsck(&r);
         let first = text.lines().next().unwrap();
         assert!(first.starts_with("checksum_mismatch"), "{text}");
-        assert!(first.contains("state abababababab: size 10 bytes"), "{text}");
+        assert!(
+            first.contains("state abababababab: size 10 bytes"),
+            "{text}"
+        );
         assert!(first.ends_with("(NOT repaired)"), "{text}");
-        assert!(text.contains("1 problem(s) found, 1 not repaired"), "{text}");
+        assert!(
+            text.contains("1 problem(s) found, 1 not repaired"),
+            "{text}"
+        );
     }
 }
 

@@ -18,8 +18,11 @@ const NO_STANDBY: &str = "[policy.standby]\npinned = 0\nbusy = 0\nother = 0\n";
 fn env_with_config(config: &str) -> Env {
     let env = Env::new();
     std::fs::create_dir_all(&env.home).expect("home");
-    std::fs::write(env.home.join("config.toml"), format!("{config}{NO_STANDBY}"))
-        .expect("config.toml");
+    std::fs::write(
+        env.home.join("config.toml"),
+        format!("{config}{NO_STANDBY}"),
+    )
+    .expect("config.toml");
     env
 }
 
@@ -126,7 +129,11 @@ fn fsck_of_a_clean_home_exits_0_and_says_so() {
     prepare(&env);
     let r = env.ok(&["fsck"]);
     assert!(r.stdout.contains("no problems found"), "{}", r.describe());
-    assert!(r.stderr.contains("checking 3 snapshot(s)"), "{}", r.describe());
+    assert!(
+        r.stderr.contains("checking 3 snapshot(s)"),
+        "{}",
+        r.describe()
+    );
 }
 
 #[test]
@@ -149,12 +156,20 @@ fn a_damaged_snapshot_is_reported_quarantined_by_repair_and_rebuilt() {
     assert_eq!(findings[0]["kind"], "checksum_mismatch", "{report:#}");
     assert_eq!(findings[0]["state_id"], head.as_str(), "{report:#}");
     assert_eq!(findings[0]["repaired"], false, "{report:#}");
-    assert!(report["snapshots_checked"].as_u64() >= Some(3), "{report:#}");
+    assert!(
+        report["snapshots_checked"].as_u64() >= Some(3),
+        "{report:#}"
+    );
     let r = env.fails(1, &["fsck"]);
     assert!(r.stdout.contains("checksum_mismatch"), "{}", r.describe());
     assert!(r.stdout.contains(&head[..12]), "{}", r.describe());
     assert!(r.stdout.contains("NOT repaired"), "{}", r.describe());
-    assert!(env.home.join("snapshots").join(&head).join("manifest.json").is_file());
+    assert!(env
+        .home
+        .join("snapshots")
+        .join(&head)
+        .join("manifest.json")
+        .is_file());
     assert!(quarantined(&env).is_empty());
     assert_eq!(state(&env.ls(), &head)["status"], "WARM");
 
@@ -186,7 +201,12 @@ fn a_damaged_snapshot_is_reported_quarantined_by_repair_and_rebuilt() {
     assert_eq!(again, head);
     assert_eq!(psql(&dsn, "select count(*) from b"), "100");
     assert_eq!(psql(&dsn, "select x from a"), "1");
-    assert!(env.home.join("snapshots").join(&head).join("manifest.json").is_file());
+    assert!(env
+        .home
+        .join("snapshots")
+        .join(&head)
+        .join("manifest.json")
+        .is_file());
     env.ok(&["fsck"]);
 }
 
@@ -240,7 +260,10 @@ fn orphan_directories_and_instances_without_data_are_found_and_repaired() {
         if stopped {
             break;
         }
-        assert!(start.elapsed() < DEADLINE, "the instance never stopped\n{ls:#}");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the instance never stopped\n{ls:#}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     std::fs::remove_dir_all(env.home.join("instances").join(&iid).join("data")).expect("rm");
@@ -254,10 +277,19 @@ fn orphan_directories_and_instances_without_data_are_found_and_repaired() {
 
     let r = env.fails(1, &["fsck"]);
     let text = &r.stdout;
-    assert_eq!(text.matches("orphan_directory").count(), 3, "{}", r.describe());
+    assert_eq!(
+        text.matches("orphan_directory").count(),
+        3,
+        "{}",
+        r.describe()
+    );
     assert!(text.contains("junk"), "{}", r.describe());
     assert!(text.contains(".building-"), "{}", r.describe());
-    assert!(text.contains("instance 00000000000000ff"), "{}", r.describe());
+    assert!(
+        text.contains("instance 00000000000000ff"),
+        "{}",
+        r.describe()
+    );
     assert!(text.contains("instance_without_data"), "{}", r.describe());
     assert!(text.contains(&iid[..12]), "{}", r.describe());
 

@@ -535,7 +535,10 @@ impl SnapshotStore for TieredStore {
         SnapshotStore::verify(&self.inner.local, id)
     }
 
-    fn quarantine(&self, id: StateId) -> taidon_store::BoxFuture<'_, Result<Option<String>, StoreError>> {
+    fn quarantine(
+        &self,
+        id: StateId,
+    ) -> taidon_store::BoxFuture<'_, Result<Option<String>, StoreError>> {
         SnapshotStore::quarantine(&self.inner.local, id)
     }
 

@@ -272,13 +272,16 @@ impl LocalStore {
         for entry in fs::read_dir(root).ctx("list", root)? {
             let entry = entry.ctx("list", root)?;
             let Ok(name) = entry.file_name().into_string() else {
-                out.push(stray(root, entry.file_name().to_string_lossy().into_owned(), None,
-                    true, "a name that is not UTF-8"));
+                out.push(stray(
+                    root,
+                    entry.file_name().to_string_lossy().into_owned(),
+                    None,
+                    true,
+                    "a name that is not UTF-8",
+                ));
                 continue;
             };
-            if name == QUARANTINE
-                || [TRASH, PROBE, SPARING].iter().any(|p| name.starts_with(p))
-            {
+            if name == QUARANTINE || [TRASH, PROBE, SPARING].iter().any(|p| name.starts_with(p)) {
                 continue;
             }
             if let Ok(id) = name.parse::<StateId>() {
@@ -297,12 +300,23 @@ impl LocalStore {
             } else if let Some(rest) = name.strip_prefix(SPARE) {
                 match rest.parse::<StateId>() {
                     Ok(id) if self.contains(&id) => continue,
-                    Ok(id) => out.push(stray(root, name, Some(id), false,
-                        "a spare clone of a snapshot that is gone")),
+                    Ok(id) => out.push(stray(
+                        root,
+                        name,
+                        Some(id),
+                        false,
+                        "a spare clone of a snapshot that is gone",
+                    )),
                     Err(_) => out.push(stray(root, name, None, false, "a spare of nothing")),
                 }
             } else {
-                out.push(stray(root, name, None, true, "not a snapshot of this store"));
+                out.push(stray(
+                    root,
+                    name,
+                    None,
+                    true,
+                    "not a snapshot of this store",
+                ));
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -313,7 +327,10 @@ impl LocalStore {
     pub fn clear_stray(&self, stray: &Stray) -> Result<String, StoreError> {
         let name = Path::new(&stray.name);
         let plain = name.components().count() == 1
-            && matches!(name.components().next(), Some(std::path::Component::Normal(_)))
+            && matches!(
+                name.components().next(),
+                Some(std::path::Component::Normal(_))
+            )
             && stray.name != QUARANTINE;
         let path = self.shared.root.join(name);
         if !plain {
@@ -802,7 +819,13 @@ fn short_sum(sum: &str) -> &str {
     sum.get(..19).unwrap_or(sum)
 }
 
-fn stray(root: &Path, name: String, state: Option<StateId>, may_hold_data: bool, why: &str) -> Stray {
+fn stray(
+    root: &Path,
+    name: String,
+    state: Option<StateId>,
+    may_hold_data: bool,
+    why: &str,
+) -> Stray {
     Stray {
         location: root.join(&name).display().to_string(),
         name,
