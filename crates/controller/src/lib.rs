@@ -47,7 +47,7 @@ pub use error::ControllerError;
 pub use home::Home;
 pub use http::{metrics_router, router};
 use instances::Live;
-use meta::{Meta, StateRow};
+use meta::Meta;
 
 /// How the controller is set up.
 #[derive(Debug, Clone)]

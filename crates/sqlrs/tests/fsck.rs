@@ -286,7 +286,7 @@ fn orphan_directories_and_instances_without_data_are_found_and_repaired() {
     assert!(text.contains("junk"), "{}", r.describe());
     assert!(text.contains(".building-"), "{}", r.describe());
     assert!(
-        text.contains("instance 00000000000000ff"),
+        text.contains("instances/00000000000000ff"),
         "{}",
         r.describe()
     );
