@@ -962,3 +962,130 @@ mod tests {
         assert_eq!(ErrorKind::StepFailed.exit_code(), 1);
     }
 }
+
+/// `POST /v1/fsck`: check the store against the metadata; with `repair`, fix what can be.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsckRequest {
+    #[serde(default)]
+    pub repair: bool,
+}
+
+/// What kind of damage or inconsistency `fsck` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingKind {
+    /// A snapshot's data differs from the checksum its manifest records.
+    ChecksumMismatch,
+    /// A published snapshot the metadata has no row for.
+    ManifestWithoutState,
+    /// A WARM or HOT state whose snapshot is neither here nor in the bucket.
+    StateWithoutSnapshot,
+    /// A directory in the store or among the instances that nothing explains.
+    OrphanDirectory,
+    /// An instance whose data directory is gone.
+    InstanceWithoutData,
+}
+
+impl FindingKind {
+    /// The name the API and the CLI use (`checksum_mismatch`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FindingKind::ChecksumMismatch => "checksum_mismatch",
+            FindingKind::ManifestWithoutState => "manifest_without_state",
+            FindingKind::StateWithoutSnapshot => "state_without_snapshot",
+            FindingKind::OrphanDirectory => "orphan_directory",
+            FindingKind::InstanceWithoutData => "instance_without_data",
+        }
+    }
+}
+
+impl std::fmt::Display for FindingKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One thing `fsck` found, and whether it repaired it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    pub kind: FindingKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_id: Option<StateId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<InstanceId>,
+    /// The directory concerned, for orphans (relative to the home when under it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// What is wrong, and with `repair`, what was done.
+    pub detail: String,
+    pub repaired: bool,
+}
+
+/// `POST /v1/fsck`'s answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsckReport {
+    pub findings: Vec<Finding>,
+    /// Snapshots whose checksum was computed.
+    pub snapshots_checked: u64,
+    /// Snapshots skipped because a build or a removal held them.
+    #[serde(default)]
+    pub snapshots_skipped: u64,
+    /// Bytes read to compute them.
+    pub bytes_read: u64,
+    pub elapsed_ms: u64,
+    /// Whether repairs were asked for.
+    pub repair: bool,
+}
+
+impl FsckReport {
+    /// The findings not repaired: `sqlrs fsck` fails when there are any.
+    pub fn unrepaired(&self) -> usize {
+        self.findings.iter().filter(|f| !f.repaired).count()
+    }
+
+    /// Whether the home is (now) consistent.
+    pub fn clean(&self) -> bool {
+        self.unrepaired() == 0
+    }
+}
+
+#[cfg(test)]
+mod fsck_tests {
+    use super::*;
+
+    #[test]
+    fn findings_serialize_with_snake_case_kinds_and_omit_empty_ids() {
+        let f = Finding {
+            kind: FindingKind::ChecksumMismatch,
+            state_id: Some(StateId::from_bytes([7; 32])),
+            instance_id: None,
+            path: None,
+            detail: "differs".into(),
+            repaired: false,
+        };
+        let json = serde_json::to_string(&f).unwrap();
+        assert!(json.contains(r#""kind":"checksum_mismatch""#), "{json}");
+        assert!(!json.contains("instance_id"), "{json}");
+        assert_eq!(serde_json::from_str::<Finding>(&json).unwrap(), f);
+        assert_eq!(FindingKind::OrphanDirectory.to_string(), "orphan_directory");
+    }
+
+    #[test]
+    fn a_report_is_clean_when_everything_found_was_repaired() {
+        let mut r = FsckReport::default();
+        assert!(r.clean());
+        let finding = |repaired| Finding {
+            kind: FindingKind::OrphanDirectory,
+            state_id: None,
+            instance_id: None,
+            path: Some("snapshots/junk".into()),
+            detail: String::new(),
+            repaired,
+        };
+        r.findings.push(finding(true));
+        assert!(r.clean());
+        r.findings.push(finding(false));
+        assert_eq!(r.unrepaired(), 1);
+        assert!(!r.clean());
+    }
+}

@@ -15,6 +15,8 @@
 //! low_water = 0.8               # ... and stops at this share of it
 //! max_replay_s = 600            # checkpoint rule: no state may need more replay than this
 //! max_parallel_builds = 2       # the store's I/O budget
+//! verify = false                # check a snapshot's checksum before each clone of it;
+//!                               # a damaged one is quarantined (sqlrs fsck checks them all)
 //!
 //! [store.remote]                # snapshots also in an S3-compatible bucket (optional)
 //! url = "s3://bucket/prefix"
@@ -199,6 +201,9 @@ pub struct StoreConfig {
     pub max_replay_s: u64,
     #[serde(default = "default_max_parallel_builds")]
     pub max_parallel_builds: usize,
+    /// Check a snapshot's tree checksum before it is cloned (an instance, a build's parent).
+    #[serde(default)]
+    pub verify: bool,
     /// `[store.remote]`: the object-storage tier, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<RemoteStoreConfig>,
@@ -285,6 +290,7 @@ impl Default for StoreConfig {
             low_water: default_low_water(),
             max_replay_s: default_max_replay_s(),
             max_parallel_builds: default_max_parallel_builds(),
+            verify: false,
             remote: None,
         }
     }

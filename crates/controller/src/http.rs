@@ -63,6 +63,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/plan", post(plan))
         .route("/v1/leases", get(leases).post(lease))
         .route("/v1/leases/{id}", axum::routing::delete(release_lease))
+        .route("/v1/fsck", post(fsck))
         .route_layer(middleware::from_fn_with_state(USERS, require_role));
     let gateways = Router::new()
         .route("/v1/resolve", post(resolve))
@@ -644,4 +645,11 @@ async fn webhook(State(ctl): Ctl, headers: axum::http::HeaderMap, body: bytes::B
         }
         Err(crate::webhook::WebhookOutcomeError::Controller(e)) => e.into_response(),
     }
+}
+
+async fn fsck(
+    State(ctl): Ctl,
+    Json(req): Json<taidon_api::FsckRequest>,
+) -> Result<Response, ControllerError> {
+    Ok(Json(ctl.fsck(req.repair).await?).into_response())
 }

@@ -160,6 +160,8 @@ impl Controller {
         iid: InstanceId,
         state: StateId,
     ) -> Result<InstanceRow, ControllerError> {
+        let _starting = self.starting_instances.start(iid);
+        self.verify_before_clone(state).await?;
         let started = Instant::now();
         let area = self.runtime.prepare_instance(iid).await.map_err(|e| {
             ControllerError::runtime(format!("cannot make room for instance {iid}"), e)

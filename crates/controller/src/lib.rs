@@ -7,6 +7,7 @@ pub mod blobs;
 pub mod config;
 mod disk;
 mod error;
+mod fsck;
 pub mod home;
 mod http;
 mod instances;
@@ -48,7 +49,7 @@ pub use error::ControllerError;
 pub use home::Home;
 pub use http::{metrics_router, router};
 use instances::Live;
-use meta::{Meta, StateRow};
+use meta::Meta;
 
 /// How the controller is set up.
 #[derive(Debug, Clone)]
@@ -165,6 +166,8 @@ pub struct Controller {
     /// One lock per state being built (or removed, or evicted): two prepares of one missing
     /// state build it once.
     building: keyed::KeyedLocks<StateId>,
+    /// Instances being started: their data exists before their row (fsck leaves them be).
+    starting_instances: fsck::Starting,
     /// Fresh copies handed to tests, and the pools they come from.
     leases: leases::Leases,
     /// Build servers opened to a client running a step's command, by build id: what Resolve
@@ -311,6 +314,7 @@ impl Controller {
             api_url: RwLock::new(String::new()),
             live: RwLock::new(HashMap::new()),
             building: keyed::KeyedLocks::default(),
+            starting_instances: fsck::Starting::default(),
             leases: leases::Leases::default(),
             client_builds: Default::default(),
             lifecycle: lifecycle::Lifecycle::new(lifecycle_config, webhook_secret),
@@ -472,21 +476,7 @@ impl Controller {
                     r.build_cost_ms = m.build_cost_ms;
                     self.meta.upsert_state(&r)?;
                 }
-                None => self.meta.upsert_state(&StateRow {
-                    state_id: m.state_id,
-                    parent: m.parent,
-                    label: "(recovered)".into(),
-                    inputs_fingerprint: String::new(),
-                    engine_fingerprint: serde_json::to_string(&m.engine).unwrap_or_default(),
-                    status: StateStatus::Warm,
-                    status_reason: None,
-                    size_bytes: m.size_bytes,
-                    build_cost_ms: m.build_cost_ms,
-                    restore_cost_ms: 0,
-                    created_ms: m.created_ms,
-                    last_access_ms: now,
-                    access_count: 0,
-                })?,
+                None => self.meta.upsert_state(&fsck::recovered_row(m, now))?,
             }
         }
         for r in rows {

@@ -269,6 +269,7 @@ impl Controller {
             return Ok(false);
         }
         let _permit = self.build_permit().await;
+        self.verify_before_clone(parent).await?;
         send(
             events,
             PrepareEvent::StepStarted {

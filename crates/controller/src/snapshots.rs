@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use taidon_core::{DataArea, StateId};
 use taidon_store::{
     Build, ByteProgress, CloneStats, Manifest, PublishMeta, RemoteTier, SnapshotStore, StoreError,
-    StoreInfo,
+    StoreInfo, Stray, Verified,
 };
 
 pub(crate) struct Snapshots {
@@ -109,6 +109,40 @@ impl Snapshots {
         let manifest = remote.fetch(id, progress).await?;
         self.set().insert(id);
         Ok(manifest)
+    }
+
+    /// Every published manifest (the set of published states left as it is).
+    pub(crate) async fn list(&self) -> Result<Vec<Manifest>, StoreError> {
+        self.store.list().await
+    }
+
+    /// Checks `id`'s data against its manifest; `None` when the store cannot.
+    pub(crate) async fn verify(&self, id: StateId) -> Result<Option<Verified>, StoreError> {
+        self.store.verify(id).await
+    }
+
+    /// Takes `id`'s snapshot out of use (moved aside, not deleted); where it went. It stops
+    /// counting as published first, as for a removal.
+    pub(crate) async fn quarantine(&self, id: StateId) -> Result<Option<String>, StoreError> {
+        let had = self.set().remove(&id);
+        let moved = self.store.quarantine(id).await;
+        if !matches!(moved, Ok(Some(_))) {
+            if let Ok(Some(_)) = self.store.manifest(id).await {
+                self.set().insert(id);
+            } else if had && moved.is_err() {
+                tracing::warn!(state = %id.short(), "a snapshot half quarantined");
+            }
+        }
+        moved
+    }
+
+    /// Entries of the store no snapshot explains.
+    pub(crate) async fn strays(&self) -> Result<Vec<Stray>, StoreError> {
+        self.store.strays().await
+    }
+
+    pub(crate) async fn clear_stray(&self, stray: Stray) -> Result<Option<String>, StoreError> {
+        self.store.clear_stray(stray).await
     }
 
     pub(crate) async fn usage(&self) -> Result<u64, StoreError> {

@@ -24,7 +24,7 @@ pub use orphan::kill_orphan;
 pub use psql::{run_psql_step, run_psql_step_at, PsqlTarget, StepError, StepOutput};
 pub use run_as::RunAs;
 pub use runtime::{
-    lay_out_step, BoxFuture, BuildServer, Endpoint, EngineInfo, Instance, LocalLayout,
-    LocalRuntime, Reclaimed, Runtime, RuntimeInfo, StepInputs,
+    lay_out_step, BoxFuture, BuildServer, Endpoint, EngineInfo, Instance, InstanceEntry,
+    LocalLayout, LocalRuntime, Reclaimed, Runtime, RuntimeInfo, StepInputs,
 };
 pub use server::{free_port, Server, ServerConfig};

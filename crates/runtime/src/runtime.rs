@@ -126,6 +126,24 @@ pub trait Runtime: Send + Sync {
         let _ = keep;
         Box::pin(async { Ok(Vec::new()) })
     }
+    /// For a consistency check: the entries where this runtime keeps instances' data, each
+    /// with whether it holds a data directory; `None` when it keeps none to look at.
+    fn instance_entries(&self) -> BoxFuture<'_, Result<Option<Vec<InstanceEntry>>, RuntimeError>> {
+        Box::pin(async { Ok(None) })
+    }
+}
+
+/// One entry where a runtime keeps instances' data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceEntry {
+    /// Its name there.
+    pub name: String,
+    /// The instance it belongs to, when the name is one.
+    pub instance: Option<InstanceId>,
+    /// Where it is, for people.
+    pub location: String,
+    /// Whether it holds a PostgreSQL data directory.
+    pub has_data: bool,
 }
 
 /// A running build server: it applies steps to the data it runs on.
@@ -526,6 +544,31 @@ impl Runtime for LocalRuntime {
                 }
             }
             Ok(())
+        }))
+    }
+
+    fn instance_entries(&self) -> BoxFuture<'_, Result<Option<Vec<InstanceEntry>>, RuntimeError>> {
+        let dir = self.layout.instances.clone();
+        Box::pin(Self::blocking(move || {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Some(Vec::new())),
+                Err(e) => return Err(RuntimeError::io("cannot list", &dir)(e)),
+            };
+            let mut out = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(RuntimeError::io("cannot list", &dir))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let path = entry.path();
+                out.push(InstanceEntry {
+                    instance: name.parse().ok(),
+                    has_data: path.join("data").join("PG_VERSION").exists(),
+                    location: path.display().to_string(),
+                    name,
+                });
+            }
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(Some(out))
         }))
     }
 

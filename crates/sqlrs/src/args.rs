@@ -77,6 +77,10 @@ pub(crate) enum Command {
     },
     Dsn(Dsn),
     Status,
+    /// `fsck [--repair]`.
+    Fsck {
+        repair: bool,
+    },
     Shutdown,
     Version,
     /// `pin ID --reason R [--ref NAME]`.
@@ -454,6 +458,7 @@ where
         }),
         Verb::Release(a) => Command::Release { lease: a.lease },
         Verb::Leases => Command::Leases,
+        Verb::Fsck(a) => Command::Fsck { repair: a.repair },
         // Reached only for their help: plan_form parses them.
         Verb::Plan { .. } | Verb::Cache { .. } => {
             return Err(UsageError::new(

@@ -220,6 +220,17 @@ Examples:
   sqlrs leases
   sqlrs leases --json";
 
+const FSCK_EXAMPLES: &str = "\
+Checks every snapshot's checksum, every snapshot against the metadata, and the store's and
+the instances' directories. Exits 1 with the list when something is found and not repaired;
+--repair quarantines damaged snapshots (their states are rebuilt when next asked for), marks
+states without a snapshot COLD, recovers metadata from manifests and clears orphans.
+
+Examples:
+  sqlrs fsck
+  sqlrs fsck --repair
+  sqlrs fsck --json | jq '.findings[]'";
+
 const STATUS_EXAMPLES: &str = "\
 Starts the local daemon if none runs.
 
@@ -404,6 +415,9 @@ pub(crate) enum Verb {
     /// List your leases
     #[command(after_help = LEASES_EXAMPLES)]
     Leases,
+    /// Check the snapshots and the metadata for damage; --repair fixes what it can
+    #[command(after_help = FSCK_EXAMPLES)]
+    Fsck(FsckArgs),
     /// Show the local daemon's status (starting it if needed)
     #[command(after_help = STATUS_EXAMPLES)]
     Status,
@@ -507,6 +521,14 @@ pub(crate) struct RmArgs {
     /// Remove it even if it is in use
     #[arg(short, long)]
     pub(crate) force: bool,
+}
+
+/// `fsck`.
+#[derive(Debug, Args)]
+pub(crate) struct FsckArgs {
+    /// Quarantine damaged snapshots and fix what else can be fixed
+    #[arg(long)]
+    pub(crate) repair: bool,
 }
 
 /// `push`.

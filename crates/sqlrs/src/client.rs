@@ -404,6 +404,12 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/fsck`: checks (and with `repair`, repairs) the store and the metadata.
+    pub(crate) async fn fsck(&self, repair: bool) -> Result<taidon_api::FsckReport, ClientError> {
+        self.post("/fsck", &taidon_api::FsckRequest { repair })
+            .await
+    }
+
     /// `POST /v1/plan`: what a prepare would build; nothing is built.
     pub(crate) async fn plan(&self, req: &PrepareRequest) -> Result<taidon_api::Plan, ClientError> {
         self.post("/plan", req).await

@@ -155,6 +155,7 @@ pub(crate) async fn execute(cli: Cli) -> Result<i32, Error> {
         Command::Push { id } => push(&ctx, &id).await,
         Command::Dsn(d) => dsn(&ctx, d).await,
         Command::Status => status(&ctx).await,
+        Command::Fsck { repair } => fsck(&ctx, repair).await,
         Command::Shutdown => shutdown(&ctx).await,
         Command::Version => out(&version()).map(|()| 0),
         Command::Completions(shell) => out(crate::complete::script(shell)).map(|()| 0),
@@ -644,6 +645,28 @@ async fn rm(ctx: &Ctx, typed: &str, force: bool) -> Result<i32, Error> {
         out(&render::removed(&removed))?;
     }
     Ok(0)
+}
+
+/// `sqlrs fsck`: 0 when nothing was found or all of it was repaired, 1 otherwise.
+async fn fsck(ctx: &Ctx, repair: bool) -> Result<i32, Error> {
+    let client = ctx.client().await?;
+    let here = client
+        .states()
+        .await?
+        .iter()
+        .filter(|s| s.location.contains("local"))
+        .count();
+    err(&format!(
+        "checking {here} snapshot(s){}…\n",
+        if repair { " and repairing" } else { "" }
+    ));
+    let report = client.fsck(repair).await?;
+    if ctx.global.json {
+        json_line(&report)?;
+    } else {
+        out(&render::fsck(&report))?;
+    }
+    Ok(if report.clean() { 0 } else { 1 })
 }
 
 async fn push(ctx: &Ctx, typed: &str) -> Result<i32, Error> {

@@ -327,6 +327,65 @@ pub(crate) fn pushed(p: &taidon_api::Pushed) -> String {
     }
 }
 
+/// `fsck`: one line per finding (kind, short id, detail, whether repaired), then a summary.
+pub(crate) fn fsck(r: &taidon_api::FsckReport) -> String {
+    let mut out = String::new();
+    for f in &r.findings {
+        let id = match (&f.state_id, &f.instance_id) {
+            (_, Some(iid)) => format!("instance {}", first12(iid)),
+            (Some(sid), None) => format!("state {}", first12(sid)),
+            (None, None) => "-".to_owned(),
+        };
+        let path = f
+            .path
+            .as_deref()
+            .map(|p| format!(" [{p}]"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{:<22} {id}: {}{path} ({})\n",
+            f.kind.as_str(),
+            f.detail,
+            if f.repaired {
+                "repaired"
+            } else {
+                "NOT repaired"
+            }
+        ));
+    }
+    let checked = format!(
+        "{} snapshot{} checked ({} read{}) in {} ms",
+        r.snapshots_checked,
+        if r.snapshots_checked == 1 { "" } else { "s" },
+        human_size(r.bytes_read),
+        if r.snapshots_skipped > 0 {
+            format!(", {} skipped: in use by a build", r.snapshots_skipped)
+        } else {
+            String::new()
+        },
+        r.elapsed_ms
+    );
+    let unrepaired = r.unrepaired();
+    if r.findings.is_empty() {
+        out.push_str(&format!("no problems found: {checked}\n"));
+    } else if unrepaired == 0 {
+        out.push_str(&format!(
+            "{} problem(s) found, all repaired: {checked}\n",
+            r.findings.len()
+        ));
+    } else {
+        out.push_str(&format!(
+            "{} problem(s) found, {unrepaired} not repaired{}: {checked}\n",
+            r.findings.len(),
+            if r.repair {
+                ""
+            } else {
+                " (sqlrs fsck --repair fixes what it can)"
+            }
+        ));
+    }
+    out
+}
+
 /// What `rm` removed, one line each.
 pub(crate) fn removed(r: &Removed) -> String {
     let mut out = String::new();
@@ -340,6 +399,46 @@ pub(crate) fn removed(r: &Removed) -> String {
         out.push_str("nothing removed\n");
     }
     out
+}
+
+#[cfg(test)]
+mod fsck_tests {
+    use taidon_api::{Finding, FindingKind, FsckReport};
+
+    #[test]
+    fn fsck_lists_each_finding_then_a_summary() {
+        let clean = FsckReport {
+            snapshots_checked: 3,
+            bytes_read: 2048,
+            ..Default::default()
+        };
+        assert!(super::fsck(&clean)
+            .starts_with("no problems found: 3 snapshots checked (2.0 KiB read)"));
+        let r = FsckReport {
+            findings: vec![Finding {
+                kind: FindingKind::ChecksumMismatch,
+                state_id: Some(taidon_core::StateId::from_bytes([0xab; 32])),
+                instance_id: None,
+                path: None,
+                detail: "size 10 bytes, manifest says 9".into(),
+                repaired: false,
+            }],
+            snapshots_checked: 1,
+            ..Default::default()
+        };
+        let text = super::fsck(&r);
+        let first = text.lines().next().unwrap();
+        assert!(first.starts_with("checksum_mismatch"), "{text}");
+        assert!(
+            first.contains("state abababababab: size 10 bytes"),
+            "{text}"
+        );
+        assert!(first.ends_with("(NOT repaired)"), "{text}");
+        assert!(
+            text.contains("1 problem(s) found, 1 not repaired"),
+            "{text}"
+        );
+    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ const HELP_PAGES: &[&[&str]] = &[
     &["warmup"],
     &["lease"],
     &["events"],
+    &["fsck"],
     &["status"],
     &["shutdown"],
     &["completions"],

@@ -527,6 +527,31 @@ impl SnapshotStore for TieredStore {
     fn remote(&self) -> Option<&dyn RemoteTier> {
         Some(self)
     }
+
+    fn verify(
+        &self,
+        id: StateId,
+    ) -> taidon_store::BoxFuture<'_, Result<Option<taidon_store::Verified>, StoreError>> {
+        SnapshotStore::verify(&self.inner.local, id)
+    }
+
+    fn quarantine(
+        &self,
+        id: StateId,
+    ) -> taidon_store::BoxFuture<'_, Result<Option<String>, StoreError>> {
+        SnapshotStore::quarantine(&self.inner.local, id)
+    }
+
+    fn strays(&self) -> taidon_store::BoxFuture<'_, Result<Vec<taidon_store::Stray>, StoreError>> {
+        SnapshotStore::strays(&self.inner.local)
+    }
+
+    fn clear_stray(
+        &self,
+        stray: taidon_store::Stray,
+    ) -> taidon_store::BoxFuture<'_, Result<Option<String>, StoreError>> {
+        SnapshotStore::clear_stray(&self.inner.local, stray)
+    }
 }
 
 impl RemoteTier for TieredStore {

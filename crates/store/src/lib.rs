@@ -33,7 +33,7 @@ pub use clone::{
 };
 pub use digest::{tree_digest, TreeDigest};
 pub use error::StoreError;
-pub use local::{LocalBuild, LocalStore};
+pub use local::{LocalBuild, LocalStore, QUARANTINE};
 
 /// Who owns data directories: the `postgres` user when the process runs as root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,6 +231,56 @@ pub trait SnapshotStore: Send + Sync {
     fn remote(&self) -> Option<&dyn RemoteTier> {
         None
     }
+    /// Checks `id`'s data against the checksum its manifest records; `None` when this store
+    /// cannot read the data to check it (it is elsewhere).
+    fn verify(&self, id: StateId) -> BoxFuture<'_, Result<Option<Verified>, StoreError>> {
+        let _ = id;
+        Box::pin(async { Ok(None) })
+    }
+    /// Takes `id`'s snapshot out of use without deleting it (for a person to look at): it
+    /// stops being published. Where it went, or `None` when this store cannot quarantine.
+    fn quarantine(&self, id: StateId) -> BoxFuture<'_, Result<Option<String>, StoreError>> {
+        let _ = id;
+        Box::pin(async { Ok(None) })
+    }
+    /// The entries of the store that no published snapshot explains (leftovers, junk).
+    fn strays(&self) -> BoxFuture<'_, Result<Vec<Stray>, StoreError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    /// Clears a stray entry: into quarantine when it may hold data, deleted otherwise. What
+    /// was done, or `None` when this store cannot.
+    fn clear_stray(&self, stray: Stray) -> BoxFuture<'_, Result<Option<String>, StoreError>> {
+        let _ = stray;
+        Box::pin(async { Ok(None) })
+    }
+}
+
+/// What checking a snapshot against its manifest found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// Whether the data still has the size and checksum the manifest records.
+    pub intact: bool,
+    /// Bytes read to compute the checksum.
+    pub bytes_read: u64,
+    /// What differs, for people (empty when intact).
+    pub detail: String,
+}
+
+/// An entry of a store that no published snapshot explains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stray {
+    /// Its name in the store.
+    pub name: String,
+    /// Where it is, for people.
+    pub location: String,
+    /// The state it names, if any (a build's, a spare's).
+    pub state: Option<StateId>,
+    /// A build directory: in progress while its state's build runs.
+    pub build: bool,
+    /// Whether it may hold data worth looking at (quarantined rather than deleted).
+    pub may_hold_data: bool,
+    /// Why it is there, as far as the store can tell.
+    pub detail: String,
 }
 
 /// A build in progress: a private data area that becomes the snapshot of its state when

@@ -9,6 +9,7 @@
 //! .trash-<rand>/                     a snapshot being deleted
 //! .spare-<state_id>                   a complete, unused clone of a snapshot's data (copy only)
 //! .sparing-<state_id>-<rand>/         a spare being made
+//! quarantine/<state_id>-<unix ms>/     a damaged snapshot, taken out of use (never deleted)
 //! ```
 //!
 //! Spares exist because a plain copy is the slow part of starting an instance on a file system
@@ -36,7 +37,7 @@ use crate::digest::tree_digest;
 use crate::error::{IoContext, StoreError};
 use crate::{
     BoxFuture, Build, ByteProgress, CloneStats, Manifest, Owner, PublishMeta, SnapshotStore,
-    StoreInfo,
+    StoreInfo, Stray, Verified,
 };
 
 const MANIFEST: &str = "manifest.json";
@@ -47,6 +48,8 @@ const TRASH: &str = ".trash-";
 const PROBE: &str = ".probe-";
 const SPARE: &str = ".spare-";
 const SPARING: &str = ".sparing-";
+/// The directory under the root where damaged snapshots and unexplained entries are moved.
+pub const QUARANTINE: &str = "quarantine";
 
 /// Snapshots in a local directory, cloned by btrfs snapshot, reflink or copy. Cheap to clone:
 /// clones share one store.
@@ -220,9 +223,128 @@ impl LocalStore {
 
     /// Whether `id`'s data directory still has the checksum its manifest records.
     pub fn verify(&self, id: &StateId) -> Result<bool, StoreError> {
+        Ok(self.verify_report(id)?.intact)
+    }
+
+    /// Checks `id`'s data directory against its manifest, saying what differs.
+    pub fn verify_report(&self, id: &StateId) -> Result<Verified, StoreError> {
         let manifest = self.manifest(id)?.ok_or(StoreError::UnknownState(*id))?;
         let digest = tree_digest(&self.data_dir(id))?;
-        Ok(digest.checksum == manifest.checksum && digest.size_bytes == manifest.size_bytes)
+        Ok(compare(&manifest, &digest))
+    }
+
+    /// Moves `id`'s snapshot to `<root>/quarantine/<id>-<unix ms>` by one rename (its spare is
+    /// deleted); where it went, or `None` when there was none.
+    pub fn quarantine(&self, id: &StateId) -> Result<Option<PathBuf>, StoreError> {
+        let _ = remove_tree(&self.spare_dir(id));
+        let dest = self.quarantine_path(&id.to_string())?;
+        let dir = self.snapshot_dir(id);
+        match fs::rename(&dir, &dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).ctx("move to quarantine", &dir),
+        }
+        *self.lock_usage() = None;
+        fsync_dir(&self.shared.root)?;
+        tracing::warn!(%id, to = %dest.display(), "snapshot quarantined");
+        Ok(Some(dest))
+    }
+
+    /// A fresh path `<root>/quarantine/<name>-<unix ms>`, its parent created.
+    fn quarantine_path(&self, name: &str) -> Result<PathBuf, StoreError> {
+        let dir = self.shared.root.join(QUARANTINE);
+        fs::create_dir_all(&dir).ctx("create", &dir)?;
+        let mut ms = now_ms();
+        loop {
+            let path = dir.join(format!("{name}-{ms}"));
+            if fs::symlink_metadata(&path).is_err() {
+                return Ok(path);
+            }
+            ms += 1;
+        }
+    }
+
+    /// The entries under the root that no published snapshot explains. Transient ones (trash
+    /// being deleted, spares being made, probes) are left out: the next start discards them.
+    pub fn strays(&self) -> Result<Vec<Stray>, StoreError> {
+        let root = &self.shared.root;
+        let mut out = Vec::new();
+        for entry in fs::read_dir(root).ctx("list", root)? {
+            let entry = entry.ctx("list", root)?;
+            let Ok(name) = entry.file_name().into_string() else {
+                out.push(stray(
+                    root,
+                    entry.file_name().to_string_lossy().into_owned(),
+                    None,
+                    true,
+                    "a name that is not UTF-8",
+                ));
+                continue;
+            };
+            if name == QUARANTINE || [TRASH, PROBE, SPARING].iter().any(|p| name.starts_with(p)) {
+                continue;
+            }
+            if let Ok(id) = name.parse::<StateId>() {
+                let why = match self.manifest(&id) {
+                    Ok(Some(m)) if m.state_id == id => continue,
+                    Ok(Some(m)) => format!("its manifest names another state ({})", m.state_id),
+                    Ok(None) => "a snapshot directory without a manifest".to_owned(),
+                    Err(e) => format!("an unreadable manifest: {e}"),
+                };
+                out.push(stray(root, name, Some(id), true, &why));
+            } else if let Some(rest) = name.strip_prefix(BUILDING) {
+                let id = rest.split('-').next().and_then(|i| i.parse().ok());
+                let mut s = stray(root, name, id, false, "a build that did not finish");
+                s.build = true;
+                out.push(s);
+            } else if let Some(rest) = name.strip_prefix(SPARE) {
+                match rest.parse::<StateId>() {
+                    Ok(id) if self.contains(&id) => continue,
+                    Ok(id) => out.push(stray(
+                        root,
+                        name,
+                        Some(id),
+                        false,
+                        "a spare clone of a snapshot that is gone",
+                    )),
+                    Err(_) => out.push(stray(root, name, None, false, "a spare of nothing")),
+                }
+            } else {
+                out.push(stray(
+                    root,
+                    name,
+                    None,
+                    true,
+                    "not a snapshot of this store",
+                ));
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Moves a stray entry to quarantine (when it may hold data) or deletes it; what it did.
+    pub fn clear_stray(&self, stray: &Stray) -> Result<String, StoreError> {
+        let name = Path::new(&stray.name);
+        let plain = name.components().count() == 1
+            && matches!(
+                name.components().next(),
+                Some(std::path::Component::Normal(_))
+            )
+            && stray.name != QUARANTINE;
+        let path = self.shared.root.join(name);
+        if !plain {
+            return Err(StoreError::ForeignArea(DataArea::local(path)));
+        }
+        if stray.may_hold_data {
+            let dest = self.quarantine_path(&stray.name)?;
+            fs::rename(&path, &dest).ctx("move to quarantine", &path)?;
+            fsync_dir(&self.shared.root)?;
+            Ok(format!("moved to {}", dest.display()))
+        } else {
+            remove_tree(&path)?;
+            Ok("deleted".to_owned())
+        }
     }
 
     fn spare_dir(&self, id: &StateId) -> PathBuf {
@@ -650,6 +772,67 @@ impl SnapshotStore for LocalStore {
 
     fn make_spare(&self, id: StateId) -> BoxFuture<'_, Result<bool, StoreError>> {
         self.blocking(move |s| s.make_spare(&id))
+    }
+
+    fn verify(&self, id: StateId) -> BoxFuture<'_, Result<Option<Verified>, StoreError>> {
+        self.blocking(move |s| s.verify_report(&id).map(Some))
+    }
+
+    fn quarantine(&self, id: StateId) -> BoxFuture<'_, Result<Option<String>, StoreError>> {
+        self.blocking(move |s| Ok(s.quarantine(&id)?.map(|p| p.display().to_string())))
+    }
+
+    fn strays(&self) -> BoxFuture<'_, Result<Vec<Stray>, StoreError>> {
+        self.blocking(|s| s.strays())
+    }
+
+    fn clear_stray(&self, stray: Stray) -> BoxFuture<'_, Result<Option<String>, StoreError>> {
+        self.blocking(move |s| s.clear_stray(&stray).map(Some))
+    }
+}
+
+/// What differs between a manifest and the digest of its data.
+fn compare(manifest: &Manifest, digest: &crate::TreeDigest) -> Verified {
+    let mut differs = Vec::new();
+    if digest.size_bytes != manifest.size_bytes {
+        differs.push(format!(
+            "size {} bytes, manifest says {}",
+            digest.size_bytes, manifest.size_bytes
+        ));
+    }
+    if digest.checksum != manifest.checksum {
+        differs.push(format!(
+            "checksum {}, manifest says {}",
+            short_sum(&digest.checksum),
+            short_sum(&manifest.checksum)
+        ));
+    }
+    Verified {
+        intact: differs.is_empty(),
+        bytes_read: digest.size_bytes,
+        detail: differs.join("; "),
+    }
+}
+
+/// `sha256:` and the first 12 hex digits.
+fn short_sum(sum: &str) -> &str {
+    sum.get(..19).unwrap_or(sum)
+}
+
+fn stray(
+    root: &Path,
+    name: String,
+    state: Option<StateId>,
+    may_hold_data: bool,
+    why: &str,
+) -> Stray {
+    Stray {
+        location: root.join(&name).display().to_string(),
+        name,
+        state,
+        build: false,
+        may_hold_data,
+        detail: why.to_owned(),
     }
 }
 

@@ -860,3 +860,68 @@ fn on_a_copy_store_a_child_shares_its_unchanged_files_with_its_parent() {
     fs::write(inst.join("PG_VERSION"), "16\n").unwrap();
     assert!(store.verify(&sid(6)).unwrap());
 }
+
+#[test]
+fn a_damaged_snapshot_is_reported_and_quarantined_by_one_rename() {
+    let dir = scratch();
+    let store = LocalStore::open(dir.path().join("store"), owner()).unwrap();
+    let id = sid(90);
+    publish_sample(&store, id);
+    let intact = store.verify_report(&id).unwrap();
+    assert!(intact.intact && intact.detail.is_empty(), "{intact:?}");
+    assert!(intact.bytes_read > 0);
+
+    fs::write(store.data_dir(&id).join("PG_VERSION"), "16\n").unwrap();
+    let damaged = store.verify_report(&id).unwrap();
+    assert!(!damaged.intact);
+    assert!(damaged.detail.contains("checksum sha256:"), "{damaged:?}");
+
+    let moved = store.quarantine(&id).unwrap().unwrap();
+    assert!(!store.contains(&id));
+    assert_eq!(moved.parent().unwrap(), store.root().join(QUARANTINE));
+    assert!(moved
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with(&format!("{id}-")));
+    assert!(moved.join("manifest.json").is_file(), "kept, not deleted");
+    // Quarantined snapshots are neither listed nor strays.
+    assert!(store.list().unwrap().is_empty());
+    assert!(store.strays().unwrap().is_empty());
+    assert_eq!(store.quarantine(&id).unwrap(), None);
+}
+
+#[test]
+fn strays_are_what_no_snapshot_explains_and_are_cleared() {
+    let dir = scratch();
+    let store = LocalStore::open(dir.path().join("store"), owner()).unwrap();
+    publish_sample(&store, sid(91));
+    let root = store.root().to_owned();
+    fs::create_dir_all(root.join("junk")).unwrap();
+    fs::create_dir_all(root.join(sid(92).to_string()).join("data")).unwrap();
+    fs::create_dir_all(root.join(format!(".building-{}-0000000000000001", sid(93)))).unwrap();
+    fs::create_dir_all(root.join(format!(".spare-{}", sid(94)))).unwrap();
+    fs::create_dir_all(root.join(format!(".spare-{}", sid(91)))).unwrap();
+    fs::create_dir_all(root.join(".trash-0000000000000001")).unwrap();
+
+    let strays = store.strays().unwrap();
+    let names: Vec<_> = strays.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(strays.len(), 4, "{strays:#?}");
+    assert!(names.contains(&"junk"));
+    let building = strays.iter().find(|s| s.build).unwrap();
+    assert_eq!(building.state, Some(sid(93)));
+    assert!(!building.may_hold_data);
+    let unpublished = strays.iter().find(|s| s.state == Some(sid(92))).unwrap();
+    assert!(unpublished.may_hold_data);
+
+    for s in strays {
+        store.clear_stray(&s).unwrap();
+    }
+    assert!(store.strays().unwrap().is_empty());
+    let quarantined: Vec<_> = fs::read_dir(root.join(QUARANTINE))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(quarantined.len(), 2, "{quarantined:?}");
+    assert!(store.contains(&sid(91)));
+}
