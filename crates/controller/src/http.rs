@@ -647,7 +647,11 @@ async fn webhook(State(ctl): Ctl, headers: axum::http::HeaderMap, body: bytes::B
     }
 }
 
-async fn fsck(
+#[utoipa::path(
+    post, path = "/v1/fsck", request_body = taidon_api::FsckRequest,
+    responses((status = 200, description = "What fsck found, and what it repaired", body = taidon_api::FsckReport), crate::openapi::ApiErrors)
+)]
+pub(crate) async fn fsck(
     State(ctl): Ctl,
     Json(req): Json<taidon_api::FsckRequest>,
 ) -> Result<Response, ControllerError> {

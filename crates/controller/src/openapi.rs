@@ -55,6 +55,7 @@ use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
         crate::http::park,
         crate::http::unpark,
         crate::http::shutdown,
+        crate::http::fsck,
     ),
     components(schemas(ApiError, Empty)),
     modifiers(&BearerToken),
