@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::Env;
+use common::{state, Env};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 /// No standby pool: a standby started in the background would verify (and quarantine) a
@@ -24,15 +24,6 @@ fn env_with_config(config: &str) -> Env {
     )
     .expect("config.toml");
     env
-}
-
-fn state<'a>(ls: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
-    ls["states"]
-        .as_array()
-        .expect("states[]")
-        .iter()
-        .find(|s| s["state_id"] == id)
-        .unwrap_or_else(|| panic!("no state {id} in {ls:#}"))
 }
 
 const STEPS: [&str; 5] = [

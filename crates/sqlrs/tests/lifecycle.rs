@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Env;
+use common::{state, Env};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -31,15 +31,6 @@ fn wait_for(env: &Env, what: &str, pred: impl Fn(&serde_json::Value) -> bool) ->
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn state<'a>(ls: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
-    ls["states"]
-        .as_array()
-        .expect("states[]")
-        .iter()
-        .find(|s| s["state_id"] == id)
-        .unwrap_or_else(|| panic!("no state {id} in {ls:#}"))
 }
 
 fn events(env: &Env, id: Option<&str>) -> Vec<serde_json::Value> {

@@ -55,6 +55,16 @@ pub fn traversable_tempdir() -> tempfile::TempDir {
     dir
 }
 
+/// The state `id` in `ls --json` output.
+pub fn state<'a>(ls: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    ls["states"]
+        .as_array()
+        .expect("states[]")
+        .iter()
+        .find(|s| s["state_id"] == id)
+        .unwrap_or_else(|| panic!("no state {id} in {ls:#}"))
+}
+
 /// What a finished command gave.
 pub struct Run {
     pub cmd: String,
