@@ -43,6 +43,13 @@ if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import prometheus_client.
   python3 -m pip install -q prometheus_client >/dev/null 2>&1 \
     || python3 -m pip install -q --break-system-packages prometheus_client >/dev/null
 fi
+# The API fuzz test (crates/sqlrs/tests/api_fuzz.rs) runs schemathesis against the controller's
+# own OpenAPI document.
+if command -v python3 >/dev/null 2>&1 && ! command -v schemathesis >/dev/null 2>&1; then
+  echo "setup: installing schemathesis" >&2
+  python3 -m pip install -q "schemathesis>=4,<5" >/dev/null 2>&1 \
+    || python3 -m pip install -q --break-system-packages "schemathesis>=4,<5" >/dev/null
+fi
 # prepare:cmd's tests run Alembic (SQLAlchemy over psycopg).
 if command -v python3 >/dev/null 2>&1 && ! command -v alembic >/dev/null 2>&1; then
   echo "setup: installing alembic" >&2

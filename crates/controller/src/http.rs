@@ -4,18 +4,19 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use serde::Deserialize;
 use taidon_api::{
     ApiError, CreateInstance, DsnRequest, ErrorKind, Health, Leases, PrepareEvent, PrepareRequest,
     ResolveRequest, TokenRole,
 };
 
+use crate::extract::{Json, Path, Query};
 use crate::tokens::{AuthError, Principal};
 use crate::{Controller, ControllerError};
 
@@ -245,7 +246,7 @@ async fn plan(
 )]
 async fn command_done(
     State(ctl): Ctl,
-    axum::extract::Path(build): axum::extract::Path<String>,
+    Path(build): Path<String>,
     Json(done): Json<taidon_api::CommandDone>,
 ) -> Result<Response, ControllerError> {
     let build: taidon_core::InstanceId = build

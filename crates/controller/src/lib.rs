@@ -7,6 +7,7 @@ pub mod blobs;
 pub mod config;
 mod disk;
 mod error;
+mod extract;
 mod fsck;
 pub mod home;
 mod http;
