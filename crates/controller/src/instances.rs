@@ -280,12 +280,27 @@ impl Controller {
         })
     }
 
-    /// Restarts, as children of this process, the instances a previous daemon ran: their
-    /// servers are stopped first if they outlived it. DSNs stay valid: they name the gateway.
+    /// Takes over the instances a previous daemon ran: a server that outlived it and runs as
+    /// this runtime would run it is adopted as it is, its sessions (through a gateway that
+    /// outlived it too) going on; any other is stopped and started again as a child of this
+    /// process. DSNs stay valid either way: they name the gateway.
     pub(crate) async fn adopt_instances(self: &Arc<Self>) -> Result<(), ControllerError> {
         for row in self.meta.instances()? {
             if row.status == "stopped" {
                 continue; // stopped for being idle: its data waits for sqlrs rm
+            }
+            if row.status != "standby" {
+                match self.runtime.adopt_instance(row.instance_id).await {
+                    Ok(Some(server)) => {
+                        tracing::info!(instance = %row.instance_id, "adopted the running server a previous daemon left");
+                        self.put_live(row, server, "instance_adopted")?;
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(instance = %row.instance_id, error = %e, "cannot adopt a left server; starting a new one");
+                    }
+                }
             }
             let has_data = match self.runtime.reclaim_instance(row.instance_id).await {
                 Ok(reclaimed) => {
@@ -363,23 +378,7 @@ impl Controller {
         };
         let mut row = row;
         match started {
-            Ok(server) => {
-                row.port = server.endpoint().port;
-                row.status = "running".into();
-                self.meta.insert_instance(&row)?;
-                self.live.write().unwrap_or_else(|p| p.into_inner()).insert(
-                    row.instance_id,
-                    Arc::new(Live::new(row.state_id, row.password.clone(), server)),
-                );
-                self.meta.event(
-                    now_ms(),
-                    event,
-                    Some(&row.state_id),
-                    Some(&row.instance_id),
-                    None,
-                )?;
-                Ok(())
-            }
+            Ok(server) => self.put_live(row, server, event),
             Err(err) => {
                 row.status = "failed".into();
                 self.meta.insert_instance(&row)?;
@@ -397,6 +396,31 @@ impl Controller {
 }
 
 impl Controller {
+    /// Records `row`'s instance as running on `server`, which the gateway reaches from now on,
+    /// with the event `event`.
+    fn put_live(
+        &self,
+        mut row: InstanceRow,
+        server: Box<dyn Instance>,
+        event: &str,
+    ) -> Result<(), ControllerError> {
+        row.port = server.endpoint().port;
+        row.status = "running".into();
+        self.meta.insert_instance(&row)?;
+        self.live.write().unwrap_or_else(|p| p.into_inner()).insert(
+            row.instance_id,
+            Arc::new(Live::new(row.state_id, row.password.clone(), server)),
+        );
+        self.meta.event(
+            now_ms(),
+            event,
+            Some(&row.state_id),
+            Some(&row.instance_id),
+            None,
+        )?;
+        Ok(())
+    }
+
     /// Deletes an instance's data through the runtime; a failure is logged, not fatal (the
     /// instance is gone from the metadata either way).
     pub(crate) async fn remove_instance_data(&self, iid: InstanceId) {

@@ -22,6 +22,9 @@ pub enum Exit {
     Code(i32),
     /// A signal ended it (9 for SIGKILL, as the kernel's OOM killer sends).
     Signal(i32),
+    /// It ended, but how went to its parent: a server adopted from a previous daemon is not
+    /// this process's child.
+    Unknown,
 }
 
 impl From<ExitStatus> for Exit {
@@ -39,6 +42,7 @@ impl fmt::Display for Exit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             Exit::Code(code) => write!(f, "exited with code {code}"),
+            Exit::Unknown => write!(f, "ended (how is known only to its parent process)"),
             Exit::Signal(signal) => match signal_name(signal) {
                 Some(name) => write!(f, "killed by signal {signal} ({name})"),
                 None => write!(f, "killed by signal {signal}"),

@@ -48,6 +48,39 @@ pub fn kill_orphan(data_dir: &Path) -> Result<Option<u32>, RuntimeError> {
     Ok(killed)
 }
 
+/// The server a previous process left running on `data_dir`, if its postmaster.pid names a
+/// live postgres serving `data_dir` that is ready, with its socket in `socket_dir` and
+/// `listen_addresses` set to `listen`: its pid, its port and a pidfd that pins it (opened
+/// before the checks, so a pid reused after them is not mistaken for it).
+///
+/// Blocking (it reads /proc): call it from a blocking context.
+pub(crate) fn find_running(
+    data_dir: &Path,
+    socket_dir: &Path,
+    listen: &str,
+) -> Option<(u32, u16, std::os::fd::OwnedFd)> {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    // pid, data directory, start time, port, socket directory, first listen address, shared
+    // memory key, status (PostgreSQL 10 and later).
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let pid: u32 = lines.first()?.parse().ok().filter(|&p| p > 1)?;
+    let port: u16 = lines.get(3)?.parse().ok()?;
+    if !same_dir(Path::new(lines.get(1)?), data_dir)
+        || !same_dir(Path::new(lines.get(4)?), socket_dir)
+        || lines.get(7) != Some(&"ready")
+    {
+        return None;
+    }
+    let pidfd = crate::server::pidfd_open(pid).ok()?;
+    let listens_as_asked = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        let wanted = format!("listen_addresses={listen}");
+        cmdline
+            .split(|&b| b == 0)
+            .any(|arg| arg == wanted.as_bytes())
+    });
+    (is_running(pid) && serves(pid, data_dir) && listens_as_asked).then_some((pid, port, pidfd))
+}
+
 /// SIGQUIT (immediate shutdown, which also ends the backends), then SIGKILL if it lingers.
 fn stop(pid: u32, data_dir: &Path) -> Result<(), RuntimeError> {
     tracing::info!(pid, ?data_dir, "stopping an orphaned postgres");

@@ -104,6 +104,17 @@ pub trait Runtime: Send + Sync {
     /// Deletes `iid`'s data, first stopping any server a previous process left on it (its own
     /// server the caller stops or discards first).
     fn remove_instance(&self, iid: InstanceId) -> BoxFuture<'_, Result<(), RuntimeError>>;
+    /// After a restart: takes over the server a previous process left running for `iid`, if
+    /// it runs as this runtime would run it, so that its clients stay connected. `None` when
+    /// there is none to take over; [`Runtime::reclaim_instance`] then clears the way for a
+    /// new one.
+    fn adopt_instance(
+        &self,
+        iid: InstanceId,
+    ) -> BoxFuture<'_, Result<Option<Box<dyn Instance>>, RuntimeError>> {
+        let _ = iid;
+        Box::pin(async { Ok(None) })
+    }
 
     /// After a restart: stops the server a previous process left on `iid`'s data, if any, so
     /// that this one can start it as its own, and says whether the data survived.
@@ -501,6 +512,17 @@ impl Runtime for LocalRuntime {
                 Err(e) => Err(RuntimeError::io("cannot remove", &log)(e)),
             }
         }))
+    }
+
+    fn adopt_instance(
+        &self,
+        iid: InstanceId,
+    ) -> BoxFuture<'_, Result<Option<Box<dyn Instance>>, RuntimeError>> {
+        let config = self.instance_config(&iid);
+        Box::pin(async move {
+            let adopted = Engine::adopt(&config).await?;
+            Ok(adopted.map(|server| Box::new(server) as Box<dyn Instance>))
+        })
     }
 
     fn reclaim_instance(&self, iid: InstanceId) -> BoxFuture<'_, Result<Reclaimed, RuntimeError>> {

@@ -1,17 +1,19 @@
-//! `postgres` servers run as direct children of this process.
+//! `postgres` servers run as direct children of this process, or adopted from a previous one.
 
 use std::io::{self, Read, Seek, SeekFrom};
 use std::net::TcpListener;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use tokio::io::unix::AsyncFd;
 use tokio::process::Child;
 use tokio_postgres::NoTls;
 
 use crate::engine::{remove_pg_env, Engine};
 use crate::error::RuntimeError;
-use crate::health::Health;
+use crate::health::{Exit, Health};
 use crate::run_as::{create_private_dir, RunAs};
 
 /// How long a server may take to accept connections, and to stop before it is forced.
@@ -29,6 +31,9 @@ const PORT_ATTEMPTS: usize = 5;
 const LEFTOVER_WAIT: Duration = Duration::from_secs(10);
 const LEFTOVER_POLL: Duration = Duration::from_millis(100);
 const LOG_TAIL_LINES: usize = 20;
+/// How long a left server may take to accept a connection before it is stopped rather than
+/// adopted.
+const ADOPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to run one server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +52,8 @@ pub struct ServerConfig {
     pub log_file: PathBuf,
 }
 
-/// A running `postgres`, a direct child of this process.
+/// A running `postgres`: a direct child of this process, or one a previous process of this
+/// home started and this one adopted.
 #[derive(Debug)]
 pub struct Server {
     pub pid: u32,
@@ -58,10 +64,90 @@ pub struct Server {
     /// The address clients reach it at over TCP: 127.0.0.1, or the advertised one.
     pub host: String,
     pub log_file: PathBuf,
-    child: Child,
-    /// How the child ended, once it is reaped: remembered so every later look sees it, and
-    /// so Drop does not signal a reused pid.
-    exit: Option<ExitStatus>,
+    process: Process,
+    /// How the process ended, once it did (and a child is reaped): remembered so every later
+    /// look sees it, and so Drop does not signal a reused pid.
+    exit: Option<Exit>,
+}
+
+/// The postgres process and how this one watches it.
+#[derive(Debug)]
+enum Process {
+    /// Spawned here: this process reaps it and learns how it ended.
+    Child(Child),
+    /// Left running by a previous process and adopted: it is someone else's child (whoever
+    /// inherited it reaps it), so it is watched and signalled through a pidfd, which names this
+    /// process and no later one that reuses its pid.
+    Adopted(AsyncFd<OwnedFd>),
+}
+
+impl Process {
+    /// How it ended, if it has; `None` while it runs.
+    fn try_exited(&mut self) -> Option<Exit> {
+        match self {
+            Process::Child(child) => child.try_wait().ok().flatten().map(Exit::from),
+            Process::Adopted(fd) => pidfd_exited(fd.get_ref()).then_some(Exit::Unknown),
+        }
+    }
+
+    /// Waits until it ends.
+    async fn wait(&mut self) -> io::Result<Exit> {
+        match self {
+            Process::Child(child) => child.wait().await.map(Exit::from),
+            Process::Adopted(fd) => loop {
+                let mut ready = fd.readable().await?;
+                if pidfd_exited(fd.get_ref()) {
+                    return Ok(Exit::Unknown);
+                }
+                ready.clear_ready();
+            },
+        }
+    }
+
+    fn signal(&self, pid: u32, sig: libc::c_int) -> io::Result<()> {
+        let rc = match self {
+            // SAFETY: kill has no memory preconditions.
+            Process::Child(_) => unsafe { libc::kill(pid as libc::pid_t, sig) },
+            // SAFETY: pidfd_send_signal reads nothing through its null siginfo pointer.
+            Process::Adopted(fd) => unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.get_ref().as_raw_fd(),
+                    sig,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                ) as libc::c_int
+            },
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+/// A pidfd for `pid` (Linux 5.3).
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes no pointers.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// Whether the process of `pidfd` has ended: its pidfd polls readable from then on.
+fn pidfd_exited(pidfd: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, and a zero timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP) != 0
 }
 
 /// SCRAM for TCP clients from any address, appended to the data directory's pg_hba.conf once
@@ -137,25 +223,15 @@ impl Engine {
 
         let program = self.binary("postgres");
         let mut cmd = tokio::process::Command::new(&program);
-        let listen = match (cfg.tcp, cfg.advertise) {
-            (false, _) => String::new(),
-            (true, None) => "127.0.0.1".to_owned(),
-            (true, Some(addr)) => {
-                allow_scram_from_anywhere(&cfg.data_dir).map_err(|e| {
-                    StartFailure::Other(RuntimeError::io(
-                        "cannot update",
-                        &cfg.data_dir.join("pg_hba.conf"),
-                    )(e))
-                })?;
-                // A loopback address of its own (one per pod in the fake cluster) is the
-                // only one: 127.0.0.1 on the same port may belong to another server.
-                if addr.is_loopback() {
-                    addr.to_string()
-                } else {
-                    format!("127.0.0.1,{addr}")
-                }
-            }
-        };
+        if let (true, Some(_)) = (cfg.tcp, cfg.advertise) {
+            allow_scram_from_anywhere(&cfg.data_dir).map_err(|e| {
+                StartFailure::Other(RuntimeError::io(
+                    "cannot update",
+                    &cfg.data_dir.join("pg_hba.conf"),
+                )(e))
+            })?;
+        }
+        let listen = listen_addresses(cfg);
         cmd.arg("-D")
             .arg(&cfg.data_dir)
             .arg("-p")
@@ -205,12 +281,9 @@ impl Engine {
             socket_dir: cfg.socket_dir.clone(),
             data_dir: cfg.data_dir.clone(),
             tcp: cfg.tcp,
-            host: match cfg.advertise {
-                Some(addr) => addr.to_string(),
-                None => "127.0.0.1".to_owned(),
-            },
+            host: advertised_host(cfg),
             log_file: cfg.log_file.clone(),
-            child,
+            process: Process::Child(child),
             exit: None,
         };
 
@@ -251,6 +324,77 @@ impl Engine {
     }
 }
 
+/// `listen_addresses` for a server run as `cfg` says.
+fn listen_addresses(cfg: &ServerConfig) -> String {
+    match (cfg.tcp, cfg.advertise) {
+        (false, _) => String::new(),
+        (true, None) => "127.0.0.1".to_owned(),
+        // A loopback address of its own (one per pod in the fake cluster) is the only one:
+        // 127.0.0.1 on the same port may belong to another server.
+        (true, Some(addr)) if addr.is_loopback() => addr.to_string(),
+        (true, Some(addr)) => format!("127.0.0.1,{addr}"),
+    }
+}
+
+/// The address clients reach a server run as `cfg` at over TCP.
+fn advertised_host(cfg: &ServerConfig) -> String {
+    match cfg.advertise {
+        Some(addr) => addr.to_string(),
+        None => "127.0.0.1".to_owned(),
+    }
+}
+
+impl Engine {
+    /// Takes over the server a previous process left running on `cfg.data_dir`, if it is
+    /// running as `cfg` says (socket directory, addresses) and accepts connections: its
+    /// clients stay connected. `None` when there is none to adopt; the caller then stops
+    /// whatever is there ([`crate::orphan::kill_orphan`]) and starts a new one.
+    pub async fn adopt(cfg: &ServerConfig) -> Result<Option<Server>, RuntimeError> {
+        let data_dir = cfg.data_dir.clone();
+        let listen = listen_addresses(cfg);
+        let socket_dir = cfg.socket_dir.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            crate::orphan::find_running(&data_dir, &socket_dir, &listen)
+        })
+        .await
+        .map_err(|e| {
+            RuntimeError::io("cannot look for a server on", &cfg.data_dir)(io::Error::other(e))
+        })?;
+        let Some((pid, port, pidfd)) = found else {
+            return Ok(None);
+        };
+        // SAFETY: the OwnedFd is moved in, so its descriptor stays open and the same for as
+        // long as the AsyncFd lives.
+        let pidfd = unsafe { AsyncFd::register(pidfd) }
+            .map_err(|e| RuntimeError::io("cannot watch the server of", &cfg.data_dir)(e.into()))?;
+        let mut server = Server {
+            pid,
+            port,
+            socket_dir: cfg.socket_dir.clone(),
+            data_dir: cfg.data_dir.clone(),
+            tcp: cfg.tcp,
+            host: advertised_host(cfg),
+            log_file: cfg.log_file.clone(),
+            process: Process::Adopted(pidfd),
+            exit: None,
+        };
+        match tokio::time::timeout(ADOPT_TIMEOUT, server.connect_local()).await {
+            Ok(Ok(_)) => Ok(Some(server)),
+            Ok(Err(e)) => {
+                tracing::warn!(pid, data_dir = ?cfg.data_dir, error = %e, "a left server does not accept connections; not adopting it");
+                // Its Drop must not signal it: the caller's kill_orphan stops it properly.
+                server.exit = Some(Exit::Unknown);
+                Ok(None)
+            }
+            Err(_) => {
+                tracing::warn!(pid, data_dir = ?cfg.data_dir, "a left server did not answer within {ADOPT_TIMEOUT:?}; not adopting it");
+                server.exit = Some(Exit::Unknown);
+                Ok(None)
+            }
+        }
+    }
+}
+
 enum StartFailure {
     /// Another process bound the port between our pick and the server's bind.
     PortTaken(RuntimeError),
@@ -285,10 +429,11 @@ impl Server {
         }
         self.signal(libc::SIGINT)?;
         if let Some(status) = self.wait_for(STOP_TIMEOUT).await? {
-            return if status.success() {
+            // An adopted server's status went to its parent: that it ended is all there is.
+            return if matches!(status, Exit::Code(0) | Exit::Unknown) {
                 Ok(())
             } else {
-                Err(self.stop_error(format!("it exited with {status}")))
+                Err(self.stop_error(format!("it {status}")))
             };
         }
         tracing::warn!(
@@ -324,20 +469,19 @@ impl Server {
                 source: io::Error::from_raw_os_error(libc::ESRCH),
             });
         }
-        // SAFETY: kill has no memory preconditions. The child is not reaped yet (callers check),
-        // so the pid cannot have been reused.
-        if unsafe { libc::kill(self.pid as libc::pid_t, sig) } != 0 {
-            return Err(RuntimeError::Signal {
+        // A child is not reaped yet (callers check), and an adopted one is named by its pidfd,
+        // so the signal cannot reach a process that reused the pid.
+        self.process
+            .signal(self.pid, sig)
+            .map_err(|source| RuntimeError::Signal {
                 pid: self.pid,
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+                source,
+            })
     }
 
-    /// Reap the child within `limit`; `None` if it is still running.
-    async fn wait_for(&mut self, limit: Duration) -> Result<Option<ExitStatus>, RuntimeError> {
-        match tokio::time::timeout(limit, self.child.wait()).await {
+    /// Wait for the server to end (and reap a child) within `limit`; `None` if it still runs.
+    async fn wait_for(&mut self, limit: Duration) -> Result<Option<Exit>, RuntimeError> {
+        match tokio::time::timeout(limit, self.process.wait()).await {
             Err(_) => Ok(None),
             Ok(Ok(status)) => {
                 self.record_exit(status);
@@ -404,11 +548,11 @@ impl Server {
         Ok(client)
     }
 
-    /// The exit status if the server has exited (and is now reaped), else `None`. Once it
-    /// has exited, every call returns its status.
-    pub fn try_exited(&mut self) -> Option<ExitStatus> {
+    /// How the server ended if it has (a child is reaped then), else `None`. Once it has
+    /// ended, every call returns the same.
+    pub fn try_exited(&mut self) -> Option<Exit> {
         if self.exit.is_none() {
-            if let Some(status) = self.child.try_wait().ok().flatten() {
+            if let Some(status) = self.process.try_exited() {
                 self.record_exit(status);
             }
         }
@@ -419,16 +563,14 @@ impl Server {
     pub fn health(&mut self) -> Health {
         match self.try_exited() {
             None => Health::Running,
-            Some(status) => Health::Exited {
-                status: status.into(),
-            },
+            Some(status) => Health::Exited { status },
         }
     }
 
     /// Remembers how the reaped child ended. A server that did not shut down cleanly (killed,
     /// crashed) leaves its postmaster.pid behind; it names a pid that is free now and may be
     /// reused by another server's backend, which would make PostgreSQL refuse the restart.
-    fn record_exit(&mut self, status: ExitStatus) {
+    fn record_exit(&mut self, status: Exit) {
         self.exit = Some(status);
         let pid_file = self.data_dir.join("postmaster.pid");
         let names_ours = std::fs::read_to_string(&pid_file).is_ok_and(|text| {
@@ -446,10 +588,10 @@ impl Drop for Server {
     /// A server dropped without `stop` gets an immediate shutdown rather than running on
     /// unowned; SIGQUIT (unlike SIGKILL) also ends its backends.
     fn drop(&mut self) {
-        if self.pid != 0 && self.exit.is_none() && self.child.try_wait().ok().flatten().is_none() {
+        if self.pid != 0 && self.exit.is_none() && self.process.try_exited().is_none() {
             tracing::warn!(pid = self.pid, data_dir = ?self.data_dir, "server dropped while running; sending SIGQUIT");
-            // SAFETY: kill has no memory preconditions; the child is unreaped, so the pid is ours.
-            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGQUIT) };
+            // The child is unreaped (or the pidfd names it), so the signal is the server's.
+            let _ = self.process.signal(self.pid, libc::SIGQUIT);
         }
     }
 }

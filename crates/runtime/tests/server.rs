@@ -541,3 +541,66 @@ async fn a_restart_waits_for_the_backends_a_killed_server_left() {
     let _ = busy.await;
     again.stop().await.unwrap();
 }
+
+/// A server left running by a process that went away is adopted by the next one with the same
+/// configuration: the same postmaster and data, its health watched through a pidfd, and a
+/// clean stop. A configuration it does not run as (socket only) does not adopt it.
+#[tokio::test]
+async fn a_left_server_is_adopted_as_it_runs_and_stops_cleanly() {
+    let fx = Fixture::setup();
+    let server = fx.started(true).await;
+    let pid = server.pid;
+    server
+        .execute("create table kept(x int); insert into kept values (7)")
+        .await
+        .unwrap();
+    taidon_runtime::Instance::leave_running(Box::new(server));
+
+    assert!(Engine::adopt(&fx.config(false)).await.unwrap().is_none());
+    let mut adopted = Engine::adopt(&fx.config(true))
+        .await
+        .unwrap()
+        .expect("the left server is adopted");
+    assert_eq!(adopted.pid, pid);
+    assert_eq!(adopted.health(), Health::Running);
+    let client = adopted.connect_local().await.unwrap();
+    let x: i32 = client
+        .query_one("select x from kept", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(x, 7);
+    drop(client);
+
+    adopted.stop().await.unwrap();
+    assert!(!fx.data_dir().join("postmaster.pid").exists());
+    assert!(
+        fx.log().contains("database system is shut down"),
+        "{}",
+        fx.log()
+    );
+    assert!(Engine::adopt(&fx.config(true)).await.unwrap().is_none());
+}
+
+/// An adopted server that dies is seen to have ended, though how is its parent's to know.
+#[tokio::test]
+async fn an_adopted_server_that_is_killed_reports_that_it_ended() {
+    let fx = Fixture::setup();
+    let server = fx.started(true).await;
+    let pid = server.pid;
+    taidon_runtime::Instance::leave_running(Box::new(server));
+    let mut adopted = Engine::adopt(&fx.config(true)).await.unwrap().unwrap();
+    // SAFETY: kill has no memory preconditions; the pid is the test's own child.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while adopted.health() == Health::Running {
+        assert!(std::time::Instant::now() < deadline, "still running");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        adopted.health(),
+        Health::Exited {
+            status: Exit::Unknown
+        }
+    );
+}

@@ -516,31 +516,8 @@ async fn standalone_gateway_rotation_drain_and_a_controller_that_leaves_its_inst
     let api = Api::new(&ctl.url);
     let alice = ctl.create_token("alice", &[]);
 
-    // The gateway's own directory holds its token and nothing of the controller's home.
-    let gw_dir = root.path().join("gateway");
-    fs::create_dir_all(&gw_dir).unwrap();
-    let token_file = gw_dir.join("gateway.token");
-    fs::write(&token_file, ctl.create_token("gw1", &["--gateway"])).unwrap();
-    let mut cmd = Command::new(taidon());
-    cmd.args(["gateway", "--listen", &ctl.gateway_addr])
-        .args(["--controller", &ctl.url])
-        .arg("--token-file")
-        .arg(&token_file)
-        .arg("--home")
-        .arg(gw_dir.join("state"))
-        .args(["--drain-s", "2"])
-        // No polling within the test: a new key must be fetched because a token names it.
-        .args(["--keys-poll-s", "3600"])
-        .env_remove("SQLRS_HOME");
-    let mut gateway = Proc::spawn("gateway", cmd, root.path().join("gateway.log"));
+    let (mut gateway, gw_dir) = spawn_gateway(root.path(), &ctl);
     let addr = ctl.gateway_addr.clone();
-    wait_for("the gateway", Duration::from_secs(20), || {
-        std::net::TcpStream::connect(&addr).is_ok()
-    });
-    // It listens first, then fetches the keys and makes its TLS files.
-    wait_for("the gateway to be ready", Duration::from_secs(20), || {
-        gateway.log().contains("taidon gateway is ready")
-    });
     assert!(gateway.log().contains("keys fetched from the controller"));
     assert!(gw_dir.join("state/tls/server.pem").exists());
 
@@ -683,7 +660,169 @@ async fn standalone_gateway_rotation_drain_and_a_controller_that_leaves_its_inst
     let info: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(info["status"], "running", "{info:#}");
     assert_eq!(info["owner"], "alice");
-    assert!(next.proc.log().contains("left by a previous daemon"));
+    assert!(next.proc.log().contains("adopted the running server"));
+    assert_eq!(
+        postmasters_under(&ctl.home.join("instances")),
+        postmaster,
+        "adopted as it ran, not started again"
+    );
+}
+
+/// A controller killed and started again adopts the servers it left as they run: a session
+/// open through a standalone gateway goes on while the controller is away and after it is
+/// back; new connections get 57P03 while it is away and work again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_go_on_across_a_controller_killed_and_back() {
+    let root = traversable_tempdir();
+    let _stop = StopServers(root.path().to_path_buf());
+    let mut ctl = Controller::start(root.path(), &[]);
+    let api = Api::new(&ctl.url);
+    let alice = ctl.create_token("alice", &[]);
+    let (_gateway, _) = spawn_gateway(root.path(), &ctl);
+    let inst = api
+        .prepare(&alice, "create table t(x int primary key)")
+        .await;
+    let iid = inst["instance_id"].as_str().unwrap().to_owned();
+    let dsn = inst["dsn"].as_str().unwrap().to_owned();
+    let mut session = Session::open(&dsn);
+    assert_eq!(session.query("insert into t values (1) returning x"), "1");
+    let servers = postmasters_under(&ctl.home.join("instances"));
+    assert_eq!(servers.len(), 1);
+
+    ctl.proc.child.kill().unwrap();
+    ctl.proc.child.wait().unwrap();
+    // Away: the open session goes on; a new connection is told to come back (57P03).
+    assert_eq!(session.query("insert into t values (2) returning x"), "2");
+    let refused = psql(&dsn, "select 1");
+    assert!(!refused.status.success());
+    // The gateway's message for 57P03 (libpq shows no SQLSTATE for a refused connection).
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("not reachable right now"), "{err}");
+
+    // Back where the gateway looks for it; the killed one's daemon.json is stale.
+    fs::remove_file(ctl.home.join("daemon.json")).unwrap();
+    let listen = ctl.url.trim_start_matches("http://").to_owned();
+    let next = Controller::start_on(
+        root.path(),
+        ctl.home.clone(),
+        ctl.gateway_addr.clone(),
+        &["--api-listen", &listen],
+        None,
+    );
+    assert_eq!(next.url, ctl.url);
+    let api = Api::new(&next.url);
+    let (status, body) = api.get(&format!("/v1/instances/{iid}"), &alice).await;
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(info["status"], "running", "{info:#}");
+    assert_eq!(
+        postmasters_under(&ctl.home.join("instances")),
+        servers,
+        "the server was adopted as it ran, not started again"
+    );
+    assert!(
+        next.proc.log().contains("adopted the running server"),
+        "{}",
+        next.proc.log()
+    );
+    // Back: the same session goes on, and new connections work again.
+    assert_eq!(session.query("insert into t values (3) returning x"), "3");
+    let mut count = String::new();
+    wait_for("a new connection", Duration::from_secs(20), || {
+        let out = psql(&dsn, "select count(*) from t");
+        count = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        out.status.success()
+    });
+    assert_eq!(count, "3");
+    assert!(session.close(), "the session ends cleanly");
+
+    // The adopted server is this controller's to stop: rm ends it and deletes its data.
+    let (status, body) = api.delete(&format!("/v1/instances/{iid}"), &alice).await;
+    assert_eq!(status, 200, "{body}");
+    wait_for(
+        "the adopted server to stop",
+        Duration::from_secs(20),
+        || postmasters_under(&ctl.home.join("instances")).is_empty(),
+    );
+}
+
+/// A standalone gateway for `ctl` on its gateway address, ready; and its own directory, which
+/// holds its token and nothing of the controller's home.
+fn spawn_gateway(root: &Path, ctl: &Controller) -> (Proc, PathBuf) {
+    let gw_dir = root.join("gateway");
+    fs::create_dir_all(&gw_dir).unwrap();
+    let token_file = gw_dir.join("gateway.token");
+    fs::write(&token_file, ctl.create_token("gw1", &["--gateway"])).unwrap();
+    let mut cmd = Command::new(taidon());
+    cmd.args(["gateway", "--listen", &ctl.gateway_addr])
+        .args(["--controller", &ctl.url])
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--home")
+        .arg(gw_dir.join("state"))
+        .args(["--drain-s", "2"])
+        // No polling within the test: a new key must be fetched because a token names it.
+        .args(["--keys-poll-s", "3600"])
+        .env_remove("SQLRS_HOME");
+    let gateway = Proc::spawn("gateway", cmd, root.join("gateway.log"));
+    let addr = ctl.gateway_addr.clone();
+    wait_for("the gateway", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+    });
+    // It listens first, then fetches the keys and makes its TLS files.
+    wait_for("the gateway to be ready", Duration::from_secs(20), || {
+        gateway.log().contains("taidon gateway is ready")
+    });
+    (gateway, gw_dir)
+}
+
+/// A psql session held open, fed one statement at a time on its standard input.
+struct Session {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Session {
+    fn open(dsn: &str) -> Self {
+        let mut child = Command::new("psql")
+            .args([dsn, "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("psql");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// The one-line answer to `sql`; panics with psql's error if the session has ended.
+    fn query(&mut self, sql: &str) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{sql};").expect("write to psql");
+        self.stdin.flush().expect("flush");
+        let mut line = String::new();
+        let n = self.stdout.read_line(&mut line).expect("read from psql");
+        if n == 0 {
+            let mut err = String::new();
+            if let Some(mut e) = self.child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("the session ended at {sql:?}: {err}");
+        }
+        line.trim().to_owned()
+    }
+
+    /// Ends the session; whether psql exited 0.
+    fn close(mut self) -> bool {
+        drop(self.stdin);
+        self.child.wait().is_ok_and(|s| s.success())
+    }
 }
 
 /// PIDs of the postmasters whose data directory is under `dir`.
