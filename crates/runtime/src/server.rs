@@ -275,17 +275,7 @@ impl Engine {
                 source,
             })
         })?;
-        let mut server = Server {
-            pid: child.id().unwrap_or(0),
-            port,
-            socket_dir: cfg.socket_dir.clone(),
-            data_dir: cfg.data_dir.clone(),
-            tcp: cfg.tcp,
-            host: advertised_host(cfg),
-            log_file: cfg.log_file.clone(),
-            process: Process::Child(child),
-            exit: None,
-        };
+        let mut server = Server::running(cfg, child.id().unwrap_or(0), port, Process::Child(child));
 
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -367,17 +357,7 @@ impl Engine {
         // long as the AsyncFd lives.
         let pidfd = unsafe { AsyncFd::register(pidfd) }
             .map_err(|e| RuntimeError::io("cannot watch the server of", &cfg.data_dir)(e.into()))?;
-        let mut server = Server {
-            pid,
-            port,
-            socket_dir: cfg.socket_dir.clone(),
-            data_dir: cfg.data_dir.clone(),
-            tcp: cfg.tcp,
-            host: advertised_host(cfg),
-            log_file: cfg.log_file.clone(),
-            process: Process::Adopted(pidfd),
-            exit: None,
-        };
+        let mut server = Server::running(cfg, pid, port, Process::Adopted(pidfd));
         match tokio::time::timeout(ADOPT_TIMEOUT, server.connect_local()).await {
             Ok(Ok(_)) => Ok(Some(server)),
             Ok(Err(e)) => {
@@ -404,6 +384,21 @@ enum StartFailure {
 }
 
 impl Server {
+    /// The server `process` (pid `pid`) runs as `cfg` says, on `port`.
+    fn running(cfg: &ServerConfig, pid: u32, port: u16, process: Process) -> Self {
+        Server {
+            pid,
+            port,
+            socket_dir: cfg.socket_dir.clone(),
+            data_dir: cfg.data_dir.clone(),
+            tcp: cfg.tcp,
+            host: advertised_host(cfg),
+            log_file: cfg.log_file.clone(),
+            process,
+            exit: None,
+        }
+    }
+
     /// Stop with a fast shutdown (a clean checkpoint); after 60 s, SIGQUIT, then SIGKILL.
     pub async fn stop(mut self) -> Result<(), RuntimeError> {
         self.stop_inner().await

@@ -516,7 +516,12 @@ async fn standalone_gateway_rotation_drain_and_a_controller_that_leaves_its_inst
     let api = Api::new(&ctl.url);
     let alice = ctl.create_token("alice", &[]);
 
-    let (mut gateway, gw_dir) = spawn_gateway(root.path(), &ctl);
+    let (mut gateway, gw_dir) = spawn_gateway(
+        root.path(),
+        &ctl,
+        // No polling within the test: a new key must be fetched because a token names it.
+        &["--drain-s", "2", "--keys-poll-s", "3600"],
+    );
     let addr = ctl.gateway_addr.clone();
     assert!(gateway.log().contains("keys fetched from the controller"));
     assert!(gw_dir.join("state/tls/server.pem").exists());
@@ -678,7 +683,7 @@ async fn sessions_go_on_across_a_controller_killed_and_back() {
     let mut ctl = Controller::start(root.path(), &[]);
     let api = Api::new(&ctl.url);
     let alice = ctl.create_token("alice", &[]);
-    let (_gateway, _) = spawn_gateway(root.path(), &ctl);
+    let (_gateway, _) = spawn_gateway(root.path(), &ctl, &[]);
     let inst = api
         .prepare(&alice, "create table t(x int primary key)")
         .await;
@@ -746,9 +751,9 @@ async fn sessions_go_on_across_a_controller_killed_and_back() {
     );
 }
 
-/// A standalone gateway for `ctl` on its gateway address, ready; and its own directory, which
-/// holds its token and nothing of the controller's home.
-fn spawn_gateway(root: &Path, ctl: &Controller) -> (Proc, PathBuf) {
+/// A standalone gateway for `ctl` on its gateway address with `extra` flags, ready; and its own
+/// directory, which holds its token and nothing of the controller's home.
+fn spawn_gateway(root: &Path, ctl: &Controller, extra: &[&str]) -> (Proc, PathBuf) {
     let gw_dir = root.join("gateway");
     fs::create_dir_all(&gw_dir).unwrap();
     let token_file = gw_dir.join("gateway.token");
@@ -760,9 +765,7 @@ fn spawn_gateway(root: &Path, ctl: &Controller) -> (Proc, PathBuf) {
         .arg(&token_file)
         .arg("--home")
         .arg(gw_dir.join("state"))
-        .args(["--drain-s", "2"])
-        // No polling within the test: a new key must be fetched because a token names it.
-        .args(["--keys-poll-s", "3600"])
+        .args(extra)
         .env_remove("SQLRS_HOME");
     let gateway = Proc::spawn("gateway", cmd, root.join("gateway.log"));
     let addr = ctl.gateway_addr.clone();
@@ -1121,25 +1124,8 @@ async fn metrics_of_a_controller_and_a_standalone_gateway_after_real_work() {
     let api = Api::new(&ctl.url);
     let alice = ctl.create_token("alice", &[]);
 
-    let gw_dir = root.path().join("gateway");
-    fs::create_dir_all(&gw_dir).unwrap();
-    let token_file = gw_dir.join("gateway.token");
-    fs::write(&token_file, ctl.create_token("gw1", &["--gateway"])).unwrap();
     let gw_metrics = format!("127.0.0.1:{}", free_port());
-    let mut cmd = Command::new(taidon());
-    cmd.args(["gateway", "--listen", &ctl.gateway_addr])
-        .args(["--controller", &ctl.url])
-        .arg("--token-file")
-        .arg(&token_file)
-        .arg("--home")
-        .arg(gw_dir.join("state"))
-        .args(["--metrics-listen", &gw_metrics])
-        .env_remove("SQLRS_HOME");
-    let _gateway = Proc::spawn("gateway", cmd, root.path().join("gateway.log"));
-    let addr = ctl.gateway_addr.clone();
-    wait_for("the gateway", Duration::from_secs(20), || {
-        std::net::TcpStream::connect(&addr).is_ok()
-    });
+    let (_gateway, _) = spawn_gateway(root.path(), &ctl, &["--metrics-listen", &gw_metrics]);
 
     // Real work: a build of two states (initdb and one step), an instance, two sessions, a
     // refused token and a failing query.
