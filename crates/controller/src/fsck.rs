@@ -135,6 +135,7 @@ impl Controller {
             None,
             Some(&format!("{reason}; moved to {place}")),
         )?;
+        self.metrics.quarantined();
         tracing::warn!(state = %id.short(), %place, "damaged snapshot quarantined");
         Ok(Some(place))
     }

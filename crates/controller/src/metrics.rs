@@ -86,6 +86,7 @@ pub struct Metrics {
     restores: Family<RestoreLabels, Counter>,
     evictions: Family<ReasonLabel, Counter>,
     standby_handouts: Family<ResultLabel, Counter>,
+    quarantines: Counter,
     states: Family<PresenceLabel, Gauge>,
     store_bytes: Family<TierLabel, Gauge>,
     instances: Family<StatusLabel, Gauge>,
@@ -116,6 +117,7 @@ impl Metrics {
             restores: Family::default(),
             evictions: Family::default(),
             standby_handouts: Family::default(),
+            quarantines: Counter::default(),
             states: Family::default(),
             store_bytes: Family::default(),
             instances: Family::default(),
@@ -160,6 +162,12 @@ impl Metrics {
             "taidon_standby_handouts",
             "New instances asked for: served by a pre-started standby (hit) or started (miss)",
             m.standby_handouts.clone(),
+        );
+        registry.register(
+            "taidon_snapshots_quarantined",
+            "Damaged snapshots (a checksum mismatch found by [store] verify or sqlrs fsck \
+             --repair) moved to the store's quarantine",
+            m.quarantines.clone(),
         );
         // Every known series exists from the start, at 0: a rate over it needs no first event.
         for result in ["ok", "failed"] {
@@ -206,6 +214,11 @@ impl Metrics {
         self.restores
             .get_or_create(&RestoreLabels { source, result })
             .inc();
+    }
+
+    /// A damaged snapshot moved to quarantine.
+    pub(crate) fn quarantined(&self) {
+        self.quarantines.inc();
     }
 
     pub(crate) fn evicted(&self, why: Eviction) {

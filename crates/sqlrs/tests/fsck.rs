@@ -163,6 +163,8 @@ fn a_damaged_snapshot_is_reported_quarantined_by_repair_and_rebuilt() {
         .is_file());
     assert!(quarantined(&env).is_empty());
     assert_eq!(state(&env.ls(), &head)["status"], "WARM");
+    let count = || common::metric(&env.metrics(), "taidon_snapshots_quarantined_total");
+    assert_eq!(count(), 0);
 
     // Repaired: quarantined, COLD with the reason; the parent untouched.
     let r = env.ok(&["fsck", "--repair"]);
@@ -184,6 +186,7 @@ fn a_damaged_snapshot_is_reported_quarantined_by_repair_and_rebuilt() {
     );
     assert_eq!(state(&ls, &parent)["status"], "WARM", "{ls:#}");
     assert!(event_kinds(&env, &head).contains(&"snapshot_quarantined".to_owned()));
+    assert_eq!(count(), 1);
     let r = env.ok(&["fsck"]);
     assert!(r.stdout.contains("no problems found"), "{}", r.describe());
 

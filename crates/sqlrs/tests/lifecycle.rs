@@ -182,41 +182,14 @@ fn eviction_spares_pins_and_a_cold_state_is_restored_from_its_nearest_ancestor()
     assert!(ev.iter().any(|e| e["kind"] == "restoring"), "{ev:#?}");
     // The metrics saw the eviction and the rebuilds (warmup's, and the prepare's if the head
     // was evicted again in between: the store holds 1 MiB).
-    let metrics = get_metrics(&env);
-    let value = |series: &str| {
-        metrics
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
-    };
+    let metrics = env.metrics();
+    let value = |series: &str| common::metric(&metrics, series);
     assert!(value("taidon_restores_total{source=\"rebuild\",result=\"ok\"}") >= 1);
     assert_eq!(
         value("taidon_restores_total{source=\"rebuild\",result=\"failed\"}"),
         0
     );
     assert!(value("taidon_evictions_total{reason=\"store_capacity\"}") >= 1);
-}
-
-/// `GET /metrics` with the home's API token.
-fn get_metrics(env: &Env) -> String {
-    let url = api_url(env);
-    let token = std::fs::read_to_string(env.home.join("api.token")).expect("api.token");
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let resp = reqwest::Client::new()
-            .get(format!("{url}/metrics"))
-            .bearer_auth(token.trim())
-            .send()
-            .await
-            .expect("GET /metrics");
-        assert_eq!(resp.status().as_u16(), 200);
-        resp.text().await.expect("body")
-    })
 }
 
 fn api_url(env: &Env) -> String {

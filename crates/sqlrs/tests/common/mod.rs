@@ -65,6 +65,19 @@ pub fn state<'a>(ls: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
         .unwrap_or_else(|| panic!("no state {id} in {ls:#}"))
 }
 
+/// The value of `series` (name and labels, as written) in a `/metrics` text.
+pub fn metric(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+}
+
 /// What a finished command gave.
 pub struct Run {
     pub cmd: String,
@@ -235,6 +248,25 @@ impl Env {
     }
 
     /// Everything under `<home>/logs`, for failure messages.
+    /// `GET /metrics` of the running daemon, with the home's API token.
+    pub fn metrics(&self) -> String {
+        let text = fs::read_to_string(self.home.join("daemon.json")).expect("daemon.json");
+        let info: serde_json::Value = serde_json::from_str(&text).expect("daemon.json is JSON");
+        let url = info["api_url"].as_str().expect("api_url").to_owned();
+        let token = fs::read_to_string(self.home.join("api.token")).expect("api.token");
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(async {
+            let resp = reqwest::Client::new()
+                .get(format!("{url}/metrics"))
+                .bearer_auth(token.trim())
+                .send()
+                .await
+                .expect("GET /metrics");
+            assert_eq!(resp.status().as_u16(), 200);
+            resp.text().await.expect("body")
+        })
+    }
+
     pub fn logs(&self) -> String {
         taidon_testkit::log_tails(&self.home.join("logs"))
     }
