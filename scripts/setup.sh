@@ -12,6 +12,8 @@ command -v fish >/dev/null 2>&1 || need+=(fish)
 command -v zsh >/dev/null 2>&1 || need+=(zsh)
 # prepare:cmd's tests run Sqitch (with its PostgreSQL driver).
 command -v sqitch >/dev/null 2>&1 || need+=(sqitch libdbd-pg-perl)
+# The fuzz target links libFuzzer, which libfuzzer-sys compiles from C++.
+command -v c++ >/dev/null 2>&1 || need+=(g++)
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
