@@ -31,20 +31,10 @@ from pathlib import Path
 
 import psycopg
 
+from load import clean_env, free_port  # the load script beside this one
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 TARGETS_MIB = {"controller": 128, "gateway": 128, "local": 256}
-
-
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "DATABASE_URL"}
-    env.update(extra)
-    return env
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mib(pid, field="VmRSS"):

@@ -351,13 +351,7 @@ impl Controller {
         };
         // Read after the listing: an instance whose data is listed is counted here by now.
         let starting = self.starting_instances.snapshot();
-        let live: HashSet<InstanceId> = self
-            .live
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .copied()
-            .collect();
+        let live = self.live_ids();
         let rows: HashSet<InstanceId> = self
             .meta
             .instances()?

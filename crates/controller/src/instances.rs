@@ -396,6 +396,16 @@ impl Controller {
 }
 
 impl Controller {
+    /// The instances with a server this process runs or adopted.
+    pub(crate) fn live_ids(&self) -> std::collections::HashSet<InstanceId> {
+        self.live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
     /// Records `row`'s instance as running on `server`, which the gateway reaches from now on,
     /// with the event `event`.
     fn put_live(

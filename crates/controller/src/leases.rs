@@ -1017,13 +1017,7 @@ impl Controller {
     /// that no lease holds were never handed out, but are dropped all the same (they may be
     /// half made); a lease whose instance is gone is ended.
     pub(crate) async fn reconcile_leases(self: &Arc<Self>) -> Result<(), ControllerError> {
-        let live: HashSet<InstanceId> = self
-            .live
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .copied()
-            .collect();
+        let live = self.live_ids();
         let mut hosts = HashMap::new();
         for (iid, state) in self.meta.lease_hosts()? {
             if live.contains(&iid) {

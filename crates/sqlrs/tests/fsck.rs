@@ -92,6 +92,15 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// Whether the store holds a published snapshot of `sid`.
+fn has_snapshot(env: &Env, sid: &str) -> bool {
+    env.home
+        .join("snapshots")
+        .join(sid)
+        .join("manifest.json")
+        .is_file()
+}
+
 fn quarantined(env: &Env) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(env.home.join("snapshots").join("quarantine")) else {
         return vec![];
@@ -155,12 +164,7 @@ fn a_damaged_snapshot_is_reported_quarantined_by_repair_and_rebuilt() {
     assert!(r.stdout.contains("checksum_mismatch"), "{}", r.describe());
     assert!(r.stdout.contains(&head[..12]), "{}", r.describe());
     assert!(r.stdout.contains("NOT repaired"), "{}", r.describe());
-    assert!(env
-        .home
-        .join("snapshots")
-        .join(&head)
-        .join("manifest.json")
-        .is_file());
+    assert!(has_snapshot(&env, &head));
     assert!(quarantined(&env).is_empty());
     assert_eq!(state(&env.ls(), &head)["status"], "WARM");
     let count = || common::metric(&env.metrics(), "taidon_snapshots_quarantined_total");
@@ -195,12 +199,7 @@ fn a_damaged_snapshot_is_reported_quarantined_by_repair_and_rebuilt() {
     assert_eq!(again, head);
     assert_eq!(psql(&dsn, "select count(*) from b"), "100");
     assert_eq!(psql(&dsn, "select x from a"), "1");
-    assert!(env
-        .home
-        .join("snapshots")
-        .join(&head)
-        .join("manifest.json")
-        .is_file());
+    assert!(has_snapshot(&env, &head));
     env.ok(&["fsck"]);
 }
 

@@ -8,7 +8,6 @@
 mod history;
 mod render;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -18,7 +17,6 @@ use axum::routing::{get, post};
 use axum::{Form, Router};
 use serde::Deserialize;
 use taidon_api::TokenRole;
-use taidon_core::InstanceId;
 
 pub(crate) use history::History;
 use history::{Sample, SAMPLE_EVERY};
@@ -86,13 +84,7 @@ impl Controller {
     async fn status_page(&self, viewer: &Principal) -> Result<Page, ControllerError> {
         let mut samples = self.history.samples();
         samples.extend(self.usage_now().await);
-        let live: HashSet<InstanceId> = self
-            .live
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .copied()
-            .collect();
+        let live = self.live_ids();
         let owners = self.meta.instance_owners()?;
         let mut instances: Vec<InstanceLine> = self
             .meta
