@@ -673,6 +673,63 @@ async fn standalone_gateway_rotation_drain_and_a_controller_that_leaves_its_inst
     );
 }
 
+/// A controller that stops answering (SIGSTOP) does not hang the gateway: a new connection is
+/// refused with 57P03's message once the gateway's bounded Resolve wait is over; an open session
+/// goes on; once the controller continues, new connections work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_controller_bounds_new_connections_and_open_sessions_go_on() {
+    let root = traversable_tempdir();
+    let _stop = StopServers(root.path().to_path_buf());
+    let ctl = Controller::start(root.path(), &[]);
+    let api = Api::new(&ctl.url);
+    let alice = ctl.create_token("alice", &[]);
+    let (_gateway, _) = spawn_gateway(root.path(), &ctl, &[]);
+    let inst = api
+        .prepare(&alice, "create table t(x int primary key)")
+        .await;
+    let dsn = inst["dsn"].as_str().unwrap().to_owned();
+    let mut session = Session::open(&dsn);
+    assert_eq!(session.query("insert into t values (1) returning x"), "1");
+
+    signal(&ctl.proc.child, libc::SIGSTOP);
+    assert_eq!(session.query("insert into t values (2) returning x"), "2");
+    // A new connection ends on its own (the wait is bounded, 10 s), refused; it would hang
+    // for as long as the controller is stopped otherwise.
+    let mut refused = Command::new("psql")
+        .args([dsn.as_str(), "-X", "-At", "-c", "select 1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut refused, Duration::from_secs(60));
+    let mut err = String::new();
+    if status.is_some() {
+        refused
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+    } else {
+        let _ = refused.kill();
+        let _ = refused.wait();
+    }
+    signal(&ctl.proc.child, libc::SIGCONT);
+    let status = status.expect("a connection hung while the controller was stopped");
+    assert!(!status.success());
+    assert!(err.contains("not reachable right now"), "{err}");
+
+    assert_eq!(session.query("insert into t values (3) returning x"), "3");
+    let mut count = String::new();
+    wait_for("a new connection", Duration::from_secs(20), || {
+        let out = psql(&dsn, "select count(*) from t");
+        count = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        out.status.success()
+    });
+    assert_eq!(count, "3");
+    assert!(session.close(), "the session ends cleanly");
+}
+
 /// A controller killed and started again adopts the servers it left as they run: a session
 /// open through a standalone gateway goes on while the controller is away and after it is
 /// back; new connections get 57P03 while it is away and work again once it is back.
